@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Brings a fresh Debian 12 machine to a working build of desam: Debian packages (Orthanc, its SDK,
+# DICOM tools and validators), a project-local Python venv with torch==2.13.0 (libtorch for tch)
+# and the Python reference/validator packages. Idempotent: a second run only checks stamps.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(orthanc orthanc-dev dcmtk dicom3tools pkg-config curl ca-certificates)
+need_apt=()
+for p in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need_apt+=("$p")
+done
+if [ ${#need_apt[@]} -gt 0 ]; then
+  echo "setup: installing Debian packages: ${need_apt[*]}"
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+fi
+# Debian installs Orthanc as a service; our tests start their own instances on loopback ports.
+
+REQ=python/requirements.txt
+STAMP=.venv/.desam-requirements.sha256
+want=$(sha256sum "$REQ" | cut -d' ' -f1)
+if [ ! -x .venv/bin/python ] || [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]; then
+  echo "setup: creating the Python venv (.venv) from $REQ"
+  [ -x .venv/bin/python ] || python3 -m venv .venv
+  .venv/bin/pip install -q --upgrade pip
+  .venv/bin/pip install -q -r "$REQ"
+  echo "$want" > "$STAMP"
+fi
+echo "setup: ok (libtorch: .venv/lib/python3.11/site-packages/torch)"

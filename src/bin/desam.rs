@@ -1,0 +1,43 @@
+//! The `desam` command line: segment a series or NIfTI, debug forward passes, phantom data, demo.
+
+use clap::{Parser, Subcommand};
+use desam::cli;
+
+#[derive(Parser)]
+#[command(name = "desam", version, about = "Fully automatic DeSAM prostate MR segmentation")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Segment a DICOM series folder or a NIfTI volume.
+    Segment(cli::segment::Args),
+    /// Run one forward pass of a model on a prepared image (debugging, parity checks).
+    Forward(cli::forward::Args),
+    /// Write synthetic multi-site prostate MR cases.
+    Phantom(cli::phantom::Args),
+    /// End-to-end demo: Orthanc with the plugin segments phantom series.
+    Demo(cli::demo::Args),
+}
+
+fn main() {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Segment(a) => cli::segment::run(a),
+        Command::Forward(a) => cli::forward::run(a),
+        Command::Phantom(a) => cli::phantom::run(a),
+        Command::Demo(a) => cli::demo::run(a),
+    };
+    if let Err(e) = result {
+        eprintln!("desam: error: {}", one_line(&e));
+        std::process::exit(1);
+    }
+}
+
+/// The error chain on one line ("outer: inner: root").
+fn one_line(e: &anyhow::Error) -> String {
+    e.chain().map(|c| c.to_string()).collect::<Vec<_>>().join(": ").replace('\n', " ")
+}

@@ -1,0 +1,8 @@
+//! `desam demo` (not built yet: its issue is open).
+
+#[derive(clap::Args, Debug)]
+pub struct Args {}
+
+pub fn run(_args: Args) -> anyhow::Result<()> {
+    anyhow::bail!("`desam demo` is not implemented yet")
+}

@@ -1,0 +1,7 @@
+//! Subcommands of the `desam` CLI, one file each; `src/bin/desam.rs` only dispatches.
+//! Every subcommand returns `anyhow::Result`; the binary prints a one-line error and exits non-zero.
+
+pub mod demo;
+pub mod forward;
+pub mod phantom;
+pub mod segment;

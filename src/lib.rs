@@ -1,0 +1,15 @@
+//! desam: fully automatic, domain-robust prostate MR segmentation (DeSAM, Gao & Xia, MICCAI 2024)
+//! on libtorch. One engine behind four doors: the `desam` CLI, the Orthanc plugin (this crate's
+//! cdylib), the 3D Slicer module (through the CLI) and `desam-train`'s evaluation.
+
+pub mod cli;
+pub mod dicom;
+pub mod engine;
+pub mod model;
+pub mod nifti;
+pub mod orthanc;
+pub mod phantom;
+pub mod train;
+pub mod volume;
+
+pub use volume::{Mask, SliceRef, SourceInfo, Volume};

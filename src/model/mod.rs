@@ -1,0 +1,2 @@
+//! The network and nothing else: SAM ViT and TinyViT backbones, prompt encoder, PRIM, PIMM,
+//! checkpoints. Knows nothing about files other than weights, nor about DICOM.

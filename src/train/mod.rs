@@ -1,0 +1,1 @@
+//! desam-train: precompute store, datasets, losses, training loop, evaluation, export/registry.
