@@ -1,2 +1,6 @@
 //! The network and nothing else: SAM ViT and TinyViT backbones, prompt encoder, PRIM, PIMM,
 //! checkpoints. Knows nothing about files other than weights, nor about DICOM.
+
+pub mod backbone;
+
+pub use backbone::{Backbone, Features};
