@@ -2,5 +2,7 @@
 //! checkpoints. Knows nothing about files other than weights, nor about DICOM.
 
 pub mod backbone;
+pub mod checkpoint;
+pub mod tiny_vit;
 
 pub use backbone::{Backbone, Features};
