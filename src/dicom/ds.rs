@@ -37,7 +37,8 @@ pub fn format_ds(v: f64) -> Result<String, DsError> {
             candidates.push(trim_fixed(format!("{:.*}", decimals as usize, v)));
         }
         candidates.push(trim_sci(format!("{:.*e}", (digits - 1) as usize, v)));
-        if let Some(c) = candidates.into_iter().filter(|c| c.len() <= DS_MAX_LEN).min_by_key(|c| c.len()) {
+        if let Some(c) = candidates.into_iter().filter(|c| c.len() <= DS_MAX_LEN && c.parse::<f64>().is_ok_and(f64::is_finite))
+            .min_by_key(|c| c.len()) {
             return Ok(c);
         }
     }
@@ -97,7 +98,7 @@ mod tests {
         assert_eq!(check(0.1 + 0.2, 1e-15), "0.3");
         check(std::f64::consts::PI, 1e-14);
         check(-std::f64::consts::E * 1e-7, 1e-10);
-        check(f64::MAX, 1e-10);
+        check(f64::MAX, 1e-8); // rounding up would overflow to inf: it must not
         check(f64::MIN_POSITIVE, 1e-10);
         check(-1.0 / 3.0, 1e-14);
         assert_eq!(check(0.5, 0.0), "0.5");
