@@ -203,6 +203,12 @@ fn write_and_validate(name: &str, source: &Volume, segments: &[Segment<'_>]) -> 
         String::from_utf8_lossy(&out.stderr)
     );
 
+    eprintln!("{name}: check_seg.py {}", String::from_utf8_lossy(&out.stdout).trim());
+    eprintln!("{name}: dciodvfy warnings {warnings:#?}");
+    if std::env::var_os("DESAM_KEEP_SEG").is_some() {
+        std::fs::copy(&seg_path, std::env::temp_dir().join(format!("desam-{name}.dcm"))).unwrap();
+    }
+
     // Our reader, onto the source grid
     let back = read_seg(&bytes, source).expect("read_seg");
     assert_eq!(back.len(), segments.len());
