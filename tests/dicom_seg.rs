@@ -141,13 +141,20 @@ fn options() -> SegOptions {
     }
 }
 
-/// Run dciodvfy; return its warnings, fail on any error.
-fn dciodvfy(path: &Path) -> Vec<String> {
+/// Run dciodvfy: (IOD recognised, errors, warnings).
+fn dciodvfy_findings(path: &Path) -> (String, Vec<String>, Vec<String>) {
     let out = Command::new("dciodvfy").arg(path).output().expect("dciodvfy (dicom3tools) is installed");
     let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    let errors: Vec<&str> = text.lines().filter(|l| l.starts_with("Error")).collect();
-    assert!(errors.is_empty(), "dciodvfy errors for {}:\n{}", path.display(), text);
-    text.lines().filter(|l| l.starts_with("Warning")).map(str::to_string).collect()
+    let pick = |p: &str| text.lines().filter(|l| l.starts_with(p)).map(str::to_string).collect::<Vec<_>>();
+    (text.lines().next().unwrap_or("").trim().to_string(), pick("Error"), pick("Warning"))
+}
+
+/// Run dciodvfy; return its warnings, fail on any error.
+fn dciodvfy(path: &Path) -> Vec<String> {
+    let (iod, errors, warnings) = dciodvfy_findings(path);
+    assert_eq!(iod, "Segmentation", "dciodvfy must recognise the Segmentation IOD");
+    assert!(errors.is_empty(), "dciodvfy errors for {}:\n{errors:#?}", path.display());
+    warnings
 }
 
 /// Pixel Data length as dcmdump (dcmtk) reports it.
@@ -162,6 +169,15 @@ fn dcmdump_pixel_len(path: &Path) -> usize {
 
 /// Write a SEG and check it with every validator and our reader. Returns (bytes, dciodvfy warnings).
 fn write_and_validate(name: &str, source: &Volume, segments: &[Segment<'_>]) -> (Vec<u8>, Vec<String>) {
+    write_and_validate_with_sources(name, source, segments, None)
+}
+
+fn write_and_validate_with_sources(
+    name: &str,
+    source: &Volume,
+    segments: &[Segment<'_>],
+    source_dir: Option<&Path>,
+) -> (Vec<u8>, Vec<String>) {
     let bytes = write_seg(source, segments, &options()).expect("write_seg");
     let dir = tmp_dir(name);
     let seg_path = dir.join("seg.dcm");
@@ -189,6 +205,7 @@ fn write_and_validate(name: &str, source: &Volume, segments: &[Segment<'_>]) -> 
             "type": [s.info.property_type.value, s.info.property_type.scheme],
         })).collect::<Vec<_>>(),
         "dcmqi": true,
+        "source_dir": source_dir,
     });
     std::fs::write(dir.join("expect.json"), expect.to_string()).unwrap();
     let out = Command::new(python())
@@ -478,5 +495,47 @@ fn reads_highdicom_segs() {
             assert_eq!(m.data, expected[k * n..(k + 1) * n], "{name}: segment {}", k + 1);
         }
     }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn seg_of_a_real_mr_series_written_and_read_back() {
+    use desam::dicom::{load_series_dir, write_mr_series_full, MrSeriesAttributes};
+    let dir = tmp_dir("mr-source");
+    let src_dir = dir.join("mr");
+    // An oblique phantom series written by our MR writer and read back by the series reader.
+    let mut phantom = source_volume([9, 18, 22], [0.55, 0.6, 3.5], true, false);
+    phantom.slices.clear();
+    phantom.source = None;
+    phantom.frame_of_reference_uid = None;
+    write_mr_series_full(&phantom, &MrSeriesAttributes::default(), &src_dir).unwrap();
+    let loaded = load_series_dir(&src_dir).unwrap().volume;
+    assert_eq!(loaded.slices.len(), 9);
+    let mask = ellipsoid(loaded.dims, [4.0, 9.0, 11.0], [3.0, 6.0, 8.0]);
+    let (bytes, _) = write_and_validate_with_sources("mr", &loaded, &[prostate(&mask)], Some(&src_dir));
+    // A SEG made for this series does not paint onto another one.
+    let other = source_volume([9, 18, 22], [0.55, 0.6, 3.5], true, false);
+    assert!(read_seg(&bytes, &other).is_err());
+    // The source files are untouched (the SEG never rewrites them).
+    assert_eq!(std::fs::read_dir(&src_dir).unwrap().count(), 9);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn dciodvfy_catches_a_broken_seg() {
+    // The validator check must be able to fail: drop a Type 1 attribute and expect an error.
+    let src = source_volume([2, 4, 4], [1.0; 3], false, false);
+    let m = random_mask(src.dims, 3);
+    let bytes = write_seg(&src, &[prostate(&m)], &options()).unwrap();
+    let mut obj = dicom_object::OpenFileOptions::new()
+        .read_preamble(dicom_object::file::ReadPreamble::Always)
+        .from_reader(&bytes[..])
+        .unwrap();
+    assert!(obj.remove_element(dicom_dictionary_std::tags::SEGMENTATION_TYPE));
+    let dir = tmp_dir("broken");
+    let path = dir.join("broken.dcm");
+    obj.write_to_file(&path).unwrap();
+    let (_, errors, _) = dciodvfy_findings(&path);
+    assert!(errors.iter().any(|e| e.contains("SegmentationType")), "{errors:#?}");
     let _ = std::fs::remove_dir_all(&dir);
 }
