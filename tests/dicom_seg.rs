@@ -243,7 +243,9 @@ fn prostate(mask: &Mask) -> Segment<'_> {
 
 #[test]
 fn prostate_phantom_validates_everywhere() {
-    let src = source_volume([12, 24, 32], [0.625, 0.625, 3.0], false, false);
+    let mut src = source_volume([12, 24, 32], [0.625, 0.625, 3.0], false, false);
+    // Non-ASCII names must survive (SpecificCharacterSet ISO_IR 192, UTF-8).
+    src.source.as_mut().unwrap().patient_name = Some("Müller^Jürgen".into());
     let mask = ellipsoid(src.dims, [5.5, 12.0, 15.0], [4.0, 7.0, 9.0]);
     assert!(mask.count() > 100);
     let (bytes, warnings) = write_and_validate("phantom", &src, &[prostate(&mask)]);
@@ -269,6 +271,22 @@ fn prostate_phantom_validates_everywhere() {
         }
         assert_eq!(f.dimension_index_values, vec![1, z as u32 + 1]);
     }
+    let obj = dicom_object::OpenFileOptions::new()
+        .read_preamble(dicom_object::file::ReadPreamble::Always)
+        .from_reader(&bytes[..])
+        .unwrap();
+    let name = obj.element(dicom_dictionary_std::tags::PATIENT_NAME).unwrap().to_str().unwrap().to_string();
+    assert_eq!(name.trim(), "Müller^Jürgen");
+    let py = Command::new(python())
+        .args(["-c", "import sys,pydicom; print(pydicom.dcmread(sys.argv[1]).PatientName)"])
+        .arg({
+            let p = tmp_dir("utf8").join("seg.dcm");
+            std::fs::write(&p, &bytes).unwrap();
+            p
+        })
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&py.stdout).trim(), "Müller^Jürgen", "pydicom decodes the UTF-8 name");
     let (_, prostate_code) = (&seg.segments[0].0, &seg.segments[0].1.property_type);
     assert!(prostate_code.same_concept(&codes::PROSTATE));
 }
@@ -296,6 +314,7 @@ fn empty_mask_keeps_all_frames() {
     let seg = read_seg_standalone(&bytes).unwrap();
     assert_eq!(seg.frames.len(), 6, "an empty result keeps every frame");
     assert!(seg.frames.iter().all(|f| f.pixels.iter().all(|&p| p == 0)));
+    assert!(seg.content_description.unwrap().starts_with("DeSAM prostate: empty result;"));
 }
 
 #[test]

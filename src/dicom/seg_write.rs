@@ -140,7 +140,7 @@ pub struct SegOptions {
     pub instance_number: i32,
     /// ContentLabel (CS, upper case, ≤16 characters).
     pub content_label: String,
-    /// None → "DeSAM prostate segmentation" + quality and gland volume when given.
+    /// None → "DeSAM prostate segmentation" (or "DeSAM prostate: empty result") + quality and gland volume when given.
     pub content_description: Option<String>,
     /// ContentCreatorName (PN); empty when None.
     pub content_creator: Option<String>,
@@ -219,6 +219,30 @@ pub fn write_seg(source: &Volume, segments: &[Segment<'_>], opts: &SegOptions) -
     put_str(&mut o, tags::INSTANCE_CREATION_DATE, VR::DA, &content_date);
     put_str(&mut o, tags::INSTANCE_CREATION_TIME, VR::TM, &content_time);
 
+    // Provenance: the scanner that acquired the source and the software that segmented it.
+    let mut contributing = Vec::new();
+    if let Some(m) = info.manufacturer.as_deref().filter(|m| !m.trim().is_empty()) {
+        let mut e = InMemDicomObject::new_empty();
+        put_seq(&mut e, tags::PURPOSE_OF_REFERENCE_CODE_SEQUENCE, vec![code_item(&codes::ACQUISITION_EQUIPMENT)]);
+        put_str(&mut e, tags::MANUFACTURER, VR::LO, &clean_lo(m, 64));
+        if let Some(i) = info.institution_name.as_deref().filter(|s| !s.trim().is_empty()) {
+            put_str(&mut e, tags::INSTITUTION_NAME, VR::LO, &clean_lo(i, 64));
+        }
+        if let Some(n) = info.manufacturer_model_name.as_deref().filter(|s| !s.trim().is_empty()) {
+            put_str(&mut e, tags::MANUFACTURER_MODEL_NAME, VR::LO, &clean_lo(n, 64));
+        }
+        contributing.push(e);
+    }
+    let mut e = InMemDicomObject::new_empty();
+    put_seq(&mut e, tags::PURPOSE_OF_REFERENCE_CODE_SEQUENCE, vec![code_item(&codes::PROCESSING_EQUIPMENT)]);
+    put_str(&mut e, tags::MANUFACTURER, VR::LO, MANUFACTURER);
+    put_str(&mut e, tags::MANUFACTURER_MODEL_NAME, VR::LO, &clean_lo(&opts.model_name, 64));
+    put_str(&mut e, tags::SOFTWARE_VERSIONS, VR::LO, &clean_lo(nonempty(&opts.model_version, "unknown"), 64));
+    put_str(&mut e, tags::CONTRIBUTION_DATE_TIME, VR::DT, &format!("{content_date}{content_time}"));
+    put_str(&mut e, tags::CONTRIBUTION_DESCRIPTION, VR::ST, "Automatic segmentation (DeSAM)");
+    contributing.push(e);
+    put_seq(&mut o, tags::CONTRIBUTING_EQUIPMENT_SEQUENCE, contributing);
+
     // Patient, General Study, Patient Study (copied from the source)
     put_opt(&mut o, tags::PATIENT_NAME, VR::PN, info.patient_name.as_deref(), 64 * 5);
     put_opt(&mut o, tags::PATIENT_ID, VR::LO, info.patient_id.as_deref(), 64);
@@ -274,7 +298,7 @@ pub fn write_seg(source: &Volume, segments: &[Segment<'_>], opts: &SegOptions) -
     put_str(&mut o, tags::CONTENT_DATE, VR::DA, &content_date);
     put_str(&mut o, tags::CONTENT_TIME, VR::TM, &content_time);
     put_str(&mut o, tags::CONTENT_LABEL, VR::CS, &clean_cs(nonempty(&opts.content_label, "PROSTATE")));
-    put_str(&mut o, tags::CONTENT_DESCRIPTION, VR::LO, &clean_lo(&content_description(opts), 64));
+    put_str(&mut o, tags::CONTENT_DESCRIPTION, VR::LO, &clean_lo(&content_description(opts, segments.iter().all(|s| s.mask.data.iter().all(|&v| v == 0))), 64));
     put_opt(&mut o, tags::CONTENT_CREATOR_NAME, VR::PN, opts.content_creator.as_deref(), 64 * 5);
     put_str(&mut o, tags::SEGMENTATION_TYPE, VR::CS, "BINARY");
     // NO unless two segments share a voxel (the gland and its zones do).
@@ -435,11 +459,12 @@ pub fn pack_frames(masks: &[&Mask]) -> Vec<u8> {
     out
 }
 
-fn content_description(opts: &SegOptions) -> String {
+fn content_description(opts: &SegOptions, empty: bool) -> String {
     if let Some(d) = &opts.content_description {
         return d.clone();
     }
-    let mut d = "DeSAM prostate segmentation".to_string();
+    // Lead with "empty": ContentDescription is 64 characters at most.
+    let mut d = if empty { "DeSAM prostate: empty result" } else { "DeSAM prostate segmentation" }.to_string();
     if let Some(q) = opts.quality_score.filter(|q| q.is_finite()) {
         d.push_str(&format!("; quality {q:.2}"));
     }
