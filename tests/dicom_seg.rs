@@ -249,6 +249,11 @@ fn prostate_phantom_validates_everywhere() {
     let mask = ellipsoid(src.dims, [5.5, 12.0, 15.0], [4.0, 7.0, 9.0]);
     assert!(mask.count() > 100);
     let (bytes, warnings) = write_and_validate("phantom", &src, &[prostate(&mask)]);
+    let convenience = desam::dicom::write_prostate_seg(&src, &mask, &options()).unwrap();
+    let back = read_seg(&convenience, &src).unwrap();
+    assert_eq!(back.len(), 1);
+    assert_eq!(back[0].1, mask);
+    assert_eq!(back[0].0.algorithm_name.as_deref(), Some("DeSAM ViT-B"));
     eprintln!("dciodvfy warnings: {warnings:#?}");
 
     let seg = read_seg_standalone(&bytes).unwrap();
@@ -389,6 +394,10 @@ fn bad_inputs_are_typed_errors() {
     let foreign = source_volume([2, 3, 4], [1.0; 3], false, false);
     assert!(matches!(read_seg(&bytes, &foreign), Err(SegError::GridMismatch { .. })));
     assert!(matches!(read_seg(&bytes, &nifti), Err(SegError::NoDicomSource | SegError::GridMismatch { .. })));
+    // Same references, other pixel spacing → grid mismatch
+    let mut resampled = src.clone();
+    resampled.spacing[0] = 0.5;
+    assert!(matches!(read_seg(&bytes, &resampled), Err(SegError::GridMismatch { what: "PixelSpacing", .. })));
     // Not a SEG at all
     assert!(read_seg_standalone(&bytes[..200]).is_err());
 }
@@ -455,6 +464,9 @@ fn check_foreign_seg(path: &Path) {
     src.direction[0] = [iop[0], iop[1], iop[2]];
     src.direction[1] = [iop[3], iop[4], iop[5]];
     src.frame_of_reference_uid = theirs["frame_of_reference_uid"].as_str().map(str::to_string);
+    // PixelSpacing is (row spacing, column spacing); Volume::spacing is (x, y, z).
+    src.spacing[0] = theirs["pixel_spacing"][1].as_f64().unwrap();
+    src.spacing[1] = theirs["pixel_spacing"][0].as_f64().unwrap();
     let masks = read_seg(&bytes, &src).unwrap();
     let total: u64 = frames.iter().map(|t| t["count"].as_u64().unwrap()).sum();
     assert_eq!(masks.iter().map(|(_, m)| m.count() as u64).sum::<u64>(), total);

@@ -440,6 +440,12 @@ pub fn write_seg(source: &Volume, segments: &[Segment<'_>], opts: &SegOptions) -
     Ok(out)
 }
 
+/// The common case: one whole-gland segment (SNOMED CT 41216001 "Prostate"), algorithm
+/// `opts.model_name`.
+pub fn write_prostate_seg(source: &Volume, mask: &Mask, opts: &SegOptions) -> Result<Vec<u8>, SegError> {
+    write_seg(source, &[Segment { info: SegmentInfo::prostate(&opts.model_name), mask }], opts)
+}
+
 /// Pack the masks' slices (segment-major, then z, each frame row-major) into 1-bit pixels,
 /// LSB first, continuously across frame boundaries; zero-padded to an even byte count.
 pub fn pack_frames(masks: &[&Mask]) -> Vec<u8> {
