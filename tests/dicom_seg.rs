@@ -570,3 +570,24 @@ fn dciodvfy_catches_a_broken_seg() {
     assert!(errors.iter().any(|e| e.contains("SegmentationType")), "{errors:#?}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn reads_our_seg_converted_to_other_transfer_syntaxes() {
+    // dcmtk's dcmconv re-encodes the file; the decoded masks must not change.
+    let src = source_volume([4, 5, 7], [0.9, 0.8, 2.5], false, false);
+    let mask = random_mask(src.dims, 21);
+    let bytes = write_seg(&src, &[prostate(&mask)], &options()).unwrap();
+    let dir = tmp_dir("ts");
+    let input = dir.join("seg.dcm");
+    std::fs::write(&input, &bytes).unwrap();
+    for (flag, name) in [("+ti", "implicit"), ("+tb", "big")] {
+        let out = dir.join(format!("{name}.dcm"));
+        let st = Command::new("dcmconv").arg(flag).arg(&input).arg(&out).status().expect("dcmconv (dcmtk)");
+        assert!(st.success(), "dcmconv {flag}");
+        let converted = std::fs::read(&out).unwrap();
+        assert_ne!(converted, bytes);
+        let back = read_seg(&converted, &src).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(back[0].1, mask, "{name}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
