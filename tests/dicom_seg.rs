@@ -299,7 +299,13 @@ fn prostate_phantom_validates_everywhere() {
 #[test]
 fn odd_frame_size_starts_frames_mid_byte() {
     // 7×5 = 35 pixels per frame: every frame after the first starts mid-byte.
-    let src = source_volume([5, 5, 7], [0.9, 0.8, 2.5], false, false);
+    let mut src = source_volume([5, 5, 7], [0.9, 0.8, 2.5], false, false);
+    // Messy source attributes must not make the SEG invalid.
+    let info = src.source.as_mut().unwrap();
+    info.patient_sex = Some("male".into());
+    info.patient_age = Some("65 years".into());
+    info.study_description = Some("a\\b: backslash".into());
+    info.body_part_examined = Some("prostate gland (pelvis)".into());
     let mask = random_mask(src.dims, 7);
     write_and_validate("odd", &src, &[prostate(&mask)]);
 }

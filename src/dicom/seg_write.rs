@@ -1,7 +1,6 @@
 //! DICOM-SEG writer: binary masks on a DICOM-sourced `Volume` → one Segmentation Storage instance
 //! (Part-10 bytes, Explicit VR Little Endian). Owns the SEG IOD layout; never resamples the grid.
 
-use std::borrow::Cow;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use dicom_core::value::{DataSetSequence, PrimitiveValue, C};
@@ -247,8 +246,10 @@ pub fn write_seg(source: &Volume, segments: &[Segment<'_>], opts: &SegOptions) -
     put_opt(&mut o, tags::PATIENT_NAME, VR::PN, info.patient_name.as_deref(), 64 * 5);
     put_opt(&mut o, tags::PATIENT_ID, VR::LO, info.patient_id.as_deref(), 64);
     put_opt(&mut o, tags::PATIENT_BIRTH_DATE, VR::DA, info.patient_birth_date.as_deref(), 8);
-    put_opt(&mut o, tags::PATIENT_SEX, VR::CS, info.patient_sex.as_deref(), 16);
-    if let Some(age) = info.patient_age.as_deref().filter(|s| !s.is_empty()) {
+    // Enumerated values only (M, F, O); anything else is written as unknown (empty).
+    let sex = info.patient_sex.as_deref().map(str::trim).filter(|s| matches!(*s, "M" | "F" | "O"));
+    put_opt(&mut o, tags::PATIENT_SEX, VR::CS, sex, 16);
+    if let Some(age) = info.patient_age.as_deref().map(str::trim).filter(|s| is_age_string(s)) {
         put_str(&mut o, tags::PATIENT_AGE, VR::AS, age);
     }
     put_str(&mut o, tags::STUDY_INSTANCE_UID, VR::UI, &info.study_instance_uid);
@@ -531,10 +532,7 @@ fn put_empty(o: &mut InMemDicomObject, tag: Tag, vr: VR) {
 /// A type-2 attribute: the value when present and non-empty, else an empty element.
 fn put_opt(o: &mut InMemDicomObject, tag: Tag, vr: VR, v: Option<&str>, max_len: usize) {
     match v.map(str::trim).filter(|s| !s.is_empty()) {
-        Some(s) => {
-            let s: Cow<str> = if vr == VR::PN { Cow::Borrowed(s) } else { Cow::Owned(clean_lo(s, max_len)) };
-            put_str(o, tag, vr, &truncate_chars(&s, max_len));
-        }
+        Some(s) => put_str(o, tag, vr, &clean_lo(s, max_len)),
         None => put_empty(o, tag, vr),
     }
 }
@@ -550,6 +548,12 @@ fn put_ds(o: &mut InMemDicomObject, tag: Tag, v: &[f64]) -> Result<(), SegError>
 
 fn put_seq(o: &mut InMemDicomObject, tag: Tag, items: Vec<InMemDicomObject>) {
     o.put(DataElement::new(tag, VR::SQ, DataSetSequence::from(items)));
+}
+
+/// AS: three digits and D, W, M or Y (e.g. `065Y`).
+fn is_age_string(s: &str) -> bool {
+    let b = s.as_bytes();
+    b.len() == 4 && b[..3].iter().all(u8::is_ascii_digit) && matches!(b[3], b'D' | b'W' | b'M' | b'Y')
 }
 
 fn nonempty<'a>(s: &'a str, fallback: &'a str) -> &'a str {
@@ -639,5 +643,6 @@ mod tests {
         assert_eq!(clean_cs("prostate-1 gland long label"), "PROSTATE_1 GLAND");
         assert_eq!(clean_lo("a\\b", 64), "a b");
         assert_eq!(clean_lo(&"x".repeat(80), 64).len(), 64);
+        assert!(is_age_string("065Y") && !is_age_string("65Y") && !is_age_string("065y"));
     }
 }
