@@ -380,6 +380,9 @@ fn bad_inputs_are_typed_errors() {
     let wrong = Mask::zeros([2, 4, 3]);
     assert!(matches!(write_seg(&src, &[prostate(&wrong)], &options()), Err(SegError::DimsMismatch { .. })));
     assert!(matches!(write_seg(&src, &[], &options()), Err(SegError::NoSegments)));
+    let mut unsorted = src.clone();
+    unsorted.slices.swap(0, 1);
+    assert!(matches!(write_seg(&unsorted, &[prostate(&m)], &options()), Err(SegError::SliceOrder { slice: 1 })));
     let mut nan = src.clone();
     nan.spacing[0] = f64::NAN;
     assert!(matches!(write_seg(&nan, &[prostate(&m)], &options()), Err(SegError::Ds(_))));

@@ -30,6 +30,8 @@ pub enum SegError {
     NoFrameOfReference,
     #[error("segment {segment}: mask dims {mask:?} differ from the source volume dims {volume:?}")]
     DimsMismatch { segment: usize, mask: [usize; 3], volume: [usize; 3] },
+    #[error("source slices {slice} and {} are not in increasing order along the slice normal (duplicate or unsorted positions)", slice + 1)]
+    SliceOrder { slice: usize },
     #[error("no segments given: a DICOM-SEG needs at least one segment")]
     NoSegments,
     #[error("{0}")]
@@ -199,6 +201,15 @@ pub fn write_seg(source: &Volume, segments: &[Segment<'_>], opts: &SegOptions) -
     for (i, s) in segments.iter().enumerate() {
         if s.mask.dims != source.dims || s.mask.data.len() != source.dims.iter().product::<usize>() {
             return Err(SegError::DimsMismatch { segment: i + 1, mask: s.mask.dims, volume: source.dims });
+        }
+    }
+    // Frames are indexed by slice order: the slices must advance along the normal, as the series
+    // reader sorts them (InstanceNumber order is not enough).
+    let normal = source.direction[2];
+    let along = |p: &[f64; 3]| p[0] * normal[0] + p[1] * normal[1] + p[2] * normal[2];
+    for (z, w) in source.slices.windows(2).enumerate() {
+        if along(&w[1].position) - along(&w[0].position) <= 1e-6 {
+            return Err(SegError::SliceOrder { slice: z + 1 });
         }
     }
     let (ny, nx) = (source.ny(), source.nx());
