@@ -3,6 +3,10 @@
 
 pub mod backbone;
 pub mod checkpoint;
+pub mod config;
+pub(crate) mod layers;
 pub mod tiny_vit;
+pub mod vit;
 
 pub use backbone::{Backbone, Features};
+pub use config::{Arch, ModelConfig, VitConfig};
