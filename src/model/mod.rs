@@ -2,6 +2,9 @@
 //! checkpoints. Knows nothing about files other than weights, nor about DICOM.
 
 pub mod backbone;
+pub mod prim;
+pub mod prompt;
+pub mod two_way;
 pub mod checkpoint;
 pub mod config;
 pub(crate) mod layers;
