@@ -341,3 +341,24 @@ fn forward_cli_writes_every_output_and_rejects_bad_input() {
     assert_eq!(r.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&r.stderr).contains("[1, 3, 128, 128]"));
 }
+
+#[test]
+fn lite_medsam_layout_feeds_tinyvit_stages_into_a_256_pimm() {
+    tch::manual_seed(20);
+    let m = DeSam::new(&ModelConfig::for_arch(Arch::Lite), Device::Cpu);
+    let shapes = m.backbone().tap_shapes();
+    assert_eq!(shapes, vec![(128, 128), (160, 64), (320, 64)]);
+    let sd = m.state_dict();
+    let pimm: Vec<&(String, Tensor)> = sd.iter().filter(|(n, _)| n.starts_with("mask_decoder.pimm.")).collect();
+    // Layout documented in docs/model.md: 46 tensors, 5,033,664 values.
+    assert_eq!(pimm.len(), 46);
+    assert_eq!(pimm.iter().map(|(_, t)| t.numel()).sum::<usize>(), 5_033_664);
+    tch::no_grad(|| {
+        let taps: Vec<Tensor> = shapes.iter().map(|&(c, s)| Tensor::randn([1, c, s, s], (Kind::Float, Device::Cpu))).collect();
+        let f = desam::model::Features { taps, neck: Tensor::randn([1, 256, 64, 64], (Kind::Float, Device::Cpu)) };
+        let boxes = PromptBatch::Boxes(Tensor::from_slice(&[0f32, 0., 255., 255.]).view([1, 4]));
+        let out = m.decode(&f, &m.pimm_context(&f), &boxes);
+        assert_eq!(out.logits.size(), vec![1, 1, 256, 256]);
+        assert_eq!(m.sam_mask(&f, &boxes).size(), vec![1, 1, 256, 256]);
+    });
+}
