@@ -262,6 +262,12 @@ fn gradients_reach_prim_and_pimm_through_decode() {
     }
     // SAM's unused mask head gets none.
     assert!(!grad_of("mask_decoder.output_upscaling.0.weight").defined());
+    // With the encoders frozen, encoding builds no graph, while the decoder still trains.
+    m.freeze_encoders();
+    let f = m.encode(&image(1, 18));
+    assert!(!f.neck.requires_grad() && !f.taps[0].requires_grad());
+    let out = m.decode(&f, &m.pimm_context(&f), &points(&[(30.0, 40.0)]));
+    assert!(out.logits.requires_grad());
 }
 
 fn write_npy(path: &Path, t: &Tensor) {
