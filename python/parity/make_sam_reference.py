@@ -10,7 +10,8 @@ OUT_DIR/reference_P.npz with float32 arrays:
   neck (1,256,64,64)          iou (1,1)       mask_embedding (1,256,64,64) (two-way transformer image tokens)
   sam_masks (1,1,256,256)     SAM low-res mask logits of token 0 (multimask_output=False)
 and OUT_DIR/prompts.json: box [x0,y0,x1,y1] and point [x,y,label] in the 1024 input frame.
-With --time, prints `reference_seconds <s>` for one full forward pass (encoder + box decoder).
+With --time, prints `reference_encoder_seconds <s>` and `reference_seconds <s>` (encoder + prompt
+encoder + SAM mask decoder with the box) for the first, cold pass, as `desam forward` measures its own.
 """
 import argparse
 import json
@@ -98,10 +99,12 @@ def main():
     with torch.no_grad():
         t0 = time.perf_counter()
         neck = sam.image_encoder(image)
+        t_enc = time.perf_counter() - t0
         taps = {k: v for k, v in captured.items() if k.startswith("tap.")}
         for prompt in args.prompts.split(","):
             masks, iou = decode(neck, prompt)
             if prompt == "box" and args.time:
+                print(f"reference_encoder_seconds {t_enc:.4f}", flush=True)
                 print(f"reference_seconds {time.perf_counter() - t0:.4f}", flush=True)
             out = dict(taps)
             out.update(neck=neck, iou=iou[:, 0:1], sam_masks=masks[:, 0:1], mask_embedding=captured["mask_embedding"])
