@@ -429,3 +429,42 @@ fn rejected_inputs_return_their_typed_errors() {
     std::fs::write(empty.join("README.txt"), "not dicom").unwrap();
     assert!(matches!(load_series_dir(&empty), Err(DicomError::EmptyInput(_))));
 }
+
+// ---------------------------------------------------------------------------------------------
+// Robustness: the Orthanc plugin feeds arbitrary instances to the reader; it must answer, never crash.
+
+#[test]
+fn mutated_and_truncated_files_never_panic() {
+    use rand::{Rng, SeedableRng};
+    let vol = phantom([2, 12, 10], [0.8, 0.6, 3.0], oblique());
+    let enc = encode_mr_series(&vol, &MrSeriesAttributes::default()).unwrap();
+    let rle_src = std::fs::read(pydicom_test_file("MR_small_RLE.dcm")).unwrap();
+    let j2k_src = std::fs::read(pydicom_test_file("MR_small_jp2klossless.dcm")).unwrap();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+    let mut outcomes = std::collections::BTreeMap::new();
+    for i in 0..600 {
+        let mut files = if i % 3 == 0 { enc.files.clone() } else if i % 3 == 1 { vec![rle_src.clone()] } else { vec![j2k_src.clone()] };
+        let f = &mut files[0];
+        match i % 4 {
+            0 => {
+                let cut = rng.gen_range(0..f.len());
+                f.truncate(cut);
+            }
+            _ => {
+                for _ in 0..rng.gen_range(1..8) {
+                    let at = rng.gen_range(132..f.len());
+                    f[at] = rng.gen();
+                }
+            }
+        }
+        let r = std::panic::catch_unwind(|| load_series_bytes(&files));
+        let r = r.unwrap_or_else(|_| panic!("reader panicked on mutation {i}"));
+        let key = match r {
+            Ok(_) => "ok".to_string(),
+            Err(e) => format!("{:?}", e).split([' ', '{', '(']).next().unwrap().to_string(),
+        };
+        *outcomes.entry(key).or_insert(0) += 1;
+    }
+    eprintln!("outcomes: {outcomes:?}");
+    assert!(outcomes.len() > 2, "mutations must exercise several paths: {outcomes:?}");
+}
