@@ -399,6 +399,22 @@ fn enhanced_mr_multiframe_with_per_frame_geometry_and_rescale() {
     }
 }
 
+#[test]
+fn highdicom_legacy_converted_enhanced_mr_reads_like_the_single_frame_series() {
+    let (dir, written) = written_series("lce", &MrSeriesAttributes::default());
+    let root = dir.parent().unwrap().to_path_buf();
+    for kind in ["legacy_enhanced", "legacy_enhanced_rle"] {
+        let d = variant(kind, &dir, &root.join(kind));
+        let v = load_series_dir(&d).unwrap_or_else(|e| panic!("{kind}: {e}")).volume;
+        assert_same_geometry(&v, &written);
+        assert_eq!(v.voxels, written.voxels, "{kind}");
+        assert!(v.slices.iter().all(|s| s.sop_class_uid == "1.2.840.10008.5.1.4.1.1.4.4" && s.frame_number.is_some()));
+        let mut frames: Vec<u32> = v.slices.iter().map(|s| s.frame_number.unwrap()).collect();
+        frames.sort();
+        assert_eq!(frames, (1..=v.dims[0] as u32).collect::<Vec<_>>());
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Rejected input: every case returns its typed variant
 
