@@ -1,6 +1,8 @@
 //! Integration tests of the DICOM series reader and the MR writer on real files: our own writer,
 //! pydicom-encoded transfer syntaxes, pydicom's test files, and the dciodvfy validator.
 
+#![allow(clippy::needless_range_loop)] // x/y/z component loops over small fixed arrays
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -313,7 +315,7 @@ fn lossy_jpeg2000_files_decode_like_pydicom_and_12bit_jpeg_is_refused() {
     let dir = scratch("j2k-lossy");
     for name in ["693_J2KI.dcm", "JPEG2000.dcm"] {
         let p = with_geometry(name, &dir.join(name));
-        let ours = load_series_files(&[p.clone()]).unwrap_or_else(|e| panic!("{name}: {e}")).volume;
+        let ours = load_series_files(std::slice::from_ref(&p)).unwrap_or_else(|e| panic!("{name}: {e}")).volume;
         let theirs = pydicom_values(&p);
         assert_eq!(ours.voxels.len(), theirs.len());
         let worst = ours.voxels.iter().zip(&theirs).map(|(a, b)| (*a as f64 - b).abs()).fold(0.0, f64::max);
@@ -474,7 +476,7 @@ fn rejected_inputs_return_their_typed_errors() {
     let bytes = std::fs::read(&first).unwrap();
     let cut = root.join("cut.dcm");
     std::fs::write(&cut, &bytes[..300]).unwrap();
-    match load_series_files(&[cut.clone()]) {
+    match load_series_files(std::slice::from_ref(&cut)) {
         Err(DicomError::Corrupt { file, .. }) => assert!(file.contains("cut.dcm")),
         r => panic!("expected Corrupt, got {r:?}"),
     }
