@@ -609,28 +609,41 @@ fn load_objects(objects: Vec<Parsed>, want_series: Option<&str>) -> Result<Loade
         });
     }
     let mut voxels = vec![0f32; n * frames.len()];
-    let mut monochrome1 = false;
-    let mut decoded_cache: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
-    // Decode object by object (frames of one multi-frame share a decode).
+    // Decode each instance once and scatter its frames to their sorted positions.
+    let mut slots: Vec<Vec<(usize, &Frame)>> = vec![Vec::new(); objects.len()];
     for (z, f) in frames.iter().enumerate() {
-        if !decoded_cache.contains_key(&f.obj) {
-            let (vals, mono1) = decode_object(&objects[f.obj], rows, cols)?;
-            monochrome1 |= mono1;
-            decoded_cache.clear(); // keep memory bounded: frames of one object are usually adjacent
-            decoded_cache.insert(f.obj, vals);
+        slots[f.obj].push((z, f));
+    }
+    let mut photometric: Option<bool> = None;
+    for (obj, targets) in slots.iter().enumerate() {
+        if targets.is_empty() {
+            continue;
         }
-        let raw = &decoded_cache[&f.obj];
-        let start = f.index as usize * n;
-        if raw.len() < start + n {
-            return Err(DicomError::Decode {
-                instance: frame_name(f),
-                reason: format!("decoded {} values, frame needs {}", raw.len(), start + n),
-            });
+        let (raw, mono1) = decode_object(&objects[obj], rows, cols)?;
+        match &photometric {
+            None => photometric = Some(mono1),
+            Some(m) if *m != mono1 => {
+                return Err(DicomError::UnsupportedPhotometric {
+                    instance: frame_name(targets[0].1),
+                    value: "MONOCHROME1 and MONOCHROME2 mixed in one series".into(),
+                });
+            }
+            Some(_) => {}
         }
-        for (dst, &src) in voxels[z * n..(z + 1) * n].iter_mut().zip(&raw[start..start + n]) {
-            *dst = (src * f.slope + f.intercept) as f32;
+        for &(z, f) in targets {
+            let start = f.index as usize * n;
+            if raw.len() < start + n {
+                return Err(DicomError::Decode {
+                    instance: frame_name(f),
+                    reason: format!("decoded {} values, frame needs {}", raw.len(), start + n),
+                });
+            }
+            for (dst, &src) in voxels[z * n..(z + 1) * n].iter_mut().zip(&raw[start..start + n]) {
+                *dst = (src * f.slope + f.intercept) as f32;
+            }
         }
     }
+    let monochrome1 = photometric == Some(true);
     if monochrome1 {
         let (lo, hi) = voxels.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &v| (a.min(v), b.max(v)));
         for v in &mut voxels {
