@@ -442,6 +442,8 @@ fn rejected_inputs_return_their_typed_errors() {
     assert!(matches!(r, Err(DicomError::MissingPixelData { .. })), "{r:?}");
     let r = load("palette");
     assert!(matches!(r, Err(DicomError::UnsupportedPhotometric { ref value, .. }) if value == "PALETTE COLOR"), "{r:?}");
+    let r = load("mixed_monochrome");
+    assert!(matches!(r, Err(DicomError::UnsupportedPhotometric { ref value, .. }) if value.contains("mixed")), "{r:?}");
 
     // Two series in one folder: named in the error; each can still be loaded by UID.
     let other = variant("other_series", &dir, &root.join("other"));
