@@ -469,9 +469,21 @@ fn rejected_inputs_return_their_typed_errors() {
     let one = load_series_dir_uid(&both, &groups[1].series_instance_uid).unwrap();
     assert_eq!(one.volume.source.unwrap().series_instance_uid, groups[1].series_instance_uid);
 
-    // Non-image objects only.
+    // Non-image objects only: a structured report; our own SEG (pixel data, but not an image).
     let r = load_series_files(&[pydicom_test_file("test-SR.dcm")]);
     assert!(matches!(r, Err(DicomError::NoImages(_))), "{r:?}");
+    let source = load_series_dir(&dir).unwrap().volume;
+    let mut mask = desam::Mask::zeros(source.dims);
+    mask.data[source.slice_len() * 2 + 40] = 1;
+    let seg = write_prostate_seg(&source, &mask, &SegOptions::default()).unwrap();
+    let r = load_series_bytes(&[seg.clone()]);
+    assert!(matches!(r, Err(DicomError::NoImages(ref m)) if m.contains("segmentation")), "{r:?}");
+    // A SEG stored next to its source series is ignored (with a warning), not a second series.
+    let mut with_seg: Vec<Vec<u8>> = dcm_files(&dir).iter().map(|p| std::fs::read(p).unwrap()).collect();
+    with_seg.push(seg);
+    let got = load_series_bytes(&with_seg).unwrap();
+    assert_eq!(got.volume.voxels, source.voxels);
+    assert!(got.warnings.iter().any(|w| w.contains("ignored 1")), "{:?}", got.warnings);
 
     // A truncated file is named in the error.
     let first = dcm_files(&dir)[0].clone();
