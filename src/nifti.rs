@@ -70,8 +70,12 @@ pub fn read_nifti(path: &Path) -> Result<Volume, NiftiError> {
     if voxels.len() != nx * ny * nz {
         return Err(fmt(format!("{} values for a {nx}x{ny}x{nz} grid", voxels.len())));
     }
-    let ras = header_affine(&h);
-    let (spacing, direction, origin) = lps_geometry(&ras).map_err(fmt)?;
+    // A degenerate sform (all zeros is common in hand-made headers) falls back to the qform.
+    let (spacing, direction, origin) = match lps_geometry(&header_affine(&h, true)) {
+        Ok(g) => g,
+        Err(_) if h.sform_code > 0 => lps_geometry(&header_affine(&h, false)).map_err(fmt)?,
+        Err(e) => return Err(fmt(e)),
+    };
     let mut v = Volume::new(voxels, [nz, ny, nx], spacing, origin);
     v.direction = direction;
     Ok(v)
@@ -155,9 +159,9 @@ const DT_FLOAT32: i16 = 16;
 const HEADER_LEN: usize = 348;
 const VOX_OFFSET: usize = 352;
 
-/// The 3×4 voxel-to-RAS affine the header describes.
-fn header_affine(h: &nifti::NiftiHeader) -> [[f64; 4]; 3] {
-    if h.sform_code > 0 {
+/// The 3×4 voxel-to-RAS affine the header describes (ignoring the sform when `use_sform` is false).
+fn header_affine(h: &nifti::NiftiHeader, use_sform: bool) -> [[f64; 4]; 3] {
+    if use_sform && h.sform_code > 0 {
         let r = |s: [f32; 4]| [s[0] as f64, s[1] as f64, s[2] as f64, s[3] as f64];
         return [r(h.srow_x), r(h.srow_y), r(h.srow_z)];
     }
