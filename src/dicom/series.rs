@@ -122,15 +122,19 @@ fn parse_bytes(name: &str, bytes: &[u8], path: Option<PathBuf>) -> Result<Parsed
         return Err(corrupt("no DICM magic code: not a DICOM Part-10 file".into()));
     };
     let after_magic = if preamble == ReadPreamble::Always { 132 } else { 4 };
-    if let Err(reason) = check_element_lengths(bytes, after_magic) {
-        // A transfer syntax we do not know may also be why the walk failed; say so precisely.
-        if let Some(uid) = meta_transfer_syntax(bytes, preamble) {
-            if TransferSyntaxRegistry.get(&uid).is_none() {
-                return Err(DicomError::UnsupportedTransferSyntax { instance: name.to_string(), uid, name: "unknown to the decoder".into() });
+    let data_end = match check_element_lengths(bytes, after_magic) {
+        Ok(e) => e,
+        Err(reason) => {
+            // A transfer syntax we do not know may also be why the walk failed; say so precisely.
+            if let Some(uid) = meta_transfer_syntax(bytes, preamble) {
+                if TransferSyntaxRegistry.get(&uid).is_none() {
+                    return Err(DicomError::UnsupportedTransferSyntax { instance: name.to_string(), uid, name: "unknown to the decoder".into() });
+                }
             }
+            return Err(corrupt(reason));
         }
-        return Err(corrupt(reason));
-    }
+    };
+    let bytes = &bytes[..data_end];
     // Unknown transfer syntaxes fail inside the parser; name them precisely.
     let result = catch_unwind(AssertUnwindSafe(|| {
         OpenFileOptions::new().read_preamble(preamble).from_reader(std::io::Cursor::new(bytes))
@@ -201,7 +205,9 @@ fn scan_meta(bytes: &[u8], start: usize) -> Result<(String, usize), String> {
 /// the bytes that remain. dicom-rs allocates a declared length before reading it, so a corrupt length
 /// (up to 4 GiB) would otherwise cost a huge allocation — or abort the process — before failing.
 /// Deflated data sets and explicit-VR UN of undefined length are not walked (left to the parser).
-fn check_element_lengths(bytes: &[u8], start: usize) -> Result<(), String> {
+/// Returns where the data set ends: the buffer's end, or the start of an all-zero tail (padding that
+/// the parser would otherwise choke on).
+fn check_element_lengths(bytes: &[u8], start: usize) -> Result<usize, String> {
     let end = bytes.len();
     let rd16 = |at: usize, be: bool| -> u16 {
         let b = [bytes[at], bytes[at + 1]];
@@ -215,12 +221,16 @@ fn check_element_lengths(bytes: &[u8], start: usize) -> Result<(), String> {
     let (explicit, be) = match ts.as_str() {
         "1.2.840.10008.1.2" => (false, false),
         "1.2.840.10008.1.2.2" => (true, true),
-        "1.2.840.10008.1.2.1.99" => return Ok(()), // deflated: the parser inflates it
+        "1.2.840.10008.1.2.1.99" => return Ok(end), // deflated: the parser inflates it
         "" => return Err("no transfer syntax in the file meta group".into()),
         _ => (true, false),
     };
     let mut in_fragments = false;
     while pos < end {
+        // Zero padding after the last element (seen in files from some archives) is the parser's call.
+        if bytes[pos..].iter().all(|&b| b == 0) {
+            return Ok(pos);
+        }
         if pos + 8 > end {
             return Err(format!("element header cut short at byte {pos}"));
         }
@@ -264,7 +274,7 @@ fn check_element_lengths(bytes: &[u8], start: usize) -> Result<(), String> {
             if (group, elem) == (0x7FE0, 0x0010) {
                 in_fragments = true;
             } else if vr == Some(*b"UN") {
-                return Ok(()); // implicit-VR content inside explicit VR: leave it to the parser
+                return Ok(end); // implicit-VR content inside explicit VR: leave it to the parser
             }
             continue; // sequence of undefined length: walk into its items
         }
@@ -273,7 +283,7 @@ fn check_element_lengths(bytes: &[u8], start: usize) -> Result<(), String> {
         }
         pos += len as usize;
     }
-    Ok(())
+    Ok(end)
 }
 
 /// The error and its sources on one line.
@@ -955,6 +965,22 @@ mod tests {
             assert!((g.spacing[i] - v.spacing[i]).abs() < 1e-6);
             assert!((g.origin[i] - v.origin[i]).abs() < 1e-6);
         }
+    }
+
+    #[test]
+    fn zero_padding_after_the_data_set_is_tolerated_but_overlong_lengths_are_not() {
+        let v = Volume::new((0..2 * 4 * 4).map(|i| i as f32).collect(), [2, 4, 4], [1.0, 1.0, 2.0], [0.0; 3]);
+        let enc = encode_mr_series(&v, &MrSeriesAttributes::default()).unwrap();
+        let mut padded = enc.files.clone();
+        padded[0].extend_from_slice(&[0u8; 6]);
+        assert_eq!(check_element_lengths(&padded[0], 132), Ok(enc.files[0].len()));
+        let got = load_series_bytes(&padded).unwrap();
+        assert_eq!(got.volume.voxels, v.voxels);
+        // Cut the pixel data short: its declared length now runs past the end.
+        let mut cut = enc.files[1].clone();
+        cut.truncate(cut.len() - 2);
+        let err = check_element_lengths(&cut, 132).unwrap_err();
+        assert!(err.contains("(7FE0,0010)"), "{err}");
     }
 
     #[test]
