@@ -456,6 +456,14 @@ fn rejected_inputs_return_their_typed_errors() {
     }
     let groups = list_series_dir(&both).unwrap();
     assert_eq!(groups.len(), 2);
+    let mut all_files = dcm_files(&dir);
+    all_files.extend(dcm_files(&other));
+    all_files.push(pydicom_test_file("test-SR.dcm"));
+    let by_file = group_series(&all_files).unwrap();
+    assert_eq!(by_file.len(), 3);
+    assert_eq!(by_file.iter().filter(|g| g.is_image).count(), 2, "image series listed first, the SR after");
+    assert!(!by_file[2].is_image && by_file[2].modality == "SR");
+    assert!(by_file[..2].iter().all(|g| g.instances == 6 && g.files.len() == 6 && g.modality == "MR"));
     match load_series_dir(&both) {
         Err(DicomError::MultipleSeries { series }) => {
             assert_eq!(series.len(), 2);
