@@ -1,5 +1,5 @@
 //! A model directory: `model.json` (identity, architecture, weights with SHA-256, preprocessing,
-//! thresholds, provenance) + safetensors. Reads and verifies; builds no network and runs nothing.
+//! thresholds, provenance) + safetensors. Reads, verifies and creates; runs no inference.
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -214,6 +214,89 @@ pub fn write_spec(dir: &Path, spec: &ModelSpec) -> Result<(), ModelDirError> {
     let path = dir.join(MODEL_JSON);
     let text = serde_json::to_string_pretty(spec).expect("spec serialises");
     std::fs::write(&path, text + "\n").map_err(|source| ModelDirError::Io { path, source })
+}
+
+/// Where an untrained model's backbone (and PRIM) weights come from.
+#[derive(Debug, Clone)]
+pub enum BackboneSource {
+    /// Random initialisation (seeded): for tests only.
+    Random,
+    /// Converted from an official checkpoint (`lite_medsam.pth`, SAM `.pth`) and stored in the
+    /// directory as f16 safetensors (`encoder.safetensors`); PRIM and the prompt encoder come from
+    /// it too, PIMM is random.
+    Convert(PathBuf),
+    /// Referenced by absolute path (a large user-supplied SAM `.pth`), not copied.
+    Reference(PathBuf),
+}
+
+/// Create a CLEARLY LABELLED untrained model directory (`"untrained": true`): backbone weights as
+/// `source` says, decoder (prompt encoder + PRIM + PIMM) in `decoder.safetensors`, random PIMM
+/// from `seed`. Its masks mean nothing; it exists for tests, benchmarks and as a training start.
+pub fn create_untrained_model_dir(
+    arch: crate::model::Arch,
+    out: &Path,
+    seed: u64,
+    source: &BackboneSource,
+) -> Result<ModelDir, ModelDirError> {
+    use crate::model::{checkpoint, Arch, DeSam, ModelConfig};
+    let fail = |message: String| ModelDirError::Invalid { path: out.to_path_buf(), message };
+    std::fs::create_dir_all(out).map_err(|source| ModelDirError::Io { path: out.to_path_buf(), source })?;
+    let cfg = ModelConfig::for_arch(arch);
+    tch::manual_seed(seed as i64);
+    let model = match source {
+        BackboneSource::Random => DeSam::new(&cfg, tch::Device::Cpu),
+        BackboneSource::Convert(p) | BackboneSource::Reference(p) => {
+            DeSam::load(&cfg, &[p.as_path()], tch::Device::Cpu).map_err(|e| fail(e.to_string()))?.0
+        }
+    };
+    let sd = model.state_dict();
+    let (enc, dec): (Vec<_>, Vec<_>) = sd.into_iter().partition(|(n, _)| n.starts_with("image_encoder."));
+    let save = |name: &str, tensors: &[(String, tch::Tensor)], kind: tch::Kind| -> Result<WeightsFile, ModelDirError> {
+        let path = out.join(name);
+        checkpoint::save_safetensors(tensors, &path, kind).map_err(|e| fail(e.to_string()))?;
+        let sha256 = sha256_file(&path).map_err(|source| ModelDirError::Io { path: path.clone(), source })?;
+        Ok(WeightsFile { path: name.into(), sha256 })
+    };
+    let backbone = match source {
+        BackboneSource::Reference(p) => {
+            let abs = std::fs::canonicalize(p).map_err(|source| ModelDirError::Io { path: p.clone(), source })?;
+            let sha256 = sha256_file(&abs).map_err(|source| ModelDirError::Io { path: abs.clone(), source })?;
+            WeightsFile { path: abs.to_string_lossy().into_owned(), sha256 }
+        }
+        // Real backbones are stored as f16 (LiteMedSAM ≈ 12 MB); the tiny test model stays f32.
+        _ => save("encoder.safetensors", &enc, if arch == Arch::Tiny { tch::Kind::Float } else { tch::Kind::Half })?,
+    };
+    let decoder = save("decoder.safetensors", &dec, tch::Kind::Float)?;
+    let normalization = if arch == Arch::Lite {
+        Normalization::MinMax
+    } else {
+        Normalization::MeanStd { mean: cfg.pixel_mean, std: cfg.pixel_std }
+    };
+    let origin = match source {
+        BackboneSource::Random => "random".to_string(),
+        BackboneSource::Convert(p) | BackboneSource::Reference(p) => p.display().to_string(),
+    };
+    let spec = ModelSpec {
+        format: FORMAT_VERSION,
+        name: format!("desam-{}-UNTRAINED", arch.name()),
+        version: "0.0.0-untrained".into(),
+        arch: arch.name().into(),
+        backbone: WeightsSet { files: vec![backbone] },
+        decoder: WeightsSet { files: vec![decoder] },
+        preprocessing: Preprocessing { normalization },
+        default_mode: "box".into(),
+        grid_points: 9,
+        thresholds: Thresholds::default(),
+        cleanup_3d: Cleanup3d::None,
+        training: serde_json::json!({
+            "note": "UNTRAINED placeholder: decoder (PIMM) randomly initialised; masks are meaningless",
+            "seed": seed,
+            "backbone_from": origin,
+        }),
+        untrained: true,
+    };
+    write_spec(out, &spec)?;
+    open(out)
 }
 
 #[cfg(test)]
