@@ -7,3 +7,11 @@ pub use mr_write::{
     encode_mr_series, write_mr_series, write_mr_series_full, EncodedMrSeries, MrSeriesAttributes, StoredPixels,
     WrittenMrSeries,
 };
+pub mod codes;
+pub mod ds;
+pub mod seg_read;
+pub mod seg_write;
+pub mod uid;
+
+pub use seg_read::{read_seg, read_seg_standalone, SegFrame, SegObject, SourceRef};
+pub use seg_write::{write_seg, AlgorithmType, SegError, SegOptions, Segment, SegmentInfo};
