@@ -63,11 +63,11 @@ pub struct PluginConfig {
     pub enable: bool,
     /// Model directory (model.json + weights).
     pub model_directory: String,
-    /// "auto" (CUDA when available, else CPU), "cpu", "cuda" or "cuda:N".
+    /// "auto" (CUDA when available, else CPU), "cpu" or "cuda" (the first GPU).
     pub device: String,
     /// CPU threads for libtorch; 0 keeps libtorch's default.
     pub threads: usize,
-    /// Prompting mode passed to the engine (e.g. "auto", "grid").
+    /// Prompting mode: "auto" (the model's default), "box" (DeSAM-B) or "grid" (DeSAM-P).
     pub mode: String,
     /// Segment series automatically when Orthanc reports them stable.
     pub stable_series_trigger: bool,
@@ -145,9 +145,11 @@ impl PluginConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |option: &'static str, reason: String| Err(ConfigError::Option { option, reason });
         let device = self.device.to_ascii_lowercase();
-        let cuda_index_ok = device.strip_prefix("cuda:").map(|n| n.parse::<usize>().is_ok()).unwrap_or(false);
-        if !(device == "auto" || device == "cpu" || device == "cuda" || cuda_index_ok) {
-            return bad("Device", format!("{:?} is not one of \"auto\", \"cpu\", \"cuda\", \"cuda:N\"", self.device));
+        if !["auto", "cpu", "cuda", "gpu"].contains(&device.as_str()) {
+            return bad("Device", format!("{:?} is not one of \"auto\", \"cpu\", \"cuda\"", self.device));
+        }
+        if !["auto", "box", "grid"].contains(&self.mode.to_ascii_lowercase().as_str()) {
+            return bad("Mode", format!("{:?} is not one of \"auto\" (the model's default), \"box\", \"grid\"", self.mode));
         }
         if self.model_directory.trim().is_empty() {
             return bad("ModelDirectory", "must not be empty".into());
@@ -208,7 +210,7 @@ mod tests {
     #[test]
     fn options_are_read_and_invalid_ones_rejected_with_their_name() {
         let cfg = PluginConfig::from_orthanc_json(
-            r#"{"DeSAM": {"Device": "cuda:1", "EmptyResult": "skip", "SeriesFilter": {"MinSlices": 3, "DescriptionPattern": null}}}"#,
+            r#"{"DeSAM": {"Device": "cuda", "Mode": "grid", "EmptyResult": "skip", "SeriesFilter": {"MinSlices": 3, "DescriptionPattern": null}}}"#,
         )
         .unwrap()
         .unwrap();
@@ -218,6 +220,7 @@ mod tests {
 
         for (json, needle) in [
             (r#"{"DeSAM": {"Device": "tpu"}}"#, "Device"),
+            (r#"{"DeSAM": {"Mode": "points"}}"#, "Mode"),
             (r#"{"DeSAM": {"QualityThreshold": 2}}"#, "QualityThreshold"),
             (r#"{"DeSAM": {"MaxQueueLength": 0}}"#, "MaxQueueLength"),
             (r#"{"DeSAM": {"ResultMetadata": 12}}"#, "ResultMetadata"),

@@ -101,7 +101,7 @@ pub fn strings_under(tags: &Value, key: &str) -> Vec<String> {
 
 /// Does this SEG (`GET /instances/{id}/simplified-tags`) come from the given model version and
 /// reference exactly the given series content? Returns its SOPInstanceUID if so.
-pub fn matching_seg(seg_tags: &Value, series_uid: &str, model_version: &str, model_sha256: &str, content_hash_now: &str) -> Option<String> {
+pub fn matching_seg(seg_tags: &Value, series_uid: &str, version_tag: &str, content_hash_now: &str) -> Option<String> {
     let referenced_series = strings_under(seg_tags, "SeriesInstanceUID");
     let referenced_here = seg_tags
         .get("ReferencedSeriesSequence")
@@ -114,7 +114,7 @@ pub fn matching_seg(seg_tags: &Value, series_uid: &str, model_version: &str, mod
         .into_iter()
         .chain(strings_under(seg_tags, "SoftwareVersions"))
         .collect();
-    let same_model = versions.iter().any(|v| (!model_sha256.is_empty() && v.contains(model_sha256)) || (!model_version.is_empty() && v == model_version));
+    let same_model = !version_tag.is_empty() && versions.iter().any(|v| v == version_tag);
     if !same_model {
         return None;
     }
@@ -171,16 +171,16 @@ mod tests {
         let seg = json!({
             "SOPInstanceUID": "9.9",
             "SeriesInstanceUID": "9.8",
-            "SoftwareVersions": "desam 0.1.0",
+            "SoftwareVersions": ["0.1.0", "v1 sha256:abc"],
             "SegmentSequence": [{"SegmentationAlgorithmIdentificationSequence": [{"AlgorithmVersion": "v1 sha256:abc"}]}],
             "ReferencedSeriesSequence": [{"SeriesInstanceUID": "1.2", "ReferencedInstanceSequence": [
                 {"ReferencedSOPInstanceUID": "1.2.1"}, {"ReferencedSOPInstanceUID": "1.2.2"}]}]
         });
         let h = content_hash(&["1.2.2", "1.2.1"]);
-        assert_eq!(matching_seg(&seg, "1.2", "v1", "abc", &h).as_deref(), Some("9.9"));
-        assert!(matching_seg(&seg, "1.3", "v1", "abc", &h).is_none());
-        assert!(matching_seg(&seg, "1.2", "v2", "abd", &h).is_none());
-        assert!(matching_seg(&seg, "1.2", "v1", "abc", &content_hash(&["1.2.1"])).is_none());
+        assert_eq!(matching_seg(&seg, "1.2", "v1 sha256:abc", &h).as_deref(), Some("9.9"));
+        assert!(matching_seg(&seg, "1.3", "v1 sha256:abc", &h).is_none());
+        assert!(matching_seg(&seg, "1.2", "v1 sha256:abd", &h).is_none());
+        assert!(matching_seg(&seg, "1.2", "v1 sha256:abc", &content_hash(&["1.2.1"])).is_none());
     }
 
     #[test]

@@ -278,9 +278,9 @@ impl Plugin {
     fn scan_changes(&self) -> Result<bool, OrthancCallError> {
         let mut queued_any = false;
         loop {
-            let (since, horizon, room) = {
+            let (since, room) = {
                 let st = self.state.lock().unwrap();
-                (st.scanned, st.horizon, self.config.max_queue_length.saturating_sub(st.len()))
+                (st.scanned, self.config.max_queue_length.saturating_sub(st.len()))
             };
             if room == 0 || self.shutdown.load(Ordering::SeqCst) {
                 return Ok(queued_any);
@@ -387,7 +387,7 @@ impl Plugin {
             }
             for inst in s["Instances"].as_array().into_iter().flatten().filter_map(Value::as_str) {
                 let tags = Orthanc::get_json(&format!("/instances/{inst}/simplified-tags"))?;
-                if let Some(uid) = metadata::matching_seg(&tags, series_uid, &model.version, &model.sha256, hash) {
+                if let Some(uid) = metadata::matching_seg(&tags, series_uid, &model.seg_version(), hash) {
                     return Ok(Some((uid, inst.to_string())));
                 }
             }
