@@ -15,3 +15,8 @@ pub mod uid;
 
 pub use seg_read::{read_seg, read_seg_standalone, SegFrame, SegObject, SourceRef};
 pub use seg_write::{write_seg, AlgorithmType, SegError, SegOptions, Segment, SegmentInfo};
+pub mod series;
+pub use series::{
+    group_series, list_series_dir, load_series_bytes, load_series_dir, load_series_dir_uid, load_series_files,
+    LoadedSeries, SeriesGroup,
+};
