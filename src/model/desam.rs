@@ -142,7 +142,7 @@ impl DeSam {
     }
     /// The parameters' dtype (follows `var_store_mut().set_kind(..)`).
     pub fn kind(&self) -> Kind {
-        self.vs.root().get("prompt_encoder.no_mask_embed.weight").map(|t| t.kind()).unwrap_or(Kind::Float)
+        self.prompt.no_mask_embed_kind()
     }
 
     /// Every variable, sorted by state-dict key.

@@ -36,8 +36,8 @@ impl Prim {
         let hp = p / "output_hypernetworks_mlps";
         Prim {
             transformer: TwoWayTransformer::new(&(p / "transformer"), depth, dim, heads, mlp),
-            iou_token: p.var("iou_token.weight", &[1, dim], Init::Randn { mean: 0.0, stdev: 1.0 }),
-            mask_tokens: p.var("mask_tokens.weight", &[num_mask_tokens, dim], Init::Randn { mean: 0.0, stdev: 1.0 }),
+            iou_token: (p / "iou_token").var("weight", &[1, dim], Init::Randn { mean: 0.0, stdev: 1.0 }),
+            mask_tokens: (p / "mask_tokens").var("weight", &[num_mask_tokens, dim], Init::Randn { mean: 0.0, stdev: 1.0 }),
             iou_head: Mlp::new(&(p / "iou_prediction_head"), dim, iou_hidden, num_mask_tokens, 3),
             upscale0: ConvTranspose2x::new(&(&up / 0), dim, dim / 4, true),
             upscale1: LayerNorm2d::new(&(&up / 1), dim / 4, 1e-6),

@@ -84,6 +84,11 @@ impl PromptEncoder {
         }
     }
 
+    /// The dtype of the prompt encoder's parameters (follows `VarStore::set_kind`).
+    pub fn no_mask_embed_kind(&self) -> Kind {
+        self.no_mask_embed.kind()
+    }
+
     /// Dense positional encoding of the embedding grid, 1×D×g×g.
     pub fn dense_pe(&self) -> Tensor {
         self.pe_layer.dense(self.grid, self.grid, self.no_mask_embed.kind())
