@@ -244,6 +244,15 @@ fn invalid_configuration_disables_the_plugin_but_orthanc_keeps_running() {
     let log = o.stop();
     assert!(log.lines().any(|l| l.starts_with('E') && l.contains("DeSAM") && l.contains("Device") && l.contains("disabled")), "{log}");
 
+    // The shipped sample configuration is accepted by Orthanc and by the plugin (only the model
+    // directory, absent on a build machine, stops it).
+    let sample = Path::new(env!("CARGO_MANIFEST_DIR")).join("plugin-manifest/orthanc/desam.json");
+    let o = Orthanc::start_with_files(&scratch("sample"), true, &json!({}), &[sample]);
+    let status = o.get_json("/desam/status");
+    let reason = status["Reason"].as_str().unwrap_or("");
+    assert!(status["Enabled"] == true || (reason.contains("/usr/share/desam/models/default") && !reason.contains("invalid")), "{status}");
+    o.stop();
+
     let missing = scratch("nomodel");
     let o = Orthanc::start(&missing, true, &json!({"DeSAM": {"ModelDirectory": "/nonexistent/desam-model"}}));
     let status = o.get_json("/desam/status");

@@ -85,11 +85,22 @@ pub fn config(dir: &Path, http_port: u16, dicom_port: u16, with_plugin: bool, ex
 impl Orthanc {
     /// Starts Orthanc in `dir` (reusing its storage if present) and waits until the REST API answers.
     pub fn start(dir: &Path, with_plugin: bool, extra: &Value) -> Orthanc {
+        Self::start_with_files(dir, with_plugin, extra, &[])
+    }
+
+    /// As `start`, with more configuration files (copied next to orthanc.json; Orthanc reads them all).
+    pub fn start_with_files(dir: &Path, with_plugin: bool, extra: &Value, more: &[PathBuf]) -> Orthanc {
         let (http_port, dicom_port) = (free_port(), free_port());
         let cfg = config(dir, http_port, dicom_port, with_plugin, extra);
         let auth = extra.get("RegisteredUsers").and_then(Value::as_object).and_then(|m| m.iter().next()).map(|(u, p)| format!("{u}:{}", p.as_str().unwrap()));
-        let cfg_path = dir.join("orthanc.json");
-        std::fs::write(&cfg_path, serde_json::to_vec_pretty(&cfg).unwrap()).unwrap();
+        let cfg_dir = dir.join("config");
+        let _ = std::fs::remove_dir_all(&cfg_dir);
+        std::fs::create_dir_all(&cfg_dir).unwrap();
+        std::fs::write(cfg_dir.join("orthanc.json"), serde_json::to_vec_pretty(&cfg).unwrap()).unwrap();
+        for f in more {
+            std::fs::copy(f, cfg_dir.join(f.file_name().unwrap())).unwrap();
+        }
+        let cfg_path = cfg_dir;
         let n = std::fs::read_dir(dir).unwrap().filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with("orthanc-")).count();
         let log = dir.join(format!("orthanc-{n}.log"));
         let child = Command::new(ORTHANC)
