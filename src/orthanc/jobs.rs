@@ -94,8 +94,11 @@ impl JobShared {
 
     /// Waits until Orthanc starts (or resumes) the job. False if `give_up` became true or the job
     /// was canceled before it started.
-    pub fn wait_until_started(&self, give_up: &AtomicBool) -> bool {
+    /// `still_wanted` is asked every few seconds while waiting (Orthanc does not call `stop` for a
+    /// job canceled before it ever ran, so the worker must look at the job's state itself).
+    pub fn wait_until_started(&self, give_up: &AtomicBool, still_wanted: &dyn Fn() -> bool) -> bool {
         let mut phase = self.phase.lock().unwrap();
+        let mut last_check = std::time::Instant::now();
         loop {
             match *phase {
                 Phase::Started => return true,
@@ -104,6 +107,16 @@ impl JobShared {
             }
             if give_up.load(Ordering::SeqCst) {
                 return false;
+            }
+            if last_check.elapsed() > Duration::from_secs(2) {
+                drop(phase);
+                let wanted = still_wanted();
+                phase = self.phase.lock().unwrap();
+                if !wanted && !matches!(*phase, Phase::Started) {
+                    *phase = Phase::Canceled;
+                    return false;
+                }
+                last_check = std::time::Instant::now();
             }
             phase = self.changed.wait_timeout(phase, Duration::from_millis(200)).unwrap().0;
         }
@@ -211,7 +224,7 @@ mod tests {
         assert_eq!(job.phase(), Phase::Pending);
         assert_eq!(step(job.handle), STEP_CONTINUE);
         assert_eq!(job.phase(), Phase::Started);
-        assert!(job.wait_until_started(&AtomicBool::new(false)));
+        assert!(job.wait_until_started(&AtomicBool::new(false), &|| true));
         job.set_phase(Phase::Failed("bad series".into()));
         assert_eq!(step(job.handle), STEP_FAILURE);
         assert_eq!(job.content()["Error"], "bad series");
@@ -231,7 +244,7 @@ mod tests {
         assert!(!job.cancel.load(Ordering::SeqCst));
         stop(job.handle, 4);
         assert_eq!(job.phase(), Phase::Canceled);
-        assert!(!job.wait_until_started(&AtomicBool::new(false)));
+        assert!(!job.wait_until_started(&AtomicBool::new(false), &|| true));
         finalize(job.handle);
     }
 }

@@ -475,7 +475,16 @@ impl Plugin {
         job.set_detail("SeriesInstanceUID", json!(series_uid));
         job.set_detail("Model", json!(format!("{} {}", model.name, model.version)));
         let outcome = loop {
-            if !job.wait_until_started(&self.shutdown) {
+            let orthanc_job = job.orthanc_id.lock().unwrap().clone();
+            let still_wanted = || match &orthanc_job {
+                // Pending, Running, Paused or Retry: Orthanc may still start it.
+                Some(id) => match Orthanc::get_json(&format!("/jobs/{id}")) {
+                    Ok(v) => !matches!(v["State"].as_str(), Some("Failure") | Some("Success")),
+                    Err(e) => !e.is_not_found(),
+                },
+                None => true,
+            };
+            if !job.wait_until_started(&self.shutdown, &still_wanted) {
                 break if self.shutdown.load(Ordering::SeqCst) {
                     job.set_phase(Phase::Failed("Orthanc is stopping".into()));
                     Outcome::Canceled
