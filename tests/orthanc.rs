@@ -186,6 +186,7 @@ fn a_series_gets_exactly_one_valid_seg_and_other_series_are_skipped_with_a_reaso
     assert!(prom.lines().any(|l| l.starts_with("desam_series_processed ") && l.contains(" 1")), "{prom}");
     assert!(prom.contains("desam_queue_length"), "{prom}");
     o.stop();
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -230,6 +231,7 @@ fn rest_routes_answer_and_follow_orthanc_authentication() {
     assert_eq!(result["Result"]["Mode"], "grid");
     assert_eq!(o.get_json("/desam/status")["ModelLoaded"], true);
     o.stop();
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -331,6 +333,7 @@ fn bad_series_fail_their_jobs_cleanly_and_other_series_are_still_processed() {
     assert_eq!(o.request("GET", "/system", None).status, 200);
     let log = o.stop();
     assert!(log.lines().filter(|l| l.starts_with('E') && l.contains("DeSAM: series") && l.contains("failed")).count() >= 4);
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -364,6 +367,7 @@ fn restart_processes_series_that_arrived_while_the_plugin_was_not_running() {
     assert_eq!(o.segs_referencing(&id).len(), 1);
     assert_eq!(counters(&o)["Processed"], 0);
     o.stop();
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -408,4 +412,5 @@ fn twenty_series_at_once_are_each_segmented_exactly_once_with_a_bounded_queue() 
     );
     assert!(hwm < 3 * 1024 * 1024, "Orthanc peak RSS {} MB", hwm / 1024);
     o.stop();
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -19,13 +19,28 @@ pub fn scratch(name: &str) -> PathBuf {
     d
 }
 
-/// The cdylib cargo built next to the test binary (target/<profile>/libdesam.so).
+/// The plugin: target/<profile>/libdesam.so next to the test binary. `cargo test` compiles the
+/// library for the tests but does not refresh that file, so it is (re)built here once per run with
+/// `cargo build --lib` (a no-op when it is up to date).
 pub fn plugin_path() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let profile_dir = exe.parent().unwrap().parent().unwrap();
-    let so = profile_dir.join("libdesam.so");
-    assert!(so.is_file(), "{} is missing: build it with `cargo build --lib` (scripts/test.sh does)", so.display());
-    so
+    static SO: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    SO.get_or_init(|| {
+        let exe = std::env::current_exe().unwrap();
+        let profile_dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
+        let release = profile_dir.file_name().is_some_and(|n| n == "release");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "--lib", "--quiet"]).current_dir(env!("CARGO_MANIFEST_DIR"));
+        if release {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("cannot run cargo to build the plugin");
+        assert!(status.success(), "cargo build --lib failed");
+        let so = profile_dir.join("libdesam.so");
+        assert!(so.is_file(), "{} is missing after cargo build --lib", so.display());
+        so
+    })
+    .clone()
 }
 
 fn free_port() -> u16 {
