@@ -12,3 +12,12 @@ pub use series::{
     group_series, list_series_dir, load_series_bytes, load_series_dir, load_series_dir_uid, load_series_files,
     LoadedSeries, SeriesGroup,
 };
+
+pub mod codes;
+pub mod ds;
+pub mod seg_read;
+pub mod seg_write;
+pub mod uid;
+
+pub use seg_read::{read_seg, read_seg_standalone, SegFrame, SegObject, SourceRef};
+pub use seg_write::{write_prostate_seg, write_seg, AlgorithmType, SegError, SegOptions, Segment, SegmentInfo};
