@@ -99,10 +99,14 @@ fn protocol_and_geometry_follow_the_site_table() {
             }
             assert_eq!(p.endorectal_coil, site.has_endorectal_coil());
             // Vendor scale.
-            let max = v.voxels.iter().cloned().fold(0f32, f32::max);
-            assert!((300.0..=4000.0).contains(&max), "{tag}: stored max {max}");
-            assert!(v.voxels.iter().all(|&x| x >= 0.0 && x.fract() == 0.0), "{tag}: stored values are uint16");
+            let stored = c.stored_voxels();
+            let max = *stored.iter().max().unwrap();
+            assert!((300..=4000).contains(&max), "{tag}: stored max {max}");
             assert_eq!(p.rescale.is_some(), site == Site::B, "{tag}: only Philips writes RescaleSlope");
+            let (slope, icpt) = p.rescale.unwrap_or((1.0, 0.0));
+            for (s, v) in stored.iter().zip(v.voxels.iter()) {
+                assert!((*s as f64 * slope + icpt - *v as f64).abs() < 1e-2, "{tag}: voxel = stored·slope + intercept");
+            }
             // Headers identify site and case.
             let src = v.source.as_ref().unwrap();
             assert_eq!(site_and_case_from_source(src), Some((site, case)));
@@ -227,4 +231,150 @@ fn endorectal_hot_spot_only_on_b_e_f() {
             assert!(img < 1.8, "site {site}: posterior/anterior image ratio {img}");
         }
     }
+}
+
+// ---- Files written by `desam phantom` ----
+
+fn scratch(name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("desam-phantom-test-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+fn run_cli(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_desam")).arg("phantom").args(args).output().expect("run desam")
+}
+
+#[test]
+fn dicom_output_reads_back_with_geometry_voxels_and_seg_ground_truth() {
+    let out = scratch("dicom");
+    // B: Philips RescaleSlope; D: oblique axial.
+    for (site, case) in [(Site::B, 3u32), (Site::D, 0u32)] {
+        let letter = site.to_string();
+        let o = run_cli(&[
+            "--site", &letter, "--cases", "1", "--first-case", &case.to_string(), "--seed", "21", "--format", "dicom",
+            "--size", "small", "--out", out.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let expected = generate_case_with(site, case, 21, &small());
+        let case_dir = out.join(&expected.case_id);
+        let loaded = desam::dicom::load_series_dir(&case_dir.join("MR")).expect("MR series reads back").volume;
+        assert_eq!(loaded.dims, expected.image.dims);
+        for a in 0..3 {
+            assert!((loaded.spacing[a] - expected.image.spacing[a]).abs() < 1e-4, "spacing {a}");
+            assert!((loaded.origin[a] - expected.image.origin[a]).abs() < 1e-3, "origin {a}");
+            for b in 0..3 {
+                assert!((loaded.direction[a][b] - expected.image.direction[a][b]).abs() < 1e-5, "direction");
+            }
+        }
+        let max_err = loaded.voxels.iter().zip(expected.image.voxels.iter()).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(max_err < 1e-2, "site {site}: voxels differ by {max_err}");
+        let src = loaded.source.as_ref().expect("source attributes");
+        assert_eq!(site_and_case_from_source(src), Some((site, case)));
+        assert_eq!(src.manufacturer, expected.image.source.as_ref().unwrap().manufacturer);
+        assert_eq!(src.magnetic_field_strength, Some(expected.protocol.magnetic_field_strength));
+        if site == Site::D {
+            assert!(loaded.direction[1][2].abs() > (5f64).to_radians().sin() - 1e-6, "oblique IOP survives");
+        }
+
+        // DICOM-SEG ground truth: one MANUAL prostate segment equal to the gland label.
+        let bytes = std::fs::read(case_dir.join("SEG/seg.dcm")).unwrap();
+        let segs = desam::dicom::read_seg(&bytes, &loaded).expect("SEG reads against its source");
+        assert_eq!(segs.len(), 1);
+        let (info, mask) = &segs[0];
+        assert_eq!(info.algorithm_type, desam::dicom::AlgorithmType::Manual);
+        assert_eq!(info.label, "Prostate");
+        assert_eq!(mask.data, expected.gland_mask().data, "site {site}: SEG equals the ground truth");
+
+        // Independent validator (dicom3tools): no errors in the SEG or an MR instance.
+        for f in [case_dir.join("SEG/seg.dcm"), case_dir.join("MR/MR_0001.dcm")] {
+            let v = std::process::Command::new("dciodvfy").arg(&f).output().expect("dciodvfy (dicom3tools) is installed");
+            let text = String::from_utf8_lossy(&v.stderr).to_string() + &String::from_utf8_lossy(&v.stdout);
+            assert!(!text.contains("Error"), "dciodvfy {}: {text}", f.display());
+        }
+
+        let (label, grid) = desam::nifti::read_nifti_mask(&case_dir.join("label.nii.gz")).unwrap();
+        assert_eq!(label.data, expected.gland_mask().data);
+        assert!((grid.origin[0] - expected.image.origin[0]).abs() < 1e-3);
+        let (zones, _) = desam::nifti::read_nifti_mask(&case_dir.join("zones.nii.gz")).unwrap();
+        assert_eq!(zones.data, expected.labels.data);
+    }
+    // Never overwrite: the same case again is refused with a clear message.
+    let o = run_cli(&["--site", "D", "--cases", "1", "--seed", "21", "--size", "small", "--out", out.to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("already exists"));
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+#[test]
+fn nifti_output_is_an_nnunet_task_with_desam_patient_ids() {
+    let out = scratch("nifti");
+    for site in ["A", "E"] {
+        let o = run_cli(&[
+            "--site", site, "--cases", "2", "--seed", "4", "--format", "nifti", "--size", "small", "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    let cases = desam::nifti::list_nnunet_cases(&out).unwrap();
+    let ids: Vec<&str> = cases.iter().map(|c| c.id.as_str()).collect();
+    assert_eq!(ids, ["prostate_000", "prostate_001", "prostate_400", "prostate_401"]);
+    assert!(cases.iter().all(|c| c.label.is_some()));
+    let csv = std::fs::read_to_string(out.join("prostate_patientid.csv")).unwrap();
+    assert_eq!(csv, "center,patientid\nA-ISBI,0\nA-ISBI,1\nE-BIDMC,400\nE-BIDMC,401\n");
+    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("dataset.json")).unwrap()).unwrap();
+    assert_eq!(json["numTraining"], 4);
+
+    let expected = generate_case_with(Site::E, 1, 4, &small());
+    let img = desam::nifti::read_nifti(&cases[3].image).unwrap();
+    assert_eq!(img.dims, expected.image.dims);
+    assert_eq!(img.voxels, expected.image.voxels);
+    for a in 0..3 {
+        assert!((img.origin[a] - expected.image.origin[a]).abs() < 1e-3);
+    }
+    let (label, _) = desam::nifti::read_nifti_mask(cases[3].label.as_ref().unwrap()).unwrap();
+    assert_eq!(label.data, expected.gland_mask().data);
+    assert!(label.data.iter().all(|&v| v <= 1));
+
+    // Bad input: a clear error and a non-zero exit.
+    for bad in [
+        vec!["--site", "G", "--out", "x"],
+        vec!["--site", "A", "--format", "png", "--out", "x"],
+        vec!["--site", "A", "--format", "nifti", "--first-case", "99", "--cases", "2", "--out", "x"],
+        vec!["--site", "A"],
+    ] {
+        let o = run_cli(&bad);
+        assert!(!o.status.success(), "{bad:?} should fail");
+        assert!(String::from_utf8_lossy(&o.stderr).starts_with("desam: error:"), "{bad:?}");
+    }
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+#[test]
+fn montage_png_shows_six_sites() {
+    let out = scratch("montage");
+    std::fs::create_dir_all(&out).unwrap();
+    let png_path = out.join("m.png");
+    let o = run_cli(&["--montage", png_path.to_str().unwrap(), "--seed", "3", "--size", "small", "--panel", "64"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let decoder = png::Decoder::new(std::fs::File::open(&png_path).unwrap());
+    let mut reader = decoder.read_info().unwrap();
+    let mut buf = vec![0; reader.output_buffer_size()];
+    let info = reader.next_frame(&mut buf).unwrap();
+    assert_eq!((info.width, info.height), (6 * 64 + 5 * 4, 2 * 64 + 4));
+    // The contour colour (yellow) appears in every site's lower panel.
+    for i in 0..6usize {
+        let x0 = i * 68;
+        let mut yellow = 0;
+        for y in 68..132usize {
+            for x in x0..x0 + 64 {
+                let p = (y * info.width as usize + x) * 3;
+                if buf[p] == 255 && buf[p + 1] == 220 && buf[p + 2] == 0 {
+                    yellow += 1;
+                }
+            }
+        }
+        assert!(yellow > 10, "site panel {i}: {yellow} contour pixels");
+    }
+    let _ = std::fs::remove_dir_all(&out);
 }

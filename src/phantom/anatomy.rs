@@ -833,18 +833,6 @@ mod tests {
     }
 
     #[test]
-    #[ignore]
-    fn print_gland_profile() {
-        let mut rng = ChaCha20Rng::seed_from_u64(3);
-        let a = Anatomy::draw(&mut rng, false);
-        println!("semi {:?} stroma_y {} tz {:?} {:?}", a.gland.semi, a.stroma_y, a.tz.centre, a.tz.semi);
-        for i in -30..30 {
-            let y = i as f64;
-            println!("y {y} gland {:.2} zone {:?}", a.gland.distance([0.0, y, 0.0]), a.zone([0.0, y, 0.0]));
-        }
-    }
-
-    #[test]
     fn gland_zones_are_nested() {
         let mut rng = ChaCha20Rng::seed_from_u64(3);
         let a = Anatomy::draw(&mut rng, false);

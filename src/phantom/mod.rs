@@ -1,8 +1,9 @@
 //! Six-site synthetic T2-weighted prostate MR phantom (shared design phantom-sites.md): in-memory
-//! volumes, zone labels and DICOM-ready attributes. Writes no files itself except the montage PNG.
+//! volumes, zone labels and DICOM-ready attributes. File output lives in export.rs and montage.rs only.
 
 pub mod acquisition;
 pub mod anatomy;
+pub mod export;
 pub mod montage;
 pub mod sites;
 
@@ -27,8 +28,16 @@ pub enum PhantomError {
     UnknownSite(String),
     #[error("unknown size '{0}' (expected full or small)")]
     UnknownSize(String),
-    #[error("case index {0} is out of range (0..=999)")]
-    CaseOutOfRange(u32),
+    #[error("case index {case} is out of range (0..={max})")]
+    CaseOutOfRange { case: u32, max: u32 },
+    #[error("{0} already exists; the phantom writer never overwrites files")]
+    Exists(String),
+    #[error(transparent)]
+    Dicom(#[from] crate::dicom::DicomError),
+    #[error(transparent)]
+    Seg(#[from] crate::dicom::SegError),
+    #[error(transparent)]
+    Nifti(#[from] crate::nifti::NiftiError),
     #[error("cannot write {path}: {source}")]
     Io { path: String, source: std::io::Error },
     #[error("cannot encode PNG {path}: {message}")]
@@ -50,6 +59,16 @@ pub struct CaseTruth {
     pub noise_sigma_stored: f64,
     /// Mean noise-free PZ signal in stored units (after coil sensitivity).
     pub pz_mean_stored: f64,
+    /// RescaleSlope (1 when the vendor writes none): modality value = stored · slope.
+    pub slope: f64,
+}
+
+impl PhantomCase {
+    /// The stored (uint16) values the DICOM files hold.
+    pub fn stored_voxels(&self) -> Vec<u16> {
+        let (slope, intercept) = self.protocol.rescale.unwrap_or((1.0, 0.0));
+        self.image.voxels.iter().map(|&v| ((v as f64 - intercept) / slope).round().clamp(0.0, 65535.0) as u16).collect()
+    }
 }
 
 /// One generated case.
@@ -59,7 +78,8 @@ pub struct PhantomCase {
     pub case_index: u32,
     /// "A007": site letter and three-digit case index.
     pub case_id: String,
-    /// Stored (uint16-valued) intensities; real value = stored·slope + intercept (see protocol.rescale).
+    /// Modality values: the stored uint16 values after RescaleSlope/Intercept (`protocol.rescale`; only
+    /// site B has one, elsewhere the voxels are the stored integers). What a DICOM reader returns.
     pub image: Volume,
     /// 0 background, 1 peripheral zone, 2 transition zone (the binary gland is label > 0).
     pub labels: Mask,
@@ -195,8 +215,10 @@ pub fn generate_case_with(site: Site, case_index: u32, seed: u64, opts: &Generat
     // Vendor scaling, fixed by the noise-free image so repeats of a case share one scale.
     let scale = protocol.stored_max / (clean_max + 3.0 * sigma);
     let top = protocol.stored_max as f32;
+    let (slope, intercept) = protocol.rescale.unwrap_or((1.0, 0.0));
     for v in image.iter_mut() {
-        *v = (*v * scale as f32).round().clamp(0.0, top);
+        let stored = (*v * scale as f32).round().clamp(0.0, top);
+        *v = (stored as f64 * slope + intercept) as f32;
     }
 
     let voxel_ml = geom.spacing[0] * geom.spacing[1] * geom.spacing[2] / 1000.0;
@@ -211,6 +233,7 @@ pub fn generate_case_with(site: Site, case_index: u32, seed: u64, opts: &Generat
         tz_relative: anatomy.tissues.tz,
         noise_sigma_stored: sigma * scale,
         pz_mean_stored: pz_mean * scale,
+        slope,
     };
 
     let mut volume = Volume::new(image, dims, geom.spacing, geom.origin);
