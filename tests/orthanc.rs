@@ -414,3 +414,41 @@ fn twenty_series_at_once_are_each_segmented_exactly_once_with_a_bounded_queue() 
     o.stop();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn shutdown_during_a_job_is_clean_and_the_series_is_completed_after_restart() {
+    let dir = scratch("shutdown");
+    let cfg = json!({"DeSAM": desam_section(json!({}))});
+    let o = Orthanc::start(&dir, true, &cfg);
+    let (files, uid) = mr_series(&dir.join("t2"), 40, 128, 12, AXIAL, "t2_tse_tra");
+    o.storescu(&files);
+    let id = o.series_id(&uid);
+    // Stop Orthanc as soon as the series is running (or at once if it is already done).
+    let t0 = std::time::Instant::now();
+    loop {
+        let status = o.get_json("/desam/status");
+        let running = status["Queue"]["Running"] == id.as_str();
+        let done = status["Counters"]["Processed"] == 1;
+        if running || done {
+            break;
+        }
+        assert!(t0.elapsed() < TIMEOUT, "the series never started: {status}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let stop_started = std::time::Instant::now();
+    let log = o.stop(); // asserts exit code 0
+    let stop_s = stop_started.elapsed().as_secs_f64();
+    eprintln!("shutdown with a running series took {stop_s:.1} s");
+    assert!(stop_s < 30.0, "shutdown took {stop_s:.1} s");
+    let interrupted = log.contains("interrupted by the shutdown");
+    assert!(interrupted || log.contains("segmented in"), "{log}");
+    // Whatever happened, after a restart the series has exactly one SEG.
+    let o = Orthanc::start(&dir, true, &cfg);
+    assert_eq!(o.wait_result(&id, TIMEOUT)["Result"]["Status"], "done");
+    std::thread::sleep(Duration::from_secs(2));
+    wait_idle(&o);
+    assert_eq!(o.segs_referencing(&id).len(), 1);
+    eprintln!("series interrupted by the shutdown: {interrupted}; processed after restart: {}", counters(&o)["Processed"]);
+    o.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -213,6 +213,11 @@ impl Plugin {
                 Some(item) => {
                     self.handle(item);
                     self.state.lock().unwrap().running = None;
+                    if self.shutdown.load(Ordering::SeqCst) {
+                        // Interrupted by the shutdown: keep the cursor before this series so that
+                        // the next start-up runs it again.
+                        break;
+                    }
                     self.persist_cursor();
                 }
                 None => {
@@ -351,9 +356,15 @@ impl Plugin {
                 self.metrics.record_skip();
                 Orthanc::log_warning(&format!("DeSAM: series {series_id} skipped: {reason}"));
             }
+            Outcome::Failed(msg) if self.shutdown.load(Ordering::SeqCst) => {
+                Orthanc::log_warning(&format!("DeSAM: series {series_id} interrupted by the shutdown ({msg}); it runs again at the next start"));
+            }
             Outcome::Failed(msg) => {
                 self.metrics.record_failure();
                 Orthanc::log_error(&format!("DeSAM: series {series_id} failed: {msg}"));
+            }
+            Outcome::Canceled if self.shutdown.load(Ordering::SeqCst) => {
+                Orthanc::log_warning(&format!("DeSAM: series {series_id} interrupted by the shutdown; it runs again at the next start"))
             }
             Outcome::Canceled => Orthanc::log_warning(&format!("DeSAM: series {series_id}: job canceled")),
             Outcome::Done => {}
@@ -519,6 +530,10 @@ impl Plugin {
                 }
                 Err(RunError::Process(ProcessError::Cancelled)) => {
                     job.set_phase(if self.shutdown.load(Ordering::SeqCst) { Phase::Failed("Orthanc is stopping".into()) } else { Phase::Canceled });
+                    break Outcome::Canceled;
+                }
+                Err(_) if self.shutdown.load(Ordering::SeqCst) => {
+                    job.set_phase(Phase::Failed("Orthanc is stopping".into()));
                     break Outcome::Canceled;
                 }
                 Err(e) => {
