@@ -252,7 +252,7 @@ fn cli_nifti_in_nifti_out_with_json_progress_and_report() {
     let lines: Vec<serde_json::Value> =
         String::from_utf8_lossy(&o.stdout).lines().map(|l| serde_json::from_str(l).expect("one JSON object per line")).collect();
     let stages: Vec<&str> = lines.iter().filter(|l| l["event"] == "stage").map(|l| l["stage"].as_str().unwrap()).collect();
-    for s in ["load", "preprocess", "encode", "decode", "write"] {
+    for s in ["load", "preprocess", "encode", "decode", "postprocess", "write"] {
         assert!(stages.contains(&s), "missing stage {s}: {stages:?}");
     }
     let done = lines.last().unwrap();
