@@ -361,6 +361,7 @@ impl Segmenter {
                 other_mode: other.as_ref().map(|m| m.data.as_slice()),
             });
             timings.postprocess_s += t.elapsed().as_secs_f64();
+            progress(Progress { stage: Stage::Postprocess, done: 1, total: 1 });
             timings.total_s = t_all.elapsed().as_secs_f64();
             let voxels = mask.count();
             let qa = self.dir.spec.thresholds.qa;
