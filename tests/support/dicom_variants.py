@@ -75,6 +75,9 @@ def main():
                     del ds[t]
         elif kind == "monochrome1":
             ds.PhotometricInterpretation = "MONOCHROME1"
+        elif kind == "mixed_monochrome":
+            if i == 1:
+                ds.PhotometricInterpretation = "MONOCHROME1"
         elif kind == "palette":
             if i == len(paths) // 2:
                 ds.PhotometricInterpretation = "PALETTE COLOR"
