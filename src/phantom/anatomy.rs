@@ -376,7 +376,7 @@ pub struct Anatomy {
     /// The endorectal receive coil: (axis point x, y), half-length along z.
     pub coil: Option<([f64; 2], f64)>,
     levator: Sling,
-    obturator: [Rod; 2],
+    obturator: [Blob; 2],
     gluteus: [Blob; 2],
     adductors: [Blob; 2],
     bones: Vec<Bone>,
@@ -566,13 +566,17 @@ impl Anatomy {
                 )),
                 cortex_mm: 2.0,
             });
-            obturator_rods.push(Rod {
-                a: [s * (isch_x - 14.0), pubis_y + 12.0],
-                b: [s * (isch_x - obt_r - 3.0), isch_y],
-                radius: obt_r,
-                z0: -80.0,
-                z1: 80.0,
-            });
+            // Obturator internus: a thick muscle sheet on the side wall, from the pubis back to the ischium.
+            let front = [s * (isch_x - 14.0), pubis_y + 12.0];
+            let back = [s * (isch_x - obt_r - 3.0), isch_y];
+            let mut m = Blob::ellipsoid(
+                [0.5 * (front[0] + back[0]), 0.5 * (front[1] + back[1]), 0.0],
+                [obt_r, 0.5 * ((back[1] - front[1]).powi(2) + (back[0] - front[0]).powi(2)).sqrt() + obt_r, 90.0],
+            )
+            .lumpy(rng, 5, (2.0, 4.0), 0.07);
+            m.yaw = -((back[0] - front[0]) / (back[1] - front[1])).atan();
+            m.update_reach();
+            obturator_rods.push(m);
         }
         let obturator = [obturator_rods[0].clone(), obturator_rods[1].clone()];
         // Coccyx, posterior in the midline.

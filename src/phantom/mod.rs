@@ -55,10 +55,10 @@ pub struct CaseTruth {
     pub pz_thickness_mm: f64,
     /// Relative TZ signal (PZ = 1) before texture and nodules.
     pub tz_relative: f64,
-    /// Noise sigma in stored units.
-    pub noise_sigma_stored: f64,
-    /// Mean noise-free PZ signal in stored units (after coil sensitivity).
-    pub pz_mean_stored: f64,
+    /// Noise sigma per channel, in the image's (modality) units.
+    pub noise_sigma: f64,
+    /// Mean noise-free PZ signal in the image's units (after coil sensitivity).
+    pub pz_mean: f64,
     /// RescaleSlope (1 when the vendor writes none): modality value = stored · slope.
     pub slope: f64,
 }
@@ -231,8 +231,8 @@ pub fn generate_case_with(site: Site, case_index: u32, seed: u64, opts: &Generat
         has_tumour: anatomy.has_tumour,
         pz_thickness_mm: anatomy.pz_thickness_mm,
         tz_relative: anatomy.tissues.tz,
-        noise_sigma_stored: sigma * scale,
-        pz_mean_stored: pz_mean * scale,
+        noise_sigma: sigma * scale * slope,
+        pz_mean: pz_mean * scale * slope,
         slope,
     };
 
