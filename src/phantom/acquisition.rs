@@ -61,6 +61,17 @@ pub fn place(protocol: &CaseProtocol, rng: &mut ChaCha20Rng) -> Geometry {
 
 /// The noise-free relative image (PZ = 1) and the zone labels (0 bg, 1 PZ, 2 TZ).
 pub fn rasterise(anatomy: &Anatomy, geom: &Geometry, protocol: &CaseProtocol) -> (Vec<f32>, Vec<u8>) {
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).clamp(1, 16);
+    rasterise_with_threads(anatomy, geom, protocol, threads)
+}
+
+/// [`rasterise`] on `threads` threads (the result does not depend on it).
+pub fn rasterise_with_threads(
+    anatomy: &Anatomy,
+    geom: &Geometry,
+    protocol: &CaseProtocol,
+    threads: usize,
+) -> (Vec<f32>, Vec<u8>) {
     let [nz, ny, nx] = geom.dims;
     // Partial volume over the acquired (not the interpolated) pixel.
     let acquired = protocol.full_pixel_spacing * protocol.interpolation as f64;
@@ -94,7 +105,7 @@ pub fn rasterise(anatomy: &Anatomy, geom: &Geometry, protocol: &CaseProtocol) ->
             }
         }
     };
-    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).clamp(1, 16).min(nz.max(1));
+    let threads = threads.clamp(1, nz.max(1));
     let per = nz.div_ceil(threads).max(1);
     std::thread::scope(|scope| {
         for (t, (img, lab)) in image.chunks_mut(per * plane).zip(labels.chunks_mut(per * plane)).enumerate() {
@@ -235,4 +246,24 @@ fn box_filter(v: &[f32], dims: [usize; 3], k: usize) -> Vec<f32> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::phantom::sites::{draw_protocol, Site, Size};
+
+    #[test]
+    fn rasterisation_does_not_depend_on_the_thread_count() {
+        let mut rng = ChaCha20Rng::seed_from_u64(5);
+        let anatomy = Anatomy::draw(&mut rng, true);
+        let mut protocol = draw_protocol(Site::F, Size::Small, 60.0, &mut rng);
+        protocol.matrix = 40;
+        protocol.pixel_spacing = 5.0;
+        let geom = place(&protocol, &mut rng);
+        let one = rasterise_with_threads(&anatomy, &geom, &protocol, 1);
+        let three = rasterise_with_threads(&anatomy, &geom, &protocol, 3);
+        assert_eq!(one, three);
+        assert!(one.1.iter().any(|&l| l == 1) && one.1.iter().any(|&l| l == 2));
+    }
 }

@@ -837,6 +837,39 @@ mod tests {
     }
 
     #[test]
+    fn gland_volumes_stay_within_15_to_80_ml() {
+        let h = 1.5;
+        let (mut lo, mut hi) = (f64::MAX, 0.0f64);
+        for seed in 0..60u64 {
+            let mut rng = ChaCha20Rng::seed_from_u64(1000 + seed);
+            let a = Anatomy::draw(&mut rng, seed % 2 == 0);
+            let (mut gland, mut pz) = (0usize, 0usize);
+            for i in -30..=30 {
+                for j in -30..=30 {
+                    for k in -30..=30 {
+                        match a.zone([i as f64 * h, j as f64 * h, k as f64 * h]) {
+                            Zone::Outside => {}
+                            Zone::Peripheral => {
+                                gland += 1;
+                                pz += 1
+                            }
+                            Zone::Transition => gland += 1,
+                        }
+                    }
+                }
+            }
+            let ml = gland as f64 * h * h * h / 1000.0;
+            lo = lo.min(ml);
+            hi = hi.max(ml);
+            assert!((15.0..=80.0).contains(&ml), "seed {seed}: {ml} mL");
+            let share = pz as f64 / gland as f64;
+            assert!((0.25..=0.85).contains(&share), "seed {seed}: PZ share {share}");
+        }
+        // The draw spans the range rather than sitting in one corner of it.
+        assert!(lo < 30.0 && hi > 50.0, "volumes {lo}..{hi} mL");
+    }
+
+    #[test]
     fn gland_zones_are_nested() {
         let mut rng = ChaCha20Rng::seed_from_u64(3);
         let a = Anatomy::draw(&mut rng, false);
