@@ -602,12 +602,22 @@ impl Anatomy {
         };
         let adductors = [ad(rng, -1.0), ad(rng, 1.0)];
         let vessels = VesselField { seed: rng.gen(), cell_mm: uni(rng, 9.0, 13.0) };
-        let nvb = |s: f64| Rod {
-            a: [s * semi[0] * 0.78, semi[1] * 0.72],
-            b: [s * semi[0] * 0.8, semi[1] * 0.74],
-            radius: 2.2,
-            z0: -semi[2] * 0.9,
-            z1: semi[2] * 0.9,
+        // Neurovascular bundles: just outside the capsule at 5 and 7 o'clock (found by marching out
+        // from the centre along the posterolateral direction on the mid-gland plane).
+        let nvb = |s: f64| {
+            let dir = [s * 0.8, 0.6];
+            let mut t = 0.0;
+            while t < 80.0 && gland.distance([dir[0] * t, dir[1] * t, 0.0]) < 0.0 {
+                t += 0.25;
+            }
+            let t = t + 3.2;
+            Rod {
+                a: [dir[0] * t, dir[1] * t],
+                b: [dir[0] * (t + 0.5), dir[1] * (t + 0.5)],
+                radius: 2.2,
+                z0: -semi[2] * 0.8,
+                z1: semi[2] * 0.8,
+            }
         };
         let neurovascular = [nvb(-1.0), nvb(1.0)];
 
