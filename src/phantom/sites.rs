@@ -362,7 +362,13 @@ pub(crate) fn draw_protocol(site: Site, size: Size, min_coverage_mm: f64, rng: &
     };
     let (full_matrix, full_spacing) = spec.matrices[rng.gen_range(0..spec.matrices.len())];
     let thickness = (uniform(rng, spec.slice_thickness) * 10.0).round() / 10.0;
-    let thickness = thickness.clamp(spec.slice_thickness.0, spec.slice_thickness.1);
+    let mut thickness = thickness.clamp(spec.slice_thickness.0, spec.slice_thickness.1);
+    // A large gland at thin slices: thicker slices (within the site's range) before too few.
+    let max_cover = spec.slices.1 as f64 * thickness;
+    if max_cover < min_coverage_mm {
+        let t = ((min_coverage_mm / spec.slices.1 as f64) * 10.0).ceil() / 10.0;
+        thickness = t.clamp(spec.slice_thickness.0, spec.slice_thickness.1);
+    }
     let drawn = rng.gen_range(spec.slices.0..=spec.slices.1);
     let needed = (min_coverage_mm / thickness).ceil() as usize;
     let slices = drawn.max(needed).min(spec.slices.1);
