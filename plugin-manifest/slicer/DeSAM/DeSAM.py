@@ -219,6 +219,9 @@ class DeSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             first = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
             if first:
                 self._parameterNode.SetNodeReferenceID("InputVolume", first.GetID())
+        if not self._parameterNode.GetParameter("ModelPath") and self.modelSelector.count:
+            # No model chosen in this scene yet: take the one the selector shows.
+            self._parameterNode.SetParameter("ModelPath", self.modelSelector.itemData(self.modelSelector.currentIndex) or "")
 
     def setParameterNode(self, inputParameterNode):
         if inputParameterNode:
