@@ -199,6 +199,15 @@ class DeSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def cleanup(self):
         self.removeObservers()
 
+    def onReload(self):
+        # Slicer's Reload only re-reads DeSAM.py; reload the helper package too.
+        import importlib
+
+        import DeSAMLib.engine
+
+        importlib.reload(DeSAMLib.engine)
+        ScriptedLoadableModuleWidget.onReload(self)
+
     def enter(self):
         self.initializeParameterNode()
 
