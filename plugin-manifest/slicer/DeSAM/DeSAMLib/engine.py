@@ -700,7 +700,7 @@ class OrthancBackend:
             if cancel_event is not None and cancel_event.is_set():
                 raise Cancelled("Segmentation cancelled (the Orthanc job keeps running on the server).")
             st = self.status(series_id)
-            state = str(st.get("State") or st.get("state") or st.get("Status") or "").lower()
+            state = str(st.get("State") or st.get("state") or st.get("Status") or st.get("Phase") or "").lower()
             if on_progress:
                 p = st.get("Progress", st.get("progress"))
                 frac = float(p) / (100.0 if p is not None and float(p) > 1.0 else 1.0) if p is not None else 0.0
@@ -724,6 +724,11 @@ class OrthancBackend:
         for key in ("SegInstance", "SegInstanceId", "seg_instance", "Instance"):
             if status.get(key):
                 return status[key]
+        for key in ("SegInstances", "Segmentations"):  # a list: the newest SEG comes last
+            value = status.get(key)
+            if isinstance(value, list) and value:
+                last = value[-1]
+                return last.get("ID") or last.get("Instance") if isinstance(last, dict) else last
         seg = status.get("Seg") or status.get("seg") or status.get("Result") or {}
         if isinstance(seg, dict):
             for key in ("Instance", "ID", "InstanceId", "instance"):

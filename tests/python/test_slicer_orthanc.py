@@ -1,0 +1,106 @@
+# The Slicer module's Orthanc client (DeSAMLib.engine.OrthancBackend) against a real Orthanc (Debian's
+# `Orthanc`, loopback, basic auth): series lookup, SEG download, errors. The DeSAM routes need the plugin.
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from test_slicer_seg_dcmqi import SERIES, write_mr_series
+
+ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory):
+    if not os.access(ORTHANC, os.X_OK):
+        pytest.fail("Orthanc is not installed (apt-get install orthanc; scripts/setup.sh does)")
+    root = tmp_path_factory.mktemp("orthanc")
+    http, dicom = free_port(), free_port()
+    config = {
+        "Name": "desam-slicer-test", "HttpPort": http, "DicomPort": dicom, "DicomAet": "SLICERTEST",
+        "DicomCheckCalledAet": False, "RemoteAccessAllowed": False, "StorageDirectory": str(root / "db"),
+        "IndexDirectory": str(root / "db"), "AuthenticationEnabled": True,
+        "RegisteredUsers": {"slicer": "s3cret"}, "Plugins": [], "StableAge": 2,
+    }
+    (root / "orthanc.json").write_text(json.dumps(config))
+    proc = subprocess.Popen([ORTHANC, "--logfile=%s" % (root / "orthanc.log"), str(root / "orthanc.json")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = "http://127.0.0.1:%d" % http
+    deadline = time.time() + 60
+    while True:
+        try:
+            req = urllib.request.Request(url + "/system")
+            req.add_header("Authorization", "Basic c2xpY2VyOnMzY3JldA==")  # slicer:s3cret
+            urllib.request.urlopen(req, timeout=2).read()
+            break
+        except Exception:
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                log = (root / "orthanc.log").read_text() if (root / "orthanc.log").exists() else ""
+                pytest.fail("Orthanc did not start: %s" % log[-2000:])
+            time.sleep(0.3)
+    yield url
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.fixture(scope="module")
+def stored_series(orthanc, tmp_path_factory, slicer_engine):
+    folder = tmp_path_factory.mktemp("series")
+    write_mr_series(folder, *SERIES["oblique"], shape=(3, 32, 32))
+    backend = slicer_engine.OrthancBackend(orthanc, "slicer", "s3cret")
+    for f in sorted(folder.iterdir()):
+        backend._request("POST", "/instances", f.read_bytes(), content_type="application/dicom")
+    return folder, pydicom.dcmread(str(next(folder.iterdir()))).SeriesInstanceUID
+
+
+def test_lookup_and_download_with_basic_auth(orthanc, stored_series, slicer_engine, tmp_path):
+    folder, series_uid = stored_series
+    backend = slicer_engine.OrthancBackend(orthanc + "/", "slicer", "s3cret")
+    series_id = backend.find_series(series_uid)
+    info = backend._request("GET", "/series/%s" % series_id)
+    assert info["MainDicomTags"]["SeriesInstanceUID"] == series_uid and len(info["Instances"]) == 3
+    out = tmp_path / "x.dcm"
+    backend.download_instance(info["Instances"][0], str(out))
+    assert pydicom.dcmread(str(out)).SeriesInstanceUID == series_uid
+
+
+def test_errors_are_one_line_user_messages(orthanc, stored_series, slicer_engine):
+    _, series_uid = stored_series
+    with pytest.raises(slicer_engine.OrthancError, match="HTTP 401"):
+        slicer_engine.OrthancBackend(orthanc, "slicer", "wrong").system()
+    backend = slicer_engine.OrthancBackend(orthanc, "slicer", "s3cret")
+    with pytest.raises(slicer_engine.OrthancError, match="is not stored in Orthanc"):
+        backend.find_series("1.2.3.4.5.6.7.8.9")
+    # Without the DeSAM plugin the route does not exist: the message says which call failed.
+    series_id = backend.find_series(series_uid)
+    with pytest.raises(slicer_engine.OrthancError, match=r"POST /desam/series/.*/segment failed: HTTP 404"):
+        backend.start(series_id)
+    with pytest.raises(slicer_engine.OrthancError, match="Cannot reach Orthanc"):
+        slicer_engine.OrthancBackend("http://127.0.0.1:9", timeout=2).system()
+    with pytest.raises(slicer_engine.OrthancError, match="No Orthanc URL"):
+        slicer_engine.OrthancBackend("")
+
+
+def test_seg_instance_from_status_shapes(slicer_engine):
+    pick = slicer_engine.OrthancBackend.seg_instance
+    assert pick({"State": "Running"}) is None
+    assert pick({"SegInstance": "abc"}) == "abc"
+    assert pick({"Seg": {"Instance": "def"}}) == "def"
+    assert pick({"SegInstances": ["old", "new"]}) == "new"
