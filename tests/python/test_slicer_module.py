@@ -278,6 +278,36 @@ def test_logic_process_runs_the_real_engine_and_codes_the_segment(desam_module, 
     assert "mL" in logic.resultText(result)
 
 
+def test_widget_shows_user_facing_errors(desam_module, desam_bin, tmp_path):
+    slicer = sys.modules["slicer"]
+    (tmp_path / "broken-model").mkdir()
+    (tmp_path / "broken-model" / "model.json").write_text(json.dumps({"name": "broken"}))
+    _Settings.store["DeSAM/ModelsFolder"] = str(tmp_path)
+    _Settings.store["DeSAM/EnginePath"] = str(tmp_path / "no-engine-here")
+    widget = desam_module.DeSAMWidget(parent=mock.MagicMock())
+    widget.setup()
+    volume = mock.MagicMock(name="volumeNode")
+    volume.GetParentTransformNode.return_value = None
+    widget.inputSelector.currentNode.return_value = volume
+    slicer.util.arrayFromVolume.return_value = np.zeros((2, 16, 16), np.int16)
+
+    # Missing engine: the result line carries the message with a link to the install section.
+    widget.onApplyButton()
+    url = desam_module.desam_engine.INSTALL_HELP_URL
+    assert "no-engine-here" in widget.resultLabel.text and '<a href="%s">' % url in widget.resultLabel.text
+    assert "no-engine-here" in slicer.util.errorDisplay.call_args[0][0]
+    assert widget._running is False
+
+    # A real engine failing on a model folder without weights: its one-line message is shown.
+    widget.enginePathEdit.currentPath = desam_bin
+    widget.onEnginePathChanged(desam_bin)
+    slicer.util.errorDisplay.reset_mock()
+    widget.onApplyButton()
+    message = slicer.util.errorDisplay.call_args[0][0]
+    assert message.startswith("DeSAM engine failed: ") and "\n" not in message
+    assert widget.resultLabel.text == message and widget._running is False
+
+
 def test_terminology_entry_codes():
     sys.path.insert(0, str(SLICER_MODULE_DIR))
     from DeSAMLib import engine

@@ -378,8 +378,11 @@ class DeSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         except desam_engine.DeSAMError as e:
             self.statusLabel.text = ""
             self.resultLabel.text = str(e)
-            details = getattr(e, "stderr_tail", "") or None
-            slicer.util.errorDisplay(str(e), windowTitle="DeSAM", detailedText=details)
+            details = getattr(e, "stderr_tail", "")
+            if details:
+                slicer.util.errorDisplay(str(e), windowTitle="DeSAM", detailedText=details)
+            else:
+                slicer.util.errorDisplay(str(e), windowTitle="DeSAM")
         finally:
             qt.QApplication.restoreOverrideCursor()
             self.setRunning(False)
@@ -471,9 +474,11 @@ class DeSAMLogic(ScriptedLoadableModuleLogic):
     def process(self, inputVolume, modelDir, mode="box", device="auto", onProgress=None, onIdle=None,
                 onLog=None, segmentationNode=None):
         """Segment ``inputVolume`` with the local engine; returns (segmentation node, Result)."""
+        engine = self.findEngine()  # fail before copying the volume
         array, ijkToRas = self.volumeArrayAndGeometry(inputVolume)
         mask, result = self.segmentArray(array, ijkToRas, modelDir, mode=mode, device=device,
-                                         onProgress=onProgress, onIdle=onIdle, onLog=onLog)
+                                         onProgress=onProgress, onIdle=onIdle, onLog=onLog,
+                                         enginePath=engine)
         segNode = self.createSegmentation(inputVolume, mask, segmentationNode, result)
         return segNode, result
 
@@ -514,7 +519,7 @@ class DeSAMLogic(ScriptedLoadableModuleLogic):
             raise desam_engine.OrthancError(
                 "The volume was not loaded from DICOM, so its Orthanc series is unknown. Load the series "
                 "from Orthanc (DICOM module or DICOMweb) or use the local engine.")
-        uid = slicer.dicomDatabase.instanceValue(uids[0], "0020,000e")
+        uid = slicer.dicomDatabase.instanceValue(uids[0], "0020,000E")
         if not uid:
             raise desam_engine.OrthancError("SeriesInstanceUID of the input volume not found in the DICOM database.")
         return uid
@@ -543,7 +548,7 @@ class DeSAMLogic(ScriptedLoadableModuleLogic):
 
         folder = os.path.dirname(path)
         DICOMUtils.importDicom(folder)
-        segSeriesUid = slicer.dicomDatabase.fileValue(path, "0020,000e")
+        segSeriesUid = slicer.dicomDatabase.fileValue(path, "0020,000E")
         loaded = DICOMUtils.loadSeriesByUID([segSeriesUid])
         for nodeId in loaded or []:
             node = slicer.mrmlScene.GetNodeByID(nodeId)
