@@ -507,8 +507,11 @@ class DeSAMLogic(ScriptedLoadableModuleLogic):
             for key in ("volume_ml", "quality", "flagged"):
                 if key in result.report:
                     segment.SetTag("DeSAM." + key, str(result.report[key]))
-            if result.report.get("model"):
-                segment.SetTag("DeSAM.model", str(result.report.get("model")))
+            model = result.report.get("model")
+            if isinstance(model, dict):
+                model = " ".join(str(model[k]) for k in ("name", "version") if model.get(k))
+            if model:
+                segment.SetTag("DeSAM.model", str(model))
         return segmentationNode
 
     # --- Orthanc backend
