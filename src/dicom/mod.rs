@@ -1,1 +1,17 @@
 //! DICOM in and out: MR series → Volume, DICOM-SEG writer and reader, UIDs and value formatting.
+
+pub mod error;
+pub mod mr_write;
+pub use error::DicomError;
+pub use mr_write::{
+    encode_mr_series, write_mr_series, write_mr_series_full, EncodedMrSeries, MrSeriesAttributes, StoredPixels,
+    WrittenMrSeries,
+};
+pub mod codes;
+pub mod ds;
+pub mod seg_read;
+pub mod seg_write;
+pub mod uid;
+
+pub use seg_read::{read_seg, read_seg_standalone, SegFrame, SegObject, SourceRef};
+pub use seg_write::{write_seg, AlgorithmType, SegError, SegOptions, Segment, SegmentInfo};

@@ -1,0 +1,609 @@
+//! DICOM-SEG writer: binary masks on a DICOM-sourced `Volume` → one Segmentation Storage instance
+//! (Part-10 bytes, Explicit VR Little Endian). Owns the SEG IOD layout; never resamples the grid.
+
+use std::borrow::Cow;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use dicom_core::value::{DataSetSequence, PrimitiveValue, C};
+use dicom_core::{DataElement, Tag, VR};
+use dicom_dictionary_std::{tags, uids};
+use dicom_object::{FileMetaTableBuilder, InMemDicomObject};
+use thiserror::Error;
+
+use super::codes::{self, Code};
+use super::ds::{format_ds_vec, DsError};
+use super::uid::{new_uid, IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME};
+use crate::volume::{Mask, Volume};
+
+/// SOP Class UID of Segmentation Storage.
+pub const SEGMENTATION_STORAGE: &str = "1.2.840.10008.5.1.4.1.1.66.4";
+/// Manufacturer written into every SEG.
+pub const MANUFACTURER: &str = "desam";
+
+/// Errors of the SEG writer and reader.
+#[derive(Debug, Error)]
+pub enum SegError {
+    #[error("the volume has no DICOM source (NIfTI input?): a DICOM-SEG needs the source slice references, patient/study attributes and frame of reference")]
+    NoDicomSource,
+    #[error("the source volume has {refs} slice references for {nz} slices")]
+    SliceRefMismatch { refs: usize, nz: usize },
+    #[error("the source volume has no FrameOfReferenceUID; a DICOM-SEG must share the source's frame of reference")]
+    NoFrameOfReference,
+    #[error("segment {segment}: mask dims {mask:?} differ from the source volume dims {volume:?}")]
+    DimsMismatch { segment: usize, mask: [usize; 3], volume: [usize; 3] },
+    #[error("no segments given: a DICOM-SEG needs at least one segment")]
+    NoSegments,
+    #[error("{0}")]
+    Ds(#[from] DsError),
+    #[error("cannot encode the DICOM-SEG: {0}")]
+    Encode(String),
+    #[error("cannot parse the DICOM object: {0}")]
+    Parse(String),
+    #[error("not a DICOM Segmentation (SOP class {0})")]
+    NotSegmentation(String),
+    #[error("unsupported DICOM-SEG: {0}")]
+    Unsupported(String),
+    #[error("invalid DICOM-SEG: {0}")]
+    Invalid(String),
+    #[error("the SEG's {what} does not match the source series: {detail}")]
+    GridMismatch { what: &'static str, detail: String },
+    #[error("SEG frame {frame} (segment {segment}) matches no slice of the source series (references {references:?}, position {position:?})")]
+    FrameNotInSource { frame: usize, segment: u16, references: Vec<String>, position: Option<[f64; 3]> },
+}
+
+/// Segment Algorithm Type (0062,0008).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AlgorithmType {
+    Automatic,
+    Semiautomatic,
+    Manual,
+}
+
+impl AlgorithmType {
+    pub fn as_dicom(self) -> &'static str {
+        match self {
+            AlgorithmType::Automatic => "AUTOMATIC",
+            AlgorithmType::Semiautomatic => "SEMIAUTOMATIC",
+            AlgorithmType::Manual => "MANUAL",
+        }
+    }
+    pub fn from_dicom(s: &str) -> Option<AlgorithmType> {
+        match s.trim() {
+            "AUTOMATIC" => Some(AlgorithmType::Automatic),
+            "SEMIAUTOMATIC" => Some(AlgorithmType::Semiautomatic),
+            "MANUAL" => Some(AlgorithmType::Manual),
+            _ => None,
+        }
+    }
+}
+
+/// What one segment is (one item of the Segment Sequence).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SegmentInfo {
+    /// SegmentLabel (LO).
+    pub label: String,
+    /// SegmentDescription (ST), e.g. the segment's volume; optional.
+    pub description: Option<String>,
+    /// Segmented Property Category Code.
+    pub category: Code,
+    /// Segmented Property Type Code.
+    pub property_type: Code,
+    pub algorithm_type: AlgorithmType,
+    /// SegmentAlgorithmName (required unless MANUAL).
+    pub algorithm_name: Option<String>,
+    /// RecommendedDisplayCIELabValue, DICOM-scaled (see `codes::cielab_from_srgb`).
+    pub cielab: Option<[u16; 3]>,
+}
+
+impl SegmentInfo {
+    /// The whole gland, segmented automatically by `algorithm_name`.
+    pub fn prostate(algorithm_name: &str) -> SegmentInfo {
+        Self::anatomy("Prostate", codes::PROSTATE, codes::PROSTATE_RGB, algorithm_name)
+    }
+    pub fn peripheral_zone(algorithm_name: &str) -> SegmentInfo {
+        Self::anatomy("Peripheral zone", codes::PERIPHERAL_ZONE, codes::PERIPHERAL_ZONE_RGB, algorithm_name)
+    }
+    pub fn transition_zone(algorithm_name: &str) -> SegmentInfo {
+        Self::anatomy("Transition zone", codes::TRANSITION_ZONE, codes::TRANSITION_ZONE_RGB, algorithm_name)
+    }
+    fn anatomy(label: &str, property_type: Code, rgb: [u8; 3], algorithm_name: &str) -> SegmentInfo {
+        SegmentInfo {
+            label: label.to_string(),
+            description: None,
+            category: codes::ANATOMICAL_STRUCTURE,
+            property_type,
+            algorithm_type: AlgorithmType::Automatic,
+            algorithm_name: Some(algorithm_name.to_string()),
+            cielab: Some(codes::cielab_from_srgb(rgb)),
+        }
+    }
+}
+
+/// One segment to write: what it is and its mask on the source grid.
+#[derive(Debug, Clone)]
+pub struct Segment<'a> {
+    pub info: SegmentInfo,
+    pub mask: &'a Mask,
+}
+
+/// Everything about the SEG instance that is not in the source or the masks.
+#[derive(Debug, Clone)]
+pub struct SegOptions {
+    /// Model name: ManufacturerModelName and Segmentation Algorithm Identification's AlgorithmName.
+    pub model_name: String,
+    /// Model version or weights hash: AlgorithmVersion and the second SoftwareVersions value.
+    pub model_version: String,
+    /// None → "DeSAM prostate (auto) <model_version>".
+    pub series_description: Option<String>,
+    /// None → 1000 + the source series number (or 1000).
+    pub series_number: Option<i32>,
+    pub instance_number: i32,
+    /// ContentLabel (CS, upper case, ≤16 characters).
+    pub content_label: String,
+    /// None → "DeSAM automatic prostate segmentation" + quality and gland volume when given.
+    pub content_description: Option<String>,
+    /// ContentCreatorName (PN); empty when None.
+    pub content_creator: Option<String>,
+    pub device_serial_number: String,
+    /// None → [crate version, model_version].
+    pub software_versions: Option<Vec<String>>,
+    /// Model-reported quality score (0..1), written into ContentDescription.
+    pub quality_score: Option<f64>,
+    /// Gland volume in mL, written into ContentDescription.
+    pub gland_volume_ml: Option<f64>,
+    /// (ContentDate YYYYMMDD, ContentTime HHMMSS.FFFFFF); None → now (UTC).
+    pub content_date_time: Option<(String, String)>,
+}
+
+impl SegOptions {
+    pub fn new(model_name: &str, model_version: &str) -> SegOptions {
+        SegOptions { model_name: model_name.to_string(), model_version: model_version.to_string(), ..Default::default() }
+    }
+}
+
+impl Default for SegOptions {
+    fn default() -> Self {
+        SegOptions {
+            model_name: "DeSAM".to_string(),
+            model_version: "unknown".to_string(),
+            series_description: None,
+            series_number: None,
+            instance_number: 1,
+            content_label: "PROSTATE".to_string(),
+            content_description: None,
+            content_creator: None,
+            device_serial_number: "0".to_string(),
+            software_versions: None,
+            quality_score: None,
+            gland_volume_ml: None,
+            content_date_time: None,
+        }
+    }
+}
+
+/// Write a DICOM-SEG (BINARY, one frame per source slice per segment, empty frames kept) on the
+/// grid of `source`, which must come from a DICOM series (slice references and `SourceInfo`).
+/// Returns the Part-10 file bytes (preamble, meta, Explicit VR Little Endian data set).
+pub fn write_seg(source: &Volume, segments: &[Segment<'_>], opts: &SegOptions) -> Result<Vec<u8>, SegError> {
+    let info = source.source.as_ref().ok_or(SegError::NoDicomSource)?;
+    if source.slices.is_empty() {
+        return Err(SegError::NoDicomSource);
+    }
+    let nz = source.nz();
+    if source.slices.len() != nz {
+        return Err(SegError::SliceRefMismatch { refs: source.slices.len(), nz });
+    }
+    let for_uid = source.frame_of_reference_uid.as_deref().ok_or(SegError::NoFrameOfReference)?;
+    if segments.is_empty() {
+        return Err(SegError::NoSegments);
+    }
+    for (i, s) in segments.iter().enumerate() {
+        if s.mask.dims != source.dims || s.mask.data.len() != source.dims.iter().product::<usize>() {
+            return Err(SegError::DimsMismatch { segment: i + 1, mask: s.mask.dims, volume: source.dims });
+        }
+    }
+    let (ny, nx) = (source.ny(), source.nx());
+    if ny > u16::MAX as usize || nx > u16::MAX as usize {
+        return Err(SegError::Encode(format!("frame size {ny}×{nx} exceeds 65535")));
+    }
+
+    let (content_date, content_time) = opts.content_date_time.clone().unwrap_or_else(utc_now_date_time);
+    let series_uid = new_uid();
+    let sop_uid = new_uid();
+    let mut o = InMemDicomObject::new_empty();
+
+    // SOP Common
+    put_str(&mut o, tags::SPECIFIC_CHARACTER_SET, VR::CS, "ISO_IR 192");
+    put_str(&mut o, tags::SOP_CLASS_UID, VR::UI, SEGMENTATION_STORAGE);
+    put_str(&mut o, tags::SOP_INSTANCE_UID, VR::UI, &sop_uid);
+    put_str(&mut o, tags::INSTANCE_CREATION_DATE, VR::DA, &content_date);
+    put_str(&mut o, tags::INSTANCE_CREATION_TIME, VR::TM, &content_time);
+
+    // Patient, General Study, Patient Study (copied from the source)
+    put_opt(&mut o, tags::PATIENT_NAME, VR::PN, info.patient_name.as_deref(), 64 * 5);
+    put_opt(&mut o, tags::PATIENT_ID, VR::LO, info.patient_id.as_deref(), 64);
+    put_opt(&mut o, tags::PATIENT_BIRTH_DATE, VR::DA, info.patient_birth_date.as_deref(), 8);
+    put_opt(&mut o, tags::PATIENT_SEX, VR::CS, info.patient_sex.as_deref(), 16);
+    if let Some(age) = info.patient_age.as_deref().filter(|s| !s.is_empty()) {
+        put_str(&mut o, tags::PATIENT_AGE, VR::AS, age);
+    }
+    put_str(&mut o, tags::STUDY_INSTANCE_UID, VR::UI, &info.study_instance_uid);
+    put_opt(&mut o, tags::STUDY_DATE, VR::DA, info.study_date.as_deref(), 8);
+    put_opt(&mut o, tags::STUDY_TIME, VR::TM, info.study_time.as_deref(), 16);
+    put_opt(&mut o, tags::STUDY_ID, VR::SH, info.study_id.as_deref(), 16);
+    put_opt(&mut o, tags::ACCESSION_NUMBER, VR::SH, info.accession_number.as_deref(), 16);
+    put_opt(&mut o, tags::REFERRING_PHYSICIAN_NAME, VR::PN, info.referring_physician_name.as_deref(), 64 * 5);
+    if let Some(d) = info.study_description.as_deref().filter(|s| !s.is_empty()) {
+        put_str(&mut o, tags::STUDY_DESCRIPTION, VR::LO, &clean_lo(d, 64));
+    }
+
+    // General Series + Segmentation Series
+    put_str(&mut o, tags::MODALITY, VR::CS, "SEG");
+    put_str(&mut o, tags::SERIES_INSTANCE_UID, VR::UI, &series_uid);
+    let series_number = opts.series_number.unwrap_or_else(|| 1000 + info.series_number.unwrap_or(0).clamp(0, 1_000_000));
+    put_str(&mut o, tags::SERIES_NUMBER, VR::IS, &series_number.to_string());
+    let description = opts
+        .series_description
+        .clone()
+        .unwrap_or_else(|| format!("DeSAM prostate (auto) {}", opts.model_version));
+    put_str(&mut o, tags::SERIES_DESCRIPTION, VR::LO, &clean_lo(&description, 64));
+    put_str(&mut o, tags::SERIES_DATE, VR::DA, &content_date);
+    put_str(&mut o, tags::SERIES_TIME, VR::TM, &content_time);
+    if let Some(b) = info.body_part_examined.as_deref().filter(|s| !s.is_empty()) {
+        put_str(&mut o, tags::BODY_PART_EXAMINED, VR::CS, &clean_cs(b));
+    }
+
+    // Frame of Reference
+    put_str(&mut o, tags::FRAME_OF_REFERENCE_UID, VR::UI, for_uid);
+    put_empty(&mut o, tags::POSITION_REFERENCE_INDICATOR, VR::LO);
+
+    // General Equipment + Enhanced General Equipment
+    put_str(&mut o, tags::MANUFACTURER, VR::LO, MANUFACTURER);
+    put_str(&mut o, tags::MANUFACTURER_MODEL_NAME, VR::LO, &clean_lo(&opts.model_name, 64));
+    put_str(&mut o, tags::DEVICE_SERIAL_NUMBER, VR::LO, &clean_lo(nonempty(&opts.device_serial_number, "0"), 64));
+    let software = opts
+        .software_versions
+        .clone()
+        .unwrap_or_else(|| vec![format!("desam {}", env!("CARGO_PKG_VERSION")), opts.model_version.clone()]);
+    let software: Vec<String> = software.iter().map(|s| clean_lo(nonempty(s, "unknown"), 64)).collect();
+    put_strs(&mut o, tags::SOFTWARE_VERSIONS, VR::LO, software);
+
+    // General Image + Segmentation Image
+    put_str(&mut o, tags::INSTANCE_NUMBER, VR::IS, &opts.instance_number.to_string());
+    put_strs(&mut o, tags::IMAGE_TYPE, VR::CS, vec!["DERIVED".into(), "PRIMARY".into()]);
+    put_str(&mut o, tags::CONTENT_DATE, VR::DA, &content_date);
+    put_str(&mut o, tags::CONTENT_TIME, VR::TM, &content_time);
+    put_str(&mut o, tags::CONTENT_LABEL, VR::CS, &clean_cs(nonempty(&opts.content_label, "PROSTATE")));
+    put_str(&mut o, tags::CONTENT_DESCRIPTION, VR::LO, &clean_lo(&content_description(opts), 64));
+    put_opt(&mut o, tags::CONTENT_CREATOR_NAME, VR::PN, opts.content_creator.as_deref(), 64 * 5);
+    put_str(&mut o, tags::SEGMENTATION_TYPE, VR::CS, "BINARY");
+    put_str(&mut o, tags::SEGMENTS_OVERLAP, VR::CS, "NO");
+    put_str(&mut o, tags::LOSSY_IMAGE_COMPRESSION, VR::CS, "00");
+
+    // Image Pixel
+    let n_frames = segments.len() * nz;
+    put_u16(&mut o, tags::SAMPLES_PER_PIXEL, &[1]);
+    put_str(&mut o, tags::PHOTOMETRIC_INTERPRETATION, VR::CS, "MONOCHROME2");
+    put_u16(&mut o, tags::ROWS, &[ny as u16]);
+    put_u16(&mut o, tags::COLUMNS, &[nx as u16]);
+    put_u16(&mut o, tags::BITS_ALLOCATED, &[1]);
+    put_u16(&mut o, tags::BITS_STORED, &[1]);
+    put_u16(&mut o, tags::HIGH_BIT, &[0]);
+    put_u16(&mut o, tags::PIXEL_REPRESENTATION, &[0]);
+    put_str(&mut o, tags::NUMBER_OF_FRAMES, VR::IS, &n_frames.to_string());
+
+    // Segment Sequence
+    let mut segment_items = Vec::with_capacity(segments.len());
+    for (i, s) in segments.iter().enumerate() {
+        segment_items.push(segment_item(i as u16 + 1, &s.info, opts)?);
+    }
+    put_seq(&mut o, tags::SEGMENT_SEQUENCE, segment_items);
+
+    // Multi-frame Dimension: segment number, then position along the slice normal.
+    let dim_org_uid = new_uid();
+    let mut dim_org = InMemDicomObject::new_empty();
+    put_str(&mut dim_org, tags::DIMENSION_ORGANIZATION_UID, VR::UI, &dim_org_uid);
+    put_seq(&mut o, tags::DIMENSION_ORGANIZATION_SEQUENCE, vec![dim_org]);
+    let dim_index = |pointer: Tag, group: Tag, label: &str| {
+        let mut d = InMemDicomObject::new_empty();
+        put_str(&mut d, tags::DIMENSION_ORGANIZATION_UID, VR::UI, &dim_org_uid);
+        d.put(DataElement::new(tags::DIMENSION_INDEX_POINTER, VR::AT, PrimitiveValue::Tags(C::from_vec(vec![pointer]))));
+        d.put(DataElement::new(tags::FUNCTIONAL_GROUP_POINTER, VR::AT, PrimitiveValue::Tags(C::from_vec(vec![group]))));
+        put_str(&mut d, tags::DIMENSION_DESCRIPTION_LABEL, VR::LO, label);
+        d
+    };
+    put_seq(
+        &mut o,
+        tags::DIMENSION_INDEX_SEQUENCE,
+        vec![
+            dim_index(tags::REFERENCED_SEGMENT_NUMBER, tags::SEGMENT_IDENTIFICATION_SEQUENCE, "ReferencedSegmentNumber"),
+            dim_index(tags::IMAGE_POSITION_PATIENT, tags::PLANE_POSITION_SEQUENCE, "ImagePositionPatient"),
+        ],
+    );
+
+    // Shared Functional Groups: pixel measures and orientation of the source grid.
+    let mut measures = InMemDicomObject::new_empty();
+    put_ds(&mut measures, tags::PIXEL_SPACING, &[source.spacing[1], source.spacing[0]])?;
+    let thickness = info.slice_thickness.filter(|t| t.is_finite() && *t > 0.0).unwrap_or(source.spacing[2]);
+    if thickness.is_finite() && thickness > 0.0 {
+        put_ds(&mut measures, tags::SLICE_THICKNESS, &[thickness])?;
+    }
+    if nz > 1 && source.spacing[2].is_finite() && source.spacing[2] > 0.0 {
+        put_ds(&mut measures, tags::SPACING_BETWEEN_SLICES, &[source.spacing[2]])?;
+    }
+    let mut orientation = InMemDicomObject::new_empty();
+    let [r, c, _] = source.direction;
+    put_ds(&mut orientation, tags::IMAGE_ORIENTATION_PATIENT, &[r[0], r[1], r[2], c[0], c[1], c[2]])?;
+    let mut shared = InMemDicomObject::new_empty();
+    put_seq(&mut shared, tags::PIXEL_MEASURES_SEQUENCE, vec![measures]);
+    put_seq(&mut shared, tags::PLANE_ORIENTATION_SEQUENCE, vec![orientation]);
+    put_seq(&mut o, tags::SHARED_FUNCTIONAL_GROUPS_SEQUENCE, vec![shared]);
+
+    // Per-frame Functional Groups, segment-major then slice order (the dimension order).
+    let mut per_frame = Vec::with_capacity(n_frames);
+    for seg_number in 1..=segments.len() as u16 {
+        for (z, slice) in source.slices.iter().enumerate() {
+            let mut item = InMemDicomObject::new_empty();
+
+            let mut src = InMemDicomObject::new_empty();
+            put_str(&mut src, tags::REFERENCED_SOP_CLASS_UID, VR::UI, &slice.sop_class_uid);
+            put_str(&mut src, tags::REFERENCED_SOP_INSTANCE_UID, VR::UI, &slice.sop_instance_uid);
+            if let Some(f) = slice.frame_number {
+                put_str(&mut src, tags::REFERENCED_FRAME_NUMBER, VR::IS, &f.to_string());
+            }
+            put_seq(&mut src, tags::PURPOSE_OF_REFERENCE_CODE_SEQUENCE, vec![code_item(&codes::SOURCE_IMAGE_FOR_PROCESSING)]);
+            put_str(&mut src, tags::SPATIAL_LOCATIONS_PRESERVED, VR::CS, "YES");
+            let mut derivation = InMemDicomObject::new_empty();
+            put_seq(&mut derivation, tags::DERIVATION_CODE_SEQUENCE, vec![code_item(&codes::SEGMENTATION_DERIVATION)]);
+            put_seq(&mut derivation, tags::SOURCE_IMAGE_SEQUENCE, vec![src]);
+            put_seq(&mut item, tags::DERIVATION_IMAGE_SEQUENCE, vec![derivation]);
+
+            let mut content = InMemDicomObject::new_empty();
+            content.put(DataElement::new(
+                tags::DIMENSION_INDEX_VALUES,
+                VR::UL,
+                PrimitiveValue::U32(C::from_vec(vec![seg_number as u32, z as u32 + 1])),
+            ));
+            put_seq(&mut item, tags::FRAME_CONTENT_SEQUENCE, vec![content]);
+
+            let mut position = InMemDicomObject::new_empty();
+            put_ds(&mut position, tags::IMAGE_POSITION_PATIENT, &slice.position)?;
+            put_seq(&mut item, tags::PLANE_POSITION_SEQUENCE, vec![position]);
+
+            let mut ident = InMemDicomObject::new_empty();
+            put_u16(&mut ident, tags::REFERENCED_SEGMENT_NUMBER, &[seg_number]);
+            put_seq(&mut item, tags::SEGMENT_IDENTIFICATION_SEQUENCE, vec![ident]);
+
+            per_frame.push(item);
+        }
+    }
+    put_seq(&mut o, tags::PER_FRAME_FUNCTIONAL_GROUPS_SEQUENCE, per_frame);
+
+    // Common Instance Reference: every source instance, once.
+    let mut seen = std::collections::HashSet::new();
+    let mut instances = Vec::new();
+    for s in &source.slices {
+        if seen.insert(s.sop_instance_uid.as_str()) {
+            let mut r = InMemDicomObject::new_empty();
+            put_str(&mut r, tags::REFERENCED_SOP_CLASS_UID, VR::UI, &s.sop_class_uid);
+            put_str(&mut r, tags::REFERENCED_SOP_INSTANCE_UID, VR::UI, &s.sop_instance_uid);
+            instances.push(r);
+        }
+    }
+    let mut series_ref = InMemDicomObject::new_empty();
+    put_str(&mut series_ref, tags::SERIES_INSTANCE_UID, VR::UI, &info.series_instance_uid);
+    put_seq(&mut series_ref, tags::REFERENCED_INSTANCE_SEQUENCE, instances);
+    put_seq(&mut o, tags::REFERENCED_SERIES_SEQUENCE, vec![series_ref]);
+
+    // Pixel Data
+    let masks: Vec<&Mask> = segments.iter().map(|s| s.mask).collect();
+    let pixels = pack_frames(&masks);
+    o.put(DataElement::new(tags::PIXEL_DATA, VR::OB, PrimitiveValue::U8(C::from_vec(pixels))));
+
+    let file = o
+        .with_meta(
+            FileMetaTableBuilder::new()
+                .transfer_syntax(uids::EXPLICIT_VR_LITTLE_ENDIAN)
+                .implementation_class_uid(IMPLEMENTATION_CLASS_UID)
+                .implementation_version_name(IMPLEMENTATION_VERSION_NAME),
+        )
+        .map_err(|e| SegError::Encode(e.to_string()))?;
+    let mut out = Vec::new();
+    file.write_all(&mut out).map_err(|e| SegError::Encode(e.to_string()))?;
+    Ok(out)
+}
+
+/// Pack the masks' slices (segment-major, then z, each frame row-major) into 1-bit pixels,
+/// LSB first, continuously across frame boundaries; zero-padded to an even byte count.
+pub fn pack_frames(masks: &[&Mask]) -> Vec<u8> {
+    let total_bits: usize = masks.iter().map(|m| m.data.len()).sum();
+    let mut n_bytes = total_bits.div_ceil(8);
+    n_bytes += n_bytes % 2;
+    let mut out = vec![0u8; n_bytes];
+    let mut bit = 0usize;
+    for m in masks {
+        for &v in &m.data {
+            if v != 0 {
+                out[bit >> 3] |= 1 << (bit & 7);
+            }
+            bit += 1;
+        }
+    }
+    out
+}
+
+fn content_description(opts: &SegOptions) -> String {
+    if let Some(d) = &opts.content_description {
+        return d.clone();
+    }
+    let mut d = "DeSAM automatic prostate segmentation".to_string();
+    if let Some(q) = opts.quality_score.filter(|q| q.is_finite()) {
+        d.push_str(&format!("; quality {q:.2}"));
+    }
+    if let Some(v) = opts.gland_volume_ml.filter(|v| v.is_finite()) {
+        d.push_str(&format!("; gland {v:.1} mL"));
+    }
+    d
+}
+
+fn segment_item(number: u16, info: &SegmentInfo, opts: &SegOptions) -> Result<InMemDicomObject, SegError> {
+    let mut s = InMemDicomObject::new_empty();
+    put_u16(&mut s, tags::SEGMENT_NUMBER, &[number]);
+    put_str(&mut s, tags::SEGMENT_LABEL, VR::LO, &clean_lo(nonempty(&info.label, "Segment"), 64));
+    if let Some(d) = info.description.as_deref().filter(|d| !d.is_empty()) {
+        put_str(&mut s, tags::SEGMENT_DESCRIPTION, VR::ST, &clean_text(d, 1024));
+    }
+    put_seq(&mut s, tags::SEGMENTED_PROPERTY_CATEGORY_CODE_SEQUENCE, vec![code_item(&info.category)]);
+    put_seq(&mut s, tags::SEGMENTED_PROPERTY_TYPE_CODE_SEQUENCE, vec![code_item(&info.property_type)]);
+    put_str(&mut s, tags::SEGMENT_ALGORITHM_TYPE, VR::CS, info.algorithm_type.as_dicom());
+    if info.algorithm_type != AlgorithmType::Manual {
+        let name = info.algorithm_name.clone().unwrap_or_else(|| opts.model_name.clone());
+        let name = clean_lo(nonempty(&name, "DeSAM"), 64);
+        put_str(&mut s, tags::SEGMENT_ALGORITHM_NAME, VR::LO, &name);
+        let mut alg = InMemDicomObject::new_empty();
+        put_seq(&mut alg, tags::ALGORITHM_FAMILY_CODE_SEQUENCE, vec![code_item(&codes::ARTIFICIAL_INTELLIGENCE)]);
+        put_str(&mut alg, tags::ALGORITHM_NAME, VR::LO, &name);
+        put_str(&mut alg, tags::ALGORITHM_VERSION, VR::LO, &clean_lo(nonempty(&opts.model_version, "unknown"), 64));
+        put_seq(&mut s, tags::SEGMENTATION_ALGORITHM_IDENTIFICATION_SEQUENCE, vec![alg]);
+    }
+    if let Some(lab) = info.cielab {
+        put_u16(&mut s, tags::RECOMMENDED_DISPLAY_CIE_LAB_VALUE, &lab);
+    }
+    Ok(s)
+}
+
+// ---- small dataset helpers (shared with the reader's tests) ----
+
+pub(crate) fn code_item(c: &Code) -> InMemDicomObject {
+    let mut o = InMemDicomObject::new_empty();
+    put_str(&mut o, tags::CODE_VALUE, VR::SH, &c.value);
+    put_str(&mut o, tags::CODING_SCHEME_DESIGNATOR, VR::SH, &c.scheme);
+    put_str(&mut o, tags::CODE_MEANING, VR::LO, &clean_lo(&c.meaning, 64));
+    o
+}
+
+fn put_str(o: &mut InMemDicomObject, tag: Tag, vr: VR, s: &str) {
+    o.put(DataElement::new(tag, vr, PrimitiveValue::from(s)));
+}
+
+fn put_strs(o: &mut InMemDicomObject, tag: Tag, vr: VR, v: Vec<String>) {
+    o.put(DataElement::new(tag, vr, PrimitiveValue::Strs(C::from_vec(v))));
+}
+
+fn put_empty(o: &mut InMemDicomObject, tag: Tag, vr: VR) {
+    o.put(DataElement::new(tag, vr, PrimitiveValue::Empty));
+}
+
+/// A type-2 attribute: the value when present and non-empty, else an empty element.
+fn put_opt(o: &mut InMemDicomObject, tag: Tag, vr: VR, v: Option<&str>, max_len: usize) {
+    match v.map(str::trim).filter(|s| !s.is_empty()) {
+        Some(s) => {
+            let s: Cow<str> = if vr == VR::PN { Cow::Borrowed(s) } else { Cow::Owned(clean_lo(s, max_len)) };
+            put_str(o, tag, vr, &truncate_chars(&s, max_len));
+        }
+        None => put_empty(o, tag, vr),
+    }
+}
+
+fn put_u16(o: &mut InMemDicomObject, tag: Tag, v: &[u16]) {
+    o.put(DataElement::new(tag, VR::US, PrimitiveValue::U16(C::from_vec(v.to_vec()))));
+}
+
+fn put_ds(o: &mut InMemDicomObject, tag: Tag, v: &[f64]) -> Result<(), SegError> {
+    put_strs(o, tag, VR::DS, format_ds_vec(v)?);
+    Ok(())
+}
+
+fn put_seq(o: &mut InMemDicomObject, tag: Tag, items: Vec<InMemDicomObject>) {
+    o.put(DataElement::new(tag, VR::SQ, DataSetSequence::from(items)));
+}
+
+fn nonempty<'a>(s: &'a str, fallback: &'a str) -> &'a str {
+    if s.trim().is_empty() { fallback } else { s }
+}
+
+fn truncate_chars(s: &str, max: usize) -> String {
+    s.chars().take(max).collect()
+}
+
+/// LO/SH-safe text: no backslash (value delimiter) or control characters, at most `max` characters.
+fn clean_lo(s: &str, max: usize) -> String {
+    let t: String = s.trim().chars().map(|c| if c == '\\' || c.is_control() { ' ' } else { c }).collect();
+    truncate_chars(&t, max)
+}
+
+/// ST-safe text: backslash allowed, control characters other than CR/LF/TAB removed.
+fn clean_text(s: &str, max: usize) -> String {
+    let t: String = s.chars().filter(|c| !c.is_control() || matches!(c, '\n' | '\r' | '\t')).collect();
+    truncate_chars(&t, max)
+}
+
+/// CS-safe text: upper-case letters, digits, space and underscore, at most 16 characters.
+fn clean_cs(s: &str) -> String {
+    let t: String = s
+        .trim()
+        .to_ascii_uppercase()
+        .chars()
+        .map(|c| if c.is_ascii_uppercase() || c.is_ascii_digit() || c == ' ' || c == '_' { c } else { '_' })
+        .collect();
+    truncate_chars(&t, 16)
+}
+
+/// Current UTC date (YYYYMMDD) and time (HHMMSS.FFFFFF).
+fn utc_now_date_time() -> (String, String) {
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = now.as_secs() as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    let (y, m, d) = civil_from_days(days);
+    (
+        format!("{y:04}{m:02}{d:02}"),
+        format!("{:02}{:02}{:02}.{:06}", rem / 3600, (rem / 60) % 60, rem % 60, now.subsec_micros()),
+    )
+}
+
+/// Days since 1970-01-01 → (year, month, day) in the proleptic Gregorian calendar.
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + if m <= 2 { 1 } else { 0 };
+    (y, m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn civil_dates() {
+        assert_eq!(civil_from_days(0), (1970, 1, 1));
+        assert_eq!(civil_from_days(19_782), (2024, 2, 29));
+        assert_eq!(civil_from_days(20_786), (2026, 11, 29));
+    }
+
+    #[test]
+    fn packing_is_lsb_first_and_continuous() {
+        // Two 1×3×3 "frames" (9 pixels each): frame 2 starts at bit 9 (mid-byte).
+        let mut a = Mask::zeros([1, 3, 3]);
+        a.data[0] = 1;
+        a.data[8] = 1;
+        let mut b = Mask::zeros([1, 3, 3]);
+        b.data[0] = 1;
+        b.data[7] = 1;
+        let p = pack_frames(&[&a, &b]);
+        assert_eq!(p.len(), 4, "18 bits → 3 bytes, padded to 4");
+        assert_eq!(p, vec![0b0000_0001, 0b0000_0011, 0b0000_0001, 0]);
+    }
+
+    #[test]
+    fn text_cleaning() {
+        assert_eq!(clean_cs("prostate-1 gland long label"), "PROSTATE_1 GLAND");
+        assert_eq!(clean_lo("a\\b", 64), "a b");
+        assert_eq!(clean_lo(&"x".repeat(80), 64).len(), 64);
+    }
+}
