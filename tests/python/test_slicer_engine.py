@@ -42,7 +42,7 @@ GRIDS = {
 }
 
 
-def phantom_volume(shape=(6, 48, 56), seed=0):
+def phantom_volume(shape=(4, 48, 56), seed=0):
     """KJI int16 volume: noisy background with a bright off-centre ellipsoid."""
     rng = np.random.default_rng(seed)
     k, j, i = np.indices(shape)

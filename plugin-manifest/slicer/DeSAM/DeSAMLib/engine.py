@@ -430,7 +430,11 @@ class Result:
         if self.quality is not None:
             parts.append("QA score %.2f" % self.quality)
         if self.flagged:
-            parts.append("FLAGGED for review (QA score below the model's threshold)")
+            threshold = self.report.get("qa_threshold")
+            if isinstance(threshold, (int, float)):
+                parts.append("FLAGGED for review (QA score below the model's threshold %.2f)" % threshold)
+            else:
+                parts.append("FLAGGED for review (QA score below the model's threshold)")
         return ", ".join(parts) if parts else "Done"
 
 
