@@ -301,9 +301,9 @@ fn load_input(path: &Path, kind: InputKind) -> anyhow::Result<(Volume, Vec<Strin
     }
 }
 
-/// The DICOM series reader (branch `dicomio`).
-fn load_dicom_series(_dir: &Path) -> anyhow::Result<(Volume, Vec<String>)> {
-    anyhow::bail!("the DICOM series reader is not merged into this build yet")
+fn load_dicom_series(dir: &Path) -> anyhow::Result<(Volume, Vec<String>)> {
+    let loaded = crate::dicom::load_series_dir(dir)?;
+    Ok((loaded.volume, loaded.warnings))
 }
 
 fn write_output(path: &Path, kind: OutputKind, volume: &Volume, r: &SegmentationResult) -> anyhow::Result<()> {

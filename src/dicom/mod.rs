@@ -7,6 +7,12 @@ pub use mr_write::{
     encode_mr_series, write_mr_series, write_mr_series_full, EncodedMrSeries, MrSeriesAttributes, StoredPixels,
     WrittenMrSeries,
 };
+pub mod series;
+pub use series::{
+    group_series, list_series_dir, load_series_bytes, load_series_dir, load_series_dir_uid, load_series_files,
+    LoadedSeries, SeriesGroup,
+};
+
 pub mod codes;
 pub mod ds;
 pub mod seg_read;

@@ -104,7 +104,13 @@ pub fn read_seg_standalone(bytes: &[u8]) -> Result<SegObject, SegError> {
 
     // Functional groups
     let shared = items(o, tags::SHARED_FUNCTIONAL_GROUPS_SEQUENCE).first().copied();
-    let per_frame = items(o, tags::PER_FRAME_FUNCTIONAL_GROUPS_SEQUENCE);
+    let mut per_frame = items(o, tags::PER_FRAME_FUNCTIONAL_GROUPS_SEQUENCE);
+    if per_frame.len() > n_frames {
+        // Seen in the wild (pydicom's liver_1frame.dcm): a file cut down to fewer frames that
+        // kept every per-frame item. The pixel data decides; the extra items describe nothing.
+        log::warn!("{} per-frame functional group items for {n_frames} frames; extra items ignored", per_frame.len());
+        per_frame.truncate(n_frames);
+    }
     if !per_frame.is_empty() && per_frame.len() != n_frames {
         return Err(SegError::Invalid(format!(
             "{} per-frame functional group items for {n_frames} frames",

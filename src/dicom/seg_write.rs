@@ -140,7 +140,7 @@ pub struct SegOptions {
     pub instance_number: i32,
     /// ContentLabel (CS, upper case, ≤16 characters).
     pub content_label: String,
-    /// None → "DeSAM automatic prostate segmentation" + quality and gland volume when given.
+    /// None → "DeSAM prostate segmentation" + quality and gland volume when given.
     pub content_description: Option<String>,
     /// ContentCreatorName (PN); empty when None.
     pub content_creator: Option<String>,
@@ -277,7 +277,10 @@ pub fn write_seg(source: &Volume, segments: &[Segment<'_>], opts: &SegOptions) -
     put_str(&mut o, tags::CONTENT_DESCRIPTION, VR::LO, &clean_lo(&content_description(opts), 64));
     put_opt(&mut o, tags::CONTENT_CREATOR_NAME, VR::PN, opts.content_creator.as_deref(), 64 * 5);
     put_str(&mut o, tags::SEGMENTATION_TYPE, VR::CS, "BINARY");
-    put_str(&mut o, tags::SEGMENTS_OVERLAP, VR::CS, "NO");
+    // NO unless two segments share a voxel (the gland and its zones do).
+    let overlap = (0..segments[0].mask.data.len())
+        .any(|i| segments.iter().filter(|s| s.mask.data[i] != 0).count() > 1);
+    put_str(&mut o, tags::SEGMENTS_OVERLAP, VR::CS, if overlap { "YES" } else { "NO" });
     put_str(&mut o, tags::LOSSY_IMAGE_COMPRESSION, VR::CS, "00");
 
     // Image Pixel
@@ -436,7 +439,7 @@ fn content_description(opts: &SegOptions) -> String {
     if let Some(d) = &opts.content_description {
         return d.clone();
     }
-    let mut d = "DeSAM automatic prostate segmentation".to_string();
+    let mut d = "DeSAM prostate segmentation".to_string();
     if let Some(q) = opts.quality_score.filter(|q| q.is_finite()) {
         d.push_str(&format!("; quality {q:.2}"));
     }
