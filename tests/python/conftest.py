@@ -1,6 +1,5 @@
 # Shared pytest fixtures for the Python tests: repository paths, the real `desam` binary, the Slicer
 # module's plain-Python library and tiny test models. Must not fake the engine.
-import json
 import os
 import subprocess
 import sys

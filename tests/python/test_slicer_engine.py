@@ -1,9 +1,7 @@
 # Tests of the Slicer module's plain-Python library (DeSAMLib.engine): NIfTI-1 I/O checked against
 # nibabel, engine discovery, and real `desam segment` runs (geometry, progress, cancel, errors).
 import json
-import os
 import stat
-import subprocess
 import threading
 import time
 

@@ -4,7 +4,6 @@ import importlib
 import json
 import sys
 import types
-from pathlib import Path
 from unittest import mock
 
 import numpy as np
