@@ -95,11 +95,24 @@ SERIES = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(SERIES))
+def phantom_series(desam_bin, tmp_path):
+    """Site-A phantom case written by `desam phantom` (our own MR writer)."""
+    out = tmp_path / "phantom"
+    proc = subprocess.run([desam_bin, "phantom", "--site", "A", "--cases", "1", "--seed", "1", "--out", str(out),
+                           "--format", "dicom"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    dirs = sorted(p.parent for p in out.rglob("MR_*.dcm"))
+    assert dirs, "desam phantom wrote no MR series under %s" % out
+    return dirs[0]
+
+
+@pytest.mark.parametrize("name", sorted(SERIES) + ["phantom_site_A"])
 def test_dcmqi_reads_our_seg_on_the_source_grid(desam_bin, tiny_model, tmp_path, name):
-    iop, spacing, origin = SERIES[name]
-    series_dir = tmp_path / "series"
-    write_mr_series(series_dir, iop, spacing, origin)
+    if name == "phantom_site_A":
+        series_dir = phantom_series(desam_bin, tmp_path)
+    else:
+        series_dir = tmp_path / "series"
+        write_mr_series(series_dir, *SERIES[name])
     source_affine, source_shape = series_ras_affine(series_dir)
 
     seg_path, mask_path = tmp_path / "seg.dcm", tmp_path / "mask.nii.gz"
