@@ -103,3 +103,23 @@ def test_seg_instance_from_status_shapes(slicer_engine):
     assert pick({"SegInstance": "abc"}) == "abc"
     assert pick({"Seg": {"Instance": "def"}}) == "def"
     assert pick({"SegInstances": ["old", "new"]}) == "new"
+
+
+def test_plugin_status_is_interpreted(slicer_engine):
+    """The answers of the plugin's GET /desam/series/{id} (shape from src/orthanc/worker.rs)."""
+    read = slicer_engine.OrthancBackend.interpret_status
+    done = {"Series": "s1", "Queued": False, "Running": False, "NeedsReview": True,
+            "Result": {"Status": "done", "SegInstance": "seg-1", "VolumeMl": 31.5, "QualityScore": 0.42,
+                       "NeedsReview": True, "ModelName": "desam-lite", "ModelVersion": "1.0"}}
+    state, seg, report = read(done)
+    assert (state, seg) == ("done", "seg-1")
+    assert report["volume_ml"] == 31.5 and report["quality"] == 0.42 and report["flagged"] is True
+    result = slicer_engine.Result(mask_path="seg.dcm", report=report)
+    assert "31.5 mL" in result.summary() and "FLAGGED" in result.summary()
+    # A job queued over an old result must not hand back the old SEG.
+    assert read(dict(done, Queued=True))[:2] == ("queued", None)
+    assert read(dict(done, Running=True))[:2] == ("running", None)
+    assert read({"Series": "s1", "Result": None, "Queued": False, "Running": False})[:2] == ("unknown", None)
+    state, seg, report = read({"Result": {"Status": "failed", "Error": "model missing"}})
+    assert (state, seg, report["error"]) == ("failed", None, "model missing")
+    assert read({"Result": {"Status": "empty"}})[:2] == ("empty", None)

@@ -536,10 +536,9 @@ class DeSAMLogic(ScriptedLoadableModuleLogic):
         workdir = tempfile.mkdtemp(prefix="desam-orthanc-")
         try:
             segPath = os.path.join(workdir, "seg.dcm")
-            status = backend.segment_series(seriesUid, segPath, model=model, mode=mode, on_progress=onProgress,
+            report = backend.segment_series(seriesUid, segPath, model=model, mode=mode, on_progress=onProgress,
                                             cancel_event=self.cancelEvent, on_idle=onIdle)
             segNode = self.loadDicomSeg(segPath)
-            report = status.get("Report") or status.get("report") or {}
             return segNode, desam_engine.Result(mask_path=segPath, report=report)
         finally:
             if not self.keepTemporaryFiles:

@@ -685,42 +685,74 @@ class OrthancBackend:
                 return h["ID"]
         raise OrthancError("Series %s is not stored in Orthanc at %s" % (series_instance_uid, self.url))
 
-    def start(self, series_id, model=None, mode=None):
+    def start(self, series_id, model=None, mode=None, force=False):
+        """Queue the series (body {"Mode", "Force"}; the plugin's configured model is used)."""
         body = {}
         if model:
             body["Model"] = model
         if mode:
             body["Mode"] = mode
+        if force:
+            body["Force"] = True
         return self._request("POST", "/desam/series/%s/segment" % urllib.parse.quote(series_id), body)
 
     def status(self, series_id):
         return self._request("GET", "/desam/series/%s" % urllib.parse.quote(series_id))
 
+    @staticmethod
+    def interpret_status(status):
+        """(state, SEG instance id or None, report dict) from a ``GET /desam/series/{id}`` answer.
+
+        The plugin answers ``{"Series", "Result": {"Status": done|empty|failed, "SegInstance",
+        "VolumeMl", "QualityScore", "NeedsReview", "Error", ...} or null, "Queued", "Running"}``.
+        state is "queued", "running", "done", "empty", "failed" or "unknown".
+        """
+        status = status or {}
+        if status.get("Queued"):
+            return "queued", None, {}
+        if status.get("Running"):
+            return "running", None, {}
+        result = status.get("Result")
+        if isinstance(result, dict):
+            state = str(result.get("Status", "unknown")).lower()
+            report = {"volume_ml": result.get("VolumeMl"), "quality": result.get("QualityScore"),
+                      "flagged": bool(result.get("NeedsReview", status.get("NeedsReview", False))),
+                      "model": {"name": result.get("ModelName", ""), "version": result.get("ModelVersion", "")}}
+            report = {k: v for k, v in report.items() if v is not None}
+            if state == "failed" and result.get("Error"):
+                report["error"] = result["Error"]
+            return state, result.get("SegInstance"), report
+        # Older/other shapes: a flat state and a SEG id somewhere.
+        state = str(status.get("State") or status.get("Status") or status.get("Phase") or "unknown").lower()
+        return state, OrthancBackend.seg_instance(status), {}
+
     def wait(self, series_id, on_progress=None, cancel_event=None, poll_interval=1.0, timeout=3600.0,
-             on_idle=None):
-        """Poll the plugin until the series has a SEG (returns the status JSON) or fails."""
+             on_idle=None, first_poll_delay=0.5):
+        """Poll the plugin until the job for the series is over; returns (SEG instance id, report)."""
         deadline = time.time() + timeout
+        delay = first_poll_delay  # the job is queued by the POST; give the worker a moment
         while True:
-            if cancel_event is not None and cancel_event.is_set():
-                raise Cancelled("Segmentation cancelled (the Orthanc job keeps running on the server).")
-            st = self.status(series_id)
-            state = str(st.get("State") or st.get("state") or st.get("Status") or st.get("Phase") or "").lower()
-            if on_progress:
-                p = st.get("Progress", st.get("progress"))
-                frac = float(p) / (100.0 if p is not None and float(p) > 1.0 else 1.0) if p is not None else 0.0
-                on_progress(Progress(state or "waiting", 0, 0, frac, st))
-            if self.seg_instance(st):
-                return st
-            if state in ("failure", "failed", "error"):
-                raise OrthancError("Orthanc DeSAM job failed: %s" % (st.get("Error") or st.get("error")
-                                                                      or st.get("Message") or state))
-            if time.time() > deadline:
-                raise OrthancError("Timed out waiting for Orthanc to segment series %s" % series_id)
-            end = time.time() + poll_interval
+            end = time.time() + delay
             while time.time() < end:
+                if cancel_event is not None and cancel_event.is_set():
+                    raise Cancelled("Segmentation cancelled (the Orthanc job keeps running on the server).")
                 if on_idle:
                     on_idle()
                 time.sleep(0.05)
+            delay = poll_interval
+            state, seg, report = self.interpret_status(self.status(series_id))
+            if on_progress:
+                on_progress(Progress(state, 0, 0, 1.0 if seg else 0.0, {"state": state}))
+            if state in ("queued", "running"):
+                pass
+            elif seg:
+                return seg, report
+            elif state == "empty":
+                raise OrthancError("Orthanc's DeSAM found no prostate in this series (no SEG stored).")
+            elif state in ("failure", "failed", "error"):
+                raise OrthancError("Orthanc DeSAM job failed: %s" % (report.get("error") or state))
+            if time.time() > deadline:
+                raise OrthancError("Timed out waiting for Orthanc to segment series %s" % series_id)
 
     @staticmethod
     def seg_instance(status):
@@ -735,7 +767,7 @@ class OrthancBackend:
                 return last.get("ID") or last.get("Instance") if isinstance(last, dict) else last
         seg = status.get("Seg") or status.get("seg") or status.get("Result") or {}
         if isinstance(seg, dict):
-            for key in ("Instance", "ID", "InstanceId", "instance"):
+            for key in ("SegInstance", "Instance", "ID", "InstanceId", "instance"):
                 if seg.get(key):
                     return seg[key]
         return None
@@ -751,6 +783,6 @@ class OrthancBackend:
         """Whole round trip: look the series up, start the job, wait, download the SEG to out_path."""
         series_id = self.find_series(series_instance_uid)
         self.start(series_id, model=model, mode=mode)
-        st = self.wait(series_id, on_progress, cancel_event, poll_interval, timeout, on_idle)
-        self.download_instance(self.seg_instance(st), out_path)
-        return st
+        seg, report = self.wait(series_id, on_progress, cancel_event, poll_interval, timeout, on_idle)
+        self.download_instance(seg, out_path)
+        return report
