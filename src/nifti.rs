@@ -1,5 +1,8 @@
 //! NIfTI-1 in/out with correct affines (RAS on disk ↔ LPS in `Volume`) and the nnU-Net v1 folder layout.
-//! Owns file-format conversion only: no resampling, no reorientation of voxel order, never overwrites input files.
+//! Owns file-format conversion only: no resampling, no reordering of voxels; reads never modify files, writes touch only the given path.
+
+// 3×3/4×4 affine arithmetic reads best with explicit row/column indices.
+#![allow(clippy::needless_range_loop)]
 
 use std::io::Write;
 use std::path::{Path, PathBuf};

@@ -1,6 +1,8 @@
 //! Integration tests of the DICOM series reader and the MR writer on real files: our own writer,
 //! pydicom-encoded transfer syntaxes, pydicom's test files, and the dciodvfy validator.
 
+#![allow(clippy::needless_range_loop)] // x/y/z component loops over small fixed arrays
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -254,8 +256,8 @@ fn eight_and_twelve_bit_and_monochrome1_pixels() {
     let s12 = load_series_dir(&variant("12bit_signed", &dir, &root.join("s12"))).unwrap().volume;
     assert_eq!(s12.voxels, vals.iter().map(|v| (v % 2000 - 1000) as f32).collect::<Vec<_>>());
     let m1 = load_series_dir(&variant("monochrome1", &dir, &root.join("m1"))).unwrap();
-    let (lo, hi) = (0.0f32, *written.voxels.iter().max_by(|a, b| a.total_cmp(b)).unwrap());
-    let lo = written.voxels.iter().copied().fold(hi, f32::min).min(lo.max(lo));
+    let lo = written.voxels.iter().copied().fold(f32::INFINITY, f32::min);
+    let hi = written.voxels.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     assert_eq!(m1.volume.voxels, written.voxels.iter().map(|v| lo + hi - v).collect::<Vec<_>>());
     assert!(m1.warnings.iter().any(|w| w.contains("MONOCHROME1")));
 }
@@ -275,6 +277,53 @@ fn pydicom_mr_small_in_every_decodable_syntax_matches_the_uncompressed_file() {
     // Signed 16-bit data with real variation (not a constant image).
     let (lo, hi) = reference.voxels.iter().fold((f32::MAX, f32::MIN), |(a, b), &v| (a.min(v), b.max(v)));
     assert!(hi - lo > 100.0);
+}
+
+/// Copies a pydicom test file, adding the plane geometry that secondary-capture samples lack.
+fn with_geometry(name: &str, out: &Path) -> PathBuf {
+    let script = r#"
+import sys, pydicom
+ds = pydicom.dcmread(sys.argv[1])
+ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+ds.ImagePositionPatient = [0, 0, 0]
+ds.PixelSpacing = [1, 1]
+if "SeriesInstanceUID" not in ds:
+    ds.SeriesInstanceUID = pydicom.uid.generate_uid()
+ds.save_as(sys.argv[2])
+"#;
+    std::fs::create_dir_all(out.parent().unwrap()).unwrap();
+    let st = Command::new(python()).args(["-c", script]).arg(pydicom_test_file(name)).arg(out).status().unwrap();
+    assert!(st.success());
+    out.to_path_buf()
+}
+
+/// pydicom's decode of one file (stored values with the rescale applied), as f64.
+fn pydicom_values(path: &Path) -> Vec<f64> {
+    let script = r#"
+import sys, pydicom, numpy as np
+ds = pydicom.dcmread(sys.argv[1])
+a = ds.pixel_array.astype(np.float64) * float(ds.get("RescaleSlope", 1)) + float(ds.get("RescaleIntercept", 0))
+sys.stdout.write(" ".join(repr(float(v)) for v in a.ravel()))
+"#;
+    let out = Command::new(python()).args(["-c", script]).arg(path).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap().split_whitespace().map(|t| t.parse().unwrap()).collect()
+}
+
+#[test]
+fn lossy_jpeg2000_files_decode_like_pydicom_and_12bit_jpeg_is_refused() {
+    let dir = scratch("j2k-lossy");
+    for name in ["693_J2KI.dcm", "JPEG2000.dcm"] {
+        let p = with_geometry(name, &dir.join(name));
+        let ours = load_series_files(std::slice::from_ref(&p)).unwrap_or_else(|e| panic!("{name}: {e}")).volume;
+        let theirs = pydicom_values(&p);
+        assert_eq!(ours.voxels.len(), theirs.len());
+        let worst = ours.voxels.iter().zip(&theirs).map(|(a, b)| (*a as f64 - b).abs()).fold(0.0, f64::max);
+        assert!(worst == 0.0, "{name}: largest difference {worst}");
+    }
+    let p = with_geometry("JPGExtended.dcm", &dir.join("ext.dcm"));
+    let r = load_series_files(&[p]);
+    assert!(matches!(r, Err(DicomError::UnsupportedTransferSyntax { .. })), "{r:?}");
 }
 
 #[test]
@@ -352,6 +401,22 @@ fn enhanced_mr_multiframe_with_per_frame_geometry_and_rescale() {
     }
 }
 
+#[test]
+fn highdicom_legacy_converted_enhanced_mr_reads_like_the_single_frame_series() {
+    let (dir, written) = written_series("lce", &MrSeriesAttributes::default());
+    let root = dir.parent().unwrap().to_path_buf();
+    for kind in ["legacy_enhanced", "legacy_enhanced_rle"] {
+        let d = variant(kind, &dir, &root.join(kind));
+        let v = load_series_dir(&d).unwrap_or_else(|e| panic!("{kind}: {e}")).volume;
+        assert_same_geometry(&v, &written);
+        assert_eq!(v.voxels, written.voxels, "{kind}");
+        assert!(v.slices.iter().all(|s| s.sop_class_uid == "1.2.840.10008.5.1.4.1.1.4.4" && s.frame_number.is_some()));
+        let mut frames: Vec<u32> = v.slices.iter().map(|s| s.frame_number.unwrap()).collect();
+        frames.sort();
+        assert_eq!(frames, (1..=v.dims[0] as u32).collect::<Vec<_>>());
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Rejected input: every case returns its typed variant
 
@@ -411,7 +476,7 @@ fn rejected_inputs_return_their_typed_errors() {
     let bytes = std::fs::read(&first).unwrap();
     let cut = root.join("cut.dcm");
     std::fs::write(&cut, &bytes[..300]).unwrap();
-    match load_series_files(&[cut.clone()]) {
+    match load_series_files(std::slice::from_ref(&cut)) {
         Err(DicomError::Corrupt { file, .. }) => assert!(file.contains("cut.dcm")),
         r => panic!("expected Corrupt, got {r:?}"),
     }

@@ -8,7 +8,9 @@ use dicom_core::{DataElement, Tag, VR};
 use dicom_dictionary_std::{tags, uids};
 use dicom_object::{FileMetaTableBuilder, InMemDicomObject};
 
+use super::ds::format_ds;
 use super::error::DicomError;
+use super::uid::{new_uid, IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME};
 use crate::volume::{SliceRef, SourceInfo, Volume};
 
 /// How pixel values are stored in the written files.
@@ -193,6 +195,11 @@ pub fn write_mr_series_full(
 /// Encodes `vol` as Part-10 MR Image Storage files in memory (bytes variant of [`write_mr_series`]).
 pub fn encode_mr_series(vol: &Volume, attrs: &MrSeriesAttributes) -> Result<EncodedMrSeries, DicomError> {
     check_volume(vol)?;
+    let numbers = [attrs.magnetic_field_strength, attrs.repetition_time, attrs.echo_time];
+    let optional = [attrs.flip_angle, attrs.imaging_frequency, attrs.slice_thickness];
+    if numbers.iter().chain(optional.iter().flatten()).any(|v| !v.is_finite()) {
+        return Err(DicomError::InvalidVolume("an acquisition attribute is NaN or infinite".into()));
+    }
     let [nz, ny, nx] = vol.dims;
     let (slope, intercept) = attrs.rescale.unwrap_or((1.0, 0.0));
     if !(slope.is_finite() && slope != 0.0 && intercept.is_finite()) {
@@ -226,7 +233,7 @@ pub fn encode_mr_series(vol: &Volume, attrs: &MrSeriesAttributes) -> Result<Enco
     for z in 0..nz {
         let sop_uid = new_uid();
         // Report the position exactly as stored (DS text), so references match what readers see.
-        let ipp = vol.index_to_world(0.0, 0.0, z as f64).map(|v| format_ds(v).parse::<f64>().unwrap_or(v));
+        let ipp = vol.index_to_world(0.0, 0.0, z as f64).map(|v| format_ds(v).ok().and_then(|s| s.parse::<f64>().ok()).unwrap_or(v));
         let slice_location = dot(ipp, normal);
         let mut o = InMemDicomObject::new_empty();
         let mut s = |tag: Tag, vr: VR, v: &str| {
@@ -408,10 +415,6 @@ pub fn encode_mr_series(vol: &Volume, attrs: &MrSeriesAttributes) -> Result<Enco
     Ok(EncodedMrSeries { files, volume })
 }
 
-/// Our implementation class UID (a fixed 2.25 UID) and version name (≤16 chars).
-const IMPLEMENTATION_CLASS_UID: &str = "2.25.205151797795617395931431372440386400231";
-const IMPLEMENTATION_VERSION_NAME: &str = "DESAM_0_1";
-
 fn check_volume(vol: &Volume) -> Result<(), DicomError> {
     let [nz, ny, nx] = vol.dims;
     if nz == 0 || ny == 0 || nx == 0 {
@@ -479,77 +482,15 @@ pub(crate) fn cross(a: [f64; 3], b: [f64; 3]) -> [f64; 3] {
     [a[1] * b[2] - a[2] * b[1], a[2] * b[0] - a[0] * b[2], a[0] * b[1] - a[1] * b[0]]
 }
 
-/// A new UID under the 2.25 root (ITU-T X.667: a random UUID as a decimal integer).
-pub(crate) fn new_uid() -> String {
-    let v: u128 = rand::random::<u128>();
-    // Version-4 UUID bits, so the number is a valid UUID as X.667 asks.
-    let v = (v & !(0xF000u128 << 64) | (0x4000u128 << 64)) & !(0xC000u128 << 48) | (0x8000u128 << 48);
-    format!("2.25.{v}")
-}
-
 fn ds_multi(tag: Tag, values: &[f64]) -> DataElement<InMemDicomObject> {
-    let strs: Vec<String> = values.iter().map(|&v| format_ds(v)).collect();
+    // Values are checked finite before encoding starts, so formatting cannot fail here.
+    let strs: Vec<String> = values.iter().map(|&v| format_ds(v).unwrap_or_else(|_| "0".into())).collect();
     DataElement::new(tag, VR::DS, PrimitiveValue::Strs(strs.into_iter().collect()))
-}
-
-/// Formats a number as a DICOM Decimal String of at most 16 characters, keeping as many
-/// significant digits as fit.
-pub(crate) fn format_ds(v: f64) -> String {
-    if !v.is_finite() {
-        return "0".into();
-    }
-    let v = if v == 0.0 { 0.0 } else { v }; // no "-0"
-    for prec in (0..=15).rev() {
-        let mut s = format!("{v:.prec$}");
-        if s.contains('.') {
-            let t = s.trim_end_matches('0').trim_end_matches('.');
-            s = t.to_string();
-        }
-        if s == "-0" {
-            s = "0".into();
-        }
-        if s.len() <= 16 {
-            // Fixed notation would drop everything of a tiny number: use exponent form then.
-            if s == "0" && v != 0.0 {
-                break;
-            }
-            return s;
-        }
-    }
-    for prec in (0..=10).rev() {
-        let s = format!("{v:.prec$e}");
-        if s.len() <= 16 {
-            return s;
-        }
-    }
-    "0".into()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn ds_fits_sixteen_chars_and_round_trips_closely() {
-        for &v in &[0.0, -0.0, 1.0, -1.5, 0.1 + 0.2, 123456.789012345, -98765.4321098765, 1e-9, 3.0e20, -2.5e-12, 7.0 / 3.0] {
-            let s = format_ds(v);
-            assert!(s.len() <= 16, "{v} -> {s}");
-            let back: f64 = s.parse().unwrap();
-            let tol = v.abs() * 1e-9 + 1e-300;
-            assert!((back - v).abs() <= tol.max(1e-14), "{v} -> {s} -> {back}");
-        }
-        assert_eq!(format_ds(-0.0), "0");
-        assert_eq!(format_ds(2.5), "2.5");
-    }
-
-    #[test]
-    fn uids_are_valid_and_distinct() {
-        let a = new_uid();
-        let b = new_uid();
-        assert_ne!(a, b);
-        assert!(a.len() <= 64 && a.starts_with("2.25."));
-        assert!(a[5..].chars().all(|c| c.is_ascii_digit()) && !a[5..].starts_with('0'));
-    }
 
     #[test]
     fn rejects_sheared_and_non_finite_volumes() {

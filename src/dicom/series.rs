@@ -849,6 +849,14 @@ fn decode_object(p: &Parsed, rows: usize, cols: usize) -> Result<(Vec<f64>, bool
                 name: format!("{}: no decoder built in", ts.name()),
             });
         }
+        Some(_) if ts_uid == "1.2.840.10008.1.2.4.51" && bits_stored > 8 => {
+            // The baseline JPEG decoder has no 12-bit (extended) sample precision.
+            return Err(DicomError::UnsupportedTransferSyntax {
+                instance,
+                uid: ts_uid,
+                name: format!("JPEG Extended with {bits_stored}-bit samples: no 12-bit JPEG decoder built in"),
+            });
+        }
         Some(_) => {}
     }
     let decoded = catch_unwind(AssertUnwindSafe(|| p.obj.decode_pixel_data().map(|d| d.to_owned())))
