@@ -7,11 +7,13 @@ import socket
 import subprocess
 import time
 import urllib.request
+from pathlib import Path
 
 import pydicom
 import pytest
 
-from test_slicer_seg_dcmqi import SERIES, write_mr_series
+from conftest import REPO_ROOT
+from test_slicer_seg_dcmqi import SERIES, segimage2itkimage, series_ras_affine, write_mr_series
 
 ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
 
@@ -22,18 +24,18 @@ def free_port():
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def orthanc(tmp_path_factory):
+def start_orthanc(root, plugins=(), extra=None):
     if not os.access(ORTHANC, os.X_OK):
         pytest.fail("Orthanc is not installed (apt-get install orthanc; scripts/setup.sh does)")
-    root = tmp_path_factory.mktemp("orthanc")
     http, dicom = free_port(), free_port()
     config = {
         "Name": "desam-slicer-test", "HttpPort": http, "DicomPort": dicom, "DicomAet": "SLICERTEST",
         "DicomCheckCalledAet": False, "RemoteAccessAllowed": False, "StorageDirectory": str(root / "db"),
         "IndexDirectory": str(root / "db"), "AuthenticationEnabled": True,
-        "RegisteredUsers": {"slicer": "s3cret"}, "Plugins": [], "StableAge": 2,
+        "RegisteredUsers": {"slicer": "s3cret"}, "Plugins": [str(p) for p in plugins], "StableAge": 2,
     }
+    config.update(extra or {})
+    root.mkdir(parents=True, exist_ok=True)
     (root / "orthanc.json").write_text(json.dumps(config))
     proc = subprocess.Popen([ORTHANC, "--logfile=%s" % (root / "orthanc.log"), str(root / "orthanc.json")],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -51,21 +53,35 @@ def orthanc(tmp_path_factory):
                 log = (root / "orthanc.log").read_text() if (root / "orthanc.log").exists() else ""
                 pytest.fail("Orthanc did not start: %s" % log[-2000:])
             time.sleep(0.3)
-    yield url
+    return proc, url
+
+
+def stop_orthanc(proc):
     proc.terminate()
     try:
-        proc.wait(timeout=20)
+        proc.wait(timeout=30)
     except subprocess.TimeoutExpired:
         proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory):
+    proc, url = start_orthanc(tmp_path_factory.mktemp("orthanc"))
+    yield url
+    stop_orthanc(proc)
+
+
+def upload_series(backend, folder):
+    for f in sorted(folder.iterdir()):
+        backend._request("POST", "/instances", f.read_bytes(), content_type="application/dicom")
 
 
 @pytest.fixture(scope="module")
 def stored_series(orthanc, tmp_path_factory, slicer_engine):
     folder = tmp_path_factory.mktemp("series")
     write_mr_series(folder, *SERIES["oblique"], shape=(3, 32, 32))
-    backend = slicer_engine.OrthancBackend(orthanc, "slicer", "s3cret")
-    for f in sorted(folder.iterdir()):
-        backend._request("POST", "/instances", f.read_bytes(), content_type="application/dicom")
+    upload_series(slicer_engine.OrthancBackend(orthanc, "slicer", "s3cret"), folder)
     return folder, pydicom.dcmread(str(next(folder.iterdir()))).SeriesInstanceUID
 
 
@@ -123,3 +139,50 @@ def test_plugin_status_is_interpreted(slicer_engine):
     state, seg, report = read({"Result": {"Status": "failed", "Error": "model missing"}})
     assert (state, seg, report["error"]) == ("failed", None, "model missing")
     assert read({"Result": {"Status": "empty"}})[:2] == ("empty", None)
+
+
+def test_round_trip_through_the_desam_plugin(slicer_engine, tiny_model, tmp_path):
+    """What the module's Orthanc backend does, against Orthanc running our plugin (target/debug)."""
+    plugin = Path(os.environ.get("DESAM_PLUGIN", REPO_ROOT / "target" / "debug" / "libdesam.so"))
+    if not plugin.is_file():
+        pytest.fail("the Orthanc plugin %s is not built: run `cargo build --lib` (scripts/test.sh does)" % plugin)
+    section = {"ModelDirectory": tiny_model, "Device": "cpu", "Threads": 1, "Mode": "box",
+               "StableSeriesTrigger": False,
+               "SeriesFilter": {"MinSlices": 1, "DescriptionPattern": None, "ScanningSequencePattern": None}}
+    proc, url = start_orthanc(tmp_path / "orthanc", [plugin.resolve()], {"DeSAM": section})
+    try:
+        series_dir = tmp_path / "series"
+        write_mr_series(series_dir, *SERIES["oblique"], shape=(6, 48, 48))
+        source_affine, source_shape = series_ras_affine(series_dir)
+        series_uid = pydicom.dcmread(str(next(series_dir.iterdir()))).SeriesInstanceUID
+        backend = slicer_engine.OrthancBackend(url, "slicer", "s3cret")
+        upload_series(backend, series_dir)
+
+        states = []
+        out = tmp_path / "seg.dcm"
+        report = backend.segment_series(series_uid, str(out), mode="box", poll_interval=0.5, timeout=600,
+                                        on_progress=lambda p: states.append(p.stage))
+        assert states and states[-1] in ("done",), states
+        seg = pydicom.dcmread(str(out))
+        assert seg.Modality == "SEG"
+        assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == series_uid
+        code = seg.SegmentSequence[0].SegmentedPropertyTypeCodeSequence[0]
+        assert (code.CodingSchemeDesignator, code.CodeValue) == ("SCT", "41216001")
+        assert report["volume_ml"] >= 0 and 0.0 <= report["quality"] <= 1.0 and isinstance(report["flagged"], bool)
+
+        # The SEG Slicer would load lies on the source series' grid (dcmqi reads it back).
+        dcmqi_out = tmp_path / "dcmqi"
+        dcmqi_out.mkdir()
+        run = subprocess.run([segimage2itkimage(), "--inputDICOM", str(out), "--outputDirectory", str(dcmqi_out),
+                              "-t", "nifti", "-p", "seg"], capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stdout + run.stderr
+        import nibabel as nib
+        import numpy as np
+
+        img = nib.load(str(sorted(dcmqi_out.glob("seg*.nii*"))[0]))
+        assert img.shape[:3] == source_shape
+        np.testing.assert_allclose(img.affine, source_affine, atol=1e-3)
+        voxel_ml = abs(np.linalg.det(source_affine[:3, :3])) / 1000.0
+        assert report["volume_ml"] == pytest.approx(float((np.asarray(img.dataobj) > 0).sum()) * voxel_ml, rel=1e-3)
+    finally:
+        stop_orthanc(proc)
