@@ -20,6 +20,8 @@ enum Command {
     Phantom(cli::phantom::Args),
     /// End-to-end demo: Orthanc with the plugin segments phantom series.
     Demo(cli::demo::Args),
+    /// Model directories (create an untrained one for tests).
+    Model(cli::model::Args),
 }
 
 fn main() {
@@ -30,6 +32,7 @@ fn main() {
         Command::Forward(a) => cli::forward::run(a),
         Command::Phantom(a) => cli::phantom::run(a),
         Command::Demo(a) => cli::demo::run(a),
+        Command::Model(a) => cli::model::run(a),
     };
     if let Err(e) = result {
         eprintln!("desam: error: {}", one_line(&e));
