@@ -186,6 +186,24 @@ impl Sensitivity {
     }
 }
 
+/// A faint copy of each slice shifted by half the field of view along the phase-encoding direction
+/// (the N/2 ghost of periodic motion and phase errors), added to the image.
+pub fn add_ghost(image: &mut [f32], dims: [usize; 3], phase_along_rows: bool, amplitude: f64) {
+    let [nz, ny, nx] = dims;
+    let a = amplitude as f32;
+    let plane = ny * nx;
+    for z in 0..nz {
+        let slice = &mut image[z * plane..(z + 1) * plane];
+        let copy = slice.to_vec();
+        for y in 0..ny {
+            for x in 0..nx {
+                let (sy, sx) = if phase_along_rows { (y, (x + nx / 2) % nx) } else { ((y + ny / 2) % ny, x) };
+                slice[y * nx + x] += a * copy[sy * nx + sx];
+            }
+        }
+    }
+}
+
 /// The endorectal receive coil: a loop along the rectum whose sensitivity falls off as 1/r^n
 /// (n between 1 and 2) on top of the external (body/pelvic) array's share `body`.
 #[derive(Debug, Clone)]
@@ -252,6 +270,20 @@ fn box_filter(v: &[f32], dims: [usize; 3], k: usize) -> Vec<f32> {
 mod tests {
     use super::*;
     use crate::phantom::sites::{draw_protocol, Site, Size};
+
+    #[test]
+    fn ghost_appears_half_a_field_away_along_the_phase_direction() {
+        let dims = [1, 4, 6];
+        let mut img = vec![0f32; 24];
+        img[1 * 6 + 1] = 100.0;
+        let mut cols = img.clone();
+        add_ghost(&mut img, dims, true, 0.02);
+        assert_eq!(img[1 * 6 + 1 + 3], 2.0);
+        assert_eq!(img[1 * 6 + 1], 100.0);
+        add_ghost(&mut cols, dims, false, 0.02);
+        assert_eq!(cols[3 * 6 + 1], 2.0);
+        assert_eq!(cols.iter().filter(|&&v| v > 0.0).count(), 2);
+    }
 
     #[test]
     fn rasterisation_does_not_depend_on_the_thread_count() {

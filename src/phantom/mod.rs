@@ -193,6 +193,7 @@ pub fn generate_case_with(site: Site, case_index: u32, seed: u64, opts: &Generat
                 }
             }
         }
+        acquisition::add_ghost(&mut image, dims, protocol.phase_encoding_rows, protocol.ghost_amplitude);
     }
 
     // Noise is set against the mean PZ signal of this image (SNR = mean PZ / sigma).

@@ -325,6 +325,10 @@ pub struct CaseProtocol {
     pub repetition_time_ms: f64,
     pub echo_time_ms: f64,
     pub echo_train_length: u32,
+    /// Phase encoding along the rows (left–right) rather than the columns (anterior–posterior).
+    pub phase_encoding_rows: bool,
+    /// Relative amplitude of the N/2 (motion/phase) ghost along the phase-encoding direction.
+    pub ghost_amplitude: f64,
 }
 
 impl CaseProtocol {
@@ -416,5 +420,8 @@ pub(crate) fn draw_protocol(site: Site, size: Size, min_coverage_mm: f64, rng: &
         repetition_time_ms: tr,
         echo_time_ms: te,
         echo_train_length: rng.gen_range(13..=25),
+        // Siemens prostate protocols usually encode phase left–right, the others anterior–posterior.
+        phase_encoding_rows: spec.manufacturer == "SIEMENS",
+        ghost_amplitude: uniform(rng, (0.005, 0.025)),
     }
 }
