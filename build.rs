@@ -11,4 +11,16 @@ fn main() {
     println!("cargo:rustc-link-arg=-Wl,--no-as-needed,-ltorch_cuda,--as-needed");
     println!("cargo:rustc-link-search=native={libtorch_lib}");
     println!("cargo:rerun-if-changed=build.rs");
+
+    // The Orthanc SDK is a header of static-inline wrappers: the shim compiles them into the crate,
+    // so the plugin has no link dependency on Orthanc (the header comes from Debian's orthanc-dev).
+    cxx_build::bridge("src/orthanc/bridge.rs")
+        .file("cpp/orthanc_shim.cc")
+        .std("c++14")
+        .flag_if_supported("-Wno-unused-parameter")
+        .flag_if_supported("-Wno-deprecated-declarations")
+        .compile("desam_orthanc_shim");
+    println!("cargo:rerun-if-changed=src/orthanc/bridge.rs");
+    println!("cargo:rerun-if-changed=cpp/orthanc_shim.cc");
+    println!("cargo:rerun-if-changed=cpp/orthanc_shim.h");
 }

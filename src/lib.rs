@@ -6,6 +6,7 @@ pub mod cli;
 pub mod dicom;
 pub mod engine;
 pub mod model;
+pub mod modeldir;
 pub mod nifti;
 pub mod orthanc;
 pub mod phantom;

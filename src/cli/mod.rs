@@ -5,3 +5,4 @@ pub mod demo;
 pub mod forward;
 pub mod phantom;
 pub mod segment;
+pub mod model;

@@ -1,8 +1,86 @@
-//! `desam phantom` (not built yet: its issue is open).
+//! `desam phantom`: writes synthetic six-site prostate MR cases (DICOM or nnU-Net NIfTI) or a PNG
+//! montage of the sites. Owns argument handling and file layout only; the generator is crate::phantom.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+
+use crate::phantom::{self, export, GenerateOptions, Site, Size};
 
 #[derive(clap::Args, Debug)]
-pub struct Args {}
+pub struct Args {
+    /// Site to imitate: A (RUNMC), B (BMC), C (HCRUDB), D (UCL), E (BIDMC), F (HK).
+    #[arg(long)]
+    pub site: Option<String>,
+    /// Number of cases to write.
+    #[arg(long, default_value_t = 1)]
+    pub cases: u32,
+    /// Index of the first case (cases are numbered first-case .. first-case + cases - 1).
+    #[arg(long, default_value_t = 0)]
+    pub first_case: u32,
+    /// Random seed: the same (site, case, seed) always gives the same voxels.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Output folder.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// dicom (DIR/<case>/MR, SEG, label.nii.gz) or nifti (nnU-Net v1 imagesTr/labelsTr).
+    #[arg(long, default_value = "dicom")]
+    pub format: String,
+    /// full (the site's real matrix) or small (quarter matrix, for tests).
+    #[arg(long, default_value = "full")]
+    pub size: String,
+    /// Instead of cases, write a PNG montage of one case per site (mid-gland slice) to this file.
+    #[arg(long)]
+    pub montage: Option<PathBuf>,
+    /// Which case index of each site the montage shows.
+    #[arg(long, default_value_t = 0)]
+    pub montage_case: u32,
+    /// Montage panel size in pixels.
+    #[arg(long, default_value_t = 320)]
+    pub panel: usize,
+}
 
-pub fn run(_args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("`desam phantom` is not implemented yet")
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let size: Size = args.size.parse()?;
+    if let Some(png) = &args.montage {
+        if args.panel < 32 || args.panel > 2048 {
+            bail!("--panel must be between 32 and 2048 pixels");
+        }
+        phantom::montage::write_site_montage(png, args.seed, args.montage_case, size, args.panel)
+            .with_context(|| format!("writing montage {}", png.display()))?;
+        return Ok(());
+    }
+    let site: Site = match &args.site {
+        Some(s) => s.parse()?,
+        None => bail!("--site is required (one of A, B, C, D, E, F) unless --montage is given"),
+    };
+    let Some(out) = &args.out else { bail!("--out is required unless --montage is given") };
+    if args.cases == 0 {
+        bail!("--cases must be at least 1");
+    }
+    let end = args.first_case.checked_add(args.cases).context("case range overflows")?;
+    let nifti = match args.format.as_str() {
+        "dicom" => false,
+        "nifti" => true,
+        other => bail!("unknown --format '{other}' (expected dicom or nifti)"),
+    };
+    // DeSAM's numeric patient ids (site·100 + case) leave 100 cases per site in the nnU-Net layout.
+    let limit = if nifti { 100 } else { 1000 };
+    if end > limit {
+        bail!("case indices must stay below {limit} for --format {} (got up to {})", args.format, end - 1);
+    }
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let opts = GenerateOptions { size, ..Default::default() };
+    for case_index in args.first_case..end {
+        let case = phantom::generate_case_with(site, case_index, args.seed, &opts);
+        if nifti {
+            let f = export::write_case_nifti(&case, out).with_context(|| format!("writing case {}", case.case_id))?;
+            println!("{} {} ({:.1} mL)", case.case_id, f.image.display(), case.truth.gland_ml);
+        } else {
+            let f = export::write_case_dicom(&case, out).with_context(|| format!("writing case {}", case.case_id))?;
+            println!("{} {} slices, SEG {} ({:.1} mL)", case.case_id, f.mr.len(), f.seg.display(), case.truth.gland_ml);
+        }
+    }
+    Ok(())
 }

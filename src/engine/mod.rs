@@ -1,2 +1,15 @@
 //! The segmentation engine: preprocessing, encoder precompute, automatic prompts, postprocessing,
-//! QA. No I/O in the core; every front door (CLI, Orthanc, Slicer, training eval) calls it.
+//! QA. No I/O in the core (apart from the optional feature cache); every front door calls `Segmenter`.
+
+pub mod cache;
+pub mod postprocess;
+pub mod preprocess;
+pub mod prompts;
+pub mod quality;
+pub mod segmenter;
+
+pub use postprocess::Cleanup3d;
+pub use segmenter::{
+    DeviceChoice, EngineError, EngineOptions, Mode, ModelId, Progress, SegmentRequest, SegmentationResult, Segmenter,
+    SliceDetail, Stage, StageTimings,
+};

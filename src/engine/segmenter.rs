@@ -1,0 +1,609 @@
+//! `Segmenter`: a loaded model directory plus the pipeline volume → encoder features → automatic
+//! prompts → native-grid mask → QA. Reads no images and writes nothing but the optional feature cache.
+
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+use tch::{Device, Kind, Tensor};
+
+use super::cache::{self, FeatureCache};
+use super::postprocess::{self, Cleanup3d};
+use super::preprocess::{self, Normalization};
+use super::prompts::{self, AmgSettings, BinMask};
+use super::quality::{self, QualityTerms};
+use crate::model::{Arch, DeSam, Features, ModelConfig, PromptBatch};
+use crate::modeldir::{self, ModelDir, ModelDirError};
+use crate::volume::{Mask, Volume};
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("model: {0}")]
+    ModelDir(#[from] ModelDirError),
+    #[error("model {dir}: {message}")]
+    ModelLoad { dir: PathBuf, message: String },
+    #[error("device {0} is not available")]
+    DeviceUnavailable(String),
+    #[error("input volume: {0}")]
+    BadVolume(String),
+    #[error("feature cache {dir}: {message}")]
+    Cache { dir: PathBuf, message: String },
+    #[error("cancelled")]
+    Cancelled,
+    #[error("inference failed: {0}")]
+    Inference(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceChoice {
+    #[default]
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+impl std::str::FromStr for DeviceChoice {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "auto" => Ok(DeviceChoice::Auto),
+            "cpu" => Ok(DeviceChoice::Cpu),
+            "cuda" | "gpu" => Ok(DeviceChoice::Cuda),
+            other => Err(format!("unknown device {other:?} (auto, cpu or cuda)")),
+        }
+    }
+}
+
+/// How the engine runs. Defaults: best device, f32 on CPU and f16 on CUDA, batch sized per device.
+#[derive(Debug, Clone, Default)]
+pub struct EngineOptions {
+    pub device: DeviceChoice,
+    /// CPU threads for libtorch (None: libtorch's default).
+    pub threads: Option<usize>,
+    /// Compute dtype (None: Float on CPU, Half on CUDA).
+    pub dtype: Option<Kind>,
+    /// Slices per encoder batch and prompts per decoder batch (None: 4/16 slices, 81 prompts).
+    pub batch_size: Option<usize>,
+    /// Directory of the on-disk feature cache (None: no cache).
+    pub cache_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// One whole-image box per slice (DeSAM-B).
+    Box,
+    /// N×N point grid with the automatic mask generator's filters (DeSAM-P).
+    Grid,
+}
+
+impl std::str::FromStr for Mode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "box" => Ok(Mode::Box),
+            "grid" => Ok(Mode::Grid),
+            other => Err(format!("unknown mode {other:?} (box or grid)")),
+        }
+    }
+}
+
+impl Mode {
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Box => "box",
+            Mode::Grid => "grid",
+        }
+    }
+}
+
+/// How the decoder is driven (the official way exists only to measure the shared-context speed-up).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DecoderStrategy {
+    /// PIMM context once per slice, prompts batched, box mode = one decoder run.
+    #[default]
+    Shared,
+    /// As the official automatic mask generator: 81 prompts per slice in batches of 9, features
+    /// repeated and PIMM run in full for each (box mode = the whole box 81 times).
+    Official,
+}
+
+/// One segmentation job.
+#[derive(Debug, Clone, Default)]
+pub struct SegmentRequest {
+    /// None: the model's default mode.
+    pub mode: Option<Mode>,
+    /// Also run the other mode and use the agreement in the quality score.
+    pub compare_modes: bool,
+    /// None: the model's setting.
+    pub cleanup_3d: Option<Cleanup3d>,
+    pub strategy: DecoderStrategy,
+    /// Set to true from another thread to stop between batches (→ `EngineError::Cancelled`).
+    pub cancel: Option<Arc<AtomicBool>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Stage {
+    Load,
+    Preprocess,
+    Encode,
+    Decode,
+    Postprocess,
+    Write,
+}
+
+impl Stage {
+    pub fn name(self) -> &'static str {
+        match self {
+            Stage::Load => "load",
+            Stage::Preprocess => "preprocess",
+            Stage::Encode => "encode",
+            Stage::Decode => "decode",
+            Stage::Postprocess => "postprocess",
+            Stage::Write => "write",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Progress {
+    pub stage: Stage,
+    pub done: usize,
+    pub total: usize,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct StageTimings {
+    pub preprocess_s: f64,
+    pub encode_s: f64,
+    pub decode_s: f64,
+    pub postprocess_s: f64,
+    pub total_s: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ModelId {
+    pub name: String,
+    pub version: String,
+    pub arch: String,
+    /// Hash of the model's weights files (see `ModelDir::model_sha256`).
+    pub sha256: String,
+    pub untrained: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SliceDetail {
+    pub z: usize,
+    /// Predicted IoU of the chosen prompt (NaN when no prompt passed the filter).
+    pub iou: f32,
+    /// Foreground pixels on the native grid.
+    pub area_px: usize,
+    /// Grid mode: prompts that passed the IoU filter and survivors of the first NMS.
+    pub prompts_passed: usize,
+    pub after_nms: usize,
+    pub chosen_prompt: Option<usize>,
+    pub cache_hit: bool,
+}
+
+/// Everything the engine says about one series; the report is this minus the mask.
+#[derive(Debug, Clone, Serialize)]
+pub struct SegmentationResult {
+    #[serde(skip)]
+    pub mask: Mask,
+    pub mode: Mode,
+    pub slice_iou: Vec<f32>,
+    /// Series quality score in [0, 1] (docs/engine.md).
+    pub quality: f64,
+    pub quality_terms: Option<QualityTerms>,
+    pub flagged: bool,
+    pub qa_threshold: f64,
+    pub volume_ml: f64,
+    pub voxels: usize,
+    pub timings: StageTimings,
+    pub device: String,
+    pub dtype: String,
+    pub model: ModelId,
+    pub slices: Vec<SliceDetail>,
+    pub cache_hits: usize,
+    pub encoder_runs: usize,
+    pub decoder_runs: usize,
+    pub cleanup_3d: Cleanup3d,
+    pub voxels_removed_3d: usize,
+}
+
+/// A loaded model ready to segment volumes.
+pub struct Segmenter {
+    model: DeSam,
+    dir: ModelDir,
+    cfg: ModelConfig,
+    norm: Normalization,
+    device: Device,
+    kind: Kind,
+    encode_batch: usize,
+    prompt_batch: usize,
+    cache: Option<FeatureCache>,
+}
+
+impl std::fmt::Debug for Segmenter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Segmenter").field("model", &self.dir.spec.name).field("device", &self.device).finish()
+    }
+}
+
+fn resolve_device(choice: DeviceChoice) -> Result<Device, EngineError> {
+    match choice {
+        DeviceChoice::Cpu => Ok(Device::Cpu),
+        DeviceChoice::Cuda if tch::Cuda::is_available() => Ok(Device::Cuda(0)),
+        DeviceChoice::Cuda => Err(EngineError::DeviceUnavailable("cuda".into())),
+        DeviceChoice::Auto => Ok(Device::cuda_if_available()),
+    }
+}
+
+fn device_name(d: Device) -> String {
+    match d {
+        Device::Cpu => format!("cpu ({} threads)", tch::get_num_threads()),
+        Device::Cuda(i) => format!("cuda:{i}"),
+        other => format!("{other:?}"),
+    }
+}
+
+impl Segmenter {
+    /// Open, verify and load a model directory.
+    pub fn from_model_dir(dir: &Path, opts: EngineOptions) -> Result<Segmenter, EngineError> {
+        let md = modeldir::open(dir)?;
+        let load_err = |message: String| EngineError::ModelLoad { dir: dir.to_path_buf(), message };
+        let arch: Arch = md.spec.arch.parse().map_err(|e: crate::model::config::UnknownArch| load_err(e.to_string()))?;
+        let cfg = ModelConfig::for_arch(arch);
+        let device = resolve_device(opts.device)?;
+        if let Some(n) = opts.threads {
+            tch::set_num_threads(n.max(1) as i32);
+        }
+        let kind = opts.dtype.unwrap_or(if device.is_cuda() { Kind::Half } else { Kind::Float });
+        let files: Vec<&Path> = md.backbone_paths.iter().chain(&md.decoder_paths).map(|p| p.as_path()).collect();
+        let (mut model, report) = DeSam::load(&cfg, &files, device).map_err(|e| load_err(e.to_string()))?;
+        if !report.fresh.is_empty() {
+            return Err(load_err(format!(
+                "the weights lack {} decoder tensors (first: {}); a model directory must hold a complete decoder",
+                report.fresh.len(),
+                report.fresh[0]
+            )));
+        }
+        if kind != Kind::Float {
+            model.var_store_mut().set_kind(kind);
+        }
+        let cache = match &opts.cache_dir {
+            Some(root) => Some(
+                FeatureCache::new(root, &md.backbone_sha256())
+                    .map_err(|e| EngineError::Cache { dir: root.clone(), message: e.to_string() })?,
+            ),
+            None => None,
+        };
+        let encode_batch = opts.batch_size.unwrap_or(if device.is_cuda() { 16 } else { 4 }).max(1);
+        let prompt_batch = opts.batch_size.map(|b| b.max(1)).unwrap_or(81);
+        let norm = md.spec.preprocessing.normalization.clone();
+        Ok(Segmenter { model, dir: md, cfg, norm, device, kind, encode_batch, prompt_batch, cache })
+    }
+
+    pub fn model_dir(&self) -> &ModelDir {
+        &self.dir
+    }
+    pub fn model(&self) -> &DeSam {
+        &self.model
+    }
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+    pub fn device(&self) -> Device {
+        self.device
+    }
+    pub fn default_mode(&self) -> Mode {
+        self.dir.spec.default_mode.parse().unwrap_or(Mode::Box)
+    }
+    pub fn model_id(&self) -> ModelId {
+        let s = &self.dir.spec;
+        ModelId {
+            name: s.name.clone(),
+            version: s.version.clone(),
+            arch: s.arch.clone(),
+            sha256: self.dir.model_sha256(),
+            untrained: s.untrained,
+        }
+    }
+
+    /// Segment one volume.
+    pub fn segment(
+        &self,
+        volume: &Volume,
+        req: &SegmentRequest,
+        progress: &mut dyn FnMut(Progress),
+    ) -> Result<SegmentationResult, EngineError> {
+        check_volume(volume)?;
+        let t_all = Instant::now();
+        let mode = req.mode.unwrap_or_else(|| self.default_mode());
+        let cancelled = || req.cancel.as_ref().is_some_and(|c| c.load(Ordering::Relaxed));
+        let mut timings = StageTimings::default();
+        tch::no_grad(|| {
+            // 1. Intensity (per volume) and encoder input (per slice, in batches).
+            let t = Instant::now();
+            let u8vol = preprocess::normalize_intensity(&volume.voxels);
+            progress(Progress { stage: Stage::Preprocess, done: 1, total: 1 });
+            timings.preprocess_s += t.elapsed().as_secs_f64();
+            // 2. Encoder precompute (or cache) for every slice.
+            let (features, hits, enc_runs) = self.encode_all(&u8vol, volume.dims, &mut timings, progress, &cancelled)?;
+            // 3–4. Prompts and native mapping.
+            let run = |m: Mode, timings: &mut StageTimings, progress: &mut dyn FnMut(Progress)| {
+                self.decode_all(volume, &features, m, req.strategy, timings, progress, &cancelled)
+            };
+            let (mut mask, mut details, dec_runs) = run(mode, &mut timings, progress)?;
+            let other = if req.compare_modes {
+                let other_mode = if mode == Mode::Box { Mode::Grid } else { Mode::Box };
+                Some(run(other_mode, &mut timings, &mut |_| {})?.0)
+            } else {
+                None
+            };
+            let t = Instant::now();
+            let cleanup = req.cleanup_3d.unwrap_or(self.dir.spec.cleanup_3d);
+            let removed = postprocess::cleanup_3d(volume.dims, &mut mask.data, volume.voxel_ml(), cleanup);
+            for (z, d) in details.iter_mut().enumerate() {
+                d.area_px = mask.slice(z).iter().filter(|&&v| v != 0).count();
+                d.cache_hit = hits[z];
+            }
+            // 5. QA.
+            let slice_iou: Vec<f32> = details.iter().map(|d| d.iou).collect();
+            let (quality, terms) = quality::quality(&quality::QualityInput {
+                mask: &mask.data,
+                slice_len: volume.slice_len(),
+                slice_iou: &slice_iou,
+                other_mode: other.as_ref().map(|m| m.data.as_slice()),
+            });
+            timings.postprocess_s += t.elapsed().as_secs_f64();
+            progress(Progress { stage: Stage::Postprocess, done: 1, total: 1 });
+            timings.total_s = t_all.elapsed().as_secs_f64();
+            let voxels = mask.count();
+            let qa = self.dir.spec.thresholds.qa;
+            Ok(SegmentationResult {
+                mode,
+                slice_iou,
+                quality,
+                quality_terms: terms,
+                flagged: quality < qa,
+                qa_threshold: qa,
+                volume_ml: voxels as f64 * volume.voxel_ml(),
+                voxels,
+                timings,
+                device: device_name(self.device),
+                dtype: format!("{:?}", self.kind).to_lowercase(),
+                model: self.model_id(),
+                slices: details,
+                cache_hits: hits.iter().filter(|&&h| h).count(),
+                encoder_runs: enc_runs,
+                decoder_runs: dec_runs,
+                cleanup_3d: cleanup,
+                voxels_removed_3d: removed,
+                mask: std::mem::replace(&mut mask, Mask::zeros([0, 0, 0])),
+            })
+        })
+    }
+
+    /// Encoder features for slices z0..z1 of a u8 volume, straight from the encoder (no cache):
+    /// a batch-B `Features` on the device. Public for training and parity tests.
+    pub fn encode_slices(&self, u8vol: &[u8], dims: [usize; 3], z0: usize, z1: usize) -> Features {
+        let x = preprocess::encoder_input(u8vol, dims, z0, z1, self.cfg.image_size, &self.norm);
+        tch::no_grad(|| self.model.encode(&x))
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn encode_all(
+        &self,
+        u8vol: &[u8],
+        dims: [usize; 3],
+        timings: &mut StageTimings,
+        progress: &mut dyn FnMut(Progress),
+        cancelled: &dyn Fn() -> bool,
+    ) -> Result<(Vec<Features>, Vec<bool>, usize), EngineError> {
+        let nz = dims[0];
+        let mut out: Vec<Option<Features>> = (0..nz).map(|_| None).collect();
+        let mut hits = vec![false; nz];
+        let mut runs = 0;
+        let mut z = 0;
+        while z < nz {
+            if cancelled() {
+                return Err(EngineError::Cancelled);
+            }
+            let z1 = (z + self.encode_batch).min(nz);
+            let t = Instant::now();
+            let x = preprocess::encoder_input(u8vol, dims, z, z1, self.cfg.image_size, &self.norm);
+            timings.preprocess_s += t.elapsed().as_secs_f64();
+            let t = Instant::now();
+            let mut keys = Vec::new();
+            let mut todo = Vec::new();
+            for i in 0..(z1 - z) {
+                let key = self.cache.as_ref().map(|_| FeatureCache::key(&x.narrow(0, i as i64, 1)));
+                if let (Some(c), Some(k)) = (&self.cache, &key) {
+                    if let Some(f) = c.get(k, self.cfg.tap_count) {
+                        out[z + i] = Some(f.to_device_kind(self.device, self.kind));
+                        hits[z + i] = true;
+                    }
+                }
+                if out[z + i].is_none() {
+                    todo.push(i as i64);
+                }
+                keys.push(key);
+            }
+            if !todo.is_empty() {
+                let idx = Tensor::from_slice(&todo);
+                let f = self.model.encode(&x.index_select(0, &idx));
+                runs += todo.len();
+                for (j, &i) in todo.iter().enumerate() {
+                    let fi = f.narrow(j as i64, 1);
+                    let fi = match (&self.cache, &keys[i as usize]) {
+                        (Some(c), Some(k)) => {
+                            // Store and use the f16-rounded features so that a later hit gives the same result.
+                            c.put(k, &fi).map_err(|e| EngineError::Cache { dir: PathBuf::new(), message: e.to_string() })?;
+                            cache::round_to_half(&fi)
+                        }
+                        _ => Features { taps: fi.taps.iter().map(|t| t.copy()).collect(), neck: fi.neck.copy() },
+                    };
+                    out[z + i as usize] = Some(fi);
+                }
+            }
+            timings.encode_s += t.elapsed().as_secs_f64();
+            progress(Progress { stage: Stage::Encode, done: z1, total: nz });
+            z = z1;
+        }
+        Ok((out.into_iter().map(|f| f.expect("every slice encoded")).collect(), hits, runs))
+    }
+
+    /// Min-area in pixels for a slice of `pixels` pixels (1000 at 256² scaled by pixel count).
+    fn min_area(&self, pixels: usize) -> usize {
+        (self.dir.spec.thresholds.min_area * pixels as f64 / (256.0 * 256.0)).round() as usize
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn decode_all(
+        &self,
+        volume: &Volume,
+        features: &[Features],
+        mode: Mode,
+        strategy: DecoderStrategy,
+        timings: &mut StageTimings,
+        progress: &mut dyn FnMut(Progress),
+        cancelled: &dyn Fn() -> bool,
+    ) -> Result<(Mask, Vec<SliceDetail>, usize), EngineError> {
+        let (nz, h, w) = (volume.nz(), volume.ny(), volume.nx());
+        let s = self.cfg.image_size;
+        let out_side = self.cfg.output_size as usize;
+        let th = &self.dir.spec.thresholds;
+        let amg = AmgSettings { iou_threshold: th.iou, nms_threshold: th.nms, min_area: self.min_area(out_side * out_side) };
+        let native_min_area = self.min_area(h * w);
+        let mut mask = Mask::zeros(volume.dims);
+        let mut details = Vec::with_capacity(nz);
+        let mut runs = 0;
+        for (z, f) in features.iter().enumerate() {
+            if cancelled() {
+                return Err(EngineError::Cancelled);
+            }
+            let t = Instant::now();
+            let (ious, logits) = match (mode, strategy) {
+                (Mode::Box, DecoderStrategy::Shared) => {
+                    let ctx = self.model.pimm_context(f);
+                    let boxes = Tensor::from_slice(&prompts::whole_box(s as f64).map(|v| v as f32)).view([1, 4]);
+                    let o = self.model.decode(f, &ctx, &PromptBatch::Boxes(boxes));
+                    runs += 1;
+                    (o.iou, o.logits)
+                }
+                (Mode::Grid, DecoderStrategy::Shared) => {
+                    let ctx = self.model.pimm_context(f);
+                    let pts = prompts::grid_points(self.dir.spec.grid_points, s as f64);
+                    let mut ious = Vec::new();
+                    let mut logits = Vec::new();
+                    for chunk in pts.chunks(self.prompt_batch) {
+                        let b = chunk.len() as i64;
+                        let flat: Vec<f32> = chunk.iter().flat_map(|p| [p[0] as f32, p[1] as f32]).collect();
+                        let coords = Tensor::from_slice(&flat).view([b, 1, 2]);
+                        let labels = Tensor::ones([b, 1], (Kind::Float, Device::Cpu));
+                        let o = self.model.decode(f, &ctx, &PromptBatch::Points { coords, labels });
+                        runs += chunk.len();
+                        ious.push(o.iou);
+                        logits.push(o.logits);
+                    }
+                    (Tensor::cat(&ious, 0), Tensor::cat(&logits, 0))
+                }
+                (m, DecoderStrategy::Official) => self.decode_official(f, m, &mut runs),
+            };
+            timings.decode_s += t.elapsed().as_secs_f64();
+            let t = Instant::now();
+            let ious_v: Vec<f32> = Vec::try_from(ious.to_device(Device::Cpu).to_kind(Kind::Float).view([-1]))
+                .map_err(|e: tch::TchError| EngineError::Inference(e.to_string()))?;
+            let logits = logits.to_device(Device::Cpu).to_kind(Kind::Float);
+            let n = ious_v.len();
+            let chosen = if mode == Mode::Box && strategy == DecoderStrategy::Shared {
+                // One box: the official generator forces its IoU to 1, so it always passes; cleaned below.
+                prompts::AmgChoice { prompt: Some(0), mask: None, passed_iou: 1, after_nms: 1 }
+            } else {
+                let bin: Vec<BinMask> = (0..n)
+                    .map(|i| {
+                        let v: Vec<f32> = Vec::try_from(logits.get(i as i64).view([-1])).expect("float logits");
+                        BinMask::new(out_side, out_side, postprocess::threshold(&v))
+                    })
+                    .collect();
+                // Box mode (official strategy) forces IoU to 1 as the official generator does.
+                let scores: Vec<f64> = if mode == Mode::Box { vec![1.0; n] } else { ious_v.iter().map(|&v| v as f64).collect() };
+                prompts::select_mask(&bin, &scores, &amg)
+            };
+            let mut detail = SliceDetail {
+                z,
+                iou: f32::NAN,
+                area_px: 0,
+                prompts_passed: chosen.passed_iou,
+                after_nms: chosen.after_nms,
+                chosen_prompt: chosen.prompt,
+                cache_hit: false,
+            };
+            if let Some(p) = chosen.prompt {
+                detail.iou = ious_v[p];
+                let native = postprocess::logits_to_native(&logits.narrow(0, p as i64, 1), s, (s, s), h, w);
+                let bin = BinMask::new(h, w, postprocess::threshold(&native));
+                let cleaned = prompts::clean_mask(&bin, native_min_area);
+                let n2 = h * w;
+                for (dst, &b) in mask.data[z * n2..(z + 1) * n2].iter_mut().zip(&cleaned.data) {
+                    *dst = b as u8;
+                }
+            }
+            details.push(detail);
+            timings.postprocess_s += t.elapsed().as_secs_f64();
+            progress(Progress { stage: Stage::Decode, done: z + 1, total: nz });
+        }
+        Ok((mask, details, runs))
+    }
+
+    /// The official generator's decoder use: 81 prompts per slice in batches of 9, features repeated
+    /// and PIMM run in full per batch.
+    fn decode_official(&self, f: &Features, mode: Mode, runs: &mut usize) -> (Tensor, Tensor) {
+        let s = self.cfg.image_size as f64;
+        let pts = prompts::grid_points(9, s);
+        let mut ious = Vec::new();
+        let mut logits = Vec::new();
+        for chunk in pts.chunks(9) {
+            let b = chunk.len() as i64;
+            let fb = f.expand_batch(b);
+            let ctx = self.model.pimm_context(&fb);
+            let prompts = match mode {
+                Mode::Box => {
+                    let flat: Vec<f32> = (0..b).flat_map(|_| prompts::whole_box(s).map(|v| v as f32)).collect();
+                    PromptBatch::Boxes(Tensor::from_slice(&flat).view([b, 4]))
+                }
+                Mode::Grid => {
+                    let flat: Vec<f32> = chunk.iter().flat_map(|p| [p[0] as f32, p[1] as f32]).collect();
+                    PromptBatch::Points {
+                        coords: Tensor::from_slice(&flat).view([b, 1, 2]),
+                        labels: Tensor::ones([b, 1], (Kind::Float, Device::Cpu)),
+                    }
+                }
+            };
+            let o = self.model.decode(&fb, &ctx, &prompts);
+            *runs += chunk.len();
+            ious.push(o.iou);
+            logits.push(o.logits);
+        }
+        (Tensor::cat(&ious, 0), Tensor::cat(&logits, 0))
+    }
+}
+
+fn check_volume(v: &Volume) -> Result<(), EngineError> {
+    let [nz, ny, nx] = v.dims;
+    if nz == 0 || ny < 8 || nx < 8 {
+        return Err(EngineError::BadVolume(format!("dims {nz}×{ny}×{nx} are too small (need ≥1 slice of ≥8×8)")));
+    }
+    if v.voxels.len() != nz * ny * nx {
+        return Err(EngineError::BadVolume(format!("{} voxels for dims {nz}×{ny}×{nx}", v.voxels.len())));
+    }
+    if v.spacing.iter().any(|s| !s.is_finite() || *s <= 0.0) {
+        return Err(EngineError::BadVolume(format!("invalid spacing {:?}", v.spacing)));
+    }
+    Ok(())
+}

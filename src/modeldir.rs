@@ -1,0 +1,356 @@
+//! A model directory: `model.json` (identity, architecture, weights with SHA-256, preprocessing,
+//! thresholds, provenance) + safetensors. Reads, verifies and creates; runs no inference.
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use crate::engine::postprocess::Cleanup3d;
+use crate::engine::preprocess::Normalization;
+
+pub const MODEL_JSON: &str = "model.json";
+pub const FORMAT_VERSION: u32 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelDirError {
+    #[error("model directory {0} does not exist or is not a directory")]
+    NotADirectory(PathBuf),
+    #[error("{path}: cannot read: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}: invalid model.json: {message}")]
+    Json { path: PathBuf, message: String },
+    #[error("{path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+    #[error("weights file {path} is missing")]
+    MissingWeights { path: PathBuf },
+    #[error("weights file {path} has SHA-256 {actual}, model.json says {expected}")]
+    HashMismatch { path: PathBuf, expected: String, actual: String },
+}
+
+/// One weights file: relative to the model directory, or an absolute path (a user-supplied SAM `.pth`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WeightsFile {
+    pub path: String,
+    pub sha256: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WeightsSet {
+    pub files: Vec<WeightsFile>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Preprocessing {
+    pub normalization: Normalization,
+}
+
+/// Decision thresholds (spec §10.2 defaults).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Thresholds {
+    /// Grid mode: keep prompts whose predicted IoU is above this.
+    pub iou: f64,
+    /// Box-NMS IoU.
+    pub nms: f64,
+    /// Small-region clean-up area in pixels at 256×256 (scaled with the slice resolution).
+    pub min_area: f64,
+    /// Series quality score below which a result is flagged.
+    pub qa: f64,
+}
+
+impl Default for Thresholds {
+    fn default() -> Self {
+        Thresholds { iou: 0.5, nms: 0.7, min_area: 1000.0, qa: 0.5 }
+    }
+}
+
+/// `model.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelSpec {
+    pub format: u32,
+    pub name: String,
+    pub version: String,
+    /// vit_b | vit_l | vit_h | lite | tiny
+    pub arch: String,
+    pub backbone: WeightsSet,
+    pub decoder: WeightsSet,
+    pub preprocessing: Preprocessing,
+    /// box | grid
+    #[serde(default = "default_mode")]
+    pub default_mode: String,
+    #[serde(default = "default_grid")]
+    pub grid_points: usize,
+    #[serde(default)]
+    pub thresholds: Thresholds,
+    #[serde(default)]
+    pub cleanup_3d: Cleanup3d,
+    /// Free-form: data, sites, epochs, seed, commit, metrics.
+    #[serde(default)]
+    pub training: serde_json::Value,
+    /// True for a placeholder with a randomly initialised decoder: its masks mean nothing.
+    pub untrained: bool,
+}
+
+fn default_mode() -> String {
+    "box".into()
+}
+fn default_grid() -> usize {
+    9
+}
+
+/// A verified model directory.
+#[derive(Debug, Clone)]
+pub struct ModelDir {
+    pub dir: PathBuf,
+    pub spec: ModelSpec,
+    /// Absolute paths of the backbone and decoder weights, in model.json order.
+    pub backbone_paths: Vec<PathBuf>,
+    pub decoder_paths: Vec<PathBuf>,
+}
+
+impl ModelDir {
+    /// SHA-256 identifying the backbone weights (hash of the per-file hashes; the cache key).
+    pub fn backbone_sha256(&self) -> String {
+        combined_hash(&self.spec.backbone.files)
+    }
+    /// SHA-256 identifying the whole model (backbone and decoder files).
+    pub fn model_sha256(&self) -> String {
+        let all: Vec<WeightsFile> = self.spec.backbone.files.iter().chain(&self.spec.decoder.files).cloned().collect();
+        combined_hash(&all)
+    }
+}
+
+fn combined_hash(files: &[WeightsFile]) -> String {
+    if files.len() == 1 {
+        return files[0].sha256.to_ascii_lowercase();
+    }
+    let mut h = Sha256::new();
+    for f in files {
+        h.update(f.sha256.to_ascii_lowercase().as_bytes());
+        h.update(b"\n");
+    }
+    hex::encode(h.finalize())
+}
+
+/// SHA-256 of a file, streamed.
+pub fn sha256_file(path: &Path) -> std::io::Result<String> {
+    let mut f = std::fs::File::open(path)?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(hex::encode(h.finalize()))
+}
+
+fn invalid(path: &Path, message: impl Into<String>) -> ModelDirError {
+    ModelDirError::Invalid { path: path.to_path_buf(), message: message.into() }
+}
+
+/// Read and validate `model.json` (no hashing).
+pub fn read_spec(dir: &Path) -> Result<ModelSpec, ModelDirError> {
+    if !dir.is_dir() {
+        return Err(ModelDirError::NotADirectory(dir.to_path_buf()));
+    }
+    let path = dir.join(MODEL_JSON);
+    let text = std::fs::read_to_string(&path).map_err(|source| ModelDirError::Io { path: path.clone(), source })?;
+    let spec: ModelSpec =
+        serde_json::from_str(&text).map_err(|e| ModelDirError::Json { path: path.clone(), message: e.to_string() })?;
+    if spec.format != FORMAT_VERSION {
+        return Err(invalid(&path, format!("format {} is not supported (expected {FORMAT_VERSION})", spec.format)));
+    }
+    if !["vit_b", "vit_l", "vit_h", "lite", "tiny"].contains(&spec.arch.as_str()) {
+        return Err(invalid(&path, format!("unknown arch {:?}", spec.arch)));
+    }
+    if !["box", "grid"].contains(&spec.default_mode.as_str()) {
+        return Err(invalid(&path, format!("default_mode must be box or grid, not {:?}", spec.default_mode)));
+    }
+    if spec.backbone.files.is_empty() || spec.decoder.files.is_empty() {
+        return Err(invalid(&path, "backbone and decoder each need at least one weights file"));
+    }
+    if spec.grid_points == 0 || spec.grid_points > 64 {
+        return Err(invalid(&path, "grid_points must be in 1..=64"));
+    }
+    for f in spec.backbone.files.iter().chain(&spec.decoder.files) {
+        if f.sha256.len() != 64 || !f.sha256.chars().all(|c| c.is_ascii_hexdigit()) {
+            return Err(invalid(&path, format!("sha256 of {} is not 64 hex digits", f.path)));
+        }
+    }
+    Ok(spec)
+}
+
+/// Read `model.json`, resolve the weights and check every file's SHA-256.
+pub fn open(dir: &Path) -> Result<ModelDir, ModelDirError> {
+    let spec = read_spec(dir)?;
+    let resolve = |files: &[WeightsFile]| -> Result<Vec<PathBuf>, ModelDirError> {
+        files
+            .iter()
+            .map(|f| {
+                let p = Path::new(&f.path);
+                let p = if p.is_absolute() { p.to_path_buf() } else { dir.join(p) };
+                if !p.is_file() {
+                    return Err(ModelDirError::MissingWeights { path: p });
+                }
+                let actual = sha256_file(&p).map_err(|source| ModelDirError::Io { path: p.clone(), source })?;
+                if !actual.eq_ignore_ascii_case(&f.sha256) {
+                    return Err(ModelDirError::HashMismatch { path: p, expected: f.sha256.clone(), actual });
+                }
+                Ok(p)
+            })
+            .collect()
+    };
+    let backbone_paths = resolve(&spec.backbone.files)?;
+    let decoder_paths = resolve(&spec.decoder.files)?;
+    Ok(ModelDir { dir: dir.to_path_buf(), spec, backbone_paths, decoder_paths })
+}
+
+/// Write `model.json` into `dir`.
+pub fn write_spec(dir: &Path, spec: &ModelSpec) -> Result<(), ModelDirError> {
+    let path = dir.join(MODEL_JSON);
+    let text = serde_json::to_string_pretty(spec).expect("spec serialises");
+    std::fs::write(&path, text + "\n").map_err(|source| ModelDirError::Io { path, source })
+}
+
+/// Where an untrained model's backbone (and PRIM) weights come from.
+#[derive(Debug, Clone)]
+pub enum BackboneSource {
+    /// Random initialisation (seeded): for tests only.
+    Random,
+    /// Converted from an official checkpoint (`lite_medsam.pth`, SAM `.pth`) and stored in the
+    /// directory as f16 safetensors (`encoder.safetensors`); PRIM and the prompt encoder come from
+    /// it too, PIMM is random.
+    Convert(PathBuf),
+    /// Referenced by absolute path (a large user-supplied SAM `.pth`), not copied.
+    Reference(PathBuf),
+}
+
+/// Create a CLEARLY LABELLED untrained model directory (`"untrained": true`): backbone weights as
+/// `source` says, decoder (prompt encoder + PRIM + PIMM) in `decoder.safetensors`, random PIMM
+/// from `seed`. Its masks mean nothing; it exists for tests, benchmarks and as a training start.
+pub fn create_untrained_model_dir(
+    arch: crate::model::Arch,
+    out: &Path,
+    seed: u64,
+    source: &BackboneSource,
+) -> Result<ModelDir, ModelDirError> {
+    use crate::model::{checkpoint, Arch, DeSam, ModelConfig};
+    let fail = |message: String| ModelDirError::Invalid { path: out.to_path_buf(), message };
+    std::fs::create_dir_all(out).map_err(|source| ModelDirError::Io { path: out.to_path_buf(), source })?;
+    let cfg = ModelConfig::for_arch(arch);
+    tch::manual_seed(seed as i64);
+    let model = match source {
+        BackboneSource::Random => DeSam::new(&cfg, tch::Device::Cpu),
+        BackboneSource::Convert(p) | BackboneSource::Reference(p) => {
+            DeSam::load(&cfg, &[p.as_path()], tch::Device::Cpu).map_err(|e| fail(e.to_string()))?.0
+        }
+    };
+    let sd = model.state_dict();
+    let (enc, dec): (Vec<_>, Vec<_>) = sd.into_iter().partition(|(n, _)| n.starts_with("image_encoder."));
+    let save = |name: &str, tensors: &[(String, tch::Tensor)], kind: tch::Kind| -> Result<WeightsFile, ModelDirError> {
+        let path = out.join(name);
+        checkpoint::save_safetensors(tensors, &path, kind).map_err(|e| fail(e.to_string()))?;
+        let sha256 = sha256_file(&path).map_err(|source| ModelDirError::Io { path: path.clone(), source })?;
+        Ok(WeightsFile { path: name.into(), sha256 })
+    };
+    let backbone = match source {
+        BackboneSource::Reference(p) => {
+            let abs = std::fs::canonicalize(p).map_err(|source| ModelDirError::Io { path: p.clone(), source })?;
+            let sha256 = sha256_file(&abs).map_err(|source| ModelDirError::Io { path: abs.clone(), source })?;
+            WeightsFile { path: abs.to_string_lossy().into_owned(), sha256 }
+        }
+        // Real backbones are stored as f16 (LiteMedSAM ≈ 12 MB); the tiny test model stays f32.
+        _ => save("encoder.safetensors", &enc, if arch == Arch::Tiny { tch::Kind::Float } else { tch::Kind::Half })?,
+    };
+    let decoder = save("decoder.safetensors", &dec, tch::Kind::Float)?;
+    let normalization = if arch == Arch::Lite {
+        Normalization::MinMax
+    } else {
+        Normalization::MeanStd { mean: cfg.pixel_mean, std: cfg.pixel_std }
+    };
+    let origin = match source {
+        BackboneSource::Random => "random".to_string(),
+        BackboneSource::Convert(p) | BackboneSource::Reference(p) => p.display().to_string(),
+    };
+    let spec = ModelSpec {
+        format: FORMAT_VERSION,
+        name: format!("desam-{}-UNTRAINED", arch.name()),
+        version: "0.0.0-untrained".into(),
+        arch: arch.name().into(),
+        backbone: WeightsSet { files: vec![backbone] },
+        decoder: WeightsSet { files: vec![decoder] },
+        preprocessing: Preprocessing { normalization },
+        default_mode: "box".into(),
+        grid_points: 9,
+        thresholds: Thresholds::default(),
+        cleanup_3d: Cleanup3d::None,
+        training: serde_json::json!({
+            "note": "UNTRAINED placeholder: decoder (PIMM) randomly initialised; masks are meaningless",
+            "seed": seed,
+            "backbone_from": origin,
+        }),
+        untrained: true,
+    };
+    write_spec(out, &spec)?;
+    open(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tmpdir(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("desam-modeldir-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn spec_with(files: (&str, &str)) -> ModelSpec {
+        ModelSpec {
+            format: 1,
+            name: "t".into(),
+            version: "0".into(),
+            arch: "tiny".into(),
+            backbone: WeightsSet { files: vec![WeightsFile { path: files.0.into(), sha256: files.1.into() }] },
+            decoder: WeightsSet { files: vec![WeightsFile { path: files.0.into(), sha256: files.1.into() }] },
+            preprocessing: Preprocessing { normalization: Normalization::MinMax },
+            default_mode: "box".into(),
+            grid_points: 9,
+            thresholds: Thresholds::default(),
+            cleanup_3d: Cleanup3d::None,
+            training: serde_json::Value::Null,
+            untrained: true,
+        }
+    }
+
+    #[test]
+    fn verifies_hashes_and_reports_problems() {
+        let d = tmpdir("hash");
+        std::fs::write(d.join("w.bin"), b"abc").unwrap();
+        let good = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
+        assert_eq!(sha256_file(&d.join("w.bin")).unwrap(), good);
+        write_spec(&d, &spec_with(("w.bin", good))).unwrap();
+        let m = open(&d).unwrap();
+        assert_eq!(m.backbone_sha256(), good);
+        assert_ne!(m.model_sha256(), good);
+        let bad = "0".repeat(64);
+        write_spec(&d, &spec_with(("w.bin", &bad))).unwrap();
+        assert!(matches!(open(&d), Err(ModelDirError::HashMismatch { .. })));
+        write_spec(&d, &spec_with(("nope.bin", good))).unwrap();
+        assert!(matches!(open(&d), Err(ModelDirError::MissingWeights { .. })));
+        std::fs::write(d.join(MODEL_JSON), "{\"format\":1}").unwrap();
+        let e = open(&d).unwrap_err();
+        assert!(matches!(e, ModelDirError::Json { .. }) && !e.to_string().contains('\n'), "{e}");
+        assert!(matches!(open(&d.join("absent")), Err(ModelDirError::NotADirectory(_))));
+        let mut s = spec_with(("w.bin", good));
+        s.arch = "resnet".into();
+        write_spec(&d, &s).unwrap();
+        assert!(matches!(open(&d), Err(ModelDirError::Invalid { .. })));
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+}

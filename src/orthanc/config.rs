@@ -1,0 +1,235 @@
+//! The plugin's configuration: the `"DeSAM"` section of Orthanc's configuration, typed with serde
+//! defaults and validated once at start-up. Owns no SDK calls and no processing.
+
+use regex::Regex;
+use serde::{Deserialize, Serialize};
+
+/// Metadata and global-property indices must be in Orthanc's user range.
+const USER_RANGE: std::ops::RangeInclusive<i32> = 1024..=65535;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("the Orthanc configuration is not valid JSON: {0}")]
+    Json(String),
+    #[error("invalid \"DeSAM\" section: {0}")]
+    Section(String),
+    #[error("invalid \"DeSAM\" option {option}: {reason}")]
+    Option { option: &'static str, reason: String },
+}
+
+/// What to do when the model finds no prostate in a series.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EmptyResult {
+    /// Store an all-zero SEG flagged "needs review" (viewers then show that the series was processed).
+    Seg,
+    /// Store no SEG; record the outcome in the series metadata and the log only.
+    Skip,
+}
+
+/// Which series are segmented automatically. Text rules apply to SeriesDescription and ProtocolName;
+/// a `null` pattern disables that rule.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase", deny_unknown_fields, default)]
+pub struct SeriesFilter {
+    /// Must match SeriesDescription or ProtocolName (case-insensitive regex).
+    pub description_pattern: Option<String>,
+    /// Must match neither SeriesDescription nor ProtocolName.
+    pub exclude_pattern: Option<String>,
+    /// Must match ScanningSequence (0018,0020) when the attribute is present.
+    pub scanning_sequence_pattern: Option<String>,
+    /// Largest angle (degrees) between the slice normal and the patient's axial (head–foot) axis.
+    pub max_obliquity_degrees: f64,
+    /// Fewest slices (instances × frames) a series needs.
+    pub min_slices: usize,
+}
+
+impl Default for SeriesFilter {
+    fn default() -> Self {
+        SeriesFilter {
+            description_pattern: Some("(?i)t2".into()),
+            exclude_pattern: Some("(?i)(dwi|adc|diff|dce|perf|scout|localizer|survey|calib)".into()),
+            scanning_sequence_pattern: Some("SE|RM".into()),
+            max_obliquity_degrees: 30.0,
+            min_slices: 10,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase", deny_unknown_fields, default)]
+pub struct PluginConfig {
+    /// Master switch; false leaves only `GET /desam/status` (reporting "disabled").
+    pub enable: bool,
+    /// Model directory (model.json + weights).
+    pub model_directory: String,
+    /// "auto" (CUDA when available, else CPU), "cpu" or "cuda" (the first GPU).
+    pub device: String,
+    /// CPU threads for libtorch; 0 keeps libtorch's default.
+    pub threads: usize,
+    /// Prompting mode: "auto" (the model's default), "box" (DeSAM-B) or "grid" (DeSAM-P).
+    pub mode: String,
+    /// Segment series automatically when Orthanc reports them stable.
+    pub stable_series_trigger: bool,
+    /// After a restart, process series that arrived or became stable while the plugin was not running.
+    pub catch_up: bool,
+    pub series_filter: SeriesFilter,
+    /// Results whose QA score is below this are flagged "needs review".
+    pub quality_threshold: f64,
+    /// Most series waiting in the plugin's queue (automatic and manual together).
+    pub max_queue_length: usize,
+    pub empty_result: EmptyResult,
+    /// SeriesDescription of the SEGs the plugin stores (the model version is appended).
+    pub series_description: String,
+    /// Orthanc job priority of segmentation jobs.
+    pub job_priority: i32,
+    /// User-defined series metadata index holding the JSON result record.
+    pub result_metadata: i32,
+    /// User-defined series metadata index holding "needs-review" or "ok".
+    pub review_metadata: i32,
+    /// Global property index storing the last handled /changes sequence number.
+    pub cursor_property: i32,
+}
+
+impl Default for PluginConfig {
+    fn default() -> Self {
+        PluginConfig {
+            enable: true,
+            model_directory: "/usr/share/desam/models/default".into(),
+            device: "auto".into(),
+            threads: 0,
+            mode: "auto".into(),
+            stable_series_trigger: true,
+            catch_up: true,
+            series_filter: SeriesFilter::default(),
+            quality_threshold: 0.5,
+            max_queue_length: 100,
+            empty_result: EmptyResult::Seg,
+            series_description: "DeSAM prostate (auto)".into(),
+            job_priority: 0,
+            result_metadata: 4301,
+            review_metadata: 4302,
+            cursor_property: 4301,
+        }
+    }
+}
+
+/// The filter's regexes, compiled once.
+#[derive(Debug, Clone)]
+pub struct CompiledFilter {
+    pub description: Option<Regex>,
+    pub exclude: Option<Regex>,
+    pub scanning_sequence: Option<Regex>,
+    pub max_obliquity_degrees: f64,
+    pub min_slices: usize,
+}
+
+fn compile(option: &'static str, pattern: &Option<String>) -> Result<Option<Regex>, ConfigError> {
+    match pattern {
+        None => Ok(None),
+        Some(p) => Regex::new(p).map(Some).map_err(|e| ConfigError::Option { option, reason: e.to_string() }),
+    }
+}
+
+impl PluginConfig {
+    /// Reads the `"DeSAM"` section from Orthanc's whole configuration. `Ok(None)`: no section at all
+    /// (the plugin stays inactive).
+    pub fn from_orthanc_json(text: &str) -> Result<Option<PluginConfig>, ConfigError> {
+        let root: serde_json::Value = serde_json::from_str(text).map_err(|e| ConfigError::Json(e.to_string()))?;
+        let Some(section) = root.get("DeSAM") else { return Ok(None) };
+        let cfg: PluginConfig = serde_json::from_value(section.clone()).map_err(|e| ConfigError::Section(e.to_string()))?;
+        cfg.validate()?;
+        Ok(Some(cfg))
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |option: &'static str, reason: String| Err(ConfigError::Option { option, reason });
+        let device = self.device.to_ascii_lowercase();
+        if !["auto", "cpu", "cuda", "gpu"].contains(&device.as_str()) {
+            return bad("Device", format!("{:?} is not one of \"auto\", \"cpu\", \"cuda\"", self.device));
+        }
+        if !["auto", "box", "grid"].contains(&self.mode.to_ascii_lowercase().as_str()) {
+            return bad("Mode", format!("{:?} is not one of \"auto\" (the model's default), \"box\", \"grid\"", self.mode));
+        }
+        if self.model_directory.trim().is_empty() {
+            return bad("ModelDirectory", "must not be empty".into());
+        }
+        if !(0.0..=1.0).contains(&self.quality_threshold) {
+            return bad("QualityThreshold", format!("{} is outside [0, 1]", self.quality_threshold));
+        }
+        if self.max_queue_length == 0 {
+            return bad("MaxQueueLength", "must be at least 1".into());
+        }
+        if self.threads > 1024 {
+            return bad("Threads", format!("{} is not a sensible thread count", self.threads));
+        }
+        if !(0.0..=90.0).contains(&self.series_filter.max_obliquity_degrees) {
+            return bad("SeriesFilter.MaxObliquityDegrees", "must be within [0, 90]".into());
+        }
+        for (option, v) in [("ResultMetadata", self.result_metadata), ("ReviewMetadata", self.review_metadata), ("CursorProperty", self.cursor_property)] {
+            if !USER_RANGE.contains(&v) {
+                return bad(option, format!("{v} is outside the user range 1024..65535"));
+            }
+        }
+        if self.result_metadata == self.review_metadata {
+            return bad("ReviewMetadata", "must differ from ResultMetadata".into());
+        }
+        if self.mode.trim().is_empty() {
+            return bad("Mode", "must not be empty".into());
+        }
+        self.compiled_filter()?;
+        Ok(())
+    }
+
+    pub fn compiled_filter(&self) -> Result<CompiledFilter, ConfigError> {
+        let f = &self.series_filter;
+        Ok(CompiledFilter {
+            description: compile("SeriesFilter.DescriptionPattern", &f.description_pattern)?,
+            exclude: compile("SeriesFilter.ExcludePattern", &f.exclude_pattern)?,
+            scanning_sequence: compile("SeriesFilter.ScanningSequencePattern", &f.scanning_sequence_pattern)?,
+            max_obliquity_degrees: f.max_obliquity_degrees,
+            min_slices: f.min_slices,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_section_is_inactive_and_empty_section_takes_defaults() {
+        assert!(PluginConfig::from_orthanc_json(r#"{"HttpPort": 8042}"#).unwrap().is_none());
+        let cfg = PluginConfig::from_orthanc_json(r#"{"DeSAM": {}}"#).unwrap().unwrap();
+        assert!(cfg.enable);
+        assert_eq!(cfg.max_queue_length, 100);
+        assert_eq!(cfg.empty_result, EmptyResult::Seg);
+        assert_eq!(cfg.series_filter.min_slices, 10);
+    }
+
+    #[test]
+    fn options_are_read_and_invalid_ones_rejected_with_their_name() {
+        let cfg = PluginConfig::from_orthanc_json(
+            r#"{"DeSAM": {"Device": "cuda", "Mode": "grid", "EmptyResult": "skip", "SeriesFilter": {"MinSlices": 3, "DescriptionPattern": null}}}"#,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(cfg.empty_result, EmptyResult::Skip);
+        assert_eq!(cfg.series_filter.min_slices, 3);
+        assert!(cfg.compiled_filter().unwrap().description.is_none());
+
+        for (json, needle) in [
+            (r#"{"DeSAM": {"Device": "tpu"}}"#, "Device"),
+            (r#"{"DeSAM": {"Mode": "points"}}"#, "Mode"),
+            (r#"{"DeSAM": {"QualityThreshold": 2}}"#, "QualityThreshold"),
+            (r#"{"DeSAM": {"MaxQueueLength": 0}}"#, "MaxQueueLength"),
+            (r#"{"DeSAM": {"ResultMetadata": 12}}"#, "ResultMetadata"),
+            (r#"{"DeSAM": {"SeriesFilter": {"DescriptionPattern": "(t2"}}}"#, "DescriptionPattern"),
+            (r#"{"DeSAM": {"Enabel": true}}"#, "Enabel"),
+            (r#"{"DeSAM": {"EmptyResult": "maybe"}}"#, "maybe"),
+        ] {
+            let err = PluginConfig::from_orthanc_json(json).unwrap_err().to_string();
+            assert!(err.contains(needle), "{json}: {err}");
+        }
+    }
+}

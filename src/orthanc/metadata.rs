@@ -1,0 +1,192 @@
+//! Exactly-once bookkeeping: the result record kept in series metadata, the content hash of a
+//! series, and recognising an existing SEG from the same model. Pure over JSON; no SDK calls.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+/// What happened to a series, stored as JSON in its `ResultMetadata` entry.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct ResultRecord {
+    /// "done", "empty" (no prostate found, no SEG stored) or "failed".
+    pub status: String,
+    pub model_name: String,
+    pub model_version: String,
+    pub model_sha256: String,
+    pub mode: String,
+    /// Hash of the sorted SOPInstanceUIDs the result was computed from.
+    pub content_hash: String,
+    pub instance_count: usize,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seg_sop_instance_uid: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seg_series_instance_uid: Option<String>,
+    /// Orthanc id of the stored SEG instance.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seg_instance: Option<String>,
+    #[serde(default)]
+    pub quality_score: Option<f64>,
+    #[serde(default)]
+    pub volume_ml: Option<f64>,
+    #[serde(default)]
+    pub needs_review: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default)]
+    pub seconds: f64,
+    #[serde(default)]
+    pub device: String,
+    /// UTC time (RFC 3339-like, seconds) when the record was written.
+    pub processed_at: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<String>,
+}
+
+impl ResultRecord {
+    /// True if this record already covers (model, content): the series needs no new run.
+    pub fn covers(&self, model_sha256: &str, content_hash: &str) -> bool {
+        (self.status == "done" || self.status == "empty") && self.model_sha256 == model_sha256 && self.content_hash == content_hash
+    }
+}
+
+/// SHA-256 over the sorted, de-duplicated SOPInstanceUIDs (order of arrival does not matter).
+pub fn content_hash<S: AsRef<str>>(sop_instance_uids: &[S]) -> String {
+    let mut uids: Vec<&str> = sop_instance_uids.iter().map(|s| s.as_ref().trim()).collect();
+    uids.sort_unstable();
+    uids.dedup();
+    let mut h = Sha256::new();
+    for u in uids {
+        h.update(u.as_bytes());
+        h.update(b"\n");
+    }
+    hex::encode(h.finalize())
+}
+
+fn walk<'a>(v: &'a Value, key: &str, out: &mut Vec<&'a Value>) {
+    match v {
+        Value::Object(m) => {
+            for (k, x) in m {
+                if k == key {
+                    out.push(x);
+                }
+                walk(x, key, out);
+            }
+        }
+        Value::Array(a) => a.iter().for_each(|x| walk(x, key, out)),
+        _ => {}
+    }
+}
+
+/// Every string value under `key` anywhere in a simplified-tags document.
+pub fn strings_under(tags: &Value, key: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    walk(tags, key, &mut found);
+    let mut out = Vec::new();
+    for v in found {
+        match v {
+            Value::String(s) => out.extend(s.split('\\').map(|p| p.trim().to_string())),
+            Value::Array(a) => {
+                for item in a {
+                    if let Value::String(s) = item {
+                        out.push(s.trim().to_string());
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+/// Does this SEG (`GET /instances/{id}/simplified-tags`) come from the given model version and
+/// reference exactly the given series content? Returns its SOPInstanceUID if so.
+pub fn matching_seg(seg_tags: &Value, series_uid: &str, version_tag: &str, content_hash_now: &str) -> Option<String> {
+    let referenced_series = strings_under(seg_tags, "SeriesInstanceUID");
+    let referenced_here = seg_tags
+        .get("ReferencedSeriesSequence")
+        .map(|r| strings_under(r, "SeriesInstanceUID").iter().any(|u| u == series_uid))
+        .unwrap_or(false);
+    if !referenced_here && !referenced_series.iter().skip(1).any(|u| u == series_uid) {
+        return None;
+    }
+    let versions: Vec<String> = strings_under(seg_tags, "AlgorithmVersion")
+        .into_iter()
+        .chain(strings_under(seg_tags, "SoftwareVersions"))
+        .collect();
+    let same_model = !version_tag.is_empty() && versions.iter().any(|v| v == version_tag);
+    if !same_model {
+        return None;
+    }
+    let refs = seg_tags.get("ReferencedSeriesSequence").map(|r| strings_under(r, "ReferencedSOPInstanceUID")).unwrap_or_default();
+    if refs.is_empty() || content_hash(&refs) != content_hash_now {
+        return None;
+    }
+    seg_tags.get("SOPInstanceUID").and_then(Value::as_str).map(str::to_string)
+}
+
+/// UTC now as "YYYY-MM-DDTHH:MM:SSZ" without a date crate.
+pub fn utc_now() -> String {
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0) as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + if m <= 2 { 1 } else { 0 };
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn content_hash_ignores_order_and_duplicates_but_not_content() {
+        let a = content_hash(&["1.2.3", "1.2.4"]);
+        assert_eq!(a, content_hash(&["1.2.4", "1.2.3", "1.2.3"]));
+        assert_ne!(a, content_hash(&["1.2.3", "1.2.4", "1.2.5"]));
+    }
+
+    #[test]
+    fn record_covers_only_same_model_and_content() {
+        let r = ResultRecord { status: "done".into(), model_sha256: "abc".into(), content_hash: "h".into(), ..Default::default() };
+        assert!(r.covers("abc", "h"));
+        assert!(!r.covers("abd", "h"));
+        assert!(!r.covers("abc", "h2"));
+        let failed = ResultRecord { status: "failed".into(), ..r.clone() };
+        assert!(!failed.covers("abc", "h"));
+        let back: ResultRecord = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
+        assert_eq!(back, r);
+    }
+
+    #[test]
+    fn existing_seg_is_recognised_by_reference_model_and_content() {
+        let seg = json!({
+            "SOPInstanceUID": "9.9",
+            "SeriesInstanceUID": "9.8",
+            "SoftwareVersions": ["0.1.0", "v1 sha256:abc"],
+            "SegmentSequence": [{"SegmentationAlgorithmIdentificationSequence": [{"AlgorithmVersion": "v1 sha256:abc"}]}],
+            "ReferencedSeriesSequence": [{"SeriesInstanceUID": "1.2", "ReferencedInstanceSequence": [
+                {"ReferencedSOPInstanceUID": "1.2.1"}, {"ReferencedSOPInstanceUID": "1.2.2"}]}]
+        });
+        let h = content_hash(&["1.2.2", "1.2.1"]);
+        assert_eq!(matching_seg(&seg, "1.2", "v1 sha256:abc", &h).as_deref(), Some("9.9"));
+        assert!(matching_seg(&seg, "1.3", "v1 sha256:abc", &h).is_none());
+        assert!(matching_seg(&seg, "1.2", "v1 sha256:abd", &h).is_none());
+        assert!(matching_seg(&seg, "1.2", "v1 sha256:abc", &content_hash(&["1.2.1"])).is_none());
+    }
+
+    #[test]
+    fn utc_now_is_well_formed() {
+        let s = utc_now();
+        assert_eq!(s.len(), 20);
+        assert!(s.starts_with("20") && s.ends_with('Z'));
+    }
+}

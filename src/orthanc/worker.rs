@@ -1,0 +1,650 @@
+//! The plugin's worker thread: reads Orthanc's /changes log from a persisted cursor, applies the
+//! series rules and the exactly-once checks, and runs each series as an Orthanc job. It is the only
+//! place that calls the REST API for processing; the change callback merely wakes it.
+
+use serde_json::{json, Value};
+use std::collections::{HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use super::bridge::{Orthanc, OrthancCallError};
+use super::config::{CompiledFilter, EmptyResult, PluginConfig};
+use super::jobs::{self, JobShared, Phase};
+use super::metadata::{self, ResultRecord};
+use super::metrics::Metrics;
+use super::pipeline::{ModelIdentity, ProcessError, ProcessRequest, SeriesProcessor};
+use super::selection::{self, SeriesFacts};
+
+/// How often the worker looks at /changes without being woken (a safety net; StableSeries wakes it).
+const POLL_INTERVAL: Duration = Duration::from_secs(5);
+const CHANGES_PAGE: usize = 500;
+
+pub enum WorkItem {
+    /// From the /changes log (automatic trigger or start-up catch-up).
+    Change { series_id: String, seq: i64 },
+    /// `POST /desam/series/{id}/segment`.
+    Manual { series_id: String, mode: Option<String>, force: bool },
+    /// A failed or canceled job resubmitted from /jobs.
+    Resume(Arc<JobShared>),
+}
+
+impl WorkItem {
+    fn series_id(&self) -> &str {
+        match self {
+            WorkItem::Change { series_id, .. } | WorkItem::Manual { series_id, .. } => series_id,
+            WorkItem::Resume(job) => &job.series_id,
+        }
+    }
+}
+
+#[derive(Default)]
+struct State {
+    manual: VecDeque<WorkItem>,
+    changes: VecDeque<(String, i64)>,
+    queued: HashSet<String>,
+    running: Option<String>,
+    /// Last /changes sequence number read (everything up to it is queued or needs nothing).
+    scanned: i64,
+    /// Last sequence number persisted in the global property.
+    persisted: i64,
+    /// Last sequence number that existed at start-up; changes up to it are catch-up.
+    horizon: i64,
+    woken: bool,
+    ready: bool,
+}
+
+impl State {
+    fn len(&self) -> usize {
+        self.manual.len() + self.changes.len()
+    }
+}
+
+/// Outcome of one series, for logs and tests.
+#[derive(Debug)]
+enum Outcome {
+    Skipped(String),
+    Done,
+    Failed(String),
+    Canceled,
+}
+
+pub struct Plugin {
+    pub config: PluginConfig,
+    filter: CompiledFilter,
+    pub processor: Box<dyn SeriesProcessor>,
+    pub metrics: Metrics,
+    state: Mutex<State>,
+    wake: Condvar,
+    pub shutdown: AtomicBool,
+    worker: Mutex<Option<JoinHandle<()>>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum RunError {
+    #[error("{0}")]
+    Process(#[from] ProcessError),
+    #[error("{0}")]
+    Orthanc(#[from] OrthancCallError),
+    #[error("{0}")]
+    Other(String),
+}
+
+impl Plugin {
+    pub fn new(config: PluginConfig, processor: Box<dyn SeriesProcessor>) -> Result<Arc<Plugin>, String> {
+        let filter = config.compiled_filter().map_err(|e| e.to_string())?;
+        Ok(Arc::new(Plugin {
+            config,
+            filter,
+            processor,
+            metrics: Metrics::default(),
+            state: Mutex::new(State::default()),
+            wake: Condvar::new(),
+            shutdown: AtomicBool::new(false),
+            worker: Mutex::new(None),
+        }))
+    }
+
+    /// Called on OrthancStarted: the REST API is usable from now on.
+    pub fn start(self: &Arc<Self>) {
+        let mut slot = self.worker.lock().unwrap();
+        if slot.is_some() {
+            return;
+        }
+        let me = self.clone();
+        let weak = Arc::downgrade(self);
+        jobs::set_resubmit_hook(Some(Box::new(move |job| {
+            if let Some(p) = weak.upgrade() {
+                p.push_front(WorkItem::Resume(job));
+            }
+        })));
+        match std::thread::Builder::new().name("desam-worker".into()).spawn(move || me.run()) {
+            Ok(h) => *slot = Some(h),
+            Err(e) => Orthanc::log_error(&format!("DeSAM: cannot start the worker thread: {e}")),
+        }
+        self.metrics.publish();
+    }
+
+    /// Called on OrthancStopped and from Finalize: cancel the running series, stop taking new work.
+    pub fn signal_shutdown(&self) {
+        self.shutdown.store(true, Ordering::SeqCst);
+        for job in jobs::live_jobs() {
+            job.cancel.store(true, Ordering::SeqCst);
+        }
+        self.wake.notify_all();
+    }
+
+    /// Joins the worker (Finalize).
+    pub fn join(&self) {
+        self.signal_shutdown();
+        jobs::set_resubmit_hook(None);
+        if let Some(h) = self.worker.lock().unwrap().take() {
+            let _ = h.join();
+        }
+    }
+
+    /// The change callback: StableSeries only wakes the worker (no REST call in the callback).
+    pub fn wake_up(&self) {
+        self.state.lock().unwrap().woken = true;
+        self.wake.notify_all();
+    }
+
+    fn push_front(&self, item: WorkItem) {
+        let mut st = self.state.lock().unwrap();
+        st.manual.push_front(item);
+        self.metrics.set_queue_length(st.len());
+        self.wake.notify_all();
+    }
+
+    /// Queues a manual request; Err when the queue is full.
+    pub fn enqueue_manual(&self, series_id: &str, mode: Option<String>, force: bool) -> Result<usize, String> {
+        let mut st = self.state.lock().unwrap();
+        if st.len() >= self.config.max_queue_length {
+            return Err(format!("the queue is full ({} series waiting)", st.len()));
+        }
+        st.manual.push_back(WorkItem::Manual { series_id: series_id.to_string(), mode, force });
+        let n = st.len();
+        self.metrics.set_queue_length(n);
+        self.wake.notify_all();
+        Ok(n)
+    }
+
+    pub fn queue_json(&self) -> Value {
+        let st = self.state.lock().unwrap();
+        let waiting: Vec<&str> = st.manual.iter().map(|i| i.series_id()).chain(st.changes.iter().map(|(s, _)| s.as_str())).collect();
+        json!({
+            "Length": st.len(),
+            "Max": self.config.max_queue_length,
+            "Running": st.running,
+            "Waiting": waiting,
+            "Cursor": st.persisted,
+        })
+    }
+
+    pub fn is_queued_or_running(&self, series_id: &str) -> (bool, bool) {
+        let st = self.state.lock().unwrap();
+        let queued = st.queued.contains(series_id) || st.manual.iter().any(|i| i.series_id() == series_id);
+        (queued, st.running.as_deref() == Some(series_id))
+    }
+
+    fn run(self: Arc<Self>) {
+        if self.config.stable_series_trigger {
+            if let Err(e) = self.init_cursor() {
+                Orthanc::log_error(&format!("DeSAM: cannot read the change log ({e}); automatic processing is off until restart"));
+            }
+        }
+        while !self.shutdown.load(Ordering::SeqCst) {
+            let item = {
+                let mut st = self.state.lock().unwrap();
+                let next = st.manual.pop_front().or_else(|| {
+                    st.changes.pop_front().map(|(series_id, seq)| WorkItem::Change { series_id, seq })
+                });
+                if let Some(item) = &next {
+                    if let WorkItem::Change { series_id, .. } = item {
+                        st.queued.remove(series_id.as_str());
+                    }
+                    st.running = Some(item.series_id().to_string());
+                    self.metrics.set_queue_length(st.len());
+                }
+                next
+            };
+            match item {
+                Some(item) => {
+                    self.handle(item);
+                    self.state.lock().unwrap().running = None;
+                    if self.shutdown.load(Ordering::SeqCst) {
+                        // Interrupted by the shutdown: keep the cursor before this series so that
+                        // the next start-up runs it again.
+                        break;
+                    }
+                    self.persist_cursor();
+                }
+                None => {
+                    let scan = {
+                        let st = self.state.lock().unwrap();
+                        st.ready && self.config.stable_series_trigger
+                    };
+                    if scan {
+                        match self.scan_changes() {
+                            Ok(true) => continue,
+                            Ok(false) => {}
+                            Err(e) => Orthanc::log_warning(&format!("DeSAM: reading /changes failed: {e}")),
+                        }
+                        self.persist_cursor();
+                    }
+                    let st = self.state.lock().unwrap();
+                    if !st.woken && st.manual.is_empty() && !self.shutdown.load(Ordering::SeqCst) {
+                        let (mut st, _) = self.wake.wait_timeout(st, POLL_INTERVAL).unwrap();
+                        st.woken = false;
+                    } else {
+                        drop(st);
+                        self.state.lock().unwrap().woken = false;
+                    }
+                }
+            }
+        }
+        Orthanc::log_info("DeSAM: worker stopped");
+    }
+
+    /// Reads the stored cursor and the current end of the change log. Changes after the cursor and
+    /// up to that end are "catch-up": they include series whose StableSeries never fired here.
+    fn init_cursor(&self) -> Result<(), OrthancCallError> {
+        let last = Orthanc::get_json("/changes?last")?.get("Last").and_then(Value::as_i64).unwrap_or(0);
+        let stored = Orthanc::global_property(self.config.cursor_property, "")?;
+        let cursor = match stored.trim().parse::<i64>() {
+            Ok(c) if c <= last => c,
+            Ok(c) => {
+                Orthanc::log_warning(&format!("DeSAM: stored change cursor {c} is past the log's end {last}; starting from {last}"));
+                last
+            }
+            Err(_) => {
+                Orthanc::log_warning(&format!(
+                    "DeSAM: first start with this database: existing series are not back-filled (change cursor set to {last}); use POST /desam/series/{{id}}/segment for older series"
+                ));
+                last
+            }
+        };
+        {
+            let mut st = self.state.lock().unwrap();
+            st.scanned = cursor;
+            st.persisted = i64::MIN;
+            st.horizon = if self.config.catch_up { last } else { cursor };
+            st.ready = true;
+        }
+        if self.config.catch_up && cursor < last {
+            Orthanc::log_warning(&format!("DeSAM: catching up on changes {}..{} that happened while the plugin was not running", cursor + 1, last));
+        }
+        self.persist_cursor();
+        Ok(())
+    }
+
+    /// Queues candidate series from /changes. Ok(true) if something was queued.
+    fn scan_changes(&self) -> Result<bool, OrthancCallError> {
+        let mut queued_any = false;
+        loop {
+            let (since, room) = {
+                let st = self.state.lock().unwrap();
+                (st.scanned, self.config.max_queue_length.saturating_sub(st.len()))
+            };
+            if room == 0 || self.shutdown.load(Ordering::SeqCst) {
+                return Ok(queued_any);
+            }
+            let page = Orthanc::get_json(&format!("/changes?since={since}&limit={CHANGES_PAGE}"))?;
+            let changes = page.get("Changes").and_then(Value::as_array).cloned().unwrap_or_default();
+            let done = page.get("Done").and_then(Value::as_bool).unwrap_or(true);
+            let mut st = self.state.lock().unwrap();
+            for c in &changes {
+                let seq = c.get("Seq").and_then(Value::as_i64).unwrap_or(st.scanned);
+                let kind = c.get("ChangeType").and_then(Value::as_str).unwrap_or("");
+                let id = c.get("ID").and_then(Value::as_str).unwrap_or("").to_string();
+                let candidate = kind == "StableSeries" || (kind == "NewSeries" && seq <= st.horizon);
+                if candidate && !st.queued.contains(&id) {
+                    if st.len() >= self.config.max_queue_length {
+                        // Back-pressure: stop here; this change is read again once there is room.
+                        self.metrics.set_queue_length(st.len());
+                        return Ok(queued_any);
+                    }
+                    st.queued.insert(id.clone());
+                    st.changes.push_back((id, seq));
+                    queued_any = true;
+                }
+                st.scanned = st.scanned.max(seq);
+            }
+            self.metrics.set_queue_length(st.len());
+            if done || changes.is_empty() {
+                return Ok(queued_any);
+            }
+        }
+    }
+
+    /// Everything before the first still-queued change is handled: persist that point.
+    fn persist_cursor(&self) {
+        let value = {
+            let st = self.state.lock().unwrap();
+            if !st.ready {
+                return;
+            }
+            let upto = match st.changes.front() {
+                Some((_, seq)) => seq - 1,
+                None if st.running.is_some() => return,
+                None => st.scanned,
+            };
+            if upto == st.persisted {
+                return;
+            }
+            upto
+        };
+        match Orthanc::set_global_property(self.config.cursor_property, &value.to_string()) {
+            Ok(()) => self.state.lock().unwrap().persisted = value,
+            Err(e) => Orthanc::log_warning(&format!("DeSAM: cannot store the change cursor: {e}")),
+        }
+    }
+
+    fn handle(&self, item: WorkItem) {
+        let (series_id, mode, force, job, manual) = match item {
+            WorkItem::Change { series_id, .. } => (series_id, None, false, None, false),
+            WorkItem::Manual { series_id, mode, force } => (series_id, mode, force, None, true),
+            WorkItem::Resume(job) => (job.series_id.clone(), Some(job.mode.clone()), true, Some(job), true),
+        };
+        let outcome = match self.process_series(&series_id, mode, force, manual, job) {
+            Ok(o) => o,
+            Err(e) => Outcome::Failed(e.to_string()),
+        };
+        match &outcome {
+            Outcome::Skipped(reason) => {
+                self.metrics.record_skip();
+                Orthanc::log_warning(&format!("DeSAM: series {series_id} skipped: {reason}"));
+            }
+            Outcome::Failed(msg) if self.shutdown.load(Ordering::SeqCst) => {
+                Orthanc::log_warning(&format!("DeSAM: series {series_id} interrupted by the shutdown ({msg}); it runs again at the next start"));
+            }
+            Outcome::Failed(msg) => {
+                self.metrics.record_failure();
+                Orthanc::log_error(&format!("DeSAM: series {series_id} failed: {msg}"));
+            }
+            Outcome::Canceled if self.shutdown.load(Ordering::SeqCst) => {
+                Orthanc::log_warning(&format!("DeSAM: series {series_id} interrupted by the shutdown; it runs again at the next start"))
+            }
+            Outcome::Canceled => Orthanc::log_warning(&format!("DeSAM: series {series_id}: job canceled")),
+            Outcome::Done => {}
+        }
+    }
+
+    fn read_record(&self, series_id: &str) -> Option<ResultRecord> {
+        let bytes = Orthanc::get(&format!("/series/{series_id}/metadata/{}", self.config.result_metadata)).ok()?;
+        serde_json::from_slice(&bytes).ok()
+    }
+
+    fn write_record(&self, series_id: &str, record: &ResultRecord) -> Result<(), OrthancCallError> {
+        let body = serde_json::to_vec(record).unwrap_or_default();
+        Orthanc::put(&format!("/series/{series_id}/metadata/{}", self.config.result_metadata), &body)?;
+        let review: &[u8] = if record.needs_review { b"needs-review" } else { b"ok" };
+        if record.status != "failed" {
+            Orthanc::put(&format!("/series/{series_id}/metadata/{}", self.config.review_metadata), review)?;
+        }
+        Ok(())
+    }
+
+    /// An existing SEG in the same study from this model over exactly this content.
+    fn find_existing_seg(&self, study_id: &str, series_uid: &str, model: &ModelIdentity, hash: &str) -> Result<Option<(String, String)>, OrthancCallError> {
+        let series_list = Orthanc::get_json(&format!("/studies/{study_id}/series"))?;
+        for s in series_list.as_array().into_iter().flatten() {
+            let main = &s["MainDicomTags"];
+            let modality = main["Modality"].as_str().unwrap_or("");
+            let manufacturer = main["Manufacturer"].as_str().unwrap_or("");
+            if !modality.eq_ignore_ascii_case("SEG") || !manufacturer.eq_ignore_ascii_case(selection::OUR_MANUFACTURER) {
+                continue;
+            }
+            for inst in s["Instances"].as_array().into_iter().flatten().filter_map(Value::as_str) {
+                let tags = Orthanc::get_json(&format!("/instances/{inst}/simplified-tags"))?;
+                if let Some(uid) = metadata::matching_seg(&tags, series_uid, &model.seg_version(), hash) {
+                    return Ok(Some((uid, inst.to_string())));
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    fn process_series(&self, series_id: &str, mode: Option<String>, force: bool, manual: bool, job: Option<Arc<JobShared>>) -> Result<Outcome, RunError> {
+        let mode = mode.unwrap_or_else(|| self.config.mode.clone());
+        let series = match Orthanc::get_json(&format!("/series/{series_id}")) {
+            Ok(s) => s,
+            Err(e) if e.is_not_found() => return Ok(Outcome::Skipped("the series no longer exists".into())),
+            Err(e) => return Err(e.into()),
+        };
+        let instance_ids: Vec<String> = series["Instances"].as_array().into_iter().flatten().filter_map(|v| v.as_str().map(String::from)).collect();
+        let Some(first) = instance_ids.first() else { return Ok(Outcome::Skipped("the series has no instances".into())) };
+        let tags = Orthanc::get_json(&format!("/instances/{first}/simplified-tags"))?;
+        let meta = Orthanc::get_json(&format!("/instances/{first}/metadata?expand"))?;
+        let facts = SeriesFacts::from_orthanc(&series, &tags, &meta);
+        if let Some(reason) = selection::hard_rules(&facts, &self.config.series_description) {
+            return Ok(Outcome::Skipped(reason));
+        }
+        if !manual {
+            if let Some(reason) = selection::series_rules(&facts, &self.filter) {
+                return Ok(Outcome::Skipped(reason));
+            }
+        }
+
+        let model = self.processor.identity()?;
+        let listing = Orthanc::get_json(&format!("/series/{series_id}/instances"))?;
+        let uids: Vec<String> = listing.as_array().into_iter().flatten().filter_map(|i| i["MainDicomTags"]["SOPInstanceUID"].as_str().map(String::from)).collect();
+        let hash = metadata::content_hash(&uids);
+        let series_uid = series["MainDicomTags"]["SeriesInstanceUID"].as_str().unwrap_or("").to_string();
+        let study_id = series["ParentStudy"].as_str().unwrap_or("").to_string();
+
+        if !force {
+            if let Some(rec) = self.read_record(series_id) {
+                if rec.covers(&model.sha256, &hash) {
+                    return Ok(Outcome::Skipped(format!(
+                        "already segmented by {} {} (SEG {})",
+                        rec.model_name,
+                        rec.model_version,
+                        rec.seg_sop_instance_uid.as_deref().unwrap_or("none: empty result")
+                    )));
+                }
+            }
+            if let Some((seg_uid, seg_instance)) = self.find_existing_seg(&study_id, &series_uid, &model, &hash)? {
+                let record = ResultRecord {
+                    status: "done".into(),
+                    model_name: model.name.clone(),
+                    model_version: model.version.clone(),
+                    model_sha256: model.sha256.clone(),
+                    mode: mode.clone(),
+                    content_hash: hash.clone(),
+                    instance_count: uids.len(),
+                    seg_sop_instance_uid: Some(seg_uid.clone()),
+                    seg_instance: Some(seg_instance),
+                    processed_at: metadata::utc_now(),
+                    ..Default::default()
+                };
+                self.write_record(series_id, &record)?;
+                return Ok(Outcome::Skipped(format!("an existing SEG ({seg_uid}) from {} {} covers this series; metadata restored", model.name, model.version)));
+            }
+        }
+
+        let job = match job {
+            Some(j) => j,
+            None => {
+                let j = JobShared::new(series_id, &mode, force);
+                match Orthanc::submit_job(j.handle, jobs::JOB_TYPE, self.config.job_priority) {
+                    Ok(id) => {
+                        Orthanc::log_info(&format!("DeSAM: series {series_id}: job {id} submitted"));
+                        *j.orthanc_id.lock().unwrap() = Some(id);
+                    }
+                    Err(e) => {
+                        // Without the jobs engine the worker still does the work; status stays visible via /desam.
+                        Orthanc::log_warning(&format!("DeSAM: cannot submit a job ({e}); processing series {series_id} in the worker"));
+                        j.set_phase(Phase::Started);
+                    }
+                }
+                j
+            }
+        };
+        job.attached.store(true, Ordering::SeqCst);
+        job.set_detail("SeriesInstanceUID", json!(series_uid));
+        job.set_detail("Model", json!(format!("{} {}", model.name, model.version)));
+        let outcome = loop {
+            let orthanc_job = job.orthanc_id.lock().unwrap().clone();
+            let still_wanted = || match &orthanc_job {
+                // Pending, Running, Paused or Retry: Orthanc may still start it.
+                Some(id) => match Orthanc::get_json(&format!("/jobs/{id}")) {
+                    Ok(v) => !matches!(v["State"].as_str(), Some("Failure") | Some("Success")),
+                    Err(e) => !e.is_not_found(),
+                },
+                None => true,
+            };
+            if !job.wait_until_started(&self.shutdown, &still_wanted) {
+                break if self.shutdown.load(Ordering::SeqCst) {
+                    job.set_phase(Phase::Failed("Orthanc is stopping".into()));
+                    Outcome::Canceled
+                } else {
+                    Outcome::Canceled
+                };
+            }
+            let started = Instant::now();
+            match self.run_job(series_id, &instance_ids, &uids, &hash, &model, &mode, &job) {
+                Ok(record) => {
+                    let millis = started.elapsed().as_millis() as u64;
+                    self.metrics.record_success(millis, record.needs_review);
+                    job.set_progress(1.0);
+                    job.set_phase(Phase::Done);
+                    let msg = format!(
+                        "DeSAM: series {series_id} segmented in {:.1} s: QA {:.3}, volume {:.1} mL, SEG {}",
+                        millis as f64 / 1000.0,
+                        record.quality_score.unwrap_or(0.0),
+                        record.volume_ml.unwrap_or(0.0),
+                        record.seg_sop_instance_uid.as_deref().unwrap_or("not stored (empty result)")
+                    );
+                    if record.needs_review {
+                        Orthanc::log_warning(&format!("{msg}; QA below {} or flagged: needs review", self.config.quality_threshold));
+                    } else {
+                        Orthanc::log_info(&msg);
+                    }
+                    break Outcome::Done;
+                }
+                Err(RunError::Process(ProcessError::Cancelled)) if !self.shutdown.load(Ordering::SeqCst) && job.phase() == Phase::Paused => {
+                    Orthanc::log_info(&format!("DeSAM: series {series_id}: job paused"));
+                    continue;
+                }
+                Err(RunError::Process(ProcessError::Cancelled)) => {
+                    job.set_phase(if self.shutdown.load(Ordering::SeqCst) { Phase::Failed("Orthanc is stopping".into()) } else { Phase::Canceled });
+                    break Outcome::Canceled;
+                }
+                Err(_) if self.shutdown.load(Ordering::SeqCst) => {
+                    job.set_phase(Phase::Failed("Orthanc is stopping".into()));
+                    break Outcome::Canceled;
+                }
+                Err(e) => {
+                    let msg = e.to_string();
+                    job.set_phase(Phase::Failed(msg.clone()));
+                    let record = ResultRecord {
+                        status: "failed".into(),
+                        model_name: model.name.clone(),
+                        model_version: model.version.clone(),
+                        model_sha256: model.sha256.clone(),
+                        mode: mode.clone(),
+                        content_hash: hash.clone(),
+                        instance_count: uids.len(),
+                        error: Some(msg.clone()),
+                        processed_at: metadata::utc_now(),
+                        job: job.orthanc_id.lock().unwrap().clone(),
+                        ..Default::default()
+                    };
+                    let _ = self.write_record(series_id, &record);
+                    break Outcome::Failed(msg);
+                }
+            }
+        };
+        job.attached.store(false, Ordering::SeqCst);
+        Ok(outcome)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn run_job(&self, series_id: &str, instance_ids: &[String], uids: &[String], hash: &str, model: &ModelIdentity, mode: &str, job: &JobShared) -> Result<ResultRecord, RunError> {
+        let started = Instant::now();
+        let mut files = Vec::with_capacity(instance_ids.len());
+        for (i, id) in instance_ids.iter().enumerate() {
+            if job.cancel.load(Ordering::SeqCst) {
+                return Err(ProcessError::Cancelled.into());
+            }
+            files.push(Orthanc::get(&format!("/instances/{id}/file"))?);
+            job.set_progress(0.1 * (i + 1) as f32 / instance_ids.len() as f32);
+        }
+        let request = ProcessRequest {
+            mode: mode.to_string(),
+            series_description: self.config.series_description.clone(),
+            quality_threshold: self.config.quality_threshold,
+            store_empty: self.config.empty_result == EmptyResult::Seg,
+        };
+        let output = self.processor.process(&files, &request, &mut |p| job.set_progress(0.1 + 0.8 * p), &job.cancel)?;
+        drop(files);
+        if job.cancel.load(Ordering::SeqCst) {
+            return Err(ProcessError::Cancelled.into());
+        }
+        let s = &output.summary;
+        for w in &s.warnings {
+            Orthanc::log_warning(&format!("DeSAM: series {series_id}: {w}"));
+        }
+        let seg_instance = match &output.seg {
+            Some(bytes) => {
+                let answer = Orthanc::post("/instances", bytes)?;
+                let v: Value = serde_json::from_slice(&answer).map_err(|e| RunError::Other(format!("unexpected answer from POST /instances: {e}")))?;
+                Some(v["ID"].as_str().ok_or_else(|| RunError::Other(format!("POST /instances answered {v}")))?.to_string())
+            }
+            None => None,
+        };
+        job.set_progress(0.95);
+        let needs_review = s.flagged || s.quality < self.config.quality_threshold || s.empty;
+        let record = ResultRecord {
+            status: if output.seg.is_some() { "done".into() } else { "empty".into() },
+            model_name: model.name.clone(),
+            model_version: model.version.clone(),
+            model_sha256: model.sha256.clone(),
+            mode: mode.to_string(),
+            content_hash: hash.to_string(),
+            instance_count: uids.len(),
+            seg_sop_instance_uid: s.seg_sop_instance_uid.clone(),
+            seg_series_instance_uid: s.seg_series_instance_uid.clone(),
+            seg_instance: seg_instance.clone(),
+            quality_score: Some(s.quality),
+            volume_ml: Some(s.volume_ml),
+            needs_review,
+            error: None,
+            seconds: started.elapsed().as_secs_f64(),
+            device: s.device.clone(),
+            processed_at: metadata::utc_now(),
+            job: job.orthanc_id.lock().unwrap().clone(),
+        };
+        self.write_record(series_id, &record)?;
+        job.set_detail("SegInstance", json!(seg_instance));
+        job.set_detail("SegSOPInstanceUID", json!(s.seg_sop_instance_uid));
+        job.set_detail("QualityScore", json!(s.quality));
+        job.set_detail("VolumeMl", json!(s.volume_ml));
+        job.set_detail("NeedsReview", json!(needs_review));
+        job.set_detail("Device", json!(s.device));
+        Ok(record)
+    }
+
+    pub fn result_json(&self, series_id: &str) -> Result<Option<Value>, OrthancCallError> {
+        match Orthanc::get(&format!("/series/{series_id}")) {
+            Err(e) if e.is_not_found() => return Ok(None),
+            Err(e) => return Err(e),
+            Ok(_) => {}
+        }
+        let record = self.read_record(series_id);
+        let review = Orthanc::get(&format!("/series/{series_id}/metadata/{}", self.config.review_metadata))
+            .ok()
+            .map(|b| String::from_utf8_lossy(&b).to_string());
+        let (queued, running) = self.is_queued_or_running(series_id);
+        Ok(Some(json!({
+            "Series": series_id,
+            "Result": record,
+            "Review": review,
+            "NeedsReview": review.as_deref() == Some("needs-review"),
+            "Queued": queued,
+            "Running": running,
+        })))
+    }
+}

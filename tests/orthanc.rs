@@ -1,0 +1,454 @@
+//! The Orthanc plugin against a real Orthanc: automatic trigger, exactly-once, restart catch-up,
+//! series rules, bad series, load, REST routes and authentication. Series are sent with storescu.
+
+#[path = "support/orthanc_harness.rs"]
+mod harness;
+
+use desam::dicom::{self, MrSeriesAttributes};
+use desam::model::Arch;
+use desam::modeldir::{self, BackboneSource};
+use desam::Volume;
+use dicom_core::{DataElement, PrimitiveValue, VR};
+use dicom_dictionary_std::tags;
+use harness::{scratch, Orthanc};
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+const TIMEOUT: Duration = Duration::from_secs(240);
+
+/// One clearly untrained tiny model for the whole binary (its masks mean nothing; the plugin's
+/// behaviour, not the segmentation quality, is under test).
+fn tiny_model() -> PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let d = scratch("model").join("tiny");
+        modeldir::create_untrained_model_dir(Arch::Tiny, &d, 11, &BackboneSource::Random).expect("tiny model dir");
+        d
+    })
+    .clone()
+}
+
+fn desam_section(extra: Value) -> Value {
+    let mut s = json!({
+        "ModelDirectory": tiny_model(),
+        "Device": "cpu",
+        "Threads": 1,
+        "Mode": "box",
+        "MaxQueueLength": 10,
+        "SeriesFilter": {"MinSlices": 6},
+    });
+    if let (Value::Object(a), Value::Object(b)) = (&mut s, extra) {
+        for (k, v) in b {
+            a.insert(k, v);
+        }
+    }
+    s
+}
+
+/// A small prostate-like volume: a bright ellipsoid in darker, noisy tissue.
+fn volume(nz: usize, n: usize, seed: u64, direction: [[f64; 3]; 3]) -> Volume {
+    let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+    let mut v = Vec::with_capacity(nz * n * n);
+    for z in 0..nz {
+        for y in 0..n {
+            for x in 0..n {
+                state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                let noise = ((state >> 33) % 40) as f32;
+                let (dx, dy, dz) = (x as f64 / n as f64 - 0.5, y as f64 / n as f64 - 0.55, z as f64 / nz as f64 - 0.5);
+                let inside = (dx / 0.18).powi(2) + (dy / 0.14).powi(2) + (dz / 0.35).powi(2) <= 1.0;
+                v.push(if inside { 700.0 } else { 250.0 } + noise);
+            }
+        }
+    }
+    let mut vol = Volume::new(v, [nz, n, n], [0.7, 0.7, 3.0], [-20.0, -30.0, 10.0]);
+    vol.direction = direction;
+    vol
+}
+
+const AXIAL: [[f64; 3]; 3] = [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]];
+const CORONAL: [[f64; 3]; 3] = [[1.0, 0.0, 0.0], [0.0, 0.0, -1.0], [0.0, 1.0, 0.0]];
+
+/// Writes an MR series; returns (files, SeriesInstanceUID).
+fn mr_series(dir: &Path, nz: usize, n: usize, seed: u64, direction: [[f64; 3]; 3], description: &str) -> (Vec<PathBuf>, String) {
+    let attrs = MrSeriesAttributes { series_description: description.into(), protocol_name: description.into(), ..Default::default() };
+    let written = dicom::write_mr_series_full(&volume(nz, n, seed, direction), &attrs, dir).unwrap();
+    let uid = written.volume.source.as_ref().map(|s| s.series_instance_uid.clone()).unwrap_or_else(|| read_series_uid(&written.paths[0]));
+    (written.paths, uid)
+}
+
+fn read_series_uid(path: &Path) -> String {
+    let obj = dicom_object::open_file(path).unwrap();
+    obj.element(tags::SERIES_INSTANCE_UID).unwrap().to_str().unwrap().trim_end_matches('\0').trim().to_string()
+}
+
+fn dciodvfy_errors(path: &Path) -> Vec<String> {
+    let out = Command::new("dciodvfy").arg(path).output().expect("dciodvfy (dicom3tools) must be installed");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    text.lines().filter(|l| l.starts_with("Error")).map(str::to_string).collect()
+}
+
+fn counters(o: &Orthanc) -> Value {
+    o.get_json("/desam/status")["Counters"].clone()
+}
+
+/// Waits until the worker has nothing queued or running.
+fn wait_idle(o: &Orthanc) {
+    let t0 = std::time::Instant::now();
+    loop {
+        let q = o.get_json("/desam/status")["Queue"].clone();
+        if q["Length"] == 0 && q["Running"].is_null() {
+            return;
+        }
+        assert!(t0.elapsed() < TIMEOUT, "worker never idle: {q}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+#[test]
+fn a_series_gets_exactly_one_valid_seg_and_other_series_are_skipped_with_a_reason() {
+    let dir = scratch("once");
+    let o = Orthanc::start(&dir, true, &json!({"DeSAM": desam_section(json!({}))}));
+
+    let (files, uid) = mr_series(&dir.join("t2"), 8, 48, 1, AXIAL, "t2_tse_tra");
+    o.storescu(&files);
+    let id = o.series_id(&uid);
+    let result = o.wait_result(&id, TIMEOUT);
+    let record = &result["Result"];
+    assert_eq!(record["Status"], "done", "{result}");
+    assert_eq!(record["InstanceCount"], 8);
+    assert!(record["QualityScore"].is_number() && record["VolumeMl"].is_number(), "{record}");
+    assert!(record["ModelSha256"].as_str().unwrap().len() == 64);
+
+    // Exactly one SEG, valid, aligned with the source, carrying the model's version.
+    let segs = o.segs_referencing(&id);
+    assert_eq!(segs.len(), 1, "SEGs: {segs:?}");
+    let seg_bytes = o.request("GET", &format!("/instances/{}/file", segs[0]), None).body;
+    let seg_path = dir.join("seg.dcm");
+    std::fs::write(&seg_path, &seg_bytes).unwrap();
+    let errors = dciodvfy_errors(&seg_path);
+    assert!(errors.is_empty(), "dciodvfy: {errors:?}");
+    let source = dicom::load_series_files(&files).unwrap().volume;
+    let masks = dicom::read_seg(&seg_bytes, &source).unwrap();
+    assert_eq!(masks.len(), 1);
+    assert_eq!(masks[0].1.dims, source.dims);
+    let tags = o.get_json(&format!("/instances/{}/simplified-tags", segs[0]));
+    assert_eq!(tags["Manufacturer"], "desam");
+    let versions = tags["SoftwareVersions"].to_string();
+    let short = &record["ModelSha256"].as_str().unwrap()[..16];
+    assert!(versions.contains(short), "SoftwareVersions {versions} should name the model hash {short}");
+    assert_eq!(record["SegSopInstanceUid"].as_str().or(record["SegSOPInstanceUID"].as_str()), tags["SOPInstanceUID"].as_str(), "{record}");
+    let review = o.get_json(&format!("/series/{id}/metadata?expand"));
+    assert!(review["DeSAMReview"] == "ok" || review["DeSAMReview"] == "needs-review", "{review}");
+
+    // It ran as an Orthanc job.
+    let jobs = o.get_json("/jobs?expand");
+    let ours: Vec<&Value> = jobs.as_array().unwrap().iter().filter(|j| j["Type"] == "DeSAMSegmentation").collect();
+    assert_eq!(ours.len(), 1, "{jobs}");
+    assert_eq!(ours[0]["State"], "Success");
+    assert_eq!(ours[0]["Content"]["Series"], id.as_str());
+
+    // Re-send: no duplicate (the StableSeries that may follow and a manual request are both skipped).
+    let skipped_before = counters(&o)["Skipped"].as_u64().unwrap();
+    o.storescu(&files);
+    std::thread::sleep(Duration::from_secs(4));
+    let r = o.request("POST", &format!("/desam/series/{id}/segment"), Some(b""));
+    assert_eq!(r.status, 200, "{}", r.text());
+    wait_idle(&o);
+    assert!(counters(&o)["Skipped"].as_u64().unwrap() > skipped_before);
+    assert_eq!(o.segs_referencing(&id).len(), 1);
+    assert_eq!(counters(&o)["Processed"], 1);
+
+    // Series the plugin must leave alone: CT, a coronal T2, a DWI, too few slices.
+    let ct = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/lib/python3.11/site-packages/pydicom/data/test_files/CT_small.dcm");
+    o.storescu(&[ct.clone()]);
+    let (cor, cor_uid) = mr_series(&dir.join("cor"), 8, 32, 2, CORONAL, "t2_tse_cor");
+    let (dwi, dwi_uid) = mr_series(&dir.join("dwi"), 8, 32, 3, AXIAL, "ep2d_diff_tra");
+    let (short_files, short_uid) = mr_series(&dir.join("short"), 3, 32, 4, AXIAL, "t2_tse_tra");
+    o.storescu(&[cor, dwi, short_files].concat());
+    std::thread::sleep(Duration::from_secs(4));
+    wait_idle(&o);
+    let log = o.log_text();
+    for (uid, reason) in [(&cor_uid, "from axial"), (&dwi_uid, "DescriptionPattern"), (&short_uid, "MinSlices")] {
+        let sid = o.series_id(uid);
+        assert!(log.lines().any(|l| l.contains(&sid) && l.contains("skipped") && l.contains(reason)), "no skip line with {reason:?} for {sid}");
+        assert!(o.segs_referencing(&sid).is_empty());
+    }
+    assert!(log.lines().any(|l| l.contains("skipped") && l.contains("not MR")), "CT not reported as skipped");
+    let seg_series = o.get_json(&format!("/instances/{}", segs[0]))["ParentSeries"].as_str().unwrap().to_string();
+    assert!(log.lines().any(|l| l.contains(&seg_series) && l.contains("skipped") && l.contains("our own output")), "own SEG not reported as skipped");
+    assert_eq!(counters(&o)["Processed"], 1);
+
+    // Metrics reach Prometheus.
+    let prom = o.request("GET", "/tools/metrics-prometheus", None).text();
+    assert!(prom.lines().any(|l| l.starts_with("desam_series_processed ") && l.contains(" 1")), "{prom}");
+    assert!(prom.contains("desam_queue_length"), "{prom}");
+    o.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn rest_routes_answer_and_follow_orthanc_authentication() {
+    let dir = scratch("rest");
+    let o = Orthanc::start(
+        &dir,
+        true,
+        &json!({
+            "AuthenticationEnabled": true,
+            "RegisteredUsers": {"alice": "s3cret"},
+            "DeSAM": desam_section(json!({"StableSeriesTrigger": false})),
+        }),
+    );
+    for path in ["/desam/status", "/desam/models", "/desam/series/0000"] {
+        assert_eq!(o.request_as("GET", path, None).status, 401, "{path} without credentials");
+        assert_eq!(o.request_as("GET", path, Some("alice:wrong")).status, 401, "{path} with a wrong password");
+    }
+    assert_eq!(o.request_as("POST", "/desam/series/0000/segment", None).status, 401);
+
+    let status = o.get_json("/desam/status");
+    assert_eq!(status["Enabled"], true);
+    assert_eq!(status["ModelLoaded"], false, "the model must load lazily: {status}");
+    assert_eq!(status["Model"]["Name"].as_str().is_some(), true, "{status}");
+    let models = o.get_json("/desam/models");
+    assert_eq!(models["Active"]["Identity"]["Sha256"], status["Model"]["Sha256"]);
+    assert!(models["Available"].as_array().unwrap().iter().any(|m| m["Active"] == true), "{models}");
+    assert_eq!(o.request("GET", "/desam/series/0123abcd", None).status, 404);
+    assert_eq!(o.request("POST", "/desam/series/0123abcd/segment", Some(b"")).status, 404);
+    assert_eq!(o.request("GET", "/desam/series/0123abcd/segment", None).status, 405);
+
+    // Manual trigger with a mode (automatic trigger is off in this instance).
+    let (files, uid) = mr_series(&dir.join("t2"), 6, 32, 5, AXIAL, "t2_tse_tra");
+    o.storescu(&files);
+    let id = o.series_id(&uid);
+    assert_eq!(o.request("POST", &format!("/desam/series/{id}/segment"), Some(b"{\"Mode\": 3}")).status, 400);
+    let r = o.request("POST", &format!("/desam/series/{id}/segment"), Some(br#"{"Mode": "grid"}"#));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["Mode"], "grid");
+    let result = o.wait_result(&id, TIMEOUT);
+    assert_eq!(result["Result"]["Status"], "done", "{result}");
+    assert_eq!(result["Result"]["Mode"], "grid");
+    assert_eq!(o.get_json("/desam/status")["ModelLoaded"], true);
+    o.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn invalid_configuration_disables_the_plugin_but_orthanc_keeps_running() {
+    let dir = scratch("badcfg");
+    let o = Orthanc::start(&dir, true, &json!({"DeSAM": {"ModelDirectory": tiny_model(), "Device": "tpu"}}));
+    let status = o.get_json("/desam/status");
+    assert_eq!(status["Enabled"], false);
+    assert!(status["Reason"].as_str().unwrap().contains("Device"), "{status}");
+    assert_eq!(o.request("GET", "/desam/models", None).status, 404, "only the status route exists when disabled");
+    assert_eq!(o.request("GET", "/system", None).status, 200);
+    let log = o.stop();
+    assert!(log.lines().any(|l| l.starts_with('E') && l.contains("DeSAM") && l.contains("Device") && l.contains("disabled")), "{log}");
+
+    // The shipped sample configuration is accepted by Orthanc and by the plugin (only the model
+    // directory, absent on a build machine, stops it).
+    let sample = Path::new(env!("CARGO_MANIFEST_DIR")).join("plugin-manifest/orthanc/desam.json");
+    let o = Orthanc::start_with_files(&scratch("sample"), true, &json!({}), &[sample]);
+    let status = o.get_json("/desam/status");
+    let reason = status["Reason"].as_str().unwrap_or("");
+    assert!(status["Enabled"] == true || (reason.contains("/usr/share/desam/models/default") && !reason.contains("invalid")), "{status}");
+    o.stop();
+
+    let missing = scratch("nomodel");
+    let o = Orthanc::start(&missing, true, &json!({"DeSAM": {"ModelDirectory": "/nonexistent/desam-model"}}));
+    let status = o.get_json("/desam/status");
+    assert_eq!(status["Enabled"], false);
+    assert!(status["Reason"].as_str().unwrap().contains("/nonexistent/desam-model"), "{status}");
+    o.stop();
+}
+
+fn rewrite(path: &Path, edit: impl FnOnce(&mut dicom_object::DefaultDicomObject)) {
+    let mut obj = dicom_object::open_file(path).unwrap();
+    edit(&mut obj);
+    obj.write_to_file(path).unwrap();
+}
+
+#[test]
+fn bad_series_fail_their_jobs_cleanly_and_other_series_are_still_processed() {
+    let dir = scratch("bad");
+    let section = desam_section(json!({"SeriesFilter": {"MinSlices": 1, "DescriptionPattern": null, "ScanningSequencePattern": null}}));
+    let o = Orthanc::start(&dir, true, &json!({"DeSAM": section}));
+
+    // Truncated pixel data in one slice.
+    let (corrupt, corrupt_uid) = mr_series(&dir.join("corrupt"), 6, 32, 6, AXIAL, "t2 corrupt");
+    rewrite(&corrupt[2], |obj| {
+        let px = obj.element(tags::PIXEL_DATA).unwrap().to_bytes().unwrap().to_vec();
+        obj.put(DataElement::new(tags::PIXEL_DATA, VR::OW, PrimitiveValue::from(px[..px.len() / 2].to_vec())));
+    });
+    // One slice in another orientation.
+    let (mixed, mixed_uid) = mr_series(&dir.join("mixed"), 6, 32, 7, AXIAL, "t2 mixed");
+    rewrite(&mixed[3], |obj| {
+        obj.put(DataElement::new(tags::IMAGE_ORIENTATION_PATIENT, VR::DS, PrimitiveValue::from("1\\0\\0\\0\\0\\-1")));
+    });
+    // No pixel data at all.
+    let (nopixels, nopixels_uid) = mr_series(&dir.join("nopixels"), 6, 32, 8, AXIAL, "t2 no pixels");
+    for f in &nopixels {
+        rewrite(f, |obj| {
+            obj.remove_element(tags::PIXEL_DATA);
+        });
+    }
+    // A transfer syntax the reader cannot decode (JPEG-LS).
+    let jls = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/lib/python3.11/site-packages/pydicom/data/test_files/MR_small_jpeg_ls_lossless.dcm");
+    let jls_uid = read_series_uid(&jls);
+
+    o.storescu(&corrupt);
+    o.storescu(&mixed);
+    o.storescu(&nopixels);
+    // storescu cannot offer JPEG-LS to this Orthanc; a REST upload stores it as it is.
+    let r = o.request("POST", "/instances", Some(&std::fs::read(&jls).unwrap()));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let (good, good_uid) = mr_series(&dir.join("good"), 6, 32, 9, AXIAL, "t2 good");
+    o.storescu(&good);
+
+    let good_id = o.series_id(&good_uid);
+    assert_eq!(o.wait_result(&good_id, TIMEOUT)["Result"]["Status"], "done");
+    let mut errors = Vec::new();
+    for uid in [&corrupt_uid, &mixed_uid, &nopixels_uid, &jls_uid] {
+        let id = o.series_id(uid);
+        let r = o.wait_result(&id, TIMEOUT);
+        assert_eq!(r["Result"]["Status"], "failed", "{r}");
+        assert!(o.segs_referencing(&id).is_empty());
+        errors.push(r["Result"]["Error"].as_str().unwrap().to_string());
+    }
+    eprintln!("failure messages: {errors:#?}");
+    assert!(errors[0].contains("pixel data") || errors[0].contains("Pixel"), "{}", errors[0]);
+    assert!(errors[1].contains("orientation"), "{}", errors[1]);
+    assert!(errors[2].contains("no pixel data"), "{}", errors[2]);
+    assert!(errors[3].to_lowercase().contains("transfer syntax") || errors[3].contains("JPEG-LS"), "{}", errors[3]);
+    for e in &errors {
+        assert!(!e.contains('\n') && e.starts_with("cannot read the series"), "{e}");
+    }
+    // Failed Orthanc jobs carry the same message.
+    let jobs = o.get_json("/jobs?expand");
+    let failed: Vec<&Value> = jobs.as_array().unwrap().iter().filter(|j| j["Type"] == "DeSAMSegmentation" && j["State"] == "Failure").collect();
+    assert_eq!(failed.len(), 4, "{jobs}");
+    assert!(failed.iter().all(|j| j["Content"]["Error"].as_str().is_some_and(|e| errors.iter().any(|x| x == e))), "{jobs}");
+    assert_eq!(counters(&o)["Failed"], 4);
+    assert_eq!(o.request("GET", "/system", None).status, 200);
+    let log = o.stop();
+    assert!(log.lines().filter(|l| l.starts_with('E') && l.contains("DeSAM: series") && l.contains("failed")).count() >= 4);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn restart_processes_series_that_arrived_while_the_plugin_was_not_running() {
+    let dir = scratch("restart");
+    let cfg = json!({"DeSAM": desam_section(json!({}))});
+    // First start with the plugin: it records where the change log stands.
+    let o = Orthanc::start(&dir, true, &cfg);
+    let t0 = std::time::Instant::now();
+    while o.get_json("/desam/status")["Queue"]["Cursor"].as_i64().unwrap_or(-1) < 0 {
+        assert!(t0.elapsed() < TIMEOUT, "the change cursor was never stored");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    o.stop();
+    // Orthanc without the plugin receives a series and stops.
+    let o = Orthanc::start(&dir, false, &json!({}));
+    let (files, uid) = mr_series(&dir.join("t2"), 6, 32, 10, AXIAL, "t2_tse_tra");
+    o.storescu(&files);
+    let id = o.series_id(&uid);
+    o.stop();
+    // Back with the plugin: the series is processed at start-up.
+    let o = Orthanc::start(&dir, true, &cfg);
+    assert_eq!(o.wait_result(&id, TIMEOUT)["Result"]["Status"], "done");
+    assert_eq!(o.segs_referencing(&id).len(), 1);
+    let log = o.stop();
+    assert!(log.contains("catching up"), "{log}");
+    // Another restart: nothing is processed twice.
+    let o = Orthanc::start(&dir, true, &cfg);
+    std::thread::sleep(Duration::from_secs(3));
+    wait_idle(&o);
+    assert_eq!(o.segs_referencing(&id).len(), 1);
+    assert_eq!(counters(&o)["Processed"], 0);
+    o.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn twenty_series_at_once_are_each_segmented_exactly_once_with_a_bounded_queue() {
+    let dir = scratch("load");
+    let max_queue = 4;
+    let o = Orthanc::start(&dir, true, &json!({"DeSAM": desam_section(json!({"MaxQueueLength": max_queue}))}));
+    let (rss0, _) = o.rss_kb();
+    let mut all = Vec::new();
+    let mut uids = Vec::new();
+    for i in 0..20 {
+        let (files, uid) = mr_series(&dir.join(format!("s{i}")), 6, 32, 100 + i, AXIAL, "t2_tse_tra");
+        all.extend(files);
+        uids.push(uid);
+    }
+    let t0 = std::time::Instant::now();
+    o.storescu(&all);
+    let mut peak_rss = 0;
+    for uid in &uids {
+        let id = o.series_id(uid);
+        assert_eq!(o.wait_result(&id, TIMEOUT)["Result"]["Status"], "done");
+        peak_rss = peak_rss.max(o.rss_kb().0);
+    }
+    wait_idle(&o);
+    let elapsed = t0.elapsed();
+    for uid in &uids {
+        assert_eq!(o.segs_referencing(&o.series_id(uid)).len(), 1, "series {uid}");
+    }
+    let c = counters(&o);
+    assert_eq!(c["Processed"], 20, "{c}");
+    assert_eq!(c["Failed"], 0, "{c}");
+    assert!(c["QueueHighWater"].as_u64().unwrap() <= max_queue as u64, "{c}");
+    let (rss, hwm) = o.rss_kb();
+    eprintln!(
+        "load: 20 series (6×32×32) in {:.1} s; Orthanc RSS idle {} MB, during {} MB, after {} MB, peak {} MB; queue high water {}",
+        elapsed.as_secs_f64(),
+        rss0 / 1024,
+        peak_rss / 1024,
+        rss / 1024,
+        hwm / 1024,
+        c["QueueHighWater"]
+    );
+    assert!(hwm < 3 * 1024 * 1024, "Orthanc peak RSS {} MB", hwm / 1024);
+    o.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn shutdown_during_a_job_is_clean_and_the_series_is_completed_after_restart() {
+    let dir = scratch("shutdown");
+    let cfg = json!({"DeSAM": desam_section(json!({}))});
+    let o = Orthanc::start(&dir, true, &cfg);
+    let (files, uid) = mr_series(&dir.join("t2"), 40, 128, 12, AXIAL, "t2_tse_tra");
+    o.storescu(&files);
+    let id = o.series_id(&uid);
+    // Stop Orthanc as soon as the series is running (or at once if it is already done).
+    let t0 = std::time::Instant::now();
+    loop {
+        let status = o.get_json("/desam/status");
+        let running = status["Queue"]["Running"] == id.as_str();
+        let done = status["Counters"]["Processed"] == 1;
+        if running || done {
+            break;
+        }
+        assert!(t0.elapsed() < TIMEOUT, "the series never started: {status}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let stop_started = std::time::Instant::now();
+    let log = o.stop(); // asserts exit code 0
+    let stop_s = stop_started.elapsed().as_secs_f64();
+    eprintln!("shutdown with a running series took {stop_s:.1} s");
+    assert!(stop_s < 30.0, "shutdown took {stop_s:.1} s");
+    let interrupted = log.contains("interrupted by the shutdown");
+    assert!(interrupted || log.contains("segmented in"), "{log}");
+    // Whatever happened, after a restart the series has exactly one SEG.
+    let o = Orthanc::start(&dir, true, &cfg);
+    assert_eq!(o.wait_result(&id, TIMEOUT)["Result"]["Status"], "done");
+    std::thread::sleep(Duration::from_secs(2));
+    wait_idle(&o);
+    assert_eq!(o.segs_referencing(&id).len(), 1);
+    eprintln!("series interrupted by the shutdown: {interrupted}; processed after restart: {}", counters(&o)["Processed"]);
+    o.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+}
