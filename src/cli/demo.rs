@@ -116,7 +116,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if spec.untrained {
         if args.require_trained {
             bail!(
-                "{} is an untrained placeholder (model.json \"untrained\": true): never for the demo; train a model (desam-train) or install the default model",
+                "{} is an untrained placeholder: never for the demo (model.json \"untrained\": true); train a model with desam-train or install the default model",
                 model.display()
             );
         }
