@@ -20,6 +20,9 @@ const DEMO_AET: &str = "DESAMDEMO";
 const SCANNER_AET: &str = "PHANTOMSCANNER";
 /// Marks a folder as the demo's own output (only such a folder is cleared on a re-run).
 const MARKER: &str = ".desam-demo";
+/// How long the plugin may sit idle while series still lack a result before the demo stops waiting
+/// (StableAge 2 s + about 1 s until Orthanc reports a series stable, with a wide margin).
+const IDLE_GIVE_UP: Duration = Duration::from_secs(20);
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -272,6 +275,7 @@ fn send(orthanc: &DemoOrthanc, s: &mut DemoSeries) -> anyhow::Result<()> {
 /// Polls `GET /desam/series/{id}` until every series has a final result record.
 fn wait_results(orthanc: &DemoOrthanc, series: &mut [DemoSeries], deadline: Instant) -> anyhow::Result<()> {
     let mut last_note = Instant::now();
+    let mut idle_since: Option<Instant> = None;
     loop {
         let mut pending = 0;
         for s in series.iter_mut().filter(|s| s.finished_at.is_none()) {
@@ -301,10 +305,24 @@ fn wait_results(orthanc: &DemoOrthanc, series: &mut [DemoSeries], deadline: Inst
             return Ok(());
         }
         orthanc.check_alive()?;
-        if Instant::now() > deadline {
-            let ids: Vec<String> = series.iter().filter(|s| s.finished_at.is_none()).map(|s| s.case.case_id.clone()).collect();
-            let (_, status) = orthanc.http("GET", "/desam/status", b"")?;
-            bail!("no result for {} before the timeout; plugin status: {}", ids.join(", "), String::from_utf8_lossy(&status));
+        // A series the plugin never queued (its series rules skipped it) would otherwise be waited
+        // for until the timeout: once the plugin has been idle for IDLE_GIVE_UP, give up on it.
+        let queue = orthanc.get_json("/desam/status")?["Queue"].clone();
+        let idle = queue["Length"].as_u64() == Some(0) && queue["Running"].is_null();
+        idle_since = if idle { idle_since.or(Some(Instant::now())) } else { None };
+        let gave_up = idle_since.is_some_and(|t| t.elapsed() > IDLE_GIVE_UP);
+        let timed_out = Instant::now() > deadline;
+        if gave_up || timed_out {
+            let why = if timed_out {
+                "no result before the timeout".to_string()
+            } else {
+                format!("not processed: the plugin is idle (skipped by its series rules? see {})", orthanc.log.display())
+            };
+            for s in series.iter_mut().filter(|s| s.finished_at.is_none()) {
+                eprintln!("demo: {}: {why}", s.case.case_id);
+                s.record = json!({"Status": if timed_out { "timeout" } else { "not processed" }, "Error": why});
+            }
+            return Ok(());
         }
         if last_note.elapsed() > Duration::from_secs(30) {
             println!("demo: waiting for {pending} series …");
