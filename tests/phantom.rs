@@ -174,7 +174,7 @@ fn noise_matches_the_site_snr() {
         assert!(snr > spec.0 * 0.75 && snr < spec.1 * 1.35, "site {site}: measured SNR {snr}, range {spec:?}");
         assert!((10.0 * 0.75..=40.0 * 1.35).contains(&snr));
         // The generator's own sigma agrees with the measurement.
-        let rel = sigma / a.truth.noise_sigma_stored;
+        let rel = sigma / a.truth.noise_sigma;
         assert!((0.8..1.25).contains(&rel), "site {site}: sigma measured/designed {rel}");
     }
 }
@@ -361,7 +361,7 @@ fn montage_png_shows_six_sites() {
     let mut reader = decoder.read_info().unwrap();
     let mut buf = vec![0; reader.output_buffer_size()];
     let info = reader.next_frame(&mut buf).unwrap();
-    assert_eq!((info.width, info.height), (6 * 64 + 5 * 4, 2 * 64 + 4));
+    assert_eq!((info.width, info.height), (6 * 64 + 5 * 4, 3 * 64 + 2 * 4));
     // The contour colour (yellow) appears in every site's lower panel.
     for i in 0..6usize {
         let x0 = i * 68;

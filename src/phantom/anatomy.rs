@@ -376,7 +376,7 @@ pub struct Anatomy {
     /// The endorectal receive coil: (axis point x, y), half-length along z.
     pub coil: Option<([f64; 2], f64)>,
     levator: Sling,
-    obturator: [Rod; 2],
+    obturator: [Blob; 2],
     gluteus: [Blob; 2],
     adductors: [Blob; 2],
     bones: Vec<Bone>,
@@ -566,13 +566,17 @@ impl Anatomy {
                 )),
                 cortex_mm: 2.0,
             });
-            obturator_rods.push(Rod {
-                a: [s * (isch_x - 14.0), pubis_y + 12.0],
-                b: [s * (isch_x - obt_r - 3.0), isch_y],
-                radius: obt_r,
-                z0: -80.0,
-                z1: 80.0,
-            });
+            // Obturator internus: a thick muscle sheet on the side wall, from the pubis back to the ischium.
+            let front = [s * (isch_x - 14.0), pubis_y + 12.0];
+            let back = [s * (isch_x - obt_r - 3.0), isch_y];
+            let mut m = Blob::ellipsoid(
+                [0.5 * (front[0] + back[0]), 0.5 * (front[1] + back[1]), 0.0],
+                [obt_r, 0.5 * ((back[1] - front[1]).powi(2) + (back[0] - front[0]).powi(2)).sqrt() + obt_r, 90.0],
+            )
+            .lumpy(rng, 5, (2.0, 4.0), 0.07);
+            m.yaw = -((back[0] - front[0]) / (back[1] - front[1])).atan();
+            m.update_reach();
+            obturator_rods.push(m);
         }
         let obturator = [obturator_rods[0].clone(), obturator_rods[1].clone()];
         // Coccyx, posterior in the midline.
@@ -598,12 +602,22 @@ impl Anatomy {
         };
         let adductors = [ad(rng, -1.0), ad(rng, 1.0)];
         let vessels = VesselField { seed: rng.gen(), cell_mm: uni(rng, 9.0, 13.0) };
-        let nvb = |s: f64| Rod {
-            a: [s * semi[0] * 0.78, semi[1] * 0.72],
-            b: [s * semi[0] * 0.8, semi[1] * 0.74],
-            radius: 2.2,
-            z0: -semi[2] * 0.9,
-            z1: semi[2] * 0.9,
+        // Neurovascular bundles: just outside the capsule at 5 and 7 o'clock (found by marching out
+        // from the centre along the posterolateral direction on the mid-gland plane).
+        let nvb = |s: f64| {
+            let dir = [s * 0.8, 0.6];
+            let mut t = 0.0;
+            while t < 80.0 && gland.distance([dir[0] * t, dir[1] * t, 0.0]) < 0.0 {
+                t += 0.25;
+            }
+            let t = t + 3.2;
+            Rod {
+                a: [dir[0] * t, dir[1] * t],
+                b: [dir[0] * (t + 0.5), dir[1] * (t + 0.5)],
+                radius: 2.2,
+                z0: -semi[2] * 0.8,
+                z1: semi[2] * 0.8,
+            }
         };
         let neurovascular = [nvb(-1.0), nvb(1.0)];
 
@@ -830,6 +844,39 @@ mod tests {
         assert!(b.distance([0.0, 0.0, 0.0]) < -14.0);
         assert!((b.distance([25.0, 0.0, 0.0]) - 5.0).abs() < 1e-9);
         assert!((b.distance([0.0, 10.0, 0.0]) + 5.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn gland_volumes_stay_within_15_to_80_ml() {
+        let h = 1.5;
+        let (mut lo, mut hi) = (f64::MAX, 0.0f64);
+        for seed in 0..60u64 {
+            let mut rng = ChaCha20Rng::seed_from_u64(1000 + seed);
+            let a = Anatomy::draw(&mut rng, seed % 2 == 0);
+            let (mut gland, mut pz) = (0usize, 0usize);
+            for i in -30..=30 {
+                for j in -30..=30 {
+                    for k in -30..=30 {
+                        match a.zone([i as f64 * h, j as f64 * h, k as f64 * h]) {
+                            Zone::Outside => {}
+                            Zone::Peripheral => {
+                                gland += 1;
+                                pz += 1
+                            }
+                            Zone::Transition => gland += 1,
+                        }
+                    }
+                }
+            }
+            let ml = gland as f64 * h * h * h / 1000.0;
+            lo = lo.min(ml);
+            hi = hi.max(ml);
+            assert!((15.0..=80.0).contains(&ml), "seed {seed}: {ml} mL");
+            let share = pz as f64 / gland as f64;
+            assert!((0.25..=0.85).contains(&share), "seed {seed}: PZ share {share}");
+        }
+        // The draw spans the range rather than sitting in one corner of it.
+        assert!(lo < 30.0 && hi > 50.0, "volumes {lo}..{hi} mL");
     }
 
     #[test]

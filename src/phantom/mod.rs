@@ -55,10 +55,10 @@ pub struct CaseTruth {
     pub pz_thickness_mm: f64,
     /// Relative TZ signal (PZ = 1) before texture and nodules.
     pub tz_relative: f64,
-    /// Noise sigma in stored units.
-    pub noise_sigma_stored: f64,
-    /// Mean noise-free PZ signal in stored units (after coil sensitivity).
-    pub pz_mean_stored: f64,
+    /// Noise sigma per channel, in the image's (modality) units.
+    pub noise_sigma: f64,
+    /// Mean noise-free PZ signal in the image's units (after coil sensitivity).
+    pub pz_mean: f64,
     /// RescaleSlope (1 when the vendor writes none): modality value = stored · slope.
     pub slope: f64,
 }
@@ -176,8 +176,8 @@ pub fn generate_case_with(site: Site, case_index: u32, seed: u64, opts: &Generat
 
     let anatomy = anatomy::Anatomy::draw(&mut anat_rng, site.has_endorectal_coil());
     // The stack covers the gland with room for the bladder base and seminal vesicles.
-    let gland_si = 2.0 * anatomy.gland.semi[2] * (1.0 + anatomy.gland.taper);
-    let protocol = sites::draw_protocol(site, opts.size, gland_si + 24.0, &mut proto_rng);
+    let gland_si = 2.0 * anatomy.gland.semi[2] * 1.1;
+    let protocol = sites::draw_protocol(site, opts.size, gland_si + 20.0, &mut proto_rng);
     let geom = acquisition::place(&protocol, &mut place_rng);
     let (mut image, labels) = acquisition::rasterise(&anatomy, &geom, &protocol);
     let dims = geom.dims;
@@ -193,6 +193,7 @@ pub fn generate_case_with(site: Site, case_index: u32, seed: u64, opts: &Generat
                 }
             }
         }
+        acquisition::add_ghost(&mut image, dims, protocol.phase_encoding_rows, protocol.ghost_amplitude);
     }
 
     // Noise is set against the mean PZ signal of this image (SNR = mean PZ / sigma).
@@ -231,8 +232,8 @@ pub fn generate_case_with(site: Site, case_index: u32, seed: u64, opts: &Generat
         has_tumour: anatomy.has_tumour,
         pz_thickness_mm: anatomy.pz_thickness_mm,
         tz_relative: anatomy.tissues.tz,
-        noise_sigma_stored: sigma * scale,
-        pz_mean_stored: pz_mean * scale,
+        noise_sigma: sigma * scale * slope,
+        pz_mean: pz_mean * scale * slope,
         slope,
     };
 
@@ -316,6 +317,35 @@ mod tests {
         assert_eq!(site_and_case_from_source(&s), Some((Site::C, 12)));
         s.institution_name = Some("Some Hospital".into());
         assert_eq!(site_and_case_from_source(&s), None);
+    }
+
+    #[test]
+    fn the_stack_always_covers_the_gland() {
+        for site in Site::ALL {
+            for case in 0..40u32 {
+                let mut anat_rng = ChaCha20Rng::from_seed(stream_seed(site, case, 77, "anatomy"));
+                let mut proto_rng = ChaCha20Rng::from_seed(stream_seed(site, case, 77, "protocol"));
+                let mut place_rng = ChaCha20Rng::from_seed(stream_seed(site, case, 77, "placement"));
+                let anatomy = anatomy::Anatomy::draw(&mut anat_rng, site.has_endorectal_coil());
+                let gland_si = 2.0 * anatomy.gland.semi[2] * 1.1;
+                let p = sites::draw_protocol(site, Size::Small, gland_si + 20.0, &mut proto_rng);
+                let spec = site.spec();
+                assert!(p.slice_thickness >= spec.slice_thickness.0 && p.slice_thickness <= spec.slice_thickness.1);
+                assert!(p.slices >= spec.slices.0 && p.slices <= spec.slices.1);
+                let g = acquisition::place(&p, &mut place_rng);
+                let [nz, n, _] = g.dims;
+                // Outer slices (edges of the slab included) never touch the gland.
+                for z in [-0.5, 0.0, nz as f64 - 1.0, nz as f64 - 0.5] {
+                    for y in (0..n).step_by(2) {
+                        for x in (0..n).step_by(2) {
+                            let w = g.world(x as f64, y as f64, z);
+                            let a = [w[0] - g.gland_centre[0], w[1] - g.gland_centre[1], w[2] - g.gland_centre[2]];
+                            assert_eq!(anatomy.zone(a), anatomy::Zone::Outside, "site {site} case {case} slice {z}");
+                        }
+                    }
+                }
+            }
+        }
     }
 
     #[test]

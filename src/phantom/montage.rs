@@ -168,16 +168,31 @@ fn draw_letter(img: &mut Rgb, c: char, x0: usize, y0: usize, scale: usize) {
     }
 }
 
-/// Two rows × one column per case: the whole field of view, then a 90 mm square around the gland
-/// with the gland (yellow) and TZ (cyan) outlines.
+/// The slice through the upper third of the gland (towards the base), where the bladder and the
+/// seminal vesicles show.
+pub fn base_slice(case: &PhantomCase) -> usize {
+    let [nz, ny, nx] = case.labels.dims;
+    let with_gland: Vec<usize> =
+        (0..nz).filter(|&z| case.labels.data[z * ny * nx..(z + 1) * ny * nx].iter().any(|&v| v > 0)).collect();
+    match (with_gland.first(), with_gland.last()) {
+        // z runs along the slice normal, which points superior (head) for these stacks.
+        (Some(&lo), Some(&hi)) => (lo + (hi - lo) * 9 / 10).min(nz - 1),
+        _ => nz / 2,
+    }
+}
+
+/// Three rows × one column per case: the whole field of view at mid-gland, a 90 mm square around
+/// the gland with the gland (yellow) and TZ (cyan) outlines, and the whole field near the base.
 pub fn montage(cases: &[PhantomCase], panel: usize) -> Rgb {
     let gap = 4;
+    let rows = 3;
     let width = cases.len() * panel + (cases.len().saturating_sub(1)) * gap;
-    let height = 2 * panel + gap;
+    let height = rows * panel + (rows - 1) * gap;
     let mut out = Rgb::new(width.max(1), height);
     for (i, case) in cases.iter().enumerate() {
-        let z = mid_gland_slice(case);
-        for (row, contours, zoom) in [(0usize, false, None), (1usize, true, Some(90.0))] {
+        let mid = mid_gland_slice(case);
+        let base = base_slice(case);
+        for (row, z, contours, zoom) in [(0usize, mid, false, None), (1, mid, true, Some(90.0)), (2, base, false, None)] {
             let p = render_panel(case, z, panel, contours, zoom);
             let x0 = i * (panel + gap);
             let y0 = row * (panel + gap);

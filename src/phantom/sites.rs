@@ -325,6 +325,10 @@ pub struct CaseProtocol {
     pub repetition_time_ms: f64,
     pub echo_time_ms: f64,
     pub echo_train_length: u32,
+    /// Phase encoding along the rows (left–right) rather than the columns (anterior–posterior).
+    pub phase_encoding_rows: bool,
+    /// Relative amplitude of the N/2 (motion/phase) ghost along the phase-encoding direction.
+    pub ghost_amplitude: f64,
 }
 
 impl CaseProtocol {
@@ -362,7 +366,13 @@ pub(crate) fn draw_protocol(site: Site, size: Size, min_coverage_mm: f64, rng: &
     };
     let (full_matrix, full_spacing) = spec.matrices[rng.gen_range(0..spec.matrices.len())];
     let thickness = (uniform(rng, spec.slice_thickness) * 10.0).round() / 10.0;
-    let thickness = thickness.clamp(spec.slice_thickness.0, spec.slice_thickness.1);
+    let mut thickness = thickness.clamp(spec.slice_thickness.0, spec.slice_thickness.1);
+    // A large gland at thin slices: thicker slices (within the site's range) before too few.
+    let max_cover = spec.slices.1 as f64 * thickness;
+    if max_cover < min_coverage_mm {
+        let t = ((min_coverage_mm / spec.slices.1 as f64) * 10.0).ceil() / 10.0;
+        thickness = t.clamp(spec.slice_thickness.0, spec.slice_thickness.1);
+    }
     let drawn = rng.gen_range(spec.slices.0..=spec.slices.1);
     let needed = (min_coverage_mm / thickness).ceil() as usize;
     let slices = drawn.max(needed).min(spec.slices.1);
@@ -410,5 +420,8 @@ pub(crate) fn draw_protocol(site: Site, size: Size, min_coverage_mm: f64, rng: &
         repetition_time_ms: tr,
         echo_time_ms: te,
         echo_train_length: rng.gen_range(13..=25),
+        // Siemens prostate protocols usually encode phase left–right, the others anterior–posterior.
+        phase_encoding_rows: spec.manufacturer == "SIEMENS",
+        ghost_amplitude: uniform(rng, (0.005, 0.025)),
     }
 }
