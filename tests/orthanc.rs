@@ -163,7 +163,7 @@ fn a_series_gets_exactly_one_valid_seg_and_other_series_are_skipped_with_a_reaso
 
     // Series the plugin must leave alone: CT, a coronal T2, a DWI, too few slices.
     let ct = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/lib/python3.11/site-packages/pydicom/data/test_files/CT_small.dcm");
-    o.storescu(&[ct.clone()]);
+    o.storescu(std::slice::from_ref(&ct));
     let (cor, cor_uid) = mr_series(&dir.join("cor"), 8, 32, 2, CORONAL, "t2_tse_cor");
     let (dwi, dwi_uid) = mr_series(&dir.join("dwi"), 8, 32, 3, AXIAL, "ep2d_diff_tra");
     let (short_files, short_uid) = mr_series(&dir.join("short"), 3, 32, 4, AXIAL, "t2_tse_tra");
@@ -210,7 +210,7 @@ fn rest_routes_answer_and_follow_orthanc_authentication() {
     let status = o.get_json("/desam/status");
     assert_eq!(status["Enabled"], true);
     assert_eq!(status["ModelLoaded"], false, "the model must load lazily: {status}");
-    assert_eq!(status["Model"]["Name"].as_str().is_some(), true, "{status}");
+    assert!(status["Model"]["Name"].as_str().is_some(), "{status}");
     let models = o.get_json("/desam/models");
     assert_eq!(models["Active"]["Identity"]["Sha256"], status["Model"]["Sha256"]);
     assert!(models["Available"].as_array().unwrap().iter().any(|m| m["Active"] == true), "{models}");

@@ -4,6 +4,7 @@
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 #[cxx::bridge(namespace = "desam_shim")]
+#[allow(clippy::missing_safety_doc)] // documented on the item below; cxx does not carry the doc over
 pub mod ffi {
     /// What a REST handler answers; status 200 is sent with AnswerBuffer, 405 with SendMethodNotAllowed
     /// (`allow` lists the methods), anything else with SendHttpStatus and `body` as the description.
@@ -28,6 +29,8 @@ pub mod ffi {
         fn data(self: &Answer) -> &[u8];
         fn error(self: &Answer) -> String;
 
+        /// # Safety
+        /// `context` must be the pointer Orthanc passed to OrthancPluginInitialize.
         unsafe fn init_context(context: *mut OrthancPluginContext);
         fn check_version() -> Result<bool>;
         fn orthanc_version() -> Result<String>;

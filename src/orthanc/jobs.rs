@@ -43,9 +43,11 @@ pub struct JobShared {
 static NEXT_HANDLE: AtomicU64 = AtomicU64::new(1);
 static JOBS: Lazy<Mutex<HashMap<u64, Arc<JobShared>>>> = Lazy::new(|| Mutex::new(HashMap::new()));
 /// Called by `reset` to hand a resubmitted job back to the worker.
-static RESUBMIT: Lazy<Mutex<Option<Box<dyn Fn(Arc<JobShared>) + Send>>>> = Lazy::new(|| Mutex::new(None));
+static RESUBMIT: Lazy<Mutex<Option<ResubmitHook>>> = Lazy::new(|| Mutex::new(None));
 
-pub fn set_resubmit_hook(hook: Option<Box<dyn Fn(Arc<JobShared>) + Send>>) {
+pub type ResubmitHook = Box<dyn Fn(Arc<JobShared>) + Send>;
+
+pub fn set_resubmit_hook(hook: Option<ResubmitHook>) {
     *RESUBMIT.lock().unwrap() = hook;
 }
 

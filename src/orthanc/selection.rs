@@ -188,7 +188,8 @@ mod tests {
         let d = |f: &SeriesFacts| decide(f, &filter, "DeSAM prostate (auto)");
         assert_eq!(d(&t2_axial()), Decision::Accept);
 
-        let cases: Vec<(Box<dyn Fn(&mut SeriesFacts)>, &str)> = vec![
+        type Change = Box<dyn Fn(&mut SeriesFacts)>;
+        let cases: Vec<(Change, &str)> = vec![
             (Box::new(|f| f.modality = "CT".into()), "not MR"),
             (Box::new(|f| f.modality = "SEG".into()), "not an image series"),
             (Box::new(|f| f.manufacturer = "DeSAM".into()), "our own output"),

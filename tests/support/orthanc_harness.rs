@@ -165,7 +165,8 @@ impl Orthanc {
         {
             let mut stdin = child.stdin.take().unwrap();
             if let Some(b) = body {
-                stdin.write_all(b).ok()?;
+                // A write error shows up as curl's own failure below.
+                let _ = stdin.write_all(b);
             }
         }
         let out = child.wait_with_output().ok()?;
