@@ -115,7 +115,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         bail!("--device must be auto, cpu or cuda (got {:?})", args.device);
     }
     let model = absolute(&args.model)?;
-    let spec = crate::modeldir::read_spec(&model).with_context(|| format!("model directory {}", model.display()))?;
+    let spec = crate::modeldir::read_spec(&model)
+        .with_context(|| format!("model directory {}", model.display()))?;
     if spec.untrained {
         if args.require_trained {
             bail!(
@@ -123,22 +124,40 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 model.display()
             );
         }
-        eprintln!("demo: WARNING: {} is an UNTRAINED model: its masks and Dice scores mean nothing", model.display());
+        eprintln!(
+            "demo: WARNING: {} is an UNTRAINED model: its masks and Dice scores mean nothing",
+            model.display()
+        );
     }
     let plugin = absolute(&args.plugin)?;
     if !plugin.is_file() {
-        bail!("plugin {} not found (build it with `cargo build --release --lib`)", plugin.display());
+        bail!(
+            "plugin {} not found (build it with `cargo build --release --lib`)",
+            plugin.display()
+        );
     }
     if !args.orthanc.is_file() {
-        bail!("{} not found: install Debian's orthanc package (bash scripts/setup.sh)", args.orthanc.display());
+        bail!(
+            "{} not found: install Debian's orthanc package (bash scripts/setup.sh)",
+            args.orthanc.display()
+        );
     }
-    which("storescu").context("storescu (Debian package dcmtk) is needed to send series: run bash scripts/setup.sh")?;
+    which("storescu").context(
+        "storescu (Debian package dcmtk) is needed to send series: run bash scripts/setup.sh",
+    )?;
 
     let out = absolute(&args.out)?;
     prepare_out_dir(&out)?;
 
     // 1. Orthanc with the plugin.
-    let orthanc = DemoOrthanc::start(&args.orthanc, &out, &plugin, &model, &args.device, args.threads)?;
+    let orthanc = DemoOrthanc::start(
+        &args.orthanc,
+        &out,
+        &plugin,
+        &model,
+        &args.device,
+        args.threads,
+    )?;
     println!(
         "demo: Orthanc {} started (pid {}, HTTP 127.0.0.1:{}, DICOM {} port {}), model {} {} ({})",
         orthanc.version,
@@ -148,7 +167,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         orthanc.dicom_port,
         spec.name,
         spec.version,
-        if spec.untrained { "UNTRAINED" } else { "trained" }
+        if spec.untrained {
+            "UNTRAINED"
+        } else {
+            "trained"
+        }
     );
 
     let outcome = run_series(&args, &orthanc, &out, &sites, size);
@@ -156,41 +179,82 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         Ok(ok) => *ok,
         Err(e) => {
             eprintln!("demo: error: {e:#}");
-            eprintln!("demo: last lines of the Orthanc log ({}):\n{}", orthanc.log.display(), orthanc.log_tail(25));
+            eprintln!(
+                "demo: last lines of the Orthanc log ({}):\n{}",
+                orthanc.log.display(),
+                orthanc.log_tail(25)
+            );
             false
         }
     };
     // 7. Stop Orthanc, or leave it running for the user.
     if args.stop {
         orthanc.shutdown()?;
-        println!("demo: Orthanc stopped cleanly; total wall time {:.1} s", t_start.elapsed().as_secs_f64());
+        println!(
+            "demo: Orthanc stopped cleanly; total wall time {:.1} s",
+            t_start.elapsed().as_secs_f64()
+        );
     } else {
-        println!("demo: total wall time {:.1} s", t_start.elapsed().as_secs_f64());
-        println!("demo: Orthanc keeps running (pid {}, log {}):", orthanc.child.id(), orthanc.log.display());
-        println!("  Orthanc Explorer: http://127.0.0.1:{}/app/explorer.html", orthanc.http_port);
-        println!("  plugin status:    curl http://127.0.0.1:{}/desam/status", orthanc.http_port);
-        println!("  stop it:          curl -X POST http://127.0.0.1:{}/tools/shutdown", orthanc.http_port);
+        println!(
+            "demo: total wall time {:.1} s",
+            t_start.elapsed().as_secs_f64()
+        );
+        println!(
+            "demo: Orthanc keeps running (pid {}, log {}):",
+            orthanc.child.id(),
+            orthanc.log.display()
+        );
+        println!(
+            "  Orthanc Explorer: http://127.0.0.1:{}/app/explorer.html",
+            orthanc.http_port
+        );
+        println!(
+            "  plugin status:    curl http://127.0.0.1:{}/desam/status",
+            orthanc.http_port
+        );
+        println!(
+            "  stop it:          curl -X POST http://127.0.0.1:{}/tools/shutdown",
+            orthanc.http_port
+        );
     }
     outcome?;
     if !all_ok {
-        bail!("not every series got exactly one SEG (see the table above and {})", out.join("results.json").display());
+        bail!(
+            "not every series got exactly one SEG (see the table above and {})",
+            out.join("results.json").display()
+        );
     }
     Ok(())
 }
 
 /// Phantom generation, sending, waiting, scoring, table and overlay. Ok(true) when every series got
 /// exactly one SEG.
-fn run_series(args: &Args, orthanc: &DemoOrthanc, out: &Path, sites: &[Site], size: Size) -> anyhow::Result<bool> {
+fn run_series(
+    args: &Args,
+    orthanc: &DemoOrthanc,
+    out: &Path,
+    sites: &[Site],
+    size: Size,
+) -> anyhow::Result<bool> {
     // 2. Phantom series (the ground truth stays in memory and on disk next to the series).
     let phantom_dir = out.join("phantom");
-    let opts = GenerateOptions { size, ..Default::default() };
+    let opts = GenerateOptions {
+        size,
+        ..Default::default()
+    };
     let mut series = Vec::new();
     for &site in sites {
         let t0 = Instant::now();
         let case = phantom::generate_case_with(site, args.case, args.seed, &opts);
-        let written = export::write_case_dicom(&case, &phantom_dir).with_context(|| format!("writing phantom case {}", case.case_id))?;
+        let written = export::write_case_dicom(&case, &phantom_dir)
+            .with_context(|| format!("writing phantom case {}", case.case_id))?;
         if written.volume.dims != case.labels.dims {
-            bail!("phantom case {}: written grid {:?} differs from the truth grid {:?}", case.case_id, written.volume.dims, case.labels.dims);
+            bail!(
+                "phantom case {}: written grid {:?} differs from the truth grid {:?}",
+                case.case_id,
+                written.volume.dims,
+                case.labels.dims
+            );
         }
         println!(
             "demo: phantom {} ({}, {} slices of {}x{}, truth {:.1} mL) in {:.1} s",
@@ -238,28 +302,53 @@ fn run_series(args: &Args, orthanc: &DemoOrthanc, out: &Path, sites: &[Site], si
     }
     print_table(&reports);
     let results = out.join("results.json");
-    std::fs::write(&results, serde_json::to_vec_pretty(&json!({"series": reports, "orthanc_http_port": orthanc.http_port}))?)
-        .with_context(|| format!("writing {}", results.display()))?;
+    std::fs::write(
+        &results,
+        serde_json::to_vec_pretty(
+            &json!({"series": reports, "orthanc_http_port": orthanc.http_port}),
+        )?,
+    )
+    .with_context(|| format!("writing {}", results.display()))?;
 
     // 6. Overlay montage.
     let png = out.join("overlay.png");
     write_overlay(orthanc, &series, &reports, &png)?;
-    println!("demo: overlay {} (grey MR, red: SEG contour, green: phantom truth); results {}", png.display(), results.display());
+    println!(
+        "demo: overlay {} (grey MR, red: SEG contour, green: phantom truth); results {}",
+        png.display(),
+        results.display()
+    );
     Ok(reports.iter().all(|r| r.seg_count == 1))
 }
 
 fn send(orthanc: &DemoOrthanc, s: &mut DemoSeries) -> anyhow::Result<()> {
     let t0 = Instant::now();
     let out = Command::new("storescu")
-        .args(["-aec", DEMO_AET, "-aet", SCANNER_AET, "127.0.0.1", &orthanc.dicom_port.to_string()])
+        .args([
+            "-aec",
+            DEMO_AET,
+            "-aet",
+            SCANNER_AET,
+            "127.0.0.1",
+            &orthanc.dicom_port.to_string(),
+        ])
         .args(&s.files)
         .output()
         .context("running storescu")?;
     if !out.status.success() {
-        bail!("storescu failed for {}: {}", s.case.case_id, String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "storescu failed for {}: {}",
+            s.case.case_id,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     s.sent_at = Instant::now();
-    let uid = s.volume.source.as_ref().map(|x| x.series_instance_uid.clone()).context("written series has no SeriesInstanceUID")?;
+    let uid = s
+        .volume
+        .source
+        .as_ref()
+        .map(|x| x.series_instance_uid.clone())
+        .context("written series has no SeriesInstanceUID")?;
     s.orthanc_id = orthanc.series_id(&uid)?;
     println!(
         "demo: sent {} ({} instances, {}) with storescu in {:.1} s → Orthanc series {}",
@@ -273,17 +362,25 @@ fn send(orthanc: &DemoOrthanc, s: &mut DemoSeries) -> anyhow::Result<()> {
 }
 
 /// Polls `GET /desam/series/{id}` until every series has a final result record.
-fn wait_results(orthanc: &DemoOrthanc, series: &mut [DemoSeries], deadline: Instant) -> anyhow::Result<()> {
+fn wait_results(
+    orthanc: &DemoOrthanc,
+    series: &mut [DemoSeries],
+    deadline: Instant,
+) -> anyhow::Result<()> {
     let mut last_note = Instant::now();
     let mut idle_since: Option<Instant> = None;
     loop {
         let mut pending = 0;
         for s in series.iter_mut().filter(|s| s.finished_at.is_none()) {
-            let (status, body) = orthanc.http("GET", &format!("/desam/series/{}", s.orthanc_id), b"")?;
+            let (status, body) =
+                orthanc.http("GET", &format!("/desam/series/{}", s.orthanc_id), b"")?;
             if status == 200 {
-                let v: Value = serde_json::from_slice(&body).context("GET /desam/series: not JSON")?;
+                let v: Value =
+                    serde_json::from_slice(&body).context("GET /desam/series: not JSON")?;
                 let st = v["Result"]["Status"].as_str().unwrap_or("");
-                if ["done", "empty", "failed"].contains(&st) && !v["Running"].as_bool().unwrap_or(false) {
+                if ["done", "empty", "failed"].contains(&st)
+                    && !v["Running"].as_bool().unwrap_or(false)
+                {
                     s.finished_at = Some(Instant::now());
                     s.record = v["Result"].clone();
                     println!(
@@ -297,7 +394,11 @@ fn wait_results(orthanc: &DemoOrthanc, series: &mut [DemoSeries], deadline: Inst
                     continue;
                 }
             } else if status != 404 {
-                bail!("GET /desam/series/{} answered HTTP {status}: {}", s.orthanc_id, String::from_utf8_lossy(&body));
+                bail!(
+                    "GET /desam/series/{} answered HTTP {status}: {}",
+                    s.orthanc_id,
+                    String::from_utf8_lossy(&body)
+                );
             }
             pending += 1;
         }
@@ -309,14 +410,21 @@ fn wait_results(orthanc: &DemoOrthanc, series: &mut [DemoSeries], deadline: Inst
         // for until the timeout: once the plugin has been idle for IDLE_GIVE_UP, give up on it.
         let queue = orthanc.get_json("/desam/status")?["Queue"].clone();
         let idle = queue["Length"].as_u64() == Some(0) && queue["Running"].is_null();
-        idle_since = if idle { idle_since.or(Some(Instant::now())) } else { None };
+        idle_since = if idle {
+            idle_since.or(Some(Instant::now()))
+        } else {
+            None
+        };
         let gave_up = idle_since.is_some_and(|t| t.elapsed() > IDLE_GIVE_UP);
         let timed_out = Instant::now() > deadline;
         if gave_up || timed_out {
             let why = if timed_out {
                 "no result before the timeout".to_string()
             } else {
-                format!("not processed: the plugin is idle (skipped by its series rules? see {})", orthanc.log.display())
+                format!(
+                    "not processed: the plugin is idle (skipped by its series rules? see {})",
+                    orthanc.log.display()
+                )
             };
             for s in series.iter_mut().filter(|s| s.finished_at.is_none()) {
                 eprintln!("demo: {}: {why}", s.case.case_id);
@@ -367,8 +475,18 @@ fn score(orthanc: &DemoOrthanc, s: &DemoSeries) -> anyhow::Result<SeriesReport> 
 fn print_table(reports: &[SeriesReport]) {
     println!();
     println!(
-        "{:<4} {:<5} {:<18} {:>6} {:>6} {:>6} {:>9} {:>9} {:>9} {:>8} {:>4}  {}",
-        "site", "case", "series", "slices", "Dice", "QA", "vol mL", "truth mL", "latency s", "plugin s", "SEGs", "status"
+        "{:<4} {:<5} {:<18} {:>6} {:>6} {:>6} {:>9} {:>9} {:>9} {:>8} {:>4}  status",
+        "site",
+        "case",
+        "series",
+        "slices",
+        "Dice",
+        "QA",
+        "vol mL",
+        "truth mL",
+        "latency s",
+        "plugin s",
+        "SEGs"
     );
     for r in reports {
         let status = match (&r.error, r.needs_review) {
@@ -393,10 +511,19 @@ fn print_table(reports: &[SeriesReport]) {
         );
     }
     let n = reports.len();
-    let mean = |v: Vec<f64>| if v.is_empty() { None } else { Some(v.iter().sum::<f64>() / v.len() as f64) };
+    let mean = |v: Vec<f64>| {
+        if v.is_empty() {
+            None
+        } else {
+            Some(v.iter().sum::<f64>() / v.len() as f64)
+        }
+    };
     let dice = mean(reports.iter().filter_map(|r| r.dice).collect());
     let lat: Vec<f64> = reports.iter().filter_map(|r| r.latency_s).collect();
-    let max_lat = lat.iter().cloned().fold(None, |m: Option<f64>, x| Some(m.map_or(x, |m| m.max(x))));
+    let max_lat = lat
+        .iter()
+        .cloned()
+        .fold(None, |m: Option<f64>, x| Some(m.map_or(x, |m| m.max(x))));
     let one_each = reports.iter().filter(|r| r.seg_count == 1).count();
     println!(
         "total: {n} series, {} SEGs ({one_each}/{n} with exactly one), mean Dice {}, mean QA {}, latency mean {} s / max {} s, plugin mean {} s",
@@ -410,7 +537,12 @@ fn print_table(reports: &[SeriesReport]) {
     println!();
 }
 
-fn write_overlay(orthanc: &DemoOrthanc, series: &[DemoSeries], reports: &[SeriesReport], png: &Path) -> anyhow::Result<()> {
+fn write_overlay(
+    orthanc: &DemoOrthanc,
+    series: &[DemoSeries],
+    reports: &[SeriesReport],
+    png: &Path,
+) -> anyhow::Result<()> {
     let mut panels = Vec::new();
     for (s, r) in series.iter().zip(reports) {
         let z = montage::mid_gland_slice(&s.case);
@@ -426,7 +558,13 @@ fn write_overlay(orthanc: &DemoOrthanc, series: &[DemoSeries], reports: &[Series
             nx: s.volume.dims[2],
             ny: s.volume.dims[1],
             spacing: [s.volume.spacing[0], s.volume.spacing[1]],
-            label: format!("{} {}", r.site, r.dice.map(|d| format!("{d:.2}")).unwrap_or_else(|| "-".into())),
+            label: format!(
+                "{} {}",
+                r.site,
+                r.dice
+                    .map(|d| format!("{d:.2}"))
+                    .unwrap_or_else(|| "-".into())
+            ),
         });
     }
     let img = overlay::render(&panels, 256);
@@ -456,7 +594,8 @@ fn mask_ml(m: &Mask, grid: &Volume) -> f64 {
 }
 
 fn fmt_opt(v: Option<f64>, decimals: usize) -> String {
-    v.map(|x| format!("{x:.decimals$}")).unwrap_or_else(|| "-".into())
+    v.map(|x| format!("{x:.decimals$}"))
+        .unwrap_or_else(|| "-".into())
 }
 
 fn truncate(s: &str, n: usize) -> String {
@@ -467,7 +606,10 @@ fn parse_sites(s: &str) -> anyhow::Result<Vec<Site>> {
     let sites: Vec<Site> = s
         .chars()
         .filter(|c| !matches!(c, ',' | ' '))
-        .map(|c| Site::from_letter(c.to_ascii_uppercase()).with_context(|| format!("unknown site {c:?} in --sites (letters A–F)")))
+        .map(|c| {
+            Site::from_letter(c.to_ascii_uppercase())
+                .with_context(|| format!("unknown site {c:?} in --sites (letters A–F)"))
+        })
         .collect::<anyhow::Result<_>>()?;
     if sites.is_empty() {
         bail!("--sites is empty");
@@ -476,12 +618,19 @@ fn parse_sites(s: &str) -> anyhow::Result<Vec<Site>> {
 }
 
 fn absolute(p: &Path) -> anyhow::Result<PathBuf> {
-    Ok(if p.is_absolute() { p.to_path_buf() } else { std::env::current_dir()?.join(p) })
+    Ok(if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        std::env::current_dir()?.join(p)
+    })
 }
 
 fn which(program: &str) -> anyhow::Result<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path).map(|d| d.join(program)).find(|p| p.is_file()).with_context(|| format!("{program} not found in PATH"))
+    std::env::split_paths(&path)
+        .map(|d| d.join(program))
+        .find(|p| p.is_file())
+        .with_context(|| format!("{program} not found in PATH"))
 }
 
 /// Makes `out` an empty demo folder: stops a demo Orthanc still running from it, clears a previous
@@ -490,7 +639,10 @@ fn prepare_out_dir(out: &Path) -> anyhow::Result<()> {
     if out.exists() {
         let non_empty = std::fs::read_dir(out)?.next().is_some();
         if non_empty && !out.join(MARKER).is_file() {
-            bail!("{} is not empty and was not written by desam demo; choose another --out", out.display());
+            bail!(
+                "{} is not empty and was not written by desam demo; choose another --out",
+                out.display()
+            );
         }
         stop_previous(out);
         for entry in std::fs::read_dir(out)? {
@@ -506,15 +658,24 @@ fn prepare_out_dir(out: &Path) -> anyhow::Result<()> {
         }
     }
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    std::fs::write(out.join(MARKER), "desam demo output folder: cleared by the next `desam demo` run\n")?;
+    std::fs::write(
+        out.join(MARKER),
+        "desam demo output folder: cleared by the next `desam demo` run\n",
+    )?;
     Ok(())
 }
 
 /// A demo Orthanc left running by an earlier run (state in orthanc/state.json) is shut down first.
 fn stop_previous(out: &Path) {
-    let Ok(text) = std::fs::read_to_string(out.join("orthanc").join("state.json")) else { return };
-    let Ok(state) = serde_json::from_str::<Value>(&text) else { return };
-    let (Some(pid), Some(port)) = (state["pid"].as_u64(), state["http_port"].as_u64()) else { return };
+    let Ok(text) = std::fs::read_to_string(out.join("orthanc").join("state.json")) else {
+        return;
+    };
+    let Ok(state) = serde_json::from_str::<Value>(&text) else {
+        return;
+    };
+    let (Some(pid), Some(port)) = (state["pid"].as_u64(), state["http_port"].as_u64()) else {
+        return;
+    };
     let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap_or_default();
     if !exe.to_string_lossy().contains("Orthanc") {
         return;
@@ -542,7 +703,14 @@ pub struct DemoOrthanc {
 
 impl DemoOrthanc {
     /// Writes the configuration under `out/orthanc/`, starts Orthanc and waits for `/system`.
-    pub fn start(exe: &Path, out: &Path, plugin: &Path, model: &Path, device: &str, threads: usize) -> anyhow::Result<DemoOrthanc> {
+    pub fn start(
+        exe: &Path,
+        out: &Path,
+        plugin: &Path,
+        model: &Path,
+        device: &str,
+        threads: usize,
+    ) -> anyhow::Result<DemoOrthanc> {
         let dir = out.join("orthanc");
         let cfg_dir = dir.join("config");
         let storage = dir.join("storage");
@@ -581,12 +749,26 @@ impl DemoOrthanc {
             .stderr(Stdio::null())
             .spawn()
             .with_context(|| format!("starting {}", exe.display()))?;
-        let mut o = DemoOrthanc { child, http_port, dicom_port, log, version: String::new() };
-        std::fs::write(dir.join("state.json"), json!({"pid": o.child.id(), "http_port": http_port, "dicom_port": dicom_port}).to_string())?;
+        let mut o = DemoOrthanc {
+            child,
+            http_port,
+            dicom_port,
+            log,
+            version: String::new(),
+        };
+        std::fs::write(
+            dir.join("state.json"),
+            json!({"pid": o.child.id(), "http_port": http_port, "dicom_port": dicom_port})
+                .to_string(),
+        )?;
         let t0 = Instant::now();
         loop {
             if let Some(status) = o.child.try_wait()? {
-                bail!("Orthanc exited at start-up ({status}); log {}:\n{}", o.log.display(), o.log_tail(30));
+                bail!(
+                    "Orthanc exited at start-up ({status}); log {}:\n{}",
+                    o.log.display(),
+                    o.log_tail(30)
+                );
             }
             if let Ok((200, body)) = o.http("GET", "/system", b"") {
                 let v: Value = serde_json::from_slice(&body).unwrap_or_default();
@@ -595,14 +777,20 @@ impl DemoOrthanc {
             }
             if t0.elapsed() > Duration::from_secs(90) {
                 let _ = o.child.kill();
-                bail!("Orthanc did not answer within 90 s; log:\n{}", o.log_tail(30));
+                bail!(
+                    "Orthanc did not answer within 90 s; log:\n{}",
+                    o.log_tail(30)
+                );
             }
             std::thread::sleep(Duration::from_millis(200));
         }
         let (status, body) = o.http("GET", "/desam/status", b"")?;
         let st: Value = serde_json::from_slice(&body).unwrap_or_default();
         if status != 200 || st["Enabled"] != json!(true) {
-            let reason = st["Reason"].as_str().unwrap_or("the plugin did not register /desam/status").to_string();
+            let reason = st["Reason"]
+                .as_str()
+                .unwrap_or("the plugin did not register /desam/status")
+                .to_string();
             let _ = o.shutdown();
             bail!("the DeSAM plugin is not enabled: {reason}");
         }
@@ -616,7 +804,10 @@ impl DemoOrthanc {
     fn get_json(&self, path: &str) -> anyhow::Result<Value> {
         let (status, body) = self.http("GET", path, b"")?;
         if status != 200 {
-            bail!("GET {path} answered HTTP {status}: {}", String::from_utf8_lossy(&body));
+            bail!(
+                "GET {path} answered HTTP {status}: {}",
+                String::from_utf8_lossy(&body)
+            );
         }
         serde_json::from_slice(&body).with_context(|| format!("GET {path}: not JSON"))
     }
@@ -624,7 +815,8 @@ impl DemoOrthanc {
     /// Orthanc's id of a series from its SeriesInstanceUID.
     pub fn series_id(&self, series_uid: &str) -> anyhow::Result<String> {
         let (status, body) = self.http("POST", "/tools/lookup", series_uid.as_bytes())?;
-        let v: Value = serde_json::from_slice(&body).with_context(|| format!("/tools/lookup answered HTTP {status}"))?;
+        let v: Value = serde_json::from_slice(&body)
+            .with_context(|| format!("/tools/lookup answered HTTP {status}"))?;
         v.as_array()
             .and_then(|a| a.iter().find(|x| x["Type"] == "Series"))
             .and_then(|x| x["ID"].as_str())
@@ -635,17 +827,31 @@ impl DemoOrthanc {
     /// SEG instances in the series' study whose ReferencedSeriesSequence points at the series.
     pub fn segs_referencing(&self, series_id: &str) -> anyhow::Result<Vec<String>> {
         let series = self.get_json(&format!("/series/{series_id}"))?;
-        let uid = series["MainDicomTags"]["SeriesInstanceUID"].as_str().unwrap_or_default().to_string();
-        let study = series["ParentStudy"].as_str().unwrap_or_default().to_string();
+        let uid = series["MainDicomTags"]["SeriesInstanceUID"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let study = series["ParentStudy"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
         let mut found = Vec::new();
-        for s in self.get_json(&format!("/studies/{study}/series"))?.as_array().cloned().unwrap_or_default() {
+        for s in self
+            .get_json(&format!("/studies/{study}/series"))?
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+        {
             if s["MainDicomTags"]["Modality"] != "SEG" {
                 continue;
             }
             for inst in s["Instances"].as_array().cloned().unwrap_or_default() {
                 let inst = inst.as_str().unwrap_or_default();
                 let tags = self.get_json(&format!("/instances/{inst}/simplified-tags"))?;
-                let refs = tags["ReferencedSeriesSequence"].as_array().cloned().unwrap_or_default();
+                let refs = tags["ReferencedSeriesSequence"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default();
                 if refs.iter().any(|r| r["SeriesInstanceUID"] == uid.as_str()) {
                     found.push(inst.to_string());
                 }
@@ -705,23 +911,40 @@ impl DemoOrthanc {
 }
 
 /// A minimal HTTP/1.0 client for Orthanc on loopback: one request per connection, whole answer.
-pub fn http_request(port: u16, method: &str, path: &str, body: &[u8]) -> anyhow::Result<(u16, Vec<u8>)> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).with_context(|| format!("connecting to 127.0.0.1:{port}"))?;
+pub fn http_request(
+    port: u16,
+    method: &str,
+    path: &str,
+    body: &[u8],
+) -> anyhow::Result<(u16, Vec<u8>)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))
+        .with_context(|| format!("connecting to 127.0.0.1:{port}"))?;
     s.set_read_timeout(Some(Duration::from_secs(300)))?;
     let head = format!("{method} {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
     s.write_all(head.as_bytes())?;
     s.write_all(body)?;
     let mut raw = Vec::new();
-    s.read_to_end(&mut raw).with_context(|| format!("{method} {path}: reading the answer"))?;
+    s.read_to_end(&mut raw)
+        .with_context(|| format!("{method} {path}: reading the answer"))?;
     parse_http_response(&raw).with_context(|| format!("{method} {path}: malformed HTTP answer"))
 }
 
 fn parse_http_response(raw: &[u8]) -> anyhow::Result<(u16, Vec<u8>)> {
-    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").context("no end of headers")?;
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .context("no end of headers")?;
     let head = String::from_utf8_lossy(&raw[..split]);
     let mut lines = head.lines();
-    let status: u16 = lines.next().and_then(|l| l.split_whitespace().nth(1)).and_then(|c| c.parse().ok()).context("no status code")?;
-    let chunked = lines.any(|l| l.to_ascii_lowercase().starts_with("transfer-encoding:") && l.to_ascii_lowercase().contains("chunked"));
+    let status: u16 = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|c| c.parse().ok())
+        .context("no status code")?;
+    let chunked = lines.any(|l| {
+        l.to_ascii_lowercase().starts_with("transfer-encoding:")
+            && l.to_ascii_lowercase().contains("chunked")
+    });
     let mut body = raw[split + 4..].to_vec();
     if chunked {
         body = dechunk(&body)?;
@@ -732,9 +955,13 @@ fn parse_http_response(raw: &[u8]) -> anyhow::Result<(u16, Vec<u8>)> {
 fn dechunk(mut data: &[u8]) -> anyhow::Result<Vec<u8>> {
     let mut out = Vec::new();
     loop {
-        let eol = data.windows(2).position(|w| w == b"\r\n").context("bad chunk header")?;
+        let eol = data
+            .windows(2)
+            .position(|w| w == b"\r\n")
+            .context("bad chunk header")?;
         let size_text = String::from_utf8_lossy(&data[..eol]);
-        let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16).context("bad chunk size")?;
+        let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16)
+            .context("bad chunk size")?;
         data = &data[eol + 2..];
         if size == 0 {
             return Ok(out);
@@ -753,11 +980,20 @@ mod tests {
 
     #[test]
     fn dice_of_overlapping_masks() {
-        let a = Mask { data: vec![1, 1, 0, 0], dims: [1, 2, 2] };
-        let b = Mask { data: vec![0, 1, 1, 0], dims: [1, 2, 2] };
+        let a = Mask {
+            data: vec![1, 1, 0, 0],
+            dims: [1, 2, 2],
+        };
+        let b = Mask {
+            data: vec![0, 1, 1, 0],
+            dims: [1, 2, 2],
+        };
         assert!((dice_score(&a, &b) - 0.5).abs() < 1e-12);
         assert_eq!(dice_score(&a, &a), 1.0);
-        assert_eq!(dice_score(&Mask::zeros([1, 2, 2]), &Mask::zeros([1, 2, 2])), 1.0);
+        assert_eq!(
+            dice_score(&Mask::zeros([1, 2, 2]), &Mask::zeros([1, 2, 2])),
+            1.0
+        );
     }
 
     #[test]
@@ -765,7 +1001,10 @@ mod tests {
         let plain = b"HTTP/1.1 404 Not Found\r\nContent-Length: 3\r\n\r\nabc";
         assert_eq!(parse_http_response(plain).unwrap(), (404, b"abc".to_vec()));
         let chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n";
-        assert_eq!(parse_http_response(chunked).unwrap(), (200, b"abcde".to_vec()));
+        assert_eq!(
+            parse_http_response(chunked).unwrap(),
+            (200, b"abcde".to_vec())
+        );
         assert!(parse_http_response(b"garbage").is_err());
     }
 
