@@ -1,8 +1,1017 @@
-//! `desam demo` (not built yet: its issue is open).
+//! `desam demo`: starts Debian's Orthanc with the plugin, sends phantom series like a scanner, waits for
+//! the plugin's SEGs and scores them against the phantom truth. Writes only under --out; never edits sent data.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use serde_json::{json, Value};
+
+use crate::cli::overlay;
+use crate::dicom::read_seg;
+use crate::phantom::{self, export, montage, GenerateOptions, PhantomCase, Site, Size};
+use crate::volume::{Mask, Volume};
+
+/// The AE title our Orthanc answers to and the one storescu calls from.
+const DEMO_AET: &str = "DESAMDEMO";
+const SCANNER_AET: &str = "PHANTOMSCANNER";
+/// Marks a folder as the demo's own output (only such a folder is cleared on a re-run).
+const MARKER: &str = ".desam-demo";
+/// How long the plugin may sit idle while series still lack a result before the demo stops waiting
+/// (StableAge 2 s + about 1 s until Orthanc reports a series stable, with a wide margin).
+const IDLE_GIVE_UP: Duration = Duration::from_secs(20);
 
 #[derive(clap::Args, Debug)]
-pub struct Args {}
+pub struct Args {
+    /// Model directory (model.json + weights) the plugin loads.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// The plugin: the crate's cdylib (target/release/libdesam.so).
+    #[arg(long)]
+    pub plugin: PathBuf,
+    /// Output folder (Orthanc storage and log, phantom series, overlay.png, results.json). Cleared on
+    /// each run when it is a previous demo's folder; any other non-empty folder is refused.
+    #[arg(long, default_value = "out/demo")]
+    pub out: PathBuf,
+    /// Sites to simulate, one series each (letters A–F).
+    #[arg(long, default_value = "ABCDEF")]
+    pub sites: String,
+    /// full (each site's real matrix) or small (quarter matrix, for quick runs and CI).
+    #[arg(long, default_value = "full")]
+    pub size: String,
+    /// Phantom case index of every site.
+    #[arg(long, default_value_t = 0)]
+    pub case: u32,
+    /// Phantom seed.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// The plugin's Device option: auto, cpu or cuda.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// The plugin's Threads option (0: libtorch's default).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+    /// Wait for each SEG before sending the next series (latency without queueing). By default all
+    /// series are sent one after another, as a scanner does, and the plugin queues them.
+    #[arg(long)]
+    pub sequential: bool,
+    /// Seconds to wait for all SEGs after the last series was sent.
+    #[arg(long, default_value_t = 1800)]
+    pub timeout: u64,
+    /// Shut Orthanc down at the end (POST /tools/shutdown) instead of leaving it running.
+    #[arg(long)]
+    pub stop: bool,
+    /// Leave Orthanc running at the end (the default; kept for symmetry with --stop).
+    #[arg(long, conflicts_with = "stop")]
+    pub keep_running: bool,
+    /// Refuse a model directory marked untrained (scripts/demo.sh sets this).
+    #[arg(long)]
+    pub require_trained: bool,
+    /// The Orthanc executable.
+    #[arg(long, default_value = "/usr/sbin/Orthanc")]
+    pub orthanc: PathBuf,
+}
 
-pub fn run(_args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("`desam demo` is not implemented yet")
+/// One demo series: the phantom case, what was sent, and what came back.
+struct DemoSeries {
+    case: PhantomCase,
+    /// The written MR series' grid and instance references (what the SEG is read against).
+    volume: Volume,
+    files: Vec<PathBuf>,
+    description: String,
+    orthanc_id: String,
+    sent_at: Instant,
+    finished_at: Option<Instant>,
+    record: Value,
+}
+
+#[derive(serde::Serialize)]
+struct SeriesReport {
+    site: String,
+    case: String,
+    series_description: String,
+    orthanc_series: String,
+    slices: usize,
+    status: String,
+    seg_count: usize,
+    dice: Option<f64>,
+    quality_score: Option<f64>,
+    volume_ml: Option<f64>,
+    truth_ml: f64,
+    latency_s: Option<f64>,
+    plugin_seconds: Option<f64>,
+    needs_review: bool,
+    error: Option<String>,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let t_start = Instant::now();
+    let size: Size = args.size.parse()?;
+    let sites = parse_sites(&args.sites)?;
+    if !["auto", "cpu", "cuda"].contains(&args.device.as_str()) {
+        bail!("--device must be auto, cpu or cuda (got {:?})", args.device);
+    }
+    let model = absolute(&args.model)?;
+    let spec = crate::modeldir::read_spec(&model)
+        .with_context(|| format!("model directory {}", model.display()))?;
+    if spec.untrained {
+        if args.require_trained {
+            bail!(
+                "{} is an untrained placeholder: never for the demo (model.json \"untrained\": true); train a model with desam-train or install the default model",
+                model.display()
+            );
+        }
+        eprintln!(
+            "demo: WARNING: {} is an UNTRAINED model: its masks and Dice scores mean nothing",
+            model.display()
+        );
+    }
+    let plugin = absolute(&args.plugin)?;
+    if !plugin.is_file() {
+        bail!(
+            "plugin {} not found (build it with `cargo build --release --lib`)",
+            plugin.display()
+        );
+    }
+    if !args.orthanc.is_file() {
+        bail!(
+            "{} not found: install Debian's orthanc package (bash scripts/setup.sh)",
+            args.orthanc.display()
+        );
+    }
+    which("storescu").context(
+        "storescu (Debian package dcmtk) is needed to send series: run bash scripts/setup.sh",
+    )?;
+
+    let out = absolute(&args.out)?;
+    prepare_out_dir(&out)?;
+
+    // 1. Orthanc with the plugin.
+    let orthanc = DemoOrthanc::start(
+        &args.orthanc,
+        &out,
+        &plugin,
+        &model,
+        &args.device,
+        args.threads,
+    )?;
+    println!(
+        "demo: Orthanc {} started (pid {}, HTTP 127.0.0.1:{}, DICOM {} port {}), model {} {} ({})",
+        orthanc.version,
+        orthanc.child.id(),
+        orthanc.http_port,
+        DEMO_AET,
+        orthanc.dicom_port,
+        spec.name,
+        spec.version,
+        if spec.untrained {
+            "UNTRAINED"
+        } else {
+            "trained"
+        }
+    );
+
+    let outcome = run_series(&args, &orthanc, &out, &sites, size);
+    let all_ok = match &outcome {
+        Ok(ok) => *ok,
+        Err(e) => {
+            eprintln!("demo: error: {e:#}");
+            eprintln!(
+                "demo: last lines of the Orthanc log ({}):\n{}",
+                orthanc.log.display(),
+                orthanc.log_tail(25)
+            );
+            false
+        }
+    };
+    // 7. Stop Orthanc, or leave it running for the user.
+    if args.stop {
+        orthanc.shutdown()?;
+        println!(
+            "demo: Orthanc stopped cleanly; total wall time {:.1} s",
+            t_start.elapsed().as_secs_f64()
+        );
+    } else {
+        println!(
+            "demo: total wall time {:.1} s",
+            t_start.elapsed().as_secs_f64()
+        );
+        println!(
+            "demo: Orthanc keeps running (pid {}, log {}):",
+            orthanc.child.id(),
+            orthanc.log.display()
+        );
+        println!(
+            "  Orthanc Explorer: http://127.0.0.1:{}/app/explorer.html",
+            orthanc.http_port
+        );
+        println!(
+            "  plugin status:    curl http://127.0.0.1:{}/desam/status",
+            orthanc.http_port
+        );
+        println!(
+            "  stop it:          curl -X POST http://127.0.0.1:{}/tools/shutdown",
+            orthanc.http_port
+        );
+    }
+    outcome?;
+    if !all_ok {
+        bail!(
+            "not every series got exactly one SEG (see the table above and {})",
+            out.join("results.json").display()
+        );
+    }
+    Ok(())
+}
+
+/// Phantom generation, sending, waiting, scoring, table and overlay. Ok(true) when every series got
+/// exactly one SEG.
+fn run_series(
+    args: &Args,
+    orthanc: &DemoOrthanc,
+    out: &Path,
+    sites: &[Site],
+    size: Size,
+) -> anyhow::Result<bool> {
+    // 2. Phantom series (the ground truth stays in memory and on disk next to the series).
+    let phantom_dir = out.join("phantom");
+    let opts = GenerateOptions {
+        size,
+        ..Default::default()
+    };
+    let mut series = Vec::new();
+    for &site in sites {
+        let t0 = Instant::now();
+        let case = phantom::generate_case_with(site, args.case, args.seed, &opts);
+        let written = export::write_case_dicom(&case, &phantom_dir)
+            .with_context(|| format!("writing phantom case {}", case.case_id))?;
+        if written.volume.dims != case.labels.dims {
+            bail!(
+                "phantom case {}: written grid {:?} differs from the truth grid {:?}",
+                case.case_id,
+                written.volume.dims,
+                case.labels.dims
+            );
+        }
+        println!(
+            "demo: phantom {} ({}, {} slices of {}x{}, truth {:.1} mL) in {:.1} s",
+            case.case_id,
+            case.protocol.series_description,
+            case.labels.dims[0],
+            case.labels.dims[2],
+            case.labels.dims[1],
+            mask_ml(&case.gland_mask(), &written.volume),
+            t0.elapsed().as_secs_f64()
+        );
+        let description = case.protocol.series_description.clone();
+        series.push(DemoSeries {
+            case,
+            volume: written.volume,
+            files: written.mr,
+            description,
+            orthanc_id: String::new(),
+            sent_at: Instant::now(),
+            finished_at: None,
+            record: Value::Null,
+        });
+    }
+
+    // 3. + 4. Send like a scanner (storescu), wait for the plugin's results.
+    let deadline_for = |t: Instant| t + Duration::from_secs(args.timeout);
+    if args.sequential {
+        for i in 0..series.len() {
+            send(orthanc, &mut series[i])?;
+            let deadline = deadline_for(series[i].sent_at);
+            wait_results(orthanc, &mut series[i..=i], deadline)?;
+        }
+    } else {
+        for s in series.iter_mut() {
+            send(orthanc, s)?;
+        }
+        let deadline = deadline_for(Instant::now());
+        wait_results(orthanc, &mut series, deadline)?;
+    }
+
+    // 5. Score each SEG against the truth.
+    let mut reports = Vec::new();
+    for s in &series {
+        reports.push(score(orthanc, s)?);
+    }
+    print_table(&reports);
+    let results = out.join("results.json");
+    std::fs::write(
+        &results,
+        serde_json::to_vec_pretty(
+            &json!({"series": reports, "orthanc_http_port": orthanc.http_port}),
+        )?,
+    )
+    .with_context(|| format!("writing {}", results.display()))?;
+
+    // 6. Overlay montage.
+    let png = out.join("overlay.png");
+    write_overlay(orthanc, &series, &reports, &png)?;
+    println!(
+        "demo: overlay {} (grey MR, red: SEG contour, green: phantom truth); results {}",
+        png.display(),
+        results.display()
+    );
+    Ok(reports.iter().all(|r| r.seg_count == 1))
+}
+
+fn send(orthanc: &DemoOrthanc, s: &mut DemoSeries) -> anyhow::Result<()> {
+    let t0 = Instant::now();
+    let out = Command::new("storescu")
+        .args([
+            "-aec",
+            DEMO_AET,
+            "-aet",
+            SCANNER_AET,
+            "127.0.0.1",
+            &orthanc.dicom_port.to_string(),
+        ])
+        .args(&s.files)
+        .output()
+        .context("running storescu")?;
+    if !out.status.success() {
+        bail!(
+            "storescu failed for {}: {}",
+            s.case.case_id,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    s.sent_at = Instant::now();
+    let uid = s
+        .volume
+        .source
+        .as_ref()
+        .map(|x| x.series_instance_uid.clone())
+        .context("written series has no SeriesInstanceUID")?;
+    s.orthanc_id = orthanc.series_id(&uid)?;
+    println!(
+        "demo: sent {} ({} instances, {}) with storescu in {:.1} s → Orthanc series {}",
+        s.case.case_id,
+        s.files.len(),
+        s.description,
+        t0.elapsed().as_secs_f64(),
+        s.orthanc_id
+    );
+    Ok(())
+}
+
+/// Polls `GET /desam/series/{id}` until every series has a final result record.
+fn wait_results(
+    orthanc: &DemoOrthanc,
+    series: &mut [DemoSeries],
+    deadline: Instant,
+) -> anyhow::Result<()> {
+    let mut last_note = Instant::now();
+    let mut idle_since: Option<Instant> = None;
+    loop {
+        let mut pending = 0;
+        for s in series.iter_mut().filter(|s| s.finished_at.is_none()) {
+            let (status, body) =
+                orthanc.http("GET", &format!("/desam/series/{}", s.orthanc_id), b"")?;
+            if status == 200 {
+                let v: Value =
+                    serde_json::from_slice(&body).context("GET /desam/series: not JSON")?;
+                let st = v["Result"]["Status"].as_str().unwrap_or("");
+                if ["done", "empty", "failed"].contains(&st)
+                    && !v["Running"].as_bool().unwrap_or(false)
+                {
+                    s.finished_at = Some(Instant::now());
+                    s.record = v["Result"].clone();
+                    println!(
+                        "demo: {} {} after {:.1} s (QA {}, {} mL)",
+                        s.case.case_id,
+                        st,
+                        s.sent_at.elapsed().as_secs_f64(),
+                        fmt_opt(s.record["QualityScore"].as_f64(), 3),
+                        fmt_opt(s.record["VolumeMl"].as_f64(), 1)
+                    );
+                    continue;
+                }
+            } else if status != 404 {
+                bail!(
+                    "GET /desam/series/{} answered HTTP {status}: {}",
+                    s.orthanc_id,
+                    String::from_utf8_lossy(&body)
+                );
+            }
+            pending += 1;
+        }
+        if pending == 0 {
+            return Ok(());
+        }
+        orthanc.check_alive()?;
+        // A series the plugin never queued (its series rules skipped it) would otherwise be waited
+        // for until the timeout: once the plugin has been idle for IDLE_GIVE_UP, give up on it.
+        let queue = orthanc.get_json("/desam/status")?["Queue"].clone();
+        let idle = queue["Length"].as_u64() == Some(0) && queue["Running"].is_null();
+        idle_since = if idle {
+            idle_since.or(Some(Instant::now()))
+        } else {
+            None
+        };
+        let gave_up = idle_since.is_some_and(|t| t.elapsed() > IDLE_GIVE_UP);
+        let timed_out = Instant::now() > deadline;
+        if gave_up || timed_out {
+            let why = if timed_out {
+                "no result before the timeout".to_string()
+            } else {
+                format!(
+                    "not processed: the plugin is idle (skipped by its series rules? see {})",
+                    orthanc.log.display()
+                )
+            };
+            for s in series.iter_mut().filter(|s| s.finished_at.is_none()) {
+                eprintln!("demo: {}: {why}", s.case.case_id);
+                s.record = json!({"Status": if timed_out { "timeout" } else { "not processed" }, "Error": why});
+            }
+            return Ok(());
+        }
+        if last_note.elapsed() > Duration::from_secs(30) {
+            println!("demo: waiting for {pending} series …");
+            last_note = Instant::now();
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Counts the SEGs referencing the series, reads the plugin's SEG onto the source grid, and compares it
+/// with the phantom truth.
+fn score(orthanc: &DemoOrthanc, s: &DemoSeries) -> anyhow::Result<SeriesReport> {
+    let truth = s.case.gland_mask();
+    let segs = orthanc.segs_referencing(&s.orthanc_id)?;
+    let r = &s.record;
+    let mut dice = None;
+    let mut volume_ml = r["VolumeMl"].as_f64();
+    if let Some(inst) = r["SegInstance"].as_str() {
+        let mask = orthanc.read_seg_mask(inst, &s.volume)?;
+        dice = Some(dice_score(&mask, &truth));
+        volume_ml = Some(mask_ml(&mask, &s.volume));
+    }
+    Ok(SeriesReport {
+        site: s.case.site.to_string(),
+        case: s.case.case_id.clone(),
+        series_description: s.description.clone(),
+        orthanc_series: s.orthanc_id.clone(),
+        slices: s.volume.dims[0],
+        status: r["Status"].as_str().unwrap_or("").to_string(),
+        seg_count: segs.len(),
+        dice,
+        quality_score: r["QualityScore"].as_f64(),
+        volume_ml,
+        truth_ml: mask_ml(&truth, &s.volume),
+        latency_s: s.finished_at.map(|t| (t - s.sent_at).as_secs_f64()),
+        plugin_seconds: r["Seconds"].as_f64(),
+        needs_review: r["NeedsReview"].as_bool().unwrap_or(false),
+        error: r["Error"].as_str().map(str::to_string),
+    })
+}
+
+fn print_table(reports: &[SeriesReport]) {
+    println!();
+    println!(
+        "{:<4} {:<5} {:<18} {:>6} {:>6} {:>6} {:>9} {:>9} {:>9} {:>8} {:>4}  status",
+        "site",
+        "case",
+        "series",
+        "slices",
+        "Dice",
+        "QA",
+        "vol mL",
+        "truth mL",
+        "latency s",
+        "plugin s",
+        "SEGs"
+    );
+    for r in reports {
+        let status = match (&r.error, r.needs_review) {
+            (Some(e), _) => format!("{} ({e})", r.status),
+            (None, true) => format!("{}, needs review", r.status),
+            (None, false) => r.status.clone(),
+        };
+        println!(
+            "{:<4} {:<5} {:<18} {:>6} {:>6} {:>6} {:>9} {:>9.1} {:>9} {:>8} {:>4}  {}",
+            r.site,
+            r.case,
+            truncate(&r.series_description, 18),
+            r.slices,
+            fmt_opt(r.dice, 3),
+            fmt_opt(r.quality_score, 3),
+            fmt_opt(r.volume_ml, 1),
+            r.truth_ml,
+            fmt_opt(r.latency_s, 1),
+            fmt_opt(r.plugin_seconds, 1),
+            r.seg_count,
+            status
+        );
+    }
+    let n = reports.len();
+    let mean = |v: Vec<f64>| {
+        if v.is_empty() {
+            None
+        } else {
+            Some(v.iter().sum::<f64>() / v.len() as f64)
+        }
+    };
+    let dice = mean(reports.iter().filter_map(|r| r.dice).collect());
+    let lat: Vec<f64> = reports.iter().filter_map(|r| r.latency_s).collect();
+    let max_lat = lat
+        .iter()
+        .cloned()
+        .fold(None, |m: Option<f64>, x| Some(m.map_or(x, |m| m.max(x))));
+    let one_each = reports.iter().filter(|r| r.seg_count == 1).count();
+    println!(
+        "total: {n} series, {} SEGs ({one_each}/{n} with exactly one), mean Dice {}, mean QA {}, latency mean {} s / max {} s, plugin mean {} s",
+        reports.iter().map(|r| r.seg_count).sum::<usize>(),
+        fmt_opt(dice, 3),
+        fmt_opt(mean(reports.iter().filter_map(|r| r.quality_score).collect()), 3),
+        fmt_opt(mean(lat.clone()), 1),
+        fmt_opt(max_lat, 1),
+        fmt_opt(mean(reports.iter().filter_map(|r| r.plugin_seconds).collect()), 1),
+    );
+    println!();
+}
+
+fn write_overlay(
+    orthanc: &DemoOrthanc,
+    series: &[DemoSeries],
+    reports: &[SeriesReport],
+    png: &Path,
+) -> anyhow::Result<()> {
+    let mut panels = Vec::new();
+    for (s, r) in series.iter().zip(reports) {
+        let z = montage::mid_gland_slice(&s.case);
+        let predicted = match s.record["SegInstance"].as_str() {
+            Some(inst) => orthanc.read_seg_mask(inst, &s.volume)?,
+            None => Mask::zeros(s.volume.dims),
+        };
+        let truth = s.case.gland_mask();
+        panels.push(overlay::OverlayPanel {
+            image: s.volume.slice(z).to_vec(),
+            truth: truth.slice(z).to_vec(),
+            predicted: predicted.slice(z).to_vec(),
+            nx: s.volume.dims[2],
+            ny: s.volume.dims[1],
+            spacing: [s.volume.spacing[0], s.volume.spacing[1]],
+            label: format!(
+                "{} {}",
+                r.site,
+                r.dice
+                    .map(|d| format!("{d:.2}"))
+                    .unwrap_or_else(|| "-".into())
+            ),
+        });
+    }
+    let img = overlay::render(&panels, 256);
+    phantom::montage::write_png(&img, png).with_context(|| format!("writing {}", png.display()))?;
+    Ok(())
+}
+
+/// Dice coefficient of two binary masks on the same grid (1 when both are empty).
+pub fn dice_score(a: &Mask, b: &Mask) -> f64 {
+    assert_eq!(a.dims, b.dims, "Dice of masks on different grids");
+    let (mut inter, mut na, mut nb) = (0usize, 0usize, 0usize);
+    for (&x, &y) in a.data.iter().zip(&b.data) {
+        let (x, y) = (x != 0, y != 0);
+        na += x as usize;
+        nb += y as usize;
+        inter += (x && y) as usize;
+    }
+    if na + nb == 0 {
+        1.0
+    } else {
+        2.0 * inter as f64 / (na + nb) as f64
+    }
+}
+
+fn mask_ml(m: &Mask, grid: &Volume) -> f64 {
+    m.count() as f64 * grid.voxel_ml()
+}
+
+fn fmt_opt(v: Option<f64>, decimals: usize) -> String {
+    v.map(|x| format!("{x:.decimals$}"))
+        .unwrap_or_else(|| "-".into())
+}
+
+fn truncate(s: &str, n: usize) -> String {
+    s.chars().take(n).collect()
+}
+
+fn parse_sites(s: &str) -> anyhow::Result<Vec<Site>> {
+    let sites: Vec<Site> = s
+        .chars()
+        .filter(|c| !matches!(c, ',' | ' '))
+        .map(|c| {
+            Site::from_letter(c.to_ascii_uppercase())
+                .with_context(|| format!("unknown site {c:?} in --sites (letters A–F)"))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    if sites.is_empty() {
+        bail!("--sites is empty");
+    }
+    Ok(sites)
+}
+
+fn absolute(p: &Path) -> anyhow::Result<PathBuf> {
+    Ok(if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        std::env::current_dir()?.join(p)
+    })
+}
+
+fn which(program: &str) -> anyhow::Result<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|d| d.join(program))
+        .find(|p| p.is_file())
+        .with_context(|| format!("{program} not found in PATH"))
+}
+
+/// Makes `out` an empty demo folder: stops a demo Orthanc still running from it, clears a previous
+/// demo's files, refuses any other non-empty folder.
+fn prepare_out_dir(out: &Path) -> anyhow::Result<()> {
+    if out.exists() {
+        let non_empty = std::fs::read_dir(out)?.next().is_some();
+        if non_empty && !out.join(MARKER).is_file() {
+            bail!(
+                "{} is not empty and was not written by desam demo; choose another --out",
+                out.display()
+            );
+        }
+        stop_previous(out);
+        for entry in std::fs::read_dir(out)? {
+            let p = entry?.path();
+            if p.file_name().is_some_and(|n| n == MARKER) {
+                continue;
+            }
+            if p.is_dir() {
+                std::fs::remove_dir_all(&p).with_context(|| format!("clearing {}", p.display()))?;
+            } else {
+                std::fs::remove_file(&p).with_context(|| format!("clearing {}", p.display()))?;
+            }
+        }
+    }
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    std::fs::write(
+        out.join(MARKER),
+        "desam demo output folder: cleared by the next `desam demo` run\n",
+    )?;
+    Ok(())
+}
+
+/// A demo Orthanc left running by an earlier run (state in orthanc/state.json) is shut down first.
+fn stop_previous(out: &Path) {
+    let Ok(text) = std::fs::read_to_string(out.join("orthanc").join("state.json")) else {
+        return;
+    };
+    let Ok(state) = serde_json::from_str::<Value>(&text) else {
+        return;
+    };
+    let (Some(pid), Some(port)) = (state["pid"].as_u64(), state["http_port"].as_u64()) else {
+        return;
+    };
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap_or_default();
+    if !exe.to_string_lossy().contains("Orthanc") {
+        return;
+    }
+    println!("demo: stopping the demo Orthanc still running from the previous run (pid {pid}, port {port})");
+    let _ = http_request(port as u16, "POST", "/tools/shutdown", b"");
+    let t0 = Instant::now();
+    while Path::new(&format!("/proc/{pid}")).exists() && t0.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// An Orthanc process started by the demo.
+pub struct DemoOrthanc {
+    pub child: Child,
+    pub http_port: u16,
+    pub dicom_port: u16,
+    pub log: PathBuf,
+    pub version: String,
+}
+
+impl DemoOrthanc {
+    /// Writes the configuration under `out/orthanc/`, starts Orthanc and waits for `/system`.
+    pub fn start(
+        exe: &Path,
+        out: &Path,
+        plugin: &Path,
+        model: &Path,
+        device: &str,
+        threads: usize,
+    ) -> anyhow::Result<DemoOrthanc> {
+        let dir = out.join("orthanc");
+        let cfg_dir = dir.join("config");
+        let storage = dir.join("storage");
+        std::fs::create_dir_all(&cfg_dir)?;
+        std::fs::create_dir_all(&storage)?;
+        let (http_port, dicom_port) = (free_port()?, free_port()?);
+        let cfg = json!({
+            "Name": "desam-demo",
+            "HttpPort": http_port,
+            "DicomPort": dicom_port,
+            "DicomAet": DEMO_AET,
+            "DicomCheckCalledAet": false,
+            "RemoteAccessAllowed": false,
+            "AuthenticationEnabled": false,
+            "HttpDescribeErrors": true,
+            "StableAge": 2,
+            "StorageDirectory": storage,
+            "IndexDirectory": storage,
+            "UserMetadata": {"DeSAMResult": 4301, "DeSAMReview": 4302},
+            "Plugins": [plugin],
+            "DeSAM": {
+                "Enable": true,
+                "ModelDirectory": model,
+                "Device": device,
+                "Threads": threads,
+            },
+        });
+        let cfg_path = cfg_dir.join("orthanc.json");
+        std::fs::write(&cfg_path, serde_json::to_vec_pretty(&cfg)?)?;
+        let log = dir.join("orthanc.log");
+        let child = Command::new(exe)
+            .arg(format!("--logfile={}", log.display()))
+            .arg(&cfg_dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {}", exe.display()))?;
+        let mut o = DemoOrthanc {
+            child,
+            http_port,
+            dicom_port,
+            log,
+            version: String::new(),
+        };
+        std::fs::write(
+            dir.join("state.json"),
+            json!({"pid": o.child.id(), "http_port": http_port, "dicom_port": dicom_port})
+                .to_string(),
+        )?;
+        let t0 = Instant::now();
+        loop {
+            if let Some(status) = o.child.try_wait()? {
+                bail!(
+                    "Orthanc exited at start-up ({status}); log {}:\n{}",
+                    o.log.display(),
+                    o.log_tail(30)
+                );
+            }
+            if let Ok((200, body)) = o.http("GET", "/system", b"") {
+                let v: Value = serde_json::from_slice(&body).unwrap_or_default();
+                o.version = v["Version"].as_str().unwrap_or("?").to_string();
+                break;
+            }
+            if t0.elapsed() > Duration::from_secs(90) {
+                let _ = o.child.kill();
+                bail!(
+                    "Orthanc did not answer within 90 s; log:\n{}",
+                    o.log_tail(30)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let (status, body) = o.http("GET", "/desam/status", b"")?;
+        let st: Value = serde_json::from_slice(&body).unwrap_or_default();
+        if status != 200 || st["Enabled"] != json!(true) {
+            let reason = st["Reason"]
+                .as_str()
+                .unwrap_or("the plugin did not register /desam/status")
+                .to_string();
+            let _ = o.shutdown();
+            bail!("the DeSAM plugin is not enabled: {reason}");
+        }
+        Ok(o)
+    }
+
+    pub fn http(&self, method: &str, path: &str, body: &[u8]) -> anyhow::Result<(u16, Vec<u8>)> {
+        http_request(self.http_port, method, path, body)
+    }
+
+    fn get_json(&self, path: &str) -> anyhow::Result<Value> {
+        let (status, body) = self.http("GET", path, b"")?;
+        if status != 200 {
+            bail!(
+                "GET {path} answered HTTP {status}: {}",
+                String::from_utf8_lossy(&body)
+            );
+        }
+        serde_json::from_slice(&body).with_context(|| format!("GET {path}: not JSON"))
+    }
+
+    /// Orthanc's id of a series from its SeriesInstanceUID.
+    pub fn series_id(&self, series_uid: &str) -> anyhow::Result<String> {
+        let (status, body) = self.http("POST", "/tools/lookup", series_uid.as_bytes())?;
+        let v: Value = serde_json::from_slice(&body)
+            .with_context(|| format!("/tools/lookup answered HTTP {status}"))?;
+        v.as_array()
+            .and_then(|a| a.iter().find(|x| x["Type"] == "Series"))
+            .and_then(|x| x["ID"].as_str())
+            .map(str::to_string)
+            .with_context(|| format!("series {series_uid} is not in Orthanc after storescu"))
+    }
+
+    /// SEG instances in the series' study whose ReferencedSeriesSequence points at the series.
+    pub fn segs_referencing(&self, series_id: &str) -> anyhow::Result<Vec<String>> {
+        let series = self.get_json(&format!("/series/{series_id}"))?;
+        let uid = series["MainDicomTags"]["SeriesInstanceUID"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let study = series["ParentStudy"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let mut found = Vec::new();
+        for s in self
+            .get_json(&format!("/studies/{study}/series"))?
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+        {
+            if s["MainDicomTags"]["Modality"] != "SEG" {
+                continue;
+            }
+            for inst in s["Instances"].as_array().cloned().unwrap_or_default() {
+                let inst = inst.as_str().unwrap_or_default();
+                let tags = self.get_json(&format!("/instances/{inst}/simplified-tags"))?;
+                let refs = tags["ReferencedSeriesSequence"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default();
+                if refs.iter().any(|r| r["SeriesInstanceUID"] == uid.as_str()) {
+                    found.push(inst.to_string());
+                }
+            }
+        }
+        Ok(found)
+    }
+
+    /// The SEG instance's segments, read onto `grid` and merged into one binary mask.
+    pub fn read_seg_mask(&self, instance: &str, grid: &Volume) -> anyhow::Result<Mask> {
+        let (status, bytes) = self.http("GET", &format!("/instances/{instance}/file"), b"")?;
+        if status != 200 {
+            bail!("GET /instances/{instance}/file answered HTTP {status}");
+        }
+        let segments = read_seg(&bytes, grid).with_context(|| format!("reading SEG {instance}"))?;
+        let mut mask = Mask::zeros(grid.dims);
+        for (_, m) in &segments {
+            for (d, &v) in mask.data.iter_mut().zip(&m.data) {
+                *d |= u8::from(v != 0);
+            }
+        }
+        Ok(mask)
+    }
+
+    fn check_alive(&self) -> anyhow::Result<()> {
+        if !Path::new(&format!("/proc/{}", self.child.id())).exists() {
+            bail!("Orthanc exited unexpectedly");
+        }
+        Ok(())
+    }
+
+    pub fn log_tail(&self, lines: usize) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    /// `POST /tools/shutdown` and wait for a clean exit (code 0).
+    pub fn shutdown(mut self) -> anyhow::Result<()> {
+        let _ = self.http("POST", "/tools/shutdown", b"");
+        let t0 = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                if !status.success() {
+                    bail!("Orthanc exited with {status}; log:\n{}", self.log_tail(30));
+                }
+                return Ok(());
+            }
+            if t0.elapsed() > Duration::from_secs(60) {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                bail!("Orthanc did not stop within 60 s of POST /tools/shutdown (killed)");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// A minimal HTTP/1.0 client for Orthanc on loopback: one request per connection, whole answer.
+pub fn http_request(
+    port: u16,
+    method: &str,
+    path: &str,
+    body: &[u8],
+) -> anyhow::Result<(u16, Vec<u8>)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))
+        .with_context(|| format!("connecting to 127.0.0.1:{port}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(300)))?;
+    let head = format!("{method} {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
+    s.write_all(head.as_bytes())?;
+    s.write_all(body)?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)
+        .with_context(|| format!("{method} {path}: reading the answer"))?;
+    parse_http_response(&raw).with_context(|| format!("{method} {path}: malformed HTTP answer"))
+}
+
+fn parse_http_response(raw: &[u8]) -> anyhow::Result<(u16, Vec<u8>)> {
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .context("no end of headers")?;
+    let head = String::from_utf8_lossy(&raw[..split]);
+    let mut lines = head.lines();
+    let status: u16 = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|c| c.parse().ok())
+        .context("no status code")?;
+    let chunked = lines.any(|l| {
+        l.to_ascii_lowercase().starts_with("transfer-encoding:")
+            && l.to_ascii_lowercase().contains("chunked")
+    });
+    let mut body = raw[split + 4..].to_vec();
+    if chunked {
+        body = dechunk(&body)?;
+    }
+    Ok((status, body))
+}
+
+fn dechunk(mut data: &[u8]) -> anyhow::Result<Vec<u8>> {
+    let mut out = Vec::new();
+    loop {
+        let eol = data
+            .windows(2)
+            .position(|w| w == b"\r\n")
+            .context("bad chunk header")?;
+        let size_text = String::from_utf8_lossy(&data[..eol]);
+        let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16)
+            .context("bad chunk size")?;
+        data = &data[eol + 2..];
+        if size == 0 {
+            return Ok(out);
+        }
+        if data.len() < size {
+            bail!("truncated chunk");
+        }
+        out.extend_from_slice(&data[..size]);
+        data = data.get(size + 2..).unwrap_or(&[]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dice_of_overlapping_masks() {
+        let a = Mask {
+            data: vec![1, 1, 0, 0],
+            dims: [1, 2, 2],
+        };
+        let b = Mask {
+            data: vec![0, 1, 1, 0],
+            dims: [1, 2, 2],
+        };
+        assert!((dice_score(&a, &b) - 0.5).abs() < 1e-12);
+        assert_eq!(dice_score(&a, &a), 1.0);
+        assert_eq!(
+            dice_score(&Mask::zeros([1, 2, 2]), &Mask::zeros([1, 2, 2])),
+            1.0
+        );
+    }
+
+    #[test]
+    fn http_answers_plain_and_chunked() {
+        let plain = b"HTTP/1.1 404 Not Found\r\nContent-Length: 3\r\n\r\nabc";
+        assert_eq!(parse_http_response(plain).unwrap(), (404, b"abc".to_vec()));
+        let chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n";
+        assert_eq!(
+            parse_http_response(chunked).unwrap(),
+            (200, b"abcde".to_vec())
+        );
+        assert!(parse_http_response(b"garbage").is_err());
+    }
+
+    #[test]
+    fn sites_are_parsed_and_checked() {
+        assert_eq!(parse_sites("a, C").unwrap(), vec![Site::A, Site::C]);
+        assert!(parse_sites("AZ").is_err());
+        assert!(parse_sites("").is_err());
+    }
 }

@@ -6,3 +6,4 @@ pub mod forward;
 pub mod phantom;
 pub mod segment;
 pub mod model;
+pub mod overlay;
