@@ -413,4 +413,11 @@ fn grid_filters_run_when_prompts_pass() {
         assert!(d.chosen_prompt.is_some() && d.iou.is_finite());
     }
     assert_eq!(r.decoder_runs, 3 * 81);
+    // Both modes: the other mode's agreement enters the quality score; the encoder still runs once per slice.
+    let both = seg.segment(&vol, &SegmentRequest { mode: Some(Mode::Box), compare_modes: true, ..Default::default() }, &mut |_| {}).unwrap();
+    assert_eq!(both.encoder_runs, 3);
+    assert_eq!(both.mode, Mode::Box);
+    if let Some(t) = &both.quality_terms {
+        assert!(t.mode_agreement.is_some());
+    }
 }
