@@ -141,13 +141,20 @@ fn options() -> SegOptions {
     }
 }
 
-/// Run dciodvfy; return its warnings, fail on any error.
-fn dciodvfy(path: &Path) -> Vec<String> {
+/// Run dciodvfy: (IOD recognised, errors, warnings).
+fn dciodvfy_findings(path: &Path) -> (String, Vec<String>, Vec<String>) {
     let out = Command::new("dciodvfy").arg(path).output().expect("dciodvfy (dicom3tools) is installed");
     let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    let errors: Vec<&str> = text.lines().filter(|l| l.starts_with("Error")).collect();
-    assert!(errors.is_empty(), "dciodvfy errors for {}:\n{}", path.display(), text);
-    text.lines().filter(|l| l.starts_with("Warning")).map(str::to_string).collect()
+    let pick = |p: &str| text.lines().filter(|l| l.starts_with(p)).map(str::to_string).collect::<Vec<_>>();
+    (text.lines().next().unwrap_or("").trim().to_string(), pick("Error"), pick("Warning"))
+}
+
+/// Run dciodvfy; return its warnings, fail on any error.
+fn dciodvfy(path: &Path) -> Vec<String> {
+    let (iod, errors, warnings) = dciodvfy_findings(path);
+    assert_eq!(iod, "Segmentation", "dciodvfy must recognise the Segmentation IOD");
+    assert!(errors.is_empty(), "dciodvfy errors for {}:\n{errors:#?}", path.display());
+    warnings
 }
 
 /// Pixel Data length as dcmdump (dcmtk) reports it.
@@ -162,6 +169,15 @@ fn dcmdump_pixel_len(path: &Path) -> usize {
 
 /// Write a SEG and check it with every validator and our reader. Returns (bytes, dciodvfy warnings).
 fn write_and_validate(name: &str, source: &Volume, segments: &[Segment<'_>]) -> (Vec<u8>, Vec<String>) {
+    write_and_validate_with_sources(name, source, segments, None)
+}
+
+fn write_and_validate_with_sources(
+    name: &str,
+    source: &Volume,
+    segments: &[Segment<'_>],
+    source_dir: Option<&Path>,
+) -> (Vec<u8>, Vec<String>) {
     let bytes = write_seg(source, segments, &options()).expect("write_seg");
     let dir = tmp_dir(name);
     let seg_path = dir.join("seg.dcm");
@@ -189,6 +205,7 @@ fn write_and_validate(name: &str, source: &Volume, segments: &[Segment<'_>]) -> 
             "type": [s.info.property_type.value, s.info.property_type.scheme],
         })).collect::<Vec<_>>(),
         "dcmqi": true,
+        "source_dir": source_dir,
     });
     std::fs::write(dir.join("expect.json"), expect.to_string()).unwrap();
     let out = Command::new(python())
@@ -226,10 +243,17 @@ fn prostate(mask: &Mask) -> Segment<'_> {
 
 #[test]
 fn prostate_phantom_validates_everywhere() {
-    let src = source_volume([12, 24, 32], [0.625, 0.625, 3.0], false, false);
+    let mut src = source_volume([12, 24, 32], [0.625, 0.625, 3.0], false, false);
+    // Non-ASCII names must survive (SpecificCharacterSet ISO_IR 192, UTF-8).
+    src.source.as_mut().unwrap().patient_name = Some("Müller^Jürgen".into());
     let mask = ellipsoid(src.dims, [5.5, 12.0, 15.0], [4.0, 7.0, 9.0]);
     assert!(mask.count() > 100);
     let (bytes, warnings) = write_and_validate("phantom", &src, &[prostate(&mask)]);
+    let convenience = desam::dicom::write_prostate_seg(&src, &mask, &options()).unwrap();
+    let back = read_seg(&convenience, &src).unwrap();
+    assert_eq!(back.len(), 1);
+    assert_eq!(back[0].1, mask);
+    assert_eq!(back[0].0.algorithm_name.as_deref(), Some("DeSAM ViT-B"));
     eprintln!("dciodvfy warnings: {warnings:#?}");
 
     let seg = read_seg_standalone(&bytes).unwrap();
@@ -252,6 +276,22 @@ fn prostate_phantom_validates_everywhere() {
         }
         assert_eq!(f.dimension_index_values, vec![1, z as u32 + 1]);
     }
+    let obj = dicom_object::OpenFileOptions::new()
+        .read_preamble(dicom_object::file::ReadPreamble::Always)
+        .from_reader(&bytes[..])
+        .unwrap();
+    let name = obj.element(dicom_dictionary_std::tags::PATIENT_NAME).unwrap().to_str().unwrap().to_string();
+    assert_eq!(name.trim(), "Müller^Jürgen");
+    let py = Command::new(python())
+        .args(["-c", "import sys,pydicom; print(pydicom.dcmread(sys.argv[1]).PatientName)"])
+        .arg({
+            let p = tmp_dir("utf8").join("seg.dcm");
+            std::fs::write(&p, &bytes).unwrap();
+            p
+        })
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&py.stdout).trim(), "Müller^Jürgen", "pydicom decodes the UTF-8 name");
     let (_, prostate_code) = (&seg.segments[0].0, &seg.segments[0].1.property_type);
     assert!(prostate_code.same_concept(&codes::PROSTATE));
 }
@@ -259,7 +299,13 @@ fn prostate_phantom_validates_everywhere() {
 #[test]
 fn odd_frame_size_starts_frames_mid_byte() {
     // 7×5 = 35 pixels per frame: every frame after the first starts mid-byte.
-    let src = source_volume([5, 5, 7], [0.9, 0.8, 2.5], false, false);
+    let mut src = source_volume([5, 5, 7], [0.9, 0.8, 2.5], false, false);
+    // Messy source attributes must not make the SEG invalid.
+    let info = src.source.as_mut().unwrap();
+    info.patient_sex = Some("male".into());
+    info.patient_age = Some("65 years".into());
+    info.study_description = Some("a\\b: backslash".into());
+    info.body_part_examined = Some("prostate gland (pelvis)".into());
     let mask = random_mask(src.dims, 7);
     write_and_validate("odd", &src, &[prostate(&mask)]);
 }
@@ -279,6 +325,7 @@ fn empty_mask_keeps_all_frames() {
     let seg = read_seg_standalone(&bytes).unwrap();
     assert_eq!(seg.frames.len(), 6, "an empty result keeps every frame");
     assert!(seg.frames.iter().all(|f| f.pixels.iter().all(|&p| p == 0)));
+    assert!(seg.content_description.unwrap().starts_with("DeSAM prostate: empty result;"));
 }
 
 #[test]
@@ -333,6 +380,9 @@ fn bad_inputs_are_typed_errors() {
     let wrong = Mask::zeros([2, 4, 3]);
     assert!(matches!(write_seg(&src, &[prostate(&wrong)], &options()), Err(SegError::DimsMismatch { .. })));
     assert!(matches!(write_seg(&src, &[], &options()), Err(SegError::NoSegments)));
+    let mut unsorted = src.clone();
+    unsorted.slices.swap(0, 1);
+    assert!(matches!(write_seg(&unsorted, &[prostate(&m)], &options()), Err(SegError::SliceOrder { slice: 1 })));
     let mut nan = src.clone();
     nan.spacing[0] = f64::NAN;
     assert!(matches!(write_seg(&nan, &[prostate(&m)], &options()), Err(SegError::Ds(_))));
@@ -353,6 +403,10 @@ fn bad_inputs_are_typed_errors() {
     let foreign = source_volume([2, 3, 4], [1.0; 3], false, false);
     assert!(matches!(read_seg(&bytes, &foreign), Err(SegError::GridMismatch { .. })));
     assert!(matches!(read_seg(&bytes, &nifti), Err(SegError::NoDicomSource | SegError::GridMismatch { .. })));
+    // Same references, other pixel spacing → grid mismatch
+    let mut resampled = src.clone();
+    resampled.spacing[0] = 0.5;
+    assert!(matches!(read_seg(&bytes, &resampled), Err(SegError::GridMismatch { what: "PixelSpacing", .. })));
     // Not a SEG at all
     assert!(read_seg_standalone(&bytes[..200]).is_err());
 }
@@ -419,6 +473,9 @@ fn check_foreign_seg(path: &Path) {
     src.direction[0] = [iop[0], iop[1], iop[2]];
     src.direction[1] = [iop[3], iop[4], iop[5]];
     src.frame_of_reference_uid = theirs["frame_of_reference_uid"].as_str().map(str::to_string);
+    // PixelSpacing is (row spacing, column spacing); Volume::spacing is (x, y, z).
+    src.spacing[0] = theirs["pixel_spacing"][1].as_f64().unwrap();
+    src.spacing[1] = theirs["pixel_spacing"][0].as_f64().unwrap();
     let masks = read_seg(&bytes, &src).unwrap();
     let total: u64 = frames.iter().map(|t| t["count"].as_u64().unwrap()).sum();
     assert_eq!(masks.iter().map(|(_, m)| m.count() as u64).sum::<u64>(), total);
@@ -477,6 +534,69 @@ fn reads_highdicom_segs() {
         for (k, (_, m)) in masks.iter().enumerate() {
             assert_eq!(m.data, expected[k * n..(k + 1) * n], "{name}: segment {}", k + 1);
         }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn seg_of_a_real_mr_series_written_and_read_back() {
+    use desam::dicom::{load_series_dir, write_mr_series_full, MrSeriesAttributes};
+    let dir = tmp_dir("mr-source");
+    let src_dir = dir.join("mr");
+    // An oblique phantom series written by our MR writer and read back by the series reader.
+    let mut phantom = source_volume([9, 18, 22], [0.55, 0.6, 3.5], true, false);
+    phantom.slices.clear();
+    phantom.source = None;
+    phantom.frame_of_reference_uid = None;
+    write_mr_series_full(&phantom, &MrSeriesAttributes::default(), &src_dir).unwrap();
+    let loaded = load_series_dir(&src_dir).unwrap().volume;
+    assert_eq!(loaded.slices.len(), 9);
+    let mask = ellipsoid(loaded.dims, [4.0, 9.0, 11.0], [3.0, 6.0, 8.0]);
+    let (bytes, _) = write_and_validate_with_sources("mr", &loaded, &[prostate(&mask)], Some(&src_dir));
+    // A SEG made for this series does not paint onto another one.
+    let other = source_volume([9, 18, 22], [0.55, 0.6, 3.5], true, false);
+    assert!(read_seg(&bytes, &other).is_err());
+    // The source files are untouched (the SEG never rewrites them).
+    assert_eq!(std::fs::read_dir(&src_dir).unwrap().count(), 9);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn dciodvfy_catches_a_broken_seg() {
+    // The validator check must be able to fail: drop a Type 1 attribute and expect an error.
+    let src = source_volume([2, 4, 4], [1.0; 3], false, false);
+    let m = random_mask(src.dims, 3);
+    let bytes = write_seg(&src, &[prostate(&m)], &options()).unwrap();
+    let mut obj = dicom_object::OpenFileOptions::new()
+        .read_preamble(dicom_object::file::ReadPreamble::Always)
+        .from_reader(&bytes[..])
+        .unwrap();
+    assert!(obj.remove_element(dicom_dictionary_std::tags::SEGMENTATION_TYPE));
+    let dir = tmp_dir("broken");
+    let path = dir.join("broken.dcm");
+    obj.write_to_file(&path).unwrap();
+    let (_, errors, _) = dciodvfy_findings(&path);
+    assert!(errors.iter().any(|e| e.contains("SegmentationType")), "{errors:#?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn reads_our_seg_converted_to_other_transfer_syntaxes() {
+    // dcmtk's dcmconv re-encodes the file; the decoded masks must not change.
+    let src = source_volume([4, 5, 7], [0.9, 0.8, 2.5], false, false);
+    let mask = random_mask(src.dims, 21);
+    let bytes = write_seg(&src, &[prostate(&mask)], &options()).unwrap();
+    let dir = tmp_dir("ts");
+    let input = dir.join("seg.dcm");
+    std::fs::write(&input, &bytes).unwrap();
+    for (flag, name) in [("+ti", "implicit"), ("+tb", "big")] {
+        let out = dir.join(format!("{name}.dcm"));
+        let st = Command::new("dcmconv").arg(flag).arg(&input).arg(&out).status().expect("dcmconv (dcmtk)");
+        assert!(st.success(), "dcmconv {flag}");
+        let converted = std::fs::read(&out).unwrap();
+        assert_ne!(converted, bytes);
+        let back = read_seg(&converted, &src).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(back[0].1, mask, "{name}");
     }
     let _ = std::fs::remove_dir_all(&dir);
 }

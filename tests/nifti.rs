@@ -20,7 +20,7 @@ fn run_py(script: &str, args: &[&Path]) -> String {
 }
 
 fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("desam-nifti-{}-{}", name, std::process::id()));
+    let d = std::env::temp_dir().join(format!("desam-nifti-{name}"));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d

@@ -113,6 +113,47 @@ def main():
             fail(f"get_volume orientation {row_dir} {col_dir} != IOP {iop}")
     report["highdicom_volume_shape"] = list(va.shape)
 
+    # With the source files at hand: every frame points at a real source instance, at its position
+    if expect.get("source_dir"):
+        src = {}
+        for f in sorted(os.listdir(expect["source_dir"])):
+            sds = pydicom.dcmread(os.path.join(expect["source_dir"], f))
+            src[sds.SOPInstanceUID] = sds
+        first = next(iter(src.values()))
+        for kw in ["StudyInstanceUID", "FrameOfReferenceUID", "PatientID", "PatientName"]:
+            if str(getattr(ds, kw)) != str(getattr(first, kw)):
+                fail(f"{kw} {getattr(ds, kw)} != source {getattr(first, kw)}")
+        if ds.SeriesInstanceUID == first.SeriesInstanceUID:
+            fail("SEG reuses the source SeriesInstanceUID")
+        refd = {r.ReferencedSOPInstanceUID
+                for s in ds.ReferencedSeriesSequence for r in s.ReferencedInstanceSequence}
+        if refd != set(src):
+            fail(f"Common Instance Reference lists {len(refd)} instances, source has {len(src)}")
+        if ds.ReferencedSeriesSequence[0].SeriesInstanceUID != first.SeriesInstanceUID:
+            fail("ReferencedSeriesSequence names another series")
+        siop = np.array([float(v) for v in first.ImageOrientationPatient])
+        seg_iop = np.array([float(v) for v in
+                            ds.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence[0].ImageOrientationPatient])
+        if not np.allclose(siop, seg_iop, atol=1e-6):
+            fail(f"SEG IOP {seg_iop} != source {siop}")
+        sps = [float(v) for v in first.PixelSpacing]
+        seg_ps = [float(v) for v in ds.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing]
+        if not np.allclose(sps, seg_ps, rtol=1e-9):
+            fail(f"SEG PixelSpacing {seg_ps} != source {sps}")
+        for i, pf in enumerate(ds.PerFrameFunctionalGroupsSequence):
+            ref = pf.DerivationImageSequence[0].SourceImageSequence[0]
+            sds = src.get(ref.ReferencedSOPInstanceUID)
+            if sds is None:
+                fail(f"frame {i+1} references an instance not in the source series")
+                continue
+            if ref.ReferencedSOPClassUID != sds.SOPClassUID:
+                fail(f"frame {i+1} SOP class {ref.ReferencedSOPClassUID} != {sds.SOPClassUID}")
+            p = np.array([float(v) for v in pf.PlanePositionSequence[0].ImagePositionPatient])
+            q = np.array([float(v) for v in sds.ImagePositionPatient])
+            if np.linalg.norm(p - q) > 1e-4:
+                fail(f"frame {i+1} position {p} != its source instance's {q}")
+        report["source_instances_checked"] = len(src)
+
     # dcmqi (independent C++ reader): per-segment voxel counts
     if expect.get("dcmqi") and masks.sum() > 0:
         with tempfile.TemporaryDirectory() as tmp:

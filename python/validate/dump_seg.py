@@ -1,6 +1,6 @@
 """Dump what pydicom sees in a DICOM-SEG as JSON (reference for our reader's tests).
 
-Usage: dump_seg.py SEG.dcm  → {"rows", "columns", "iop", "frame_of_reference_uid",
+Usage: dump_seg.py SEG.dcm  → {"rows", "columns", "iop", "pixel_spacing", "frame_of_reference_uid",
   "segments": [{"number", "label", "category": [v, s], "type": [v, s]}],
   "frames": [{"segment", "position", "source_uid", "source_class", "count"}]}
 """
@@ -17,6 +17,7 @@ def main():
     px = ds.pixel_array.reshape(n_frames, ds.Rows, ds.Columns)
     shared = ds.SharedFunctionalGroupsSequence[0]
     iop = [float(v) for v in shared.PlaneOrientationSequence[0].ImageOrientationPatient]
+    spacing = [float(v) for v in shared.PixelMeasuresSequence[0].PixelSpacing]
     segments = []
     for s in ds.SegmentSequence:
         cat = s.SegmentedPropertyCategoryCodeSequence[0]
@@ -37,7 +38,7 @@ def main():
             "count": int(np.count_nonzero(px[i])),
         })
     print(json.dumps({
-        "rows": int(ds.Rows), "columns": int(ds.Columns), "iop": iop,
+        "rows": int(ds.Rows), "columns": int(ds.Columns), "iop": iop, "pixel_spacing": spacing,
         "frame_of_reference_uid": str(ds.FrameOfReferenceUID),
         "segments": segments, "frames": frames,
     }))

@@ -47,6 +47,10 @@ pub const SOURCE_IMAGE_FOR_PROCESSING: Code =
 /// Derivation code (CID 7203).
 pub const SEGMENTATION_DERIVATION: Code = Code::new_static("113076", "DCM", "Segmentation");
 
+/// Contributing equipment purposes of reference (CID 7005).
+pub const ACQUISITION_EQUIPMENT: Code = Code::new_static("109101", "DCM", "Acquisition Equipment");
+pub const PROCESSING_EQUIPMENT: Code = Code::new_static("109102", "DCM", "Processing Equipment");
+
 /// Default display colours (sRGB) for the structures desam segments.
 pub const PROSTATE_RGB: [u8; 3] = [216, 146, 127];
 pub const PERIPHERAL_ZONE_RGB: [u8; 3] = [230, 220, 70];

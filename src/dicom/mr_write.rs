@@ -225,7 +225,8 @@ pub fn encode_mr_series(vol: &Volume, attrs: &MrSeriesAttributes) -> Result<Enco
     let mut slices = Vec::with_capacity(nz);
     for z in 0..nz {
         let sop_uid = new_uid();
-        let ipp = vol.index_to_world(0.0, 0.0, z as f64);
+        // Report the position exactly as stored (DS text), so references match what readers see.
+        let ipp = vol.index_to_world(0.0, 0.0, z as f64).map(|v| format_ds(v).parse::<f64>().unwrap_or(v));
         let slice_location = dot(ipp, normal);
         let mut o = InMemDicomObject::new_empty();
         let mut s = |tag: Tag, vr: VR, v: &str| {

@@ -236,6 +236,15 @@ pub fn read_seg(bytes: &[u8], source: &Volume) -> Result<Vec<(SegmentInfo, Mask)
             return Err(SegError::GridMismatch { what: "FrameOfReferenceUID", detail: format!("SEG {a}, source {b}") });
         }
     }
+    if let Some(ps) = seg.pixel_spacing {
+        let want = [source.spacing[1], source.spacing[0]];
+        if (0..2).any(|a| (ps[a] - want[a]).abs() > 1e-4 * want[a].abs().max(1e-3)) {
+            return Err(SegError::GridMismatch {
+                what: "PixelSpacing",
+                detail: format!("SEG {ps:?}, source {want:?}"),
+            });
+        }
+    }
     let [r, c, _] = source.direction;
     let src_iop = [r[0], r[1], r[2], c[0], c[1], c[2]];
 

@@ -1,7 +1,6 @@
 //! DICOM-SEG writer: binary masks on a DICOM-sourced `Volume` → one Segmentation Storage instance
 //! (Part-10 bytes, Explicit VR Little Endian). Owns the SEG IOD layout; never resamples the grid.
 
-use std::borrow::Cow;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use dicom_core::value::{DataSetSequence, PrimitiveValue, C};
@@ -31,6 +30,8 @@ pub enum SegError {
     NoFrameOfReference,
     #[error("segment {segment}: mask dims {mask:?} differ from the source volume dims {volume:?}")]
     DimsMismatch { segment: usize, mask: [usize; 3], volume: [usize; 3] },
+    #[error("source slices {slice} and {} are not in increasing order along the slice normal (duplicate or unsorted positions)", slice + 1)]
+    SliceOrder { slice: usize },
     #[error("no segments given: a DICOM-SEG needs at least one segment")]
     NoSegments,
     #[error("{0}")]
@@ -140,7 +141,7 @@ pub struct SegOptions {
     pub instance_number: i32,
     /// ContentLabel (CS, upper case, ≤16 characters).
     pub content_label: String,
-    /// None → "DeSAM prostate segmentation" + quality and gland volume when given.
+    /// None → "DeSAM prostate segmentation" (or "DeSAM prostate: empty result") + quality and gland volume when given.
     pub content_description: Option<String>,
     /// ContentCreatorName (PN); empty when None.
     pub content_creator: Option<String>,
@@ -202,6 +203,15 @@ pub fn write_seg(source: &Volume, segments: &[Segment<'_>], opts: &SegOptions) -
             return Err(SegError::DimsMismatch { segment: i + 1, mask: s.mask.dims, volume: source.dims });
         }
     }
+    // Frames are indexed by slice order: the slices must advance along the normal, as the series
+    // reader sorts them (InstanceNumber order is not enough).
+    let normal = source.direction[2];
+    let along = |p: &[f64; 3]| p[0] * normal[0] + p[1] * normal[1] + p[2] * normal[2];
+    for (z, w) in source.slices.windows(2).enumerate() {
+        if along(&w[1].position) - along(&w[0].position) <= 1e-6 {
+            return Err(SegError::SliceOrder { slice: z + 1 });
+        }
+    }
     let (ny, nx) = (source.ny(), source.nx());
     if ny > u16::MAX as usize || nx > u16::MAX as usize {
         return Err(SegError::Encode(format!("frame size {ny}×{nx} exceeds 65535")));
@@ -219,12 +229,38 @@ pub fn write_seg(source: &Volume, segments: &[Segment<'_>], opts: &SegOptions) -
     put_str(&mut o, tags::INSTANCE_CREATION_DATE, VR::DA, &content_date);
     put_str(&mut o, tags::INSTANCE_CREATION_TIME, VR::TM, &content_time);
 
+    // Provenance: the scanner that acquired the source and the software that segmented it.
+    let mut contributing = Vec::new();
+    if let Some(m) = info.manufacturer.as_deref().filter(|m| !m.trim().is_empty()) {
+        let mut e = InMemDicomObject::new_empty();
+        put_seq(&mut e, tags::PURPOSE_OF_REFERENCE_CODE_SEQUENCE, vec![code_item(&codes::ACQUISITION_EQUIPMENT)]);
+        put_str(&mut e, tags::MANUFACTURER, VR::LO, &clean_lo(m, 64));
+        if let Some(i) = info.institution_name.as_deref().filter(|s| !s.trim().is_empty()) {
+            put_str(&mut e, tags::INSTITUTION_NAME, VR::LO, &clean_lo(i, 64));
+        }
+        if let Some(n) = info.manufacturer_model_name.as_deref().filter(|s| !s.trim().is_empty()) {
+            put_str(&mut e, tags::MANUFACTURER_MODEL_NAME, VR::LO, &clean_lo(n, 64));
+        }
+        contributing.push(e);
+    }
+    let mut e = InMemDicomObject::new_empty();
+    put_seq(&mut e, tags::PURPOSE_OF_REFERENCE_CODE_SEQUENCE, vec![code_item(&codes::PROCESSING_EQUIPMENT)]);
+    put_str(&mut e, tags::MANUFACTURER, VR::LO, MANUFACTURER);
+    put_str(&mut e, tags::MANUFACTURER_MODEL_NAME, VR::LO, &clean_lo(&opts.model_name, 64));
+    put_str(&mut e, tags::SOFTWARE_VERSIONS, VR::LO, &clean_lo(nonempty(&opts.model_version, "unknown"), 64));
+    put_str(&mut e, tags::CONTRIBUTION_DATE_TIME, VR::DT, &format!("{content_date}{content_time}"));
+    put_str(&mut e, tags::CONTRIBUTION_DESCRIPTION, VR::ST, "Automatic segmentation (DeSAM)");
+    contributing.push(e);
+    put_seq(&mut o, tags::CONTRIBUTING_EQUIPMENT_SEQUENCE, contributing);
+
     // Patient, General Study, Patient Study (copied from the source)
     put_opt(&mut o, tags::PATIENT_NAME, VR::PN, info.patient_name.as_deref(), 64 * 5);
     put_opt(&mut o, tags::PATIENT_ID, VR::LO, info.patient_id.as_deref(), 64);
     put_opt(&mut o, tags::PATIENT_BIRTH_DATE, VR::DA, info.patient_birth_date.as_deref(), 8);
-    put_opt(&mut o, tags::PATIENT_SEX, VR::CS, info.patient_sex.as_deref(), 16);
-    if let Some(age) = info.patient_age.as_deref().filter(|s| !s.is_empty()) {
+    // Enumerated values only (M, F, O); anything else is written as unknown (empty).
+    let sex = info.patient_sex.as_deref().map(str::trim).filter(|s| matches!(*s, "M" | "F" | "O"));
+    put_opt(&mut o, tags::PATIENT_SEX, VR::CS, sex, 16);
+    if let Some(age) = info.patient_age.as_deref().map(str::trim).filter(|s| is_age_string(s)) {
         put_str(&mut o, tags::PATIENT_AGE, VR::AS, age);
     }
     put_str(&mut o, tags::STUDY_INSTANCE_UID, VR::UI, &info.study_instance_uid);
@@ -274,7 +310,7 @@ pub fn write_seg(source: &Volume, segments: &[Segment<'_>], opts: &SegOptions) -
     put_str(&mut o, tags::CONTENT_DATE, VR::DA, &content_date);
     put_str(&mut o, tags::CONTENT_TIME, VR::TM, &content_time);
     put_str(&mut o, tags::CONTENT_LABEL, VR::CS, &clean_cs(nonempty(&opts.content_label, "PROSTATE")));
-    put_str(&mut o, tags::CONTENT_DESCRIPTION, VR::LO, &clean_lo(&content_description(opts), 64));
+    put_str(&mut o, tags::CONTENT_DESCRIPTION, VR::LO, &clean_lo(&content_description(opts, segments.iter().all(|s| s.mask.data.iter().all(|&v| v == 0))), 64));
     put_opt(&mut o, tags::CONTENT_CREATOR_NAME, VR::PN, opts.content_creator.as_deref(), 64 * 5);
     put_str(&mut o, tags::SEGMENTATION_TYPE, VR::CS, "BINARY");
     // NO unless two segments share a voxel (the gland and its zones do).
@@ -416,6 +452,12 @@ pub fn write_seg(source: &Volume, segments: &[Segment<'_>], opts: &SegOptions) -
     Ok(out)
 }
 
+/// The common case: one whole-gland segment (SNOMED CT 41216001 "Prostate"), algorithm
+/// `opts.model_name`.
+pub fn write_prostate_seg(source: &Volume, mask: &Mask, opts: &SegOptions) -> Result<Vec<u8>, SegError> {
+    write_seg(source, &[Segment { info: SegmentInfo::prostate(&opts.model_name), mask }], opts)
+}
+
 /// Pack the masks' slices (segment-major, then z, each frame row-major) into 1-bit pixels,
 /// LSB first, continuously across frame boundaries; zero-padded to an even byte count.
 pub fn pack_frames(masks: &[&Mask]) -> Vec<u8> {
@@ -435,11 +477,12 @@ pub fn pack_frames(masks: &[&Mask]) -> Vec<u8> {
     out
 }
 
-fn content_description(opts: &SegOptions) -> String {
+fn content_description(opts: &SegOptions, empty: bool) -> String {
     if let Some(d) = &opts.content_description {
         return d.clone();
     }
-    let mut d = "DeSAM prostate segmentation".to_string();
+    // Lead with "empty": ContentDescription is 64 characters at most.
+    let mut d = if empty { "DeSAM prostate: empty result" } else { "DeSAM prostate segmentation" }.to_string();
     if let Some(q) = opts.quality_score.filter(|q| q.is_finite()) {
         d.push_str(&format!("; quality {q:.2}"));
     }
@@ -500,10 +543,7 @@ fn put_empty(o: &mut InMemDicomObject, tag: Tag, vr: VR) {
 /// A type-2 attribute: the value when present and non-empty, else an empty element.
 fn put_opt(o: &mut InMemDicomObject, tag: Tag, vr: VR, v: Option<&str>, max_len: usize) {
     match v.map(str::trim).filter(|s| !s.is_empty()) {
-        Some(s) => {
-            let s: Cow<str> = if vr == VR::PN { Cow::Borrowed(s) } else { Cow::Owned(clean_lo(s, max_len)) };
-            put_str(o, tag, vr, &truncate_chars(&s, max_len));
-        }
+        Some(s) => put_str(o, tag, vr, &clean_lo(s, max_len)),
         None => put_empty(o, tag, vr),
     }
 }
@@ -519,6 +559,12 @@ fn put_ds(o: &mut InMemDicomObject, tag: Tag, v: &[f64]) -> Result<(), SegError>
 
 fn put_seq(o: &mut InMemDicomObject, tag: Tag, items: Vec<InMemDicomObject>) {
     o.put(DataElement::new(tag, VR::SQ, DataSetSequence::from(items)));
+}
+
+/// AS: three digits and D, W, M or Y (e.g. `065Y`).
+fn is_age_string(s: &str) -> bool {
+    let b = s.as_bytes();
+    b.len() == 4 && b[..3].iter().all(u8::is_ascii_digit) && matches!(b[3], b'D' | b'W' | b'M' | b'Y')
 }
 
 fn nonempty<'a>(s: &'a str, fallback: &'a str) -> &'a str {
@@ -608,5 +654,6 @@ mod tests {
         assert_eq!(clean_cs("prostate-1 gland long label"), "PROSTATE_1 GLAND");
         assert_eq!(clean_lo("a\\b", 64), "a b");
         assert_eq!(clean_lo(&"x".repeat(80), 64).len(), 64);
+        assert!(is_age_string("065Y") && !is_age_string("65Y") && !is_age_string("065y"));
     }
 }

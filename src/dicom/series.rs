@@ -121,6 +121,16 @@ fn parse_bytes(name: &str, bytes: &[u8], path: Option<PathBuf>) -> Result<Parsed
     } else {
         return Err(corrupt("no DICM magic code: not a DICOM Part-10 file".into()));
     };
+    let after_magic = if preamble == ReadPreamble::Always { 132 } else { 4 };
+    if let Err(reason) = check_element_lengths(bytes, after_magic) {
+        // A transfer syntax we do not know may also be why the walk failed; say so precisely.
+        if let Some(uid) = meta_transfer_syntax(bytes, preamble) {
+            if TransferSyntaxRegistry.get(&uid).is_none() {
+                return Err(DicomError::UnsupportedTransferSyntax { instance: name.to_string(), uid, name: "unknown to the decoder".into() });
+            }
+        }
+        return Err(corrupt(reason));
+    }
     // Unknown transfer syntaxes fail inside the parser; name them precisely.
     let result = catch_unwind(AssertUnwindSafe(|| {
         OpenFileOptions::new().read_preamble(preamble).from_reader(std::io::Cursor::new(bytes))
@@ -144,6 +154,128 @@ fn parse_bytes(name: &str, bytes: &[u8], path: Option<PathBuf>) -> Result<Parsed
     }
 }
 
+/// Value representations with a 4-byte length in explicit VR.
+const LONG_VRS: [&[u8; 2]; 13] = [b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"];
+
+/// All value representations (explicit VR headers must carry one of them).
+const ALL_VRS: [&[u8; 2]; 34] = [
+    b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FL", b"FD", b"IS", b"LO", b"LT", b"OB", b"OD", b"OF", b"OL", b"OV",
+    b"OW", b"PN", b"SH", b"SL", b"SQ", b"SS", b"ST", b"SV", b"TM", b"UC", b"UI", b"UL", b"UN", b"UR", b"US", b"UT", b"UV",
+];
+
+/// Reads the file meta group (explicit VR little endian, group 0002) by hand, checking its lengths:
+/// returns the transfer syntax UID and where the data set starts.
+fn scan_meta(bytes: &[u8], start: usize) -> Result<(String, usize), String> {
+    let end = bytes.len();
+    let rd16 = |at: usize| u16::from_le_bytes([bytes[at], bytes[at + 1]]);
+    let rd32 = |at: usize| u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]);
+    let mut pos = start;
+    // File meta group: explicit VR little endian, group 0002.
+    let mut ts = String::new();
+    while pos + 8 <= end && rd16(pos) == 0x0002 {
+        let elem = rd16(pos + 2);
+        let vr = [bytes[pos + 4], bytes[pos + 5]];
+        if !ALL_VRS.contains(&&vr) {
+            return Err(format!("file meta element (0002,{elem:04X}) has an invalid VR"));
+        }
+        let (len, hdr) = if LONG_VRS.contains(&&vr) {
+            if pos + 12 > end {
+                return Err("file meta element header cut short".into());
+            }
+            (rd32(pos + 8) as usize, 12)
+        } else {
+            (rd16(pos + 6) as usize, 8)
+        };
+        if pos + hdr + len > end {
+            return Err(format!("file meta element (0002,{elem:04X}) declares {len} bytes past the end"));
+        }
+        if elem == 0x0010 {
+            ts = String::from_utf8_lossy(&bytes[pos + hdr..pos + hdr + len]).trim_end_matches(['\0', ' ']).to_string();
+        }
+        pos += hdr + len;
+    }
+    Ok((ts, pos))
+}
+
+/// Walks the element headers of a Part-10 byte stream and checks that every defined length fits in
+/// the bytes that remain. dicom-rs allocates a declared length before reading it, so a corrupt length
+/// (up to 4 GiB) would otherwise cost a huge allocation — or abort the process — before failing.
+/// Deflated data sets and explicit-VR UN of undefined length are not walked (left to the parser).
+fn check_element_lengths(bytes: &[u8], start: usize) -> Result<(), String> {
+    let end = bytes.len();
+    let rd16 = |at: usize, be: bool| -> u16 {
+        let b = [bytes[at], bytes[at + 1]];
+        if be { u16::from_be_bytes(b) } else { u16::from_le_bytes(b) }
+    };
+    let rd32 = |at: usize, be: bool| -> u32 {
+        let b = [bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]];
+        if be { u32::from_be_bytes(b) } else { u32::from_le_bytes(b) }
+    };
+    let (ts, mut pos) = scan_meta(bytes, start)?;
+    let (explicit, be) = match ts.as_str() {
+        "1.2.840.10008.1.2" => (false, false),
+        "1.2.840.10008.1.2.2" => (true, true),
+        "1.2.840.10008.1.2.1.99" => return Ok(()), // deflated: the parser inflates it
+        "" => return Err("no transfer syntax in the file meta group".into()),
+        _ => (true, false),
+    };
+    let mut in_fragments = false;
+    while pos < end {
+        if pos + 8 > end {
+            return Err(format!("element header cut short at byte {pos}"));
+        }
+        let group = rd16(pos, be);
+        let elem = rd16(pos + 2, be);
+        if group == 0xFFFE {
+            // Item / item delimiter / sequence delimiter: 4-byte length, never a VR.
+            let len = rd32(pos + 4, be);
+            pos += 8;
+            match elem {
+                0xE0DD => in_fragments = false,
+                0xE000 if len != u32::MAX && (in_fragments || len > 0) => {
+                    // A defined-length item or fragment: its bytes must be there (skip over them).
+                    if pos + len as usize > end {
+                        return Err(format!("item at byte {} declares {len} bytes past the end", pos - 8));
+                    }
+                    pos += len as usize;
+                }
+                _ => {}
+            }
+            continue;
+        }
+        let (len, hdr, vr) = if explicit {
+            let vr = [bytes[pos + 4], bytes[pos + 5]];
+            if !ALL_VRS.contains(&&vr) {
+                return Err(format!("element ({group:04X},{elem:04X}) has an invalid VR at byte {pos}"));
+            }
+            if LONG_VRS.contains(&&vr) {
+                if pos + 12 > end {
+                    return Err(format!("element header cut short at byte {pos}"));
+                }
+                (rd32(pos + 8, be), 12, Some(vr))
+            } else {
+                (rd16(pos + 6, be) as u32, 8, Some(vr))
+            }
+        } else {
+            (rd32(pos + 4, be), 8, None)
+        };
+        pos += hdr;
+        if len == u32::MAX {
+            if (group, elem) == (0x7FE0, 0x0010) {
+                in_fragments = true;
+            } else if vr == Some(*b"UN") {
+                return Ok(()); // implicit-VR content inside explicit VR: leave it to the parser
+            }
+            continue; // sequence of undefined length: walk into its items
+        }
+        if pos + len as usize > end {
+            return Err(format!("element ({group:04X},{elem:04X}) declares {len} bytes past the end of the file"));
+        }
+        pos += len as usize;
+    }
+    Ok(())
+}
+
 /// The error and its sources on one line.
 fn full_error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
@@ -158,9 +290,8 @@ fn full_error_chain(e: &dyn std::error::Error) -> String {
 
 /// Transfer syntax UID from the file meta group (read alone), if it parses.
 fn meta_transfer_syntax(bytes: &[u8], preamble: ReadPreamble) -> Option<String> {
-    let start = if preamble == ReadPreamble::Always { 128 } else { 0 };
-    let meta = catch_unwind(|| dicom_object::meta::FileMetaTable::from_reader(&bytes[start..])).ok()?.ok()?;
-    Some(meta.transfer_syntax().trim_end_matches(['\0', ' ']).to_string())
+    let start = if preamble == ReadPreamble::Always { 132 } else { 4 };
+    scan_meta(bytes, start).ok().map(|(ts, _)| ts).filter(|ts| !ts.is_empty())
 }
 
 fn read_dir_objects(dir: &Path) -> Result<(Vec<Parsed>, Vec<String>), DicomError> {
@@ -328,6 +459,10 @@ fn groups_of(objects: &[Parsed]) -> Vec<SeriesGroup> {
 // ---------------------------------------------------------------------------------------------
 // Assembly
 
+/// Upper bound on voxels per instance and per series (2 GiB of f32): a corrupt Rows/Columns/NumberOfFrames
+/// must be an error, not an allocation that aborts the process.
+const MAX_VOXELS: usize = 1 << 29;
+
 /// Geometry and value transform of one frame (a single-frame instance or one frame of a multi-frame).
 #[derive(Debug, Clone)]
 struct Frame {
@@ -467,6 +602,12 @@ fn load_objects(objects: Vec<Parsed>, want_series: Option<&str>) -> Result<Loade
     // Pixels.
     let (rows, cols) = (first.rows, first.cols);
     let n = rows * cols;
+    if n.saturating_mul(frames.len()) > MAX_VOXELS {
+        return Err(DicomError::UnsupportedPixelFormat {
+            instance: frame_name(&first),
+            detail: format!("the series has {} voxels, above the reader's limit of {MAX_VOXELS}", n * frames.len()),
+        });
+    }
     let mut voxels = vec![0f32; n * frames.len()];
     let mut monochrome1 = false;
     let mut decoded_cache: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
@@ -582,6 +723,12 @@ fn frames_of(obj_idx: usize, p: &Parsed) -> Result<Vec<Frame>, DicomError> {
     let rows = attr_int(o, tags::ROWS).filter(|v| *v > 0).ok_or_else(|| missing("Rows"))? as usize;
     let cols = attr_int(o, tags::COLUMNS).filter(|v| *v > 0).ok_or_else(|| missing("Columns"))? as usize;
     let n_frames = attr_int(o, tags::NUMBER_OF_FRAMES).unwrap_or(1).max(1) as usize;
+    if rows.saturating_mul(cols).saturating_mul(n_frames) > MAX_VOXELS {
+        return Err(DicomError::UnsupportedPixelFormat {
+            instance: sop_uid.clone(),
+            detail: format!("{cols}x{rows}x{n_frames} voxels exceed the reader's limit of {MAX_VOXELS}"),
+        });
+    }
     let per_frame = o.element_opt(tags::PER_FRAME_FUNCTIONAL_GROUPS_SEQUENCE).ok().flatten().and_then(|e| e.items());
     let shared = first_item(o, tags::SHARED_FUNCTIONAL_GROUPS_SEQUENCE);
     let multi = per_frame.is_some() || shared.is_some() || n_frames > 1;
@@ -700,6 +847,14 @@ fn decode_object(p: &Parsed, rows: usize, cols: usize) -> Result<(Vec<f64>, bool
                 instance,
                 uid: ts_uid,
                 name: format!("{}: no decoder built in", ts.name()),
+            });
+        }
+        Some(_) if ts_uid == "1.2.840.10008.1.2.4.51" && bits_stored > 8 => {
+            // The baseline JPEG decoder has no 12-bit (extended) sample precision.
+            return Err(DicomError::UnsupportedTransferSyntax {
+                instance,
+                uid: ts_uid,
+                name: format!("JPEG Extended with {bits_stored}-bit samples: no 12-bit JPEG decoder built in"),
             });
         }
         Some(_) => {}

@@ -157,6 +157,16 @@ impl DeSam {
         self.state_dict().into_iter().filter(|(n, _)| n.starts_with("mask_decoder.")).collect()
     }
 
+    /// Stops gradients for the image and prompt encoders (DeSAM trains only `mask_decoder.*`), so
+    /// that `encode` builds no autograd graph even outside `no_grad`.
+    pub fn freeze_encoders(&self) {
+        for (name, t) in self.vs.variables() {
+            if !name.starts_with("mask_decoder.") {
+                let _ = t.shallow_clone().set_requires_grad(false);
+            }
+        }
+    }
+
     /// Runs the frozen encoder on B×3×S×S normalised images.
     pub fn encode(&self, images: &Tensor) -> Features {
         self.backbone.forward(&images.to_device(self.device()).to_kind(self.kind()))
@@ -190,5 +200,16 @@ impl DeSam {
     pub fn sam_mask(&self, f: &Features, prompts: &PromptBatch) -> Tensor {
         let out = self.run_prim(f, prompts);
         self.prim.sam_mask(&out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn desam_can_move_to_a_worker_thread() {
+        fn is_send<T: Send>() {}
+        is_send::<DeSam>();
     }
 }

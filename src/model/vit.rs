@@ -63,6 +63,9 @@ pub fn window_unpartition(windows: &Tensor, ws: i64, pad_hw: (i64, i64), hw: (i6
     }
 }
 
+/// Largest attention-logit slice computed at once (elements): 64 Mi = 256 MB in f32.
+const ATTENTION_CHUNK_ELEMENTS: i64 = 64 << 20;
+
 #[derive(Debug)]
 struct Attention {
     qkv: Linear,
@@ -93,11 +96,38 @@ impl Attention {
         let qkv = self.qkv.forward(x).reshape([b, h * w, 3, self.heads, -1]).permute([2, 0, 3, 1, 4]);
         let qkv = qkv.reshape([3, b * self.heads, h * w, -1]);
         let (q, k, v) = (qkv.get(0), qkv.get(1), qkv.get(2));
-        let attn = (&q * self.scale).matmul(&k.transpose(-2, -1));
-        let attn = add_decomposed_rel_pos(&attn, &q, &self.rel_pos_h, &self.rel_pos_w, h, w);
-        let attn = attn.softmax(-1, attn.kind());
-        let out = attn.matmul(&v).view([b, self.heads, h, w, -1]).permute([0, 2, 3, 1, 4]).reshape([b, h, w, -1]);
+        let out = self.attend_sliced(&q, &k, &v, h, w, ATTENTION_CHUNK_ELEMENTS);
+        let out = out.view([b, self.heads, h, w, -1]).permute([0, 2, 3, 1, 4]).reshape([b, h, w, -1]);
         self.proj.forward(&out)
+    }
+
+    /// Attention of q, k, v ((B·heads)×N×C) with at most `chunk_elements` logits live at once.
+    fn attend_sliced(&self, q: &Tensor, k: &Tensor, v: &Tensor, h: i64, w: i64, chunk_elements: i64) -> Tensor {
+        // Global attention over 4096 tokens makes (B·heads)×N×N logits (805 MB per ViT-B image in
+        // f32, three live copies at peak); slices of the batch·head axis bound that peak and give
+        // the same numbers up to float rounding (bit-identical on ViT-B here).
+        let bh = q.size()[0];
+        let n = h * w;
+        let step = (chunk_elements / (n * n)).clamp(1, bh);
+        if step >= bh {
+            self.attend(q, k, v, h, w)
+        } else {
+            let parts: Vec<Tensor> = (0..bh)
+                .step_by(step as usize)
+                .map(|s| {
+                    let len = step.min(bh - s);
+                    self.attend(&q.narrow(0, s, len), &k.narrow(0, s, len), &v.narrow(0, s, len), h, w)
+                })
+                .collect();
+            Tensor::cat(&parts, 0)
+        }
+    }
+
+    /// softmax((q·scale)·kᵀ + rel-pos(q)) · v for a slice of the batch·head axis.
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, h: i64, w: i64) -> Tensor {
+        let attn = (q * self.scale).matmul(&k.transpose(-2, -1));
+        let attn = add_decomposed_rel_pos(&attn, q, &self.rel_pos_h, &self.rel_pos_w, h, w);
+        attn.softmax(-1, attn.kind()).matmul(v)
     }
 }
 
@@ -245,6 +275,26 @@ mod tests {
         assert_eq!(win.get(8).get(2).abs().sum(Kind::Float).double_value(&[]), 0.0);
         let back = window_unpartition(&win, 3, pad, (8, 7));
         assert!(back.equal(&x));
+    }
+
+    #[test]
+    fn sliced_attention_equals_whole_attention() {
+        tch::manual_seed(3);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let attn = Attention::new(&vs.root(), 16, 4, 5);
+        let _ = tch::no_grad(|| {
+            for t in [&attn.rel_pos_h, &attn.rel_pos_w] {
+                t.shallow_clone().copy_(&Tensor::randn(t.size(), (Kind::Float, Device::Cpu)));
+            }
+        });
+        let (h, w) = (5, 5);
+        let qkv = Tensor::randn([3, 8, h * w, 4], (Kind::Float, Device::Cpu));
+        let (q, k, v) = (qkv.get(0), qkv.get(1), qkv.get(2));
+        let whole = attn.attend_sliced(&q, &k, &v, h, w, i64::MAX);
+        let sliced = attn.attend_sliced(&q, &k, &v, h, w, 3 * 625);
+        let diff = (&whole - &sliced).abs().max().double_value(&[]);
+        assert!(diff < 1e-6, "{diff}");
+        assert_eq!(whole.size(), vec![8, 25, 4]);
     }
 
     #[test]

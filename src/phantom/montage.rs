@@ -1,0 +1,213 @@
+//! A PNG contact sheet of the six sites (mid-gland slice, percentile window, gland contour) for eyes,
+//! not for analysis. Owns only PNG encoding and a tiny bitmap font; generates no anatomy itself.
+
+use std::path::Path;
+
+use super::{generate_case_with, GenerateOptions, PhantomCase, PhantomError, Site, Size, LABEL_TZ};
+
+/// An RGB8 image, row-major.
+pub struct Rgb {
+    pub width: usize,
+    pub height: usize,
+    pub data: Vec<u8>,
+}
+
+impl Rgb {
+    fn new(width: usize, height: usize) -> Self {
+        Rgb { width, height, data: vec![0; width * height * 3] }
+    }
+    fn put(&mut self, x: usize, y: usize, c: [u8; 3]) {
+        if x < self.width && y < self.height {
+            let i = (y * self.width + x) * 3;
+            self.data[i..i + 3].copy_from_slice(&c);
+        }
+    }
+}
+
+/// The slice index through the gland's centroid (the middle slice of the volume when there is no gland).
+pub fn mid_gland_slice(case: &PhantomCase) -> usize {
+    let [nz, ny, nx] = case.labels.dims;
+    let (mut sum, mut n) = (0usize, 0usize);
+    for z in 0..nz {
+        let c = case.labels.data[z * ny * nx..(z + 1) * ny * nx].iter().filter(|&&v| v > 0).count();
+        sum += z * c;
+        n += c;
+    }
+    if n == 0 {
+        nz / 2
+    } else {
+        (sum as f64 / n as f64).round() as usize
+    }
+}
+
+fn percentile(sorted: &[f32], q: f64) -> f32 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() - 1) as f64 * q).round() as usize;
+    sorted[i]
+}
+
+/// The gland's centroid on slice `z` in pixel units (x, y), or the slice centre.
+fn gland_centroid(case: &PhantomCase, z: usize) -> (f64, f64) {
+    let [_, ny, nx] = case.labels.dims;
+    let lab = case.labels.slice(z);
+    let (mut sx, mut sy, mut n) = (0.0, 0.0, 0usize);
+    for y in 0..ny {
+        for x in 0..nx {
+            if lab[y * nx + x] > 0 {
+                sx += x as f64 + 0.5;
+                sy += y as f64 + 0.5;
+                n += 1;
+            }
+        }
+    }
+    if n == 0 {
+        (nx as f64 / 2.0, ny as f64 / 2.0)
+    } else {
+        (sx / n as f64, sy / n as f64)
+    }
+}
+
+/// One panel: slice `z` of the case, windowed to the slice's 0.5–99.5 percentiles, resampled to
+/// `size`×`size`; `zoom_mm` crops a square of that side (mm) around the gland; with `contours`, the
+/// gland outline in yellow and the TZ outline in cyan.
+pub fn render_panel(case: &PhantomCase, z: usize, size: usize, contours: bool, zoom_mm: Option<f64>) -> Rgb {
+    let [_, ny, nx] = case.labels.dims;
+    let img = case.image.slice(z);
+    let lab = case.labels.slice(z);
+    let mut sorted: Vec<f32> = img.to_vec();
+    sorted.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let lo = percentile(&sorted, 0.005);
+    let hi = percentile(&sorted, 0.995).max(lo + 1e-3);
+    let mut out = Rgb::new(size, size);
+    // Panel pixel (px, py) shows image point (x0 + (px+0.5)·sx, y0 + (py+0.5)·sy) in pixel units.
+    let (x0, y0, sx, sy) = match zoom_mm {
+        None => (0.0, 0.0, nx as f64 / size as f64, ny as f64 / size as f64),
+        Some(mm) => {
+            let (cx, cy) = gland_centroid(case, z);
+            let half_x = 0.5 * mm / case.image.spacing[0];
+            let half_y = 0.5 * mm / case.image.spacing[1];
+            (cx - half_x, cy - half_y, 2.0 * half_x / size as f64, 2.0 * half_y / size as f64)
+        }
+    };
+    let sample = |fx: f64, fy: f64| -> f32 {
+        // Bilinear between pixel centres.
+        let x = (fx - 0.5).clamp(0.0, (nx - 1) as f64);
+        let y = (fy - 0.5).clamp(0.0, (ny - 1) as f64);
+        let (x0, y0) = (x.floor() as usize, y.floor() as usize);
+        let (x1, y1) = ((x0 + 1).min(nx - 1), (y0 + 1).min(ny - 1));
+        let (tx, ty) = ((x - x0 as f64) as f32, (y - y0 as f64) as f32);
+        let a = img[y0 * nx + x0] * (1.0 - tx) + img[y0 * nx + x1] * tx;
+        let b = img[y1 * nx + x0] * (1.0 - tx) + img[y1 * nx + x1] * tx;
+        a * (1.0 - ty) + b * ty
+    };
+    let label_at = |px: usize, py: usize| -> u8 {
+        let x = ((x0 + (px as f64 + 0.5) * sx).max(0.0) as usize).min(nx - 1);
+        let y = ((y0 + (py as f64 + 0.5) * sy).max(0.0) as usize).min(ny - 1);
+        lab[y * nx + x]
+    };
+    for py in 0..size {
+        for px in 0..size {
+            let v = sample(x0 + (px as f64 + 0.5) * sx, y0 + (py as f64 + 0.5) * sy);
+            let g = (((v - lo) / (hi - lo)).clamp(0.0, 1.0) * 255.0).round() as u8;
+            out.put(px, py, [g, g, g]);
+        }
+    }
+    if contours {
+        for py in 0..size {
+            for px in 0..size {
+                let l = label_at(px, py);
+                let neighbours = [
+                    label_at(px.saturating_sub(1), py),
+                    label_at((px + 1).min(size - 1), py),
+                    label_at(px, py.saturating_sub(1)),
+                    label_at(px, (py + 1).min(size - 1)),
+                ];
+                let gland_edge = l > 0 && neighbours.iter().any(|&n| n == 0);
+                let tz_edge = l == LABEL_TZ && neighbours.iter().any(|&n| n == 1);
+                if gland_edge {
+                    out.put(px, py, [255, 220, 0]);
+                } else if tz_edge {
+                    out.put(px, py, [0, 200, 255]);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// 5×7 glyphs for the site letters, one row per byte (bit 4 = leftmost column).
+fn glyph(c: char) -> Option<[u8; 7]> {
+    Some(match c {
+        'A' => [0x0E, 0x11, 0x11, 0x1F, 0x11, 0x11, 0x11],
+        'B' => [0x1E, 0x11, 0x11, 0x1E, 0x11, 0x11, 0x1E],
+        'C' => [0x0E, 0x11, 0x10, 0x10, 0x10, 0x11, 0x0E],
+        'D' => [0x1E, 0x11, 0x11, 0x11, 0x11, 0x11, 0x1E],
+        'E' => [0x1F, 0x10, 0x10, 0x1E, 0x10, 0x10, 0x1F],
+        'F' => [0x1F, 0x10, 0x10, 0x1E, 0x10, 0x10, 0x10],
+        _ => return None,
+    })
+}
+
+fn draw_letter(img: &mut Rgb, c: char, x0: usize, y0: usize, scale: usize) {
+    let Some(g) = glyph(c) else { return };
+    for (row, bits) in g.iter().enumerate() {
+        for col in 0..5 {
+            if bits & (0x10 >> col) != 0 {
+                for dy in 0..scale {
+                    for dx in 0..scale {
+                        let (x, y) = (x0 + col * scale + dx, y0 + row * scale + dy);
+                        // Dark shadow first so the letter reads on bright fat.
+                        img.put(x + 1, y + 1, [0, 0, 0]);
+                        img.put(x, y, [255, 80, 80]);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Two rows × one column per case: the whole field of view, then a 90 mm square around the gland
+/// with the gland (yellow) and TZ (cyan) outlines.
+pub fn montage(cases: &[PhantomCase], panel: usize) -> Rgb {
+    let gap = 4;
+    let width = cases.len() * panel + (cases.len().saturating_sub(1)) * gap;
+    let height = 2 * panel + gap;
+    let mut out = Rgb::new(width.max(1), height);
+    for (i, case) in cases.iter().enumerate() {
+        let z = mid_gland_slice(case);
+        for (row, contours, zoom) in [(0usize, false, None), (1usize, true, Some(90.0))] {
+            let p = render_panel(case, z, panel, contours, zoom);
+            let x0 = i * (panel + gap);
+            let y0 = row * (panel + gap);
+            for y in 0..panel {
+                let src = &p.data[y * panel * 3..(y + 1) * panel * 3];
+                let dst = ((y0 + y) * out.width + x0) * 3;
+                out.data[dst..dst + panel * 3].copy_from_slice(src);
+            }
+        }
+        draw_letter(&mut out, case.site.letter(), i * (panel + gap) + 6, 6, (panel / 64).max(2));
+    }
+    out
+}
+
+pub fn write_png(img: &Rgb, path: &Path) -> Result<(), PhantomError> {
+    let file = std::fs::File::create(path).map_err(|e| PhantomError::Io { path: path.display().to_string(), source: e })?;
+    let w = std::io::BufWriter::new(file);
+    let mut enc = png::Encoder::new(w, img.width as u32, img.height as u32);
+    enc.set_color(png::ColorType::Rgb);
+    enc.set_depth(png::BitDepth::Eight);
+    let png_err = |e: png::EncodingError| PhantomError::Png { path: path.display().to_string(), message: e.to_string() };
+    let mut writer = enc.write_header().map_err(png_err)?;
+    writer.write_image_data(&img.data).map_err(png_err)?;
+    writer.finish().map_err(png_err)?;
+    Ok(())
+}
+
+/// Generates case `case_index` of every site and writes the contact sheet to `path`.
+pub fn write_site_montage(path: &Path, seed: u64, case_index: u32, size: Size, panel: usize) -> Result<(), PhantomError> {
+    let opts = GenerateOptions { size, ..Default::default() };
+    let cases: Vec<PhantomCase> = Site::ALL.iter().map(|&s| generate_case_with(s, case_index, seed, &opts)).collect();
+    write_png(&montage(&cases, panel), path)
+}
