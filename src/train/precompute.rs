@@ -162,18 +162,40 @@ pub fn precompute(opts: &PrecomputeOptions) -> Result<StoreIndex, TrainError> {
         encoded += sc.z.len();
         std::fs::write(&sidecar, serde_json::to_string(&sc).unwrap()).map_err(io_err(&sidecar))?;
         stored.push(sc);
+        write_index(out, &config, &stored, &manifest_hash, encode_s, encoded, &cases)?;
         bar.inc(1);
         if encode_s > 0.0 {
             bar.set_message(format!("{:.2} slices/s", encoded as f64 / encode_s));
         }
     }
     bar.finish();
+    let index = write_index(out, &config, &stored, &manifest_hash, encode_s, encoded, &cases)?;
+    Ok(index)
+}
+
+/// Writes `index.json` for the cases finished so far (after every case, so that an interrupted
+/// precompute leaves a usable store of its first cases; the manifest hash then covers only those).
+fn write_index(
+    out: &Path,
+    config: &StoreConfig,
+    stored: &[StoredCase],
+    full_manifest: &str,
+    encode_s: f64,
+    encoded: usize,
+    cases: &[CaseRef],
+) -> Result<StoreIndex, TrainError> {
     let slices: usize = stored.iter().map(|c| c.z.len()).sum();
     let bytes: u64 = stored.iter().map(|c| c.bytes).sum();
+    let manifest_hash = if stored.len() == cases.len() {
+        full_manifest.to_string()
+    } else {
+        let done: Vec<CaseRef> = cases.iter().filter(|c| stored.iter().any(|s| s.id == c.id)).cloned().collect();
+        data::manifest_hash(&done)?
+    };
     let index = StoreIndex {
-        config,
+        config: config.clone(),
         manifest_hash,
-        cases: stored,
+        cases: stored.to_vec(),
         slices,
         bytes,
         bytes_per_slice: if slices > 0 { bytes / slices as u64 } else { 0 },
@@ -181,7 +203,9 @@ pub fn precompute(opts: &PrecomputeOptions) -> Result<StoreIndex, TrainError> {
         slices_per_second: if encode_s > 0.0 { encoded as f64 / encode_s } else { 0.0 },
     };
     let p = out.join(INDEX_JSON);
-    std::fs::write(&p, serde_json::to_string_pretty(&index).unwrap()).map_err(io_err(&p))?;
+    let tmp = out.join(".index.json.partial");
+    std::fs::write(&tmp, serde_json::to_string_pretty(&index).unwrap()).map_err(io_err(&tmp))?;
+    std::fs::rename(&tmp, &p).map_err(io_err(&p))?;
     Ok(index)
 }
 
