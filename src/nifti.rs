@@ -1,5 +1,8 @@
 //! NIfTI-1 in/out with correct affines (RAS on disk ↔ LPS in `Volume`) and the nnU-Net v1 folder layout.
-//! Owns file-format conversion only: no resampling, no reorientation of voxel order, never overwrites input files.
+//! Owns file-format conversion only: no resampling, no reordering of voxels; reads never modify files, writes touch only the given path.
+
+// 3×3/4×4 affine arithmetic reads best with explicit row/column indices.
+#![allow(clippy::needless_range_loop)]
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -10,13 +13,19 @@ use crate::volume::{Mask, Volume};
 #[derive(Debug, thiserror::Error)]
 pub enum NiftiError {
     #[error("cannot access {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}: not a readable NIfTI-1 file ({reason})")]
     Format { path: PathBuf, reason: String },
     #[error("{path}: unsupported NIfTI content ({reason})")]
     Unsupported { path: PathBuf, reason: String },
     #[error("mask grid {mask:?} does not match the volume grid {volume:?}")]
-    GridMismatch { mask: [usize; 3], volume: [usize; 3] },
+    GridMismatch {
+        mask: [usize; 3],
+        volume: [usize; 3],
+    },
     #[error("cannot write this volume as NIfTI: {0}")]
     InvalidVolume(String),
     #[error("{dir}: not an nnU-Net task folder ({reason})")]
@@ -37,7 +46,10 @@ pub fn read_nifti(path: &Path) -> Result<Volume, NiftiError> {
         });
     }
     use nifti::{IntoNdArray, NiftiObject};
-    let fmt = |reason: String| NiftiError::Format { path: path.to_path_buf(), reason };
+    let fmt = |reason: String| NiftiError::Format {
+        path: path.to_path_buf(),
+        reason,
+    };
     // The nifti crate may panic on malformed headers: never let that cross into callers (FFI).
     let obj = std::panic::catch_unwind(|| nifti::ReaderOptions::new().read_file(path))
         .map_err(|_| fmt("the NIfTI parser panicked".into()))?
@@ -59,16 +71,28 @@ pub fn read_nifti(path: &Path) -> Result<Volume, NiftiError> {
     if nx * ny * nz == 0 {
         return Err(fmt("an image dimension is 0".into()));
     }
-    let arr = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| obj.into_volume().into_ndarray::<f32>()))
-        .map_err(|_| fmt("the NIfTI data decoder panicked".into()))?
-        .map_err(|e| NiftiError::Unsupported { path: path.to_path_buf(), reason: e.to_string() })?;
+    let arr = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        obj.into_volume().into_ndarray::<f32>()
+    }))
+    .map_err(|_| fmt("the NIfTI data decoder panicked".into()))?
+    .map_err(|e| NiftiError::Unsupported {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
     // The array is indexed [x, y, z, ...]; reversed axes iterate x fastest, which is Volume's order.
     let voxels: Vec<f32> = arr.t().iter().copied().collect();
     if voxels.len() != nx * ny * nz {
-        return Err(fmt(format!("{} values for a {nx}x{ny}x{nz} grid", voxels.len())));
+        return Err(fmt(format!(
+            "{} values for a {nx}x{ny}x{nz} grid",
+            voxels.len()
+        )));
     }
-    let ras = header_affine(&h);
-    let (spacing, direction, origin) = lps_geometry(&ras).map_err(fmt)?;
+    // A degenerate sform (all zeros is common in hand-made headers) falls back to the qform.
+    let (spacing, direction, origin) = match lps_geometry(&header_affine(&h, true)) {
+        Ok(g) => g,
+        Err(_) if h.sform_code > 0 => lps_geometry(&header_affine(&h, false)).map_err(fmt)?,
+        Err(e) => return Err(fmt(e)),
+    };
     let mut v = Volume::new(voxels, [nz, ny, nx], spacing, origin);
     v.direction = direction;
     Ok(v)
@@ -78,7 +102,11 @@ pub fn read_nifti(path: &Path) -> Result<Volume, NiftiError> {
 /// integer label (negative → 0, above 255 → 255). Returns the mask and its grid (voxels empty).
 pub fn read_nifti_mask(path: &Path) -> Result<(Mask, Volume), NiftiError> {
     let v = read_nifti(path)?;
-    let data = v.voxels.iter().map(|&x| x.round().clamp(0.0, 255.0) as u8).collect();
+    let data = v
+        .voxels
+        .iter()
+        .map(|&x| x.round().clamp(0.0, 255.0) as u8)
+        .collect();
     Ok((Mask { data, dims: v.dims }, v.clone_geometry()))
 }
 
@@ -86,7 +114,9 @@ pub fn read_nifti_mask(path: &Path) -> Result<(Mask, Volume), NiftiError> {
 /// identical sform and qform (code 1, scanner) in RAS.
 pub fn write_nifti(path: &Path, vol: &Volume) -> Result<(), NiftiError> {
     if vol.voxels.len() != vol.dims.iter().product::<usize>() {
-        return Err(NiftiError::InvalidVolume("voxel count does not match dims".into()));
+        return Err(NiftiError::InvalidVolume(
+            "voxel count does not match dims".into(),
+        ));
     }
     let mut data = Vec::with_capacity(vol.voxels.len() * 4);
     for v in &vol.voxels {
@@ -98,10 +128,15 @@ pub fn write_nifti(path: &Path, vol: &Volume) -> Result<(), NiftiError> {
 /// Writes a mask on the grid of `grid` as uint8 NIfTI-1 with the grid's affine.
 pub fn write_nifti_mask(path: &Path, mask: &Mask, grid: &Volume) -> Result<(), NiftiError> {
     if mask.dims != grid.dims {
-        return Err(NiftiError::GridMismatch { mask: mask.dims, volume: grid.dims });
+        return Err(NiftiError::GridMismatch {
+            mask: mask.dims,
+            volume: grid.dims,
+        });
     }
     if mask.data.len() != mask.dims.iter().product::<usize>() {
-        return Err(NiftiError::InvalidVolume("mask data length does not match dims".into()));
+        return Err(NiftiError::InvalidVolume(
+            "mask data length does not match dims".into(),
+        ));
     }
     write_file(path, grid, DT_UINT8, 8, &mask.data)
 }
@@ -123,25 +158,47 @@ pub fn list_nnunet_cases(dir: &Path) -> Result<Vec<NnunetCase>, NiftiError> {
     let images = dir.join("imagesTr");
     let labels = dir.join("labelsTr");
     if !images.is_dir() {
-        return Err(NiftiError::Layout { dir: dir.to_path_buf(), reason: "no imagesTr folder".into() });
+        return Err(NiftiError::Layout {
+            dir: dir.to_path_buf(),
+            reason: "no imagesTr folder".into(),
+        });
     }
-    let rd = std::fs::read_dir(&images).map_err(|e| NiftiError::Io { path: images.clone(), source: e })?;
+    let rd = std::fs::read_dir(&images).map_err(|e| NiftiError::Io {
+        path: images.clone(),
+        source: e,
+    })?;
     let mut cases = Vec::new();
     for entry in rd {
-        let entry = entry.map_err(|e| NiftiError::Io { path: images.clone(), source: e })?;
+        let entry = entry.map_err(|e| NiftiError::Io {
+            path: images.clone(),
+            source: e,
+        })?;
         let name = entry.file_name().to_string_lossy().into_owned();
         if name.starts_with('.') {
             continue; // macOS "._" resource forks and hidden files
         }
-        let id = match name.strip_suffix("_0000.nii.gz").or_else(|| name.strip_suffix("_0000.nii")) {
+        let id = match name
+            .strip_suffix("_0000.nii.gz")
+            .or_else(|| name.strip_suffix("_0000.nii"))
+        {
             Some(id) => id.to_string(),
             None => continue,
         };
-        let label = ["nii.gz", "nii"].iter().map(|ext| labels.join(format!("{id}.{ext}"))).find(|p| p.is_file());
-        cases.push(NnunetCase { id, image: entry.path(), label });
+        let label = ["nii.gz", "nii"]
+            .iter()
+            .map(|ext| labels.join(format!("{id}.{ext}")))
+            .find(|p| p.is_file());
+        cases.push(NnunetCase {
+            id,
+            image: entry.path(),
+            label,
+        });
     }
     if cases.is_empty() {
-        return Err(NiftiError::Layout { dir: dir.to_path_buf(), reason: "no imagesTr/*_0000.nii(.gz) files".into() });
+        return Err(NiftiError::Layout {
+            dir: dir.to_path_buf(),
+            reason: "no imagesTr/*_0000.nii(.gz) files".into(),
+        });
     }
     cases.sort_by(|a, b| a.id.cmp(&b.id));
     Ok(cases)
@@ -152,9 +209,9 @@ const DT_FLOAT32: i16 = 16;
 const HEADER_LEN: usize = 348;
 const VOX_OFFSET: usize = 352;
 
-/// The 3×4 voxel-to-RAS affine the header describes.
-fn header_affine(h: &nifti::NiftiHeader) -> [[f64; 4]; 3] {
-    if h.sform_code > 0 {
+/// The 3×4 voxel-to-RAS affine the header describes (ignoring the sform when `use_sform` is false).
+fn header_affine(h: &nifti::NiftiHeader, use_sform: bool) -> [[f64; 4]; 3] {
+    if use_sform && h.sform_code > 0 {
         let r = |s: [f32; 4]| [s[0] as f64, s[1] as f64, s[2] as f64, s[3] as f64];
         return [r(h.srow_x), r(h.srow_y), r(h.srow_z)];
     }
@@ -182,7 +239,11 @@ fn header_affine(h: &nifti::NiftiHeader) -> [[f64; 4]; 3] {
         }
         return a;
     }
-    [[dx, 0.0, 0.0, 0.0], [0.0, dy, 0.0, 0.0], [0.0, 0.0, dz, 0.0]]
+    [
+        [dx, 0.0, 0.0, 0.0],
+        [0.0, dy, 0.0, 0.0],
+        [0.0, 0.0, dz, 0.0],
+    ]
 }
 
 /// Splits a RAS affine into LPS spacing, unit direction columns and origin.
@@ -192,7 +253,11 @@ fn lps_geometry(ras: &[[f64; 4]; 3]) -> Result<([f64; 3], [[f64; 3]; 3], [f64; 3
     let mut spacing = [0.0; 3];
     let mut direction = [[0.0; 3]; 3];
     for c in 0..3 {
-        let col = [flip[0] * ras[0][c], flip[1] * ras[1][c], flip[2] * ras[2][c]];
+        let col = [
+            flip[0] * ras[0][c],
+            flip[1] * ras[1][c],
+            flip[2] * ras[2][c],
+        ];
         let n = (col[0] * col[0] + col[1] * col[1] + col[2] * col[2]).sqrt();
         if !(n.is_finite() && n > 0.0) {
             return Err(format!("affine column {c} is zero or not finite"));
@@ -200,7 +265,11 @@ fn lps_geometry(ras: &[[f64; 4]; 3]) -> Result<([f64; 3], [[f64; 3]; 3], [f64; 3
         spacing[c] = n;
         direction[c] = [col[0] / n, col[1] / n, col[2] / n];
     }
-    let origin = [flip[0] * ras[0][3], flip[1] * ras[1][3], flip[2] * ras[2][3]];
+    let origin = [
+        flip[0] * ras[0][3],
+        flip[1] * ras[1][3],
+        flip[2] * ras[2][3],
+    ];
     if origin.iter().any(|v| !v.is_finite()) {
         return Err("affine offset is not finite".into());
     }
@@ -231,15 +300,28 @@ fn quatern_to_rotation(b: f64, c: f64, d: f64) -> [[f64; 3]; 3] {
         a = a.sqrt();
     }
     [
-        [a * a + b * b - c * c - d * d, 2.0 * (b * c - a * d), 2.0 * (b * d + a * c)],
-        [2.0 * (b * c + a * d), a * a + c * c - b * b - d * d, 2.0 * (c * d - a * b)],
-        [2.0 * (b * d - a * c), 2.0 * (c * d + a * b), a * a + d * d - c * c - b * b],
+        [
+            a * a + b * b - c * c - d * d,
+            2.0 * (b * c - a * d),
+            2.0 * (b * d + a * c),
+        ],
+        [
+            2.0 * (b * c + a * d),
+            a * a + c * c - b * b - d * d,
+            2.0 * (c * d - a * b),
+        ],
+        [
+            2.0 * (b * d - a * c),
+            2.0 * (c * d + a * b),
+            a * a + d * d - c * c - b * b,
+        ],
     ]
 }
 
 /// Quaternion (b, c, d) and qfac of the rotation part of unit direction columns `r` (r[row][col]).
 fn rotation_to_quatern(mut r: [[f64; 3]; 3]) -> (f64, f64, f64, f64) {
-    let det = r[0][0] * (r[1][1] * r[2][2] - r[1][2] * r[2][1]) - r[0][1] * (r[1][0] * r[2][2] - r[1][2] * r[2][0])
+    let det = r[0][0] * (r[1][1] * r[2][2] - r[1][2] * r[2][1])
+        - r[0][1] * (r[1][0] * r[2][2] - r[1][2] * r[2][0])
         + r[0][2] * (r[1][0] * r[2][1] - r[1][1] * r[2][0]);
     let qfac = if det < 0.0 { -1.0 } else { 1.0 };
     if det < 0.0 {
@@ -288,18 +370,41 @@ fn rotation_to_quatern(mut r: [[f64; 3]; 3]) -> (f64, f64, f64, f64) {
     (b, c, d, qfac)
 }
 
-fn write_file(path: &Path, grid: &Volume, datatype: i16, bitpix: i16, data: &[u8]) -> Result<(), NiftiError> {
+fn write_file(
+    path: &Path,
+    grid: &Volume,
+    datatype: i16,
+    bitpix: i16,
+    data: &[u8],
+) -> Result<(), NiftiError> {
     let [nz, ny, nx] = grid.dims;
-    if [nx, ny, nz].iter().any(|&n| n == 0 || n > i16::MAX as usize) {
-        return Err(NiftiError::InvalidVolume(format!("dimensions {:?} do not fit NIfTI-1", grid.dims)));
+    if [nx, ny, nz]
+        .iter()
+        .any(|&n| n == 0 || n > i16::MAX as usize)
+    {
+        return Err(NiftiError::InvalidVolume(format!(
+            "dimensions {:?} do not fit NIfTI-1",
+            grid.dims
+        )));
     }
-    if grid.spacing.iter().chain(grid.origin.iter()).any(|v| !v.is_finite()) || grid.spacing.iter().any(|&s| s <= 0.0) {
-        return Err(NiftiError::InvalidVolume(format!("spacing {:?} / origin {:?}", grid.spacing, grid.origin)));
+    if grid
+        .spacing
+        .iter()
+        .chain(grid.origin.iter())
+        .any(|v| !v.is_finite())
+        || grid.spacing.iter().any(|&s| s <= 0.0)
+    {
+        return Err(NiftiError::InvalidVolume(format!(
+            "spacing {:?} / origin {:?}",
+            grid.spacing, grid.origin
+        )));
     }
     let ras = ras_affine(grid);
     let mut h = vec![0u8; VOX_OFFSET];
-    let put_i16 = |h: &mut Vec<u8>, at: usize, v: i16| h[at..at + 2].copy_from_slice(&v.to_le_bytes());
-    let put_f32 = |h: &mut Vec<u8>, at: usize, v: f32| h[at..at + 4].copy_from_slice(&v.to_le_bytes());
+    let put_i16 =
+        |h: &mut Vec<u8>, at: usize, v: i16| h[at..at + 2].copy_from_slice(&v.to_le_bytes());
+    let put_f32 =
+        |h: &mut Vec<u8>, at: usize, v: f32| h[at..at + 4].copy_from_slice(&v.to_le_bytes());
     h[0..4].copy_from_slice(&(HEADER_LEN as i32).to_le_bytes());
     h[38] = b'r';
     for (i, v) in [3, nx, ny, nz, 1, 1, 1, 1].iter().enumerate() {
@@ -315,7 +420,16 @@ fn write_file(path: &Path, grid: &Volume, datatype: i16, bitpix: i16, data: &[u8
         }
     }
     let (qb, qc, qd, qfac) = rotation_to_quatern(rot);
-    let pixdim = [qfac, grid.spacing[0], grid.spacing[1], grid.spacing[2], 1.0, 1.0, 1.0, 1.0];
+    let pixdim = [
+        qfac,
+        grid.spacing[0],
+        grid.spacing[1],
+        grid.spacing[2],
+        1.0,
+        1.0,
+        1.0,
+        1.0,
+    ];
     for (i, v) in pixdim.iter().enumerate() {
         put_f32(&mut h, 76 + 4 * i, *v as f32);
     }
@@ -340,8 +454,14 @@ fn write_file(path: &Path, grid: &Volume, datatype: i16, bitpix: i16, data: &[u8
     // h[348..352] = 0: no extensions.
     h.extend_from_slice(data);
 
-    let io = |e| NiftiError::Io { path: path.to_path_buf(), source: e };
-    let gz = path.extension().map(|e| e.eq_ignore_ascii_case("gz")).unwrap_or(false);
+    let io = |e| NiftiError::Io {
+        path: path.to_path_buf(),
+        source: e,
+    };
+    let gz = path
+        .extension()
+        .map(|e| e.eq_ignore_ascii_case("gz"))
+        .unwrap_or(false);
     let file = std::fs::File::create(path).map_err(io)?;
     let mut w = std::io::BufWriter::new(file);
     if gz {
@@ -369,8 +489,16 @@ mod tests {
     #[test]
     fn quaternion_round_trip_for_proper_and_improper_rotations() {
         let (a, b) = (0.4f64, -1.1f64);
-        let r1 = [[a.cos(), -a.sin(), 0.0], [a.sin(), a.cos(), 0.0], [0.0, 0.0, 1.0]];
-        let r2 = [[1.0, 0.0, 0.0], [0.0, b.cos(), -b.sin()], [0.0, b.sin(), b.cos()]];
+        let r1 = [
+            [a.cos(), -a.sin(), 0.0],
+            [a.sin(), a.cos(), 0.0],
+            [0.0, 0.0, 1.0],
+        ];
+        let r2 = [
+            [1.0, 0.0, 0.0],
+            [0.0, b.cos(), -b.sin()],
+            [0.0, b.sin(), b.cos()],
+        ];
         let mut rot = [[0.0; 3]; 3];
         for i in 0..3 {
             for j in 0..3 {
@@ -390,7 +518,11 @@ mod tests {
             for i in 0..3 {
                 for j in 0..3 {
                     let want = r[i][j] * if j == 2 { qfac } else { 1.0 };
-                    assert!((back[i][j] - want).abs() < 1e-9, "{i}{j}: {} vs {want}", back[i][j]);
+                    assert!(
+                        (back[i][j] - want).abs() < 1e-9,
+                        "{i}{j}: {} vs {want}",
+                        back[i][j]
+                    );
                 }
             }
         }
@@ -411,7 +543,11 @@ mod tests {
         let vals: Vec<f32> = (0..2 * 3 * 4).map(|i| i as f32 * 1.5 - 3.0).collect();
         let mut v = Volume::new(vals, [2, 3, 4], [0.5, 0.75, 3.0], [12.0, -7.0, 30.0]);
         let t = 0.3f64;
-        v.direction = [[t.cos(), t.sin(), 0.0], [0.0, 0.0, -1.0], [-t.sin(), t.cos(), 0.0]];
+        v.direction = [
+            [t.cos(), t.sin(), 0.0],
+            [0.0, 0.0, -1.0],
+            [-t.sin(), t.cos(), 0.0],
+        ];
         for name in ["a.nii", "a.nii.gz"] {
             let p = dir.join(name);
             write_nifti(&p, &v).unwrap();
@@ -437,8 +573,14 @@ mod tests {
             write_nifti_mask(&dir.join("bad.nii"), &Mask::zeros([1, 1, 1]), &v),
             Err(NiftiError::GridMismatch { .. })
         ));
-        assert!(matches!(read_nifti(&dir.join("missing.nii")), Err(NiftiError::Io { .. })));
+        assert!(matches!(
+            read_nifti(&dir.join("missing.nii")),
+            Err(NiftiError::Io { .. })
+        ));
         std::fs::write(dir.join("junk.nii"), b"not a nifti file at all").unwrap();
-        assert!(matches!(read_nifti(&dir.join("junk.nii")), Err(NiftiError::Format { .. })));
+        assert!(matches!(
+            read_nifti(&dir.join("junk.nii")),
+            Err(NiftiError::Format { .. })
+        ));
     }
 }

@@ -14,8 +14,17 @@ fn python() -> PathBuf {
 }
 
 fn run_py(script: &str, args: &[&Path]) -> String {
-    let out = Command::new(python()).arg("-c").arg(script).args(args).output().expect("python");
-    assert!(out.status.success(), "python failed: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(python())
+        .arg("-c")
+        .arg(script)
+        .args(args)
+        .output()
+        .expect("python");
+    assert!(
+        out.status.success(),
+        "python failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8(out.stdout).unwrap()
 }
 
@@ -32,7 +41,9 @@ fn numbers(s: &str) -> Vec<f64> {
 
 fn oblique_volume() -> Volume {
     let [nz, ny, nx] = [3usize, 4, 5];
-    let vox: Vec<f32> = (0..nz * ny * nx).map(|i| (i * 7 % 23) as f32 - 4.5).collect();
+    let vox: Vec<f32> = (0..nz * ny * nx)
+        .map(|i| (i * 7 % 23) as f32 - 4.5)
+        .collect();
     let mut v = Volume::new(vox, [nz, ny, nx], [0.6, 0.8, 2.5], [-31.0, 12.5, 44.0]);
     let (a, b) = (25f64.to_radians(), -15f64.to_radians());
     let row = [a.cos(), a.sin(), 0.0];
@@ -74,8 +85,15 @@ fn nibabel_sees_our_affine_and_voxels() {
         for r in 0..3 {
             for c in 0..4 {
                 let want = ras[r][c];
-                for (label, got) in [("affine", affine[r * 4 + c]), ("sform", sform[r * 4 + c]), ("qform", qform[r * 4 + c])] {
-                    assert!((got - want).abs() < 1e-4, "{label}[{r}][{c}] = {got}, want {want}");
+                for (label, got) in [
+                    ("affine", affine[r * 4 + c]),
+                    ("sform", sform[r * 4 + c]),
+                    ("qform", qform[r * 4 + c]),
+                ] {
+                    assert!(
+                        (got - want).abs() < 1e-4,
+                        "{label}[{r}][{c}] = {got}, want {want}"
+                    );
                 }
             }
         }
@@ -128,9 +146,18 @@ img2 = nib.Nifti1Image(data, None)
 img2.set_qform(aff2, code=1)
 img2.set_sform(None, code=0)
 nib.save(img2, out + '/qform.nii')
-for name in ('sform.nii.gz', 'qform.nii'):
+# 3) sform_code set but the sform left all zeros: the qform must be used
+img3 = nib.Nifti1Image(data, None)
+img3.set_qform(aff, code=1)
+img3.header['sform_code'] = 2
+for k in ('srow_x', 'srow_y', 'srow_z'):
+    img3.header[k] = [0, 0, 0, 0]
+nib.save(img3, out + '/zero_sform.nii')
+for name in ('sform.nii.gz', 'qform.nii', 'zero_sform.nii'):
     im = nib.load(out + '/' + name)
-    print(name, *im.affine[:3].ravel())
+    # nibabel trusts a non-zero sform_code even with a zero sform; the expected geometry is the qform.
+    best = im.get_qform() if name == 'zero_sform.nii' else im.affine
+    print(name, *best[:3].ravel())
     print(*np.asarray(im.get_fdata(), dtype=np.float64).ravel(order='F'))
 "#;
 
@@ -139,7 +166,7 @@ fn we_read_nibabel_written_oblique_files() {
     let dir = scratch("nib");
     let out = run_py(NIB_WRITE, &[&dir]);
     let lines: Vec<&str> = out.lines().collect();
-    assert_eq!(lines.len(), 4);
+    assert_eq!(lines.len(), 6);
     for pair in lines.chunks(2) {
         let mut head = pair[0].split_whitespace();
         let name = head.next().unwrap();
@@ -150,7 +177,12 @@ fn we_read_nibabel_written_oblique_files() {
         let got = ras_affine(&v);
         for r in 0..3 {
             for c in 0..4 {
-                assert!((got[r][c] - affine[r * 4 + c]).abs() < 1e-4, "{name} affine[{r}][{c}]: {} vs {}", got[r][c], affine[r * 4 + c]);
+                assert!(
+                    (got[r][c] - affine[r * 4 + c]).abs() < 1e-4,
+                    "{name} affine[{r}][{c}]: {} vs {}",
+                    got[r][c],
+                    affine[r * 4 + c]
+                );
             }
         }
         assert_eq!(v.voxels.len(), want_data.len());
@@ -161,7 +193,10 @@ fn we_read_nibabel_written_oblique_files() {
         let (i, j, k) = (3.0, 2.0, 1.0);
         let p = v.index_to_world(i, j, k);
         for r in 0..3 {
-            let ras = affine[r * 4] * i + affine[r * 4 + 1] * j + affine[r * 4 + 2] * k + affine[r * 4 + 3];
+            let ras = affine[r * 4] * i
+                + affine[r * 4 + 1] * j
+                + affine[r * 4 + 2] * k
+                + affine[r * 4 + 3];
             let lps = if r < 2 { -ras } else { ras };
             assert!((p[r] - lps).abs() < 1e-4);
         }
@@ -181,12 +216,30 @@ fn lists_nnunet_v1_cases() {
         write_nifti(&dir.join(format!("imagesTr/{id}_0000.nii.gz")), &v).unwrap();
         write_nifti(&dir.join(format!("imagesTr/{id}_0001.nii.gz")), &v).unwrap();
     }
-    write_nifti_mask(&dir.join("labelsTr/prostate_00.nii.gz"), &Mask::zeros(v.dims), &v).unwrap();
-    std::fs::write(dir.join("imagesTr/._prostate_00_0000.nii.gz"), b"resource fork").unwrap();
+    write_nifti_mask(
+        &dir.join("labelsTr/prostate_00.nii.gz"),
+        &Mask::zeros(v.dims),
+        &v,
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("imagesTr/._prostate_00_0000.nii.gz"),
+        b"resource fork",
+    )
+    .unwrap();
     let cases = list_nnunet_cases(&dir).unwrap();
-    assert_eq!(cases.iter().map(|c| c.id.as_str()).collect::<Vec<_>>(), ["prostate_00", "prostate_02"]);
-    assert_eq!(cases[0].label.as_deref(), Some(dir.join("labelsTr/prostate_00.nii.gz").as_path()));
+    assert_eq!(
+        cases.iter().map(|c| c.id.as_str()).collect::<Vec<_>>(),
+        ["prostate_00", "prostate_02"]
+    );
+    assert_eq!(
+        cases[0].label.as_deref(),
+        Some(dir.join("labelsTr/prostate_00.nii.gz").as_path())
+    );
     assert_eq!(cases[1].label, None);
     assert_eq!(read_nifti(&cases[1].image).unwrap().dims, v.dims);
-    assert!(matches!(list_nnunet_cases(&dir.join("labelsTr")), Err(NiftiError::Layout { .. })));
+    assert!(matches!(
+        list_nnunet_cases(&dir.join("labelsTr")),
+        Err(NiftiError::Layout { .. })
+    ));
 }

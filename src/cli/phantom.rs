@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 
-use crate::phantom::{self, Site, Size};
+use crate::phantom::{self, export, GenerateOptions, Site, Size};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -55,18 +55,57 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         Some(s) => s.parse()?,
         None => bail!("--site is required (one of A, B, C, D, E, F) unless --montage is given"),
     };
-    let Some(out) = &args.out else { bail!("--out is required unless --montage is given") };
-    let last = args.first_case.checked_add(args.cases).context("case range overflows")?;
+    let Some(out) = &args.out else {
+        bail!("--out is required unless --montage is given")
+    };
     if args.cases == 0 {
         bail!("--cases must be at least 1");
     }
-    if last > 1000 {
-        bail!("case indices must stay below 1000 (got up to {})", last - 1);
-    }
-    match args.format.as_str() {
-        "dicom" | "nifti" => {}
+    let end = args
+        .first_case
+        .checked_add(args.cases)
+        .context("case range overflows")?;
+    let nifti = match args.format.as_str() {
+        "dicom" => false,
+        "nifti" => true,
         other => bail!("unknown --format '{other}' (expected dicom or nifti)"),
+    };
+    // DeSAM's numeric patient ids (site·100 + case) leave 100 cases per site in the nnU-Net layout.
+    let limit = if nifti { 100 } else { 1000 };
+    if end > limit {
+        bail!(
+            "case indices must stay below {limit} for --format {} (got up to {})",
+            args.format,
+            end - 1
+        );
     }
-    let _ = (site, out, size);
-    bail!("writing cases needs the DICOM/NIfTI writers, not merged yet")
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let opts = GenerateOptions {
+        size,
+        ..Default::default()
+    };
+    for case_index in args.first_case..end {
+        let case = phantom::generate_case_with(site, case_index, args.seed, &opts);
+        if nifti {
+            let f = export::write_case_nifti(&case, out)
+                .with_context(|| format!("writing case {}", case.case_id))?;
+            println!(
+                "{} {} ({:.1} mL)",
+                case.case_id,
+                f.image.display(),
+                case.truth.gland_ml
+            );
+        } else {
+            let f = export::write_case_dicom(&case, out)
+                .with_context(|| format!("writing case {}", case.case_id))?;
+            println!(
+                "{} {} slices, SEG {} ({:.1} mL)",
+                case.case_id,
+                f.mr.len(),
+                f.seg.display(),
+                case.truth.gland_ml
+            );
+        }
+    }
+    Ok(())
 }

@@ -8,7 +8,9 @@ use dicom_core::{DataElement, Tag, VR};
 use dicom_dictionary_std::{tags, uids};
 use dicom_object::{FileMetaTableBuilder, InMemDicomObject};
 
+use super::ds::format_ds;
 use super::error::DicomError;
+use super::uid::{new_uid, IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME};
 use crate::volume::{SliceRef, SourceInfo, Volume};
 
 /// How pixel values are stored in the written files.
@@ -164,7 +166,11 @@ pub struct WrittenMrSeries {
 
 /// Writes `vol` as one MR Image Storage file per slice into `out_dir` (created if missing), named
 /// `MR_0001.dcm`…; refuses to overwrite existing files.
-pub fn write_mr_series(vol: &Volume, attrs: &MrSeriesAttributes, out_dir: &Path) -> Result<Vec<PathBuf>, DicomError> {
+pub fn write_mr_series(
+    vol: &Volume,
+    attrs: &MrSeriesAttributes,
+    out_dir: &Path,
+) -> Result<Vec<PathBuf>, DicomError> {
     Ok(write_mr_series_full(vol, attrs, out_dir)?.paths)
 }
 
@@ -187,16 +193,43 @@ pub fn write_mr_series_full(
         std::io::Write::write_all(&mut f, bytes).map_err(|e| DicomError::io(&path, e))?;
         paths.push(path);
     }
-    Ok(WrittenMrSeries { paths, volume: encoded.volume })
+    Ok(WrittenMrSeries {
+        paths,
+        volume: encoded.volume,
+    })
 }
 
 /// Encodes `vol` as Part-10 MR Image Storage files in memory (bytes variant of [`write_mr_series`]).
-pub fn encode_mr_series(vol: &Volume, attrs: &MrSeriesAttributes) -> Result<EncodedMrSeries, DicomError> {
+pub fn encode_mr_series(
+    vol: &Volume,
+    attrs: &MrSeriesAttributes,
+) -> Result<EncodedMrSeries, DicomError> {
     check_volume(vol)?;
+    let numbers = [
+        attrs.magnetic_field_strength,
+        attrs.repetition_time,
+        attrs.echo_time,
+    ];
+    let optional = [
+        attrs.flip_angle,
+        attrs.imaging_frequency,
+        attrs.slice_thickness,
+    ];
+    if numbers
+        .iter()
+        .chain(optional.iter().flatten())
+        .any(|v| !v.is_finite())
+    {
+        return Err(DicomError::InvalidVolume(
+            "an acquisition attribute is NaN or infinite".into(),
+        ));
+    }
     let [nz, ny, nx] = vol.dims;
     let (slope, intercept) = attrs.rescale.unwrap_or((1.0, 0.0));
     if !(slope.is_finite() && slope != 0.0 && intercept.is_finite()) {
-        return Err(DicomError::InvalidVolume(format!("rescale slope {slope} / intercept {intercept} is not usable")));
+        return Err(DicomError::InvalidVolume(format!(
+            "rescale slope {slope} / intercept {intercept} is not usable"
+        )));
     }
     let (smin, smax) = stored_range(attrs.stored_pixels);
     let stored: Vec<i32> = vol
@@ -226,7 +259,12 @@ pub fn encode_mr_series(vol: &Volume, attrs: &MrSeriesAttributes) -> Result<Enco
     for z in 0..nz {
         let sop_uid = new_uid();
         // Report the position exactly as stored (DS text), so references match what readers see.
-        let ipp = vol.index_to_world(0.0, 0.0, z as f64).map(|v| format_ds(v).parse::<f64>().unwrap_or(v));
+        let ipp = vol.index_to_world(0.0, 0.0, z as f64).map(|v| {
+            format_ds(v)
+                .ok()
+                .and_then(|s| s.parse::<f64>().ok())
+                .unwrap_or(v)
+        });
         let slice_location = dot(ipp, normal);
         let mut o = InMemDicomObject::new_empty();
         let mut s = |tag: Tag, vr: VR, v: &str| {
@@ -250,7 +288,11 @@ pub fn encode_mr_series(vol: &Volume, attrs: &MrSeriesAttributes) -> Result<Enco
         s(tags::STUDY_INSTANCE_UID, VR::UI, &study_uid);
         s(tags::STUDY_DATE, VR::DA, &attrs.study_date);
         s(tags::STUDY_TIME, VR::TM, &attrs.study_time);
-        s(tags::REFERRING_PHYSICIAN_NAME, VR::PN, &attrs.referring_physician_name);
+        s(
+            tags::REFERRING_PHYSICIAN_NAME,
+            VR::PN,
+            &attrs.referring_physician_name,
+        );
         s(tags::STUDY_ID, VR::SH, &attrs.study_id);
         s(tags::ACCESSION_NUMBER, VR::SH, &attrs.accession_number);
         if let Some(d) = &attrs.study_description {
@@ -259,7 +301,11 @@ pub fn encode_mr_series(vol: &Volume, attrs: &MrSeriesAttributes) -> Result<Enco
         // General Series
         s(tags::MODALITY, VR::CS, "MR");
         s(tags::SERIES_INSTANCE_UID, VR::UI, &series_uid);
-        s(tags::SERIES_NUMBER, VR::IS, &attrs.series_number.to_string());
+        s(
+            tags::SERIES_NUMBER,
+            VR::IS,
+            &attrs.series_number.to_string(),
+        );
         s(tags::SERIES_DATE, VR::DA, &attrs.study_date);
         s(tags::SERIES_TIME, VR::TM, &attrs.study_time);
         s(tags::SERIES_DESCRIPTION, VR::LO, &attrs.series_description);
@@ -271,7 +317,11 @@ pub fn encode_mr_series(vol: &Volume, attrs: &MrSeriesAttributes) -> Result<Enco
         s(tags::POSITION_REFERENCE_INDICATOR, VR::LO, "");
         // General Equipment
         s(tags::MANUFACTURER, VR::LO, &attrs.manufacturer);
-        s(tags::MANUFACTURER_MODEL_NAME, VR::LO, &attrs.manufacturer_model_name);
+        s(
+            tags::MANUFACTURER_MODEL_NAME,
+            VR::LO,
+            &attrs.manufacturer_model_name,
+        );
         if let Some(v) = &attrs.device_serial_number {
             s(tags::DEVICE_SERIAL_NUMBER, VR::LO, v);
         }
@@ -291,7 +341,10 @@ pub fn encode_mr_series(vol: &Volume, attrs: &MrSeriesAttributes) -> Result<Enco
         s(tags::CONTENT_TIME, VR::TM, &attrs.study_time);
         s(tags::IMAGE_TYPE, VR::CS, "ORIGINAL\\PRIMARY\\OTHER");
         // Image Plane
-        o.put(ds_multi(tags::PIXEL_SPACING, &[vol.spacing[1], vol.spacing[0]]));
+        o.put(ds_multi(
+            tags::PIXEL_SPACING,
+            &[vol.spacing[1], vol.spacing[0]],
+        ));
         o.put(ds_multi(
             tags::IMAGE_ORIENTATION_PATIENT,
             &[row[0], row[1], row[2], col[0], col[1], col[2]],
@@ -307,11 +360,19 @@ pub fn encode_mr_series(vol: &Volume, attrs: &MrSeriesAttributes) -> Result<Enco
         s(tags::SCANNING_SEQUENCE, VR::CS, &attrs.scanning_sequence);
         s(tags::SEQUENCE_VARIANT, VR::CS, &attrs.sequence_variant);
         s(tags::SCAN_OPTIONS, VR::CS, &attrs.scan_options);
-        s(tags::MR_ACQUISITION_TYPE, VR::CS, &attrs.mr_acquisition_type);
+        s(
+            tags::MR_ACQUISITION_TYPE,
+            VR::CS,
+            &attrs.mr_acquisition_type,
+        );
         if let Some(v) = &attrs.sequence_name {
             s(tags::SEQUENCE_NAME, VR::SH, v);
         }
-        s(tags::ECHO_TRAIN_LENGTH, VR::IS, &attrs.echo_train_length.to_string());
+        s(
+            tags::ECHO_TRAIN_LENGTH,
+            VR::IS,
+            &attrs.echo_train_length.to_string(),
+        );
         s(tags::IMAGED_NUCLEUS, VR::SH, &attrs.imaged_nucleus);
         if let Some(v) = &attrs.receive_coil_name {
             s(tags::RECEIVE_COIL_NAME, VR::SH, v);
@@ -319,7 +380,10 @@ pub fn encode_mr_series(vol: &Volume, attrs: &MrSeriesAttributes) -> Result<Enco
         s(tags::PHOTOMETRIC_INTERPRETATION, VR::CS, "MONOCHROME2");
         o.put(ds_multi(tags::REPETITION_TIME, &[attrs.repetition_time]));
         o.put(ds_multi(tags::ECHO_TIME, &[attrs.echo_time]));
-        o.put(ds_multi(tags::MAGNETIC_FIELD_STRENGTH, &[attrs.magnetic_field_strength]));
+        o.put(ds_multi(
+            tags::MAGNETIC_FIELD_STRENGTH,
+            &[attrs.magnetic_field_strength],
+        ));
         o.put(ds_multi(tags::NUMBER_OF_AVERAGES, &[1.0]));
         if let Some(v) = attrs.flip_angle {
             o.put(ds_multi(tags::FLIP_ANGLE, &[v]));
@@ -340,11 +404,18 @@ pub fn encode_mr_series(vol: &Volume, attrs: &MrSeriesAttributes) -> Result<Enco
         if attrs.rescale.is_some() {
             o.put(ds_multi(tags::RESCALE_INTERCEPT, &[intercept]));
             o.put(ds_multi(tags::RESCALE_SLOPE, &[slope]));
-            o.put(DataElement::new(tags::RESCALE_TYPE, VR::LO, PrimitiveValue::from("US")));
+            o.put(DataElement::new(
+                tags::RESCALE_TYPE,
+                VR::LO,
+                PrimitiveValue::from("US"),
+            ));
         }
         // VOI LUT: a window over the whole volume's range (in rescaled units).
         let width = ((vmax - vmin) as f64).max(1.0);
-        o.put(ds_multi(tags::WINDOW_CENTER, &[(vmin as f64 + vmax as f64) / 2.0]));
+        o.put(ds_multi(
+            tags::WINDOW_CENTER,
+            &[(vmin as f64 + vmax as f64) / 2.0],
+        ));
         o.put(ds_multi(tags::WINDOW_WIDTH, &[width]));
         let n = ny * nx;
         let mut bytes = Vec::with_capacity(n * 2);
@@ -355,7 +426,11 @@ pub fn encode_mr_series(vol: &Volume, attrs: &MrSeriesAttributes) -> Result<Enco
                 bytes.extend_from_slice(&(v as u16).to_le_bytes());
             }
         }
-        o.put(DataElement::new(tags::PIXEL_DATA, VR::OW, PrimitiveValue::from(bytes)));
+        o.put(DataElement::new(
+            tags::PIXEL_DATA,
+            VR::OW,
+            PrimitiveValue::from(bytes),
+        ));
 
         let file = o
             .with_meta(
@@ -364,10 +439,15 @@ pub fn encode_mr_series(vol: &Volume, attrs: &MrSeriesAttributes) -> Result<Enco
                     .implementation_class_uid(IMPLEMENTATION_CLASS_UID)
                     .implementation_version_name(IMPLEMENTATION_VERSION_NAME),
             )
-            .map_err(|e| DicomError::Write { path: format!("slice {z}"), reason: e.to_string() })?;
+            .map_err(|e| DicomError::Write {
+                path: format!("slice {z}"),
+                reason: e.to_string(),
+            })?;
         let mut out = Vec::new();
-        file.write_all(&mut out)
-            .map_err(|e| DicomError::Write { path: format!("slice {z}"), reason: e.to_string() })?;
+        file.write_all(&mut out).map_err(|e| DicomError::Write {
+            path: format!("slice {z}"),
+            reason: e.to_string(),
+        })?;
         files.push(out);
         slices.push(SliceRef {
             sop_class_uid: uids::MR_IMAGE_STORAGE.to_string(),
@@ -408,36 +488,49 @@ pub fn encode_mr_series(vol: &Volume, attrs: &MrSeriesAttributes) -> Result<Enco
     Ok(EncodedMrSeries { files, volume })
 }
 
-/// Our implementation class UID (a fixed 2.25 UID) and version name (≤16 chars).
-const IMPLEMENTATION_CLASS_UID: &str = "2.25.205151797795617395931431372440386400231";
-const IMPLEMENTATION_VERSION_NAME: &str = "DESAM_0_1";
-
 fn check_volume(vol: &Volume) -> Result<(), DicomError> {
     let [nz, ny, nx] = vol.dims;
     if nz == 0 || ny == 0 || nx == 0 {
-        return Err(DicomError::InvalidVolume(format!("empty dimensions {:?}", vol.dims)));
+        return Err(DicomError::InvalidVolume(format!(
+            "empty dimensions {:?}",
+            vol.dims
+        )));
     }
     if ny > u16::MAX as usize || nx > u16::MAX as usize {
-        return Err(DicomError::InvalidVolume(format!("slice size {nx}x{ny} exceeds 65535")));
+        return Err(DicomError::InvalidVolume(format!(
+            "slice size {nx}x{ny} exceeds 65535"
+        )));
     }
     if vol.voxels.len() != nz * ny * nx {
-        return Err(DicomError::InvalidVolume("voxel count does not match dims".into()));
+        return Err(DicomError::InvalidVolume(
+            "voxel count does not match dims".into(),
+        ));
     }
     if vol.voxels.iter().any(|v| !v.is_finite()) {
-        return Err(DicomError::InvalidVolume("volume contains NaN or infinite values".into()));
+        return Err(DicomError::InvalidVolume(
+            "volume contains NaN or infinite values".into(),
+        ));
     }
     if vol.spacing.iter().any(|s| !(s.is_finite() && *s > 0.0)) {
-        return Err(DicomError::InvalidVolume(format!("spacing {:?} must be positive", vol.spacing)));
+        return Err(DicomError::InvalidVolume(format!(
+            "spacing {:?} must be positive",
+            vol.spacing
+        )));
     }
     let [r, c, n] = vol.direction;
     let unit = |v: [f64; 3]| (dot(v, v).sqrt() - 1.0).abs() < 1e-4;
     if !(unit(r) && unit(c) && unit(n)) || dot(r, c).abs() > 1e-4 {
-        return Err(DicomError::InvalidVolume(format!("direction {:?} is not orthonormal", vol.direction)));
+        return Err(DicomError::InvalidVolume(format!(
+            "direction {:?} is not orthonormal",
+            vol.direction
+        )));
     }
     // DICOM slices may lie on either side of the row×column normal (readers re-sort them), but they
     // must stack along it: a sheared grid cannot be written as an image stack.
     if dot(cross(r, c), n).abs() < 1.0 - 1e-4 {
-        return Err(DicomError::InvalidVolume("slice axis is not perpendicular to the slice plane".into()));
+        return Err(DicomError::InvalidVolume(
+            "slice axis is not perpendicular to the slice plane".into(),
+        ));
     }
     Ok(())
 }
@@ -476,53 +569,24 @@ pub(crate) fn dot(a: [f64; 3], b: [f64; 3]) -> f64 {
 }
 
 pub(crate) fn cross(a: [f64; 3], b: [f64; 3]) -> [f64; 3] {
-    [a[1] * b[2] - a[2] * b[1], a[2] * b[0] - a[0] * b[2], a[0] * b[1] - a[1] * b[0]]
-}
-
-/// A new UID under the 2.25 root (ITU-T X.667: a random UUID as a decimal integer).
-pub(crate) fn new_uid() -> String {
-    let v: u128 = rand::random::<u128>();
-    // Version-4 UUID bits, so the number is a valid UUID as X.667 asks.
-    let v = (v & !(0xF000u128 << 64) | (0x4000u128 << 64)) & !(0xC000u128 << 48) | (0x8000u128 << 48);
-    format!("2.25.{v}")
+    [
+        a[1] * b[2] - a[2] * b[1],
+        a[2] * b[0] - a[0] * b[2],
+        a[0] * b[1] - a[1] * b[0],
+    ]
 }
 
 fn ds_multi(tag: Tag, values: &[f64]) -> DataElement<InMemDicomObject> {
-    let strs: Vec<String> = values.iter().map(|&v| format_ds(v)).collect();
-    DataElement::new(tag, VR::DS, PrimitiveValue::Strs(strs.into_iter().collect()))
-}
-
-/// Formats a number as a DICOM Decimal String of at most 16 characters, keeping as many
-/// significant digits as fit.
-pub(crate) fn format_ds(v: f64) -> String {
-    if !v.is_finite() {
-        return "0".into();
-    }
-    let v = if v == 0.0 { 0.0 } else { v }; // no "-0"
-    for prec in (0..=15).rev() {
-        let mut s = format!("{v:.prec$}");
-        if s.contains('.') {
-            let t = s.trim_end_matches('0').trim_end_matches('.');
-            s = t.to_string();
-        }
-        if s == "-0" {
-            s = "0".into();
-        }
-        if s.len() <= 16 {
-            // Fixed notation would drop everything of a tiny number: use exponent form then.
-            if s == "0" && v != 0.0 {
-                break;
-            }
-            return s;
-        }
-    }
-    for prec in (0..=10).rev() {
-        let s = format!("{v:.prec$e}");
-        if s.len() <= 16 {
-            return s;
-        }
-    }
-    "0".into()
+    // Values are checked finite before encoding starts, so formatting cannot fail here.
+    let strs: Vec<String> = values
+        .iter()
+        .map(|&v| format_ds(v).unwrap_or_else(|_| "0".into()))
+        .collect();
+    DataElement::new(
+        tag,
+        VR::DS,
+        PrimitiveValue::Strs(strs.into_iter().collect()),
+    )
 }
 
 #[cfg(test)]
@@ -530,37 +594,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn ds_fits_sixteen_chars_and_round_trips_closely() {
-        for &v in &[0.0, -0.0, 1.0, -1.5, 0.1 + 0.2, 123456.789012345, -98765.4321098765, 1e-9, 3.0e20, -2.5e-12, 7.0 / 3.0] {
-            let s = format_ds(v);
-            assert!(s.len() <= 16, "{v} -> {s}");
-            let back: f64 = s.parse().unwrap();
-            let tol = v.abs() * 1e-9 + 1e-300;
-            assert!((back - v).abs() <= tol.max(1e-14), "{v} -> {s} -> {back}");
-        }
-        assert_eq!(format_ds(-0.0), "0");
-        assert_eq!(format_ds(2.5), "2.5");
-    }
-
-    #[test]
-    fn uids_are_valid_and_distinct() {
-        let a = new_uid();
-        let b = new_uid();
-        assert_ne!(a, b);
-        assert!(a.len() <= 64 && a.starts_with("2.25."));
-        assert!(a[5..].chars().all(|c| c.is_ascii_digit()) && !a[5..].starts_with('0'));
-    }
-
-    #[test]
     fn rejects_sheared_and_non_finite_volumes() {
         let mut v = Volume::new(vec![0.0; 8], [2, 2, 2], [1.0, 1.0, 1.0], [0.0; 3]);
         v.direction[2] = [0.0, 0.6, 0.8];
-        assert!(matches!(encode_mr_series(&v, &MrSeriesAttributes::default()), Err(DicomError::InvalidVolume(_))));
+        assert!(matches!(
+            encode_mr_series(&v, &MrSeriesAttributes::default()),
+            Err(DicomError::InvalidVolume(_))
+        ));
         let mut v = Volume::new(vec![0.0; 8], [2, 2, 2], [1.0, 1.0, 1.0], [0.0; 3]);
         v.voxels[3] = f32::NAN;
-        assert!(matches!(encode_mr_series(&v, &MrSeriesAttributes::default()), Err(DicomError::InvalidVolume(_))));
+        assert!(matches!(
+            encode_mr_series(&v, &MrSeriesAttributes::default()),
+            Err(DicomError::InvalidVolume(_))
+        ));
         let v = Volume::new(vec![-5.0; 8], [2, 2, 2], [1.0, 1.0, 1.0], [0.0; 3]);
-        assert!(matches!(encode_mr_series(&v, &MrSeriesAttributes::default()), Err(DicomError::InvalidVolume(_))));
+        assert!(matches!(
+            encode_mr_series(&v, &MrSeriesAttributes::default()),
+            Err(DicomError::InvalidVolume(_))
+        ));
     }
 
     #[test]
@@ -568,7 +619,10 @@ mod tests {
         let vals: Vec<f32> = (0..8).map(|i| i as f32 * 0.125 - 0.3).collect();
         let v = Volume::new(vals.clone(), [2, 2, 2], [1.0, 1.0, 2.0], [0.0; 3]);
         for enc in [StoredPixels::Uint16, StoredPixels::Int16] {
-            let mut a = MrSeriesAttributes { stored_pixels: enc, ..Default::default() };
+            let mut a = MrSeriesAttributes {
+                stored_pixels: enc,
+                ..Default::default()
+            };
             a.fit_rescale(&v);
             let (slope, icpt) = a.rescale.unwrap();
             let enc_out = encode_mr_series(&v, &a).unwrap();

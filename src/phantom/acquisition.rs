@@ -40,7 +40,11 @@ pub fn place(protocol: &CaseProtocol, rng: &mut ChaCha20Rng) -> Geometry {
     let col = [0.0, th.cos(), th.sin()];
     let normal = [0.0, -th.sin(), th.cos()];
     // Arbitrary but plausible table position of the gland.
-    let gland_centre = [rng.gen_range(-8.0..8.0), rng.gen_range(-40.0..-10.0), rng.gen_range(-90.0..-30.0)];
+    let gland_centre = [
+        rng.gen_range(-8.0..8.0),
+        rng.gen_range(-40.0..-10.0),
+        rng.gen_range(-90.0..-30.0),
+    ];
     let off_r = rng.gen_range(-6.0..6.0);
     let off_c = rng.gen_range(-10.0..4.0);
     let off_n = rng.gen_range(-4.0..4.0);
@@ -50,47 +54,104 @@ pub fn place(protocol: &CaseProtocol, rng: &mut ChaCha20Rng) -> Geometry {
     }
     let n = protocol.matrix;
     let nz = protocol.slices;
-    let spacing = [protocol.pixel_spacing, protocol.pixel_spacing, protocol.slice_spacing];
+    let spacing = [
+        protocol.pixel_spacing,
+        protocol.pixel_spacing,
+        protocol.slice_spacing,
+    ];
     let mut origin = centre;
-    let half = [(n as f64 - 1.0) / 2.0, (n as f64 - 1.0) / 2.0, (nz as f64 - 1.0) / 2.0];
+    let half = [
+        (n as f64 - 1.0) / 2.0,
+        (n as f64 - 1.0) / 2.0,
+        (nz as f64 - 1.0) / 2.0,
+    ];
     for a in 0..3 {
-        origin[a] -= half[0] * spacing[0] * row[a] + half[1] * spacing[1] * col[a] + half[2] * spacing[2] * normal[a];
+        origin[a] -= half[0] * spacing[0] * row[a]
+            + half[1] * spacing[1] * col[a]
+            + half[2] * spacing[2] * normal[a];
     }
-    Geometry { dims: [nz, n, n], spacing, origin, direction: [row, col, normal], gland_centre, centre }
+    Geometry {
+        dims: [nz, n, n],
+        spacing,
+        origin,
+        direction: [row, col, normal],
+        gland_centre,
+        centre,
+    }
 }
 
 /// The noise-free relative image (PZ = 1) and the zone labels (0 bg, 1 PZ, 2 TZ).
-pub fn rasterise(anatomy: &Anatomy, geom: &Geometry, protocol: &CaseProtocol) -> (Vec<f32>, Vec<u8>) {
+pub fn rasterise(
+    anatomy: &Anatomy,
+    geom: &Geometry,
+    protocol: &CaseProtocol,
+) -> (Vec<f32>, Vec<u8>) {
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .clamp(1, 16);
+    rasterise_with_threads(anatomy, geom, protocol, threads)
+}
+
+/// [`rasterise`] on `threads` threads (the result does not depend on it).
+pub fn rasterise_with_threads(
+    anatomy: &Anatomy,
+    geom: &Geometry,
+    protocol: &CaseProtocol,
+    threads: usize,
+) -> (Vec<f32>, Vec<u8>) {
     let [nz, ny, nx] = geom.dims;
     // Partial volume over the acquired (not the interpolated) pixel.
     let acquired = protocol.full_pixel_spacing * protocol.interpolation as f64;
     let w = protocol.pixel_spacing.max(acquired);
-    // Slice profile: average sub-planes ~1 mm apart across the slice thickness.
-    let n_sub = ((protocol.slice_thickness / 1.0).round() as usize).clamp(1, 5);
+    // Slice profile: average sub-planes ~1.2 mm apart across the slice thickness.
+    let n_sub = ((protocol.slice_thickness / 1.2).round() as usize).clamp(1, 4);
     let offsets: Vec<f64> = (0..n_sub)
-        .map(|i| ((i as f64 + 0.5) / n_sub as f64 - 0.5) * protocol.slice_thickness / protocol.slice_spacing)
+        .map(|i| {
+            ((i as f64 + 0.5) / n_sub as f64 - 0.5) * protocol.slice_thickness
+                / protocol.slice_spacing
+        })
         .collect();
     let mut image = vec![0f32; nz * ny * nx];
     let mut labels = vec![0u8; nz * ny * nx];
     let g = geom.gland_centre;
     let to_anat = |p: V3| [p[0] - g[0], p[1] - g[1], p[2] - g[2]];
-    for z in 0..nz {
+    let plane = ny * nx;
+    // Each voxel is a pure function of the anatomy and its position, so splitting the slices over
+    // threads gives the same bytes for any thread count.
+    let render = |z: usize, img: &mut [f32], lab: &mut [u8]| {
         for y in 0..ny {
             for x in 0..nx {
-                let i = (z * ny + y) * nx + x;
+                let i = y * nx + x;
                 let mut s = 0.0;
                 for &o in &offsets {
                     s += anatomy.signal(to_anat(geom.world(x as f64, y as f64, z as f64 + o)), w);
                 }
-                image[i] = (s / n_sub as f64) as f32;
-                labels[i] = match anatomy.zone(to_anat(geom.world(x as f64, y as f64, z as f64))) {
+                img[i] = (s / n_sub as f64) as f32;
+                lab[i] = match anatomy.zone(to_anat(geom.world(x as f64, y as f64, z as f64))) {
                     Zone::Outside => 0,
                     Zone::Peripheral => 1,
                     Zone::Transition => 2,
                 };
             }
         }
-    }
+    };
+    let threads = threads.clamp(1, nz.max(1));
+    let per = nz.div_ceil(threads).max(1);
+    std::thread::scope(|scope| {
+        for (t, (img, lab)) in image
+            .chunks_mut(per * plane)
+            .zip(labels.chunks_mut(per * plane))
+            .enumerate()
+        {
+            let render = &render;
+            scope.spawn(move || {
+                for (k, (si, sl)) in img.chunks_mut(plane).zip(lab.chunks_mut(plane)).enumerate() {
+                    render(t * per + k, si, sl);
+                }
+            });
+        }
+    });
     (image, labels)
 }
 
@@ -106,7 +167,12 @@ pub struct Sensitivity {
 }
 
 impl Sensitivity {
-    pub fn draw(anatomy: &Anatomy, geom: &Geometry, protocol: &CaseProtocol, rng: &mut ChaCha20Rng) -> Self {
+    pub fn draw(
+        anatomy: &Anatomy,
+        geom: &Geometry,
+        protocol: &CaseProtocol,
+        rng: &mut ChaCha20Rng,
+    ) -> Self {
         let mut coeffs = [0.0f64; 9];
         for c in coeffs.iter_mut() {
             *c = rng.gen_range(-1.0..1.0);
@@ -117,17 +183,28 @@ impl Sensitivity {
         let half_fov = 0.5 * protocol.full_matrix as f64 * protocol.full_pixel_spacing;
         let coil = anatomy.coil.map(|(xy, half_len)| {
             let g = geom.gland_centre;
-            let axis = [g[0] + xy[0], g[1] + xy[1], g[2] + anatomy.balloon.as_ref().map(|b| b.centre[2]).unwrap_or(0.0)];
+            let axis = [
+                g[0] + xy[0],
+                g[1] + xy[1],
+                g[2] + anatomy.balloon.as_ref().map(|b| b.centre[2]).unwrap_or(0.0),
+            ];
             Coil {
                 axis,
                 half_len,
-                body: rng.gen_range(0.2..0.4),
+                body: rng.gen_range(0.35..0.6),
                 gain: rng.gen_range(3.0..6.0),
                 exponent: rng.gen_range(1.5..2.0),
                 r0: 10.0,
             }
         });
-        Sensitivity { coeffs, norm, amplitude: protocol.bias_amplitude, centre: geom.centre, half_fov, coil }
+        Sensitivity {
+            coeffs,
+            norm,
+            amplitude: protocol.bias_amplitude,
+            centre: geom.centre,
+            half_fov,
+            coil,
+        }
     }
 
     /// The bias field alone (1 ± amplitude).
@@ -136,8 +213,23 @@ impl Sensitivity {
         let v = (p[1] - self.centre[1]) / self.half_fov;
         let w = (p[2] - self.centre[2]) / self.half_fov;
         let (u, v, w) = (u.clamp(-1.0, 1.0), v.clamp(-1.0, 1.0), w.clamp(-1.0, 1.0));
-        let basis = [u, v, w, u * u * 2.0 - 1.0, v * v * 2.0 - 1.0, w * w * 2.0 - 1.0, u * v, v * w, u * w];
-        let g: f64 = self.coeffs.iter().zip(basis.iter()).map(|(c, b)| c * b).sum();
+        let basis = [
+            u,
+            v,
+            w,
+            u * u * 2.0 - 1.0,
+            v * v * 2.0 - 1.0,
+            w * w * 2.0 - 1.0,
+            u * v,
+            v * w,
+            u * w,
+        ];
+        let g: f64 = self
+            .coeffs
+            .iter()
+            .zip(basis.iter())
+            .map(|(c, b)| c * b)
+            .sum();
         1.0 + self.amplitude * g / self.norm
     }
 
@@ -157,6 +249,28 @@ impl Sensitivity {
 
     pub fn at(&self, p: V3) -> f64 {
         self.bias(p) * self.coil_gain(p)
+    }
+}
+
+/// A faint copy of each slice shifted by half the field of view along the phase-encoding direction
+/// (the N/2 ghost of periodic motion and phase errors), added to the image.
+pub fn add_ghost(image: &mut [f32], dims: [usize; 3], phase_along_rows: bool, amplitude: f64) {
+    let [nz, ny, nx] = dims;
+    let a = amplitude as f32;
+    let plane = ny * nx;
+    for z in 0..nz {
+        let slice = &mut image[z * plane..(z + 1) * plane];
+        let copy = slice.to_vec();
+        for y in 0..ny {
+            for x in 0..nx {
+                let (sy, sx) = if phase_along_rows {
+                    (y, (x + nx / 2) % nx)
+                } else {
+                    ((y + ny / 2) % ny, x)
+                };
+                slice[y * nx + x] += a * copy[sy * nx + sx];
+            }
+        }
     }
 }
 
@@ -181,7 +295,13 @@ fn normal(rng: &mut ChaCha20Rng) -> f64 {
 
 /// Complex Gaussian noise of standard deviation `sigma` per channel, magnitude taken (Rician).
 /// `correlation` > 1 box-filters the noise in-plane (scanner interpolation) keeping its variance.
-pub fn add_rician_noise(image: &mut [f32], dims: [usize; 3], sigma: f64, correlation: usize, seed: [u8; 32]) {
+pub fn add_rician_noise(
+    image: &mut [f32],
+    dims: [usize; 3],
+    sigma: f64,
+    correlation: usize,
+    seed: [u8; 32],
+) {
     let [nz, ny, nx] = dims;
     let mut rng = ChaCha20Rng::from_seed(seed);
     let n = nz * ny * nx;
@@ -220,4 +340,38 @@ fn box_filter(v: &[f32], dims: [usize; 3], k: usize) -> Vec<f32> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::phantom::sites::{draw_protocol, Site, Size};
+
+    #[test]
+    fn ghost_appears_half_a_field_away_along_the_phase_direction() {
+        let dims = [1, 4, 6];
+        let mut img = vec![0f32; 24];
+        img[1 * 6 + 1] = 100.0;
+        let mut cols = img.clone();
+        add_ghost(&mut img, dims, true, 0.02);
+        assert_eq!(img[1 * 6 + 1 + 3], 2.0);
+        assert_eq!(img[1 * 6 + 1], 100.0);
+        add_ghost(&mut cols, dims, false, 0.02);
+        assert_eq!(cols[3 * 6 + 1], 2.0);
+        assert_eq!(cols.iter().filter(|&&v| v > 0.0).count(), 2);
+    }
+
+    #[test]
+    fn rasterisation_does_not_depend_on_the_thread_count() {
+        let mut rng = ChaCha20Rng::seed_from_u64(5);
+        let anatomy = Anatomy::draw(&mut rng, true);
+        let mut protocol = draw_protocol(Site::F, Size::Small, 60.0, &mut rng);
+        protocol.matrix = 40;
+        protocol.pixel_spacing = 5.0;
+        let geom = place(&protocol, &mut rng);
+        let one = rasterise_with_threads(&anatomy, &geom, &protocol, 1);
+        let three = rasterise_with_threads(&anatomy, &geom, &protocol, 3);
+        assert_eq!(one, three);
+        assert!(one.1.iter().any(|&l| l == 1) && one.1.iter().any(|&l| l == 2));
+    }
 }

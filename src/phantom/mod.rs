@@ -1,8 +1,9 @@
 //! Six-site synthetic T2-weighted prostate MR phantom (shared design phantom-sites.md): in-memory
-//! volumes, zone labels and DICOM-ready attributes. Writes no files itself except the montage PNG.
+//! volumes, zone labels and DICOM-ready attributes. File output lives in export.rs and montage.rs only.
 
 pub mod acquisition;
 pub mod anatomy;
+pub mod export;
 pub mod montage;
 pub mod sites;
 
@@ -27,10 +28,21 @@ pub enum PhantomError {
     UnknownSite(String),
     #[error("unknown size '{0}' (expected full or small)")]
     UnknownSize(String),
-    #[error("case index {0} is out of range (0..=999)")]
-    CaseOutOfRange(u32),
+    #[error("case index {case} is out of range (0..={max})")]
+    CaseOutOfRange { case: u32, max: u32 },
+    #[error("{0} already exists; the phantom writer never overwrites files")]
+    Exists(String),
+    #[error(transparent)]
+    Dicom(#[from] crate::dicom::DicomError),
+    #[error(transparent)]
+    Seg(#[from] crate::dicom::SegError),
+    #[error(transparent)]
+    Nifti(#[from] crate::nifti::NiftiError),
     #[error("cannot write {path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("cannot encode PNG {path}: {message}")]
     Png { path: String, message: String },
 }
@@ -46,10 +58,24 @@ pub struct CaseTruth {
     pub pz_thickness_mm: f64,
     /// Relative TZ signal (PZ = 1) before texture and nodules.
     pub tz_relative: f64,
-    /// Noise sigma in stored units.
-    pub noise_sigma_stored: f64,
-    /// Mean noise-free PZ signal in stored units (after coil sensitivity).
-    pub pz_mean_stored: f64,
+    /// Noise sigma per channel, in the image's (modality) units.
+    pub noise_sigma: f64,
+    /// Mean noise-free PZ signal in the image's units (after coil sensitivity).
+    pub pz_mean: f64,
+    /// RescaleSlope (1 when the vendor writes none): modality value = stored · slope.
+    pub slope: f64,
+}
+
+impl PhantomCase {
+    /// The stored (uint16) values the DICOM files hold.
+    pub fn stored_voxels(&self) -> Vec<u16> {
+        let (slope, intercept) = self.protocol.rescale.unwrap_or((1.0, 0.0));
+        self.image
+            .voxels
+            .iter()
+            .map(|&v| ((v as f64 - intercept) / slope).round().clamp(0.0, 65535.0) as u16)
+            .collect()
+    }
 }
 
 /// One generated case.
@@ -59,7 +85,8 @@ pub struct PhantomCase {
     pub case_index: u32,
     /// "A007": site letter and three-digit case index.
     pub case_id: String,
-    /// Stored (uint16-valued) intensities; real value = stored·slope + intercept (see protocol.rescale).
+    /// Modality values: the stored uint16 values after RescaleSlope/Intercept (`protocol.rescale`; only
+    /// site B has one, elsewhere the voxels are the stored integers). What a DICOM reader returns.
     pub image: Volume,
     /// 0 background, 1 peripheral zone, 2 transition zone (the binary gland is label > 0).
     pub labels: Mask,
@@ -70,7 +97,10 @@ pub struct PhantomCase {
 impl PhantomCase {
     /// The binary gland mask (PZ ∪ TZ) as 0/1.
     pub fn gland_mask(&self) -> Mask {
-        Mask { data: self.labels.data.iter().map(|&v| u8::from(v > 0)).collect(), dims: self.labels.dims }
+        Mask {
+            data: self.labels.data.iter().map(|&v| u8::from(v > 0)).collect(),
+            dims: self.labels.dims,
+        }
     }
 }
 
@@ -88,7 +118,12 @@ pub struct GenerateOptions {
 
 impl Default for GenerateOptions {
     fn default() -> Self {
-        GenerateOptions { size: Size::Full, noise: true, sensitivity: true, noise_realisation: 0 }
+        GenerateOptions {
+            size: Size::Full,
+            noise: true,
+            sensitivity: true,
+            noise_realisation: 0,
+        }
     }
 }
 
@@ -116,8 +151,19 @@ pub fn site_and_case_from_source(source: &SourceInfo) -> Option<(Site, u32)> {
     let inst = source.institution_name.as_deref()?.trim();
     let letter = inst.strip_prefix("DESAM PHANTOM SITE ")?;
     let site = letter.parse::<Site>().ok()?;
-    let digits: String = source.patient_id.as_deref()?.chars().rev().take_while(|c| c.is_ascii_digit()).collect();
-    let case = digits.chars().rev().collect::<String>().parse::<u32>().ok()?;
+    let digits: String = source
+        .patient_id
+        .as_deref()?
+        .chars()
+        .rev()
+        .take_while(|c| c.is_ascii_digit())
+        .collect();
+    let case = digits
+        .chars()
+        .rev()
+        .collect::<String>()
+        .parse::<u32>()
+        .ok()?;
     Some((site, case))
 }
 
@@ -147,17 +193,27 @@ pub fn generate_case(site: Site, case_index: u32, seed: u64) -> PhantomCase {
 
 /// [`generate_case`] with size/noise/sensitivity switches (anatomy and protocol do not depend on them,
 /// except the matrix for `Size::Small`).
-pub fn generate_case_with(site: Site, case_index: u32, seed: u64, opts: &GenerateOptions) -> PhantomCase {
+pub fn generate_case_with(
+    site: Site,
+    case_index: u32,
+    seed: u64,
+    opts: &GenerateOptions,
+) -> PhantomCase {
     let mut anat_rng = ChaCha20Rng::from_seed(stream_seed(site, case_index, seed, "anatomy"));
     let mut proto_rng = ChaCha20Rng::from_seed(stream_seed(site, case_index, seed, "protocol"));
     let mut place_rng = ChaCha20Rng::from_seed(stream_seed(site, case_index, seed, "placement"));
     let mut coil_rng = ChaCha20Rng::from_seed(stream_seed(site, case_index, seed, "sensitivity"));
-    let noise_seed = stream_seed(site, case_index, seed, &format!("noise-{}", opts.noise_realisation));
+    let noise_seed = stream_seed(
+        site,
+        case_index,
+        seed,
+        &format!("noise-{}", opts.noise_realisation),
+    );
 
     let anatomy = anatomy::Anatomy::draw(&mut anat_rng, site.has_endorectal_coil());
     // The stack covers the gland with room for the bladder base and seminal vesicles.
-    let gland_si = 2.0 * anatomy.gland.semi[2] * (1.0 + anatomy.gland.taper);
-    let protocol = sites::draw_protocol(site, opts.size, gland_si + 24.0, &mut proto_rng);
+    let gland_si = 2.0 * anatomy.gland.semi[2] * 1.1;
+    let protocol = sites::draw_protocol(site, opts.size, gland_si + 20.0, &mut proto_rng);
     let geom = acquisition::place(&protocol, &mut place_rng);
     let (mut image, labels) = acquisition::rasterise(&anatomy, &geom, &protocol);
     let dims = geom.dims;
@@ -173,6 +229,12 @@ pub fn generate_case_with(site: Site, case_index: u32, seed: u64, opts: &Generat
                 }
             }
         }
+        acquisition::add_ghost(
+            &mut image,
+            dims,
+            protocol.phase_encoding_rows,
+            protocol.ghost_amplitude,
+        );
     }
 
     // Noise is set against the mean PZ signal of this image (SNR = mean PZ / sigma).
@@ -188,15 +250,19 @@ pub fn generate_case_with(site: Site, case_index: u32, seed: u64, opts: &Generat
     let clean_max = image.iter().cloned().fold(0f32, f32::max) as f64;
     if opts.noise {
         // Scanner interpolation correlates the noise over the interpolated pixels.
-        let correlation =
-            ((protocol.full_pixel_spacing * protocol.interpolation as f64) / protocol.pixel_spacing).round().max(1.0) as usize;
+        let correlation = ((protocol.full_pixel_spacing * protocol.interpolation as f64)
+            / protocol.pixel_spacing)
+            .round()
+            .max(1.0) as usize;
         acquisition::add_rician_noise(&mut image, dims, sigma, correlation, noise_seed);
     }
     // Vendor scaling, fixed by the noise-free image so repeats of a case share one scale.
     let scale = protocol.stored_max / (clean_max + 3.0 * sigma);
     let top = protocol.stored_max as f32;
+    let (slope, intercept) = protocol.rescale.unwrap_or((1.0, 0.0));
     for v in image.iter_mut() {
-        *v = (*v * scale as f32).round().clamp(0.0, top);
+        let stored = (*v * scale as f32).round().clamp(0.0, top);
+        *v = (stored as f64 * slope + intercept) as f32;
     }
 
     let voxel_ml = geom.spacing[0] * geom.spacing[1] * geom.spacing[2] / 1000.0;
@@ -209,8 +275,9 @@ pub fn generate_case_with(site: Site, case_index: u32, seed: u64, opts: &Generat
         has_tumour: anatomy.has_tumour,
         pz_thickness_mm: anatomy.pz_thickness_mm,
         tz_relative: anatomy.tissues.tz,
-        noise_sigma_stored: sigma * scale,
-        pz_mean_stored: pz_mean * scale,
+        noise_sigma: sigma * scale * slope,
+        pz_mean: pz_mean * scale * slope,
+        slope,
     };
 
     let mut volume = Volume::new(image, dims, geom.spacing, geom.origin);
@@ -226,7 +293,14 @@ pub fn generate_case_with(site: Site, case_index: u32, seed: u64, opts: &Generat
         })
         .collect();
     volume.frame_of_reference_uid = Some(uid_for(&format!("frame/{key}")));
-    volume.source = Some(source_info(site, case_index, &key, &series_uid, &protocol, &mut proto_rng));
+    volume.source = Some(source_info(
+        site,
+        case_index,
+        &key,
+        &series_uid,
+        &protocol,
+        &mut proto_rng,
+    ));
 
     PhantomCase {
         site,
@@ -261,7 +335,11 @@ fn source_info(
         patient_age: Some(format!("{age:03}Y")),
         study_instance_uid: uid_for(&format!("study/{key}")),
         study_date: Some(format!("2012{study_month:02}{study_day:02}")),
-        study_time: Some(format!("{:02}{:02}00", rng.gen_range(7..18), rng.gen_range(0..60))),
+        study_time: Some(format!(
+            "{:02}{:02}00",
+            rng.gen_range(7..18),
+            rng.gen_range(0..60)
+        )),
         study_id: Some("1".into()),
         accession_number: Some(format!("PH{}", case_id(site, case_index))),
         referring_physician_name: None,
@@ -286,13 +364,57 @@ mod tests {
 
     #[test]
     fn site_and_case_round_trip_through_source() {
-        let mut s = SourceInfo { patient_id: Some(patient_id(Site::E, 7)), ..Default::default() };
+        let mut s = SourceInfo {
+            patient_id: Some(patient_id(Site::E, 7)),
+            ..Default::default()
+        };
         assert_eq!(site_and_case_from_source(&s), Some((Site::E, 7)));
         s.patient_id = Some("anonymised 12".into());
         s.institution_name = Some(Site::C.institution_name());
         assert_eq!(site_and_case_from_source(&s), Some((Site::C, 12)));
         s.institution_name = Some("Some Hospital".into());
         assert_eq!(site_and_case_from_source(&s), None);
+    }
+
+    #[test]
+    fn the_stack_always_covers_the_gland() {
+        for site in Site::ALL {
+            for case in 0..40u32 {
+                let mut anat_rng = ChaCha20Rng::from_seed(stream_seed(site, case, 77, "anatomy"));
+                let mut proto_rng = ChaCha20Rng::from_seed(stream_seed(site, case, 77, "protocol"));
+                let mut place_rng =
+                    ChaCha20Rng::from_seed(stream_seed(site, case, 77, "placement"));
+                let anatomy = anatomy::Anatomy::draw(&mut anat_rng, site.has_endorectal_coil());
+                let gland_si = 2.0 * anatomy.gland.semi[2] * 1.1;
+                let p = sites::draw_protocol(site, Size::Small, gland_si + 20.0, &mut proto_rng);
+                let spec = site.spec();
+                assert!(
+                    p.slice_thickness >= spec.slice_thickness.0
+                        && p.slice_thickness <= spec.slice_thickness.1
+                );
+                assert!(p.slices >= spec.slices.0 && p.slices <= spec.slices.1);
+                let g = acquisition::place(&p, &mut place_rng);
+                let [nz, n, _] = g.dims;
+                // Outer slices (edges of the slab included) never touch the gland.
+                for z in [-0.5, 0.0, nz as f64 - 1.0, nz as f64 - 0.5] {
+                    for y in (0..n).step_by(2) {
+                        for x in (0..n).step_by(2) {
+                            let w = g.world(x as f64, y as f64, z);
+                            let a = [
+                                w[0] - g.gland_centre[0],
+                                w[1] - g.gland_centre[1],
+                                w[2] - g.gland_centre[2],
+                            ];
+                            assert_eq!(
+                                anatomy.zone(a),
+                                anatomy::Zone::Outside,
+                                "site {site} case {case} slice {z}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
     }
 
     #[test]

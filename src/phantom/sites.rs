@@ -213,7 +213,9 @@ impl std::str::FromStr for Site {
         let t = s.trim();
         let mut chars = t.chars();
         match (chars.next(), chars.next()) {
-            (Some(c), None) => Site::from_letter(c).ok_or_else(|| PhantomError::UnknownSite(s.to_string())),
+            (Some(c), None) => {
+                Site::from_letter(c).ok_or_else(|| PhantomError::UnknownSite(s.to_string()))
+            }
             _ => Err(PhantomError::UnknownSite(s.to_string())),
         }
     }
@@ -325,6 +327,10 @@ pub struct CaseProtocol {
     pub repetition_time_ms: f64,
     pub echo_time_ms: f64,
     pub echo_train_length: u32,
+    /// Phase encoding along the rows (left–right) rather than the columns (anterior–posterior).
+    pub phase_encoding_rows: bool,
+    /// Relative amplitude of the N/2 (motion/phase) ghost along the phase-encoding direction.
+    pub ghost_amplitude: f64,
 }
 
 impl CaseProtocol {
@@ -343,7 +349,12 @@ fn uniform(rng: &mut ChaCha20Rng, r: (f64, f64)) -> f64 {
 
 /// Draws the protocol of one case of `site`. `min_coverage_mm` is the superior–inferior extent the
 /// stack must cover (the gland plus margins); the slice count grows within the site's range to meet it.
-pub(crate) fn draw_protocol(site: Site, size: Size, min_coverage_mm: f64, rng: &mut ChaCha20Rng) -> CaseProtocol {
+pub(crate) fn draw_protocol(
+    site: Site,
+    size: Size,
+    min_coverage_mm: f64,
+    rng: &mut ChaCha20Rng,
+) -> CaseProtocol {
     let spec = site.spec();
     let field = spec.field_strengths[rng.gen_range(0..spec.field_strengths.len())];
     let model = if spec.model_names.len() > 1 {
@@ -362,7 +373,13 @@ pub(crate) fn draw_protocol(site: Site, size: Size, min_coverage_mm: f64, rng: &
     };
     let (full_matrix, full_spacing) = spec.matrices[rng.gen_range(0..spec.matrices.len())];
     let thickness = (uniform(rng, spec.slice_thickness) * 10.0).round() / 10.0;
-    let thickness = thickness.clamp(spec.slice_thickness.0, spec.slice_thickness.1);
+    let mut thickness = thickness.clamp(spec.slice_thickness.0, spec.slice_thickness.1);
+    // A large gland at thin slices: thicker slices (within the site's range) before too few.
+    let max_cover = spec.slices.1 as f64 * thickness;
+    if max_cover < min_coverage_mm {
+        let t = ((min_coverage_mm / spec.slices.1 as f64) * 10.0).ceil() / 10.0;
+        thickness = t.clamp(spec.slice_thickness.0, spec.slice_thickness.1);
+    }
     let drawn = rng.gen_range(spec.slices.0..=spec.slices.1);
     let needed = (min_coverage_mm / thickness).ceil() as usize;
     let slices = drawn.max(needed).min(spec.slices.1);
@@ -378,9 +395,15 @@ pub(crate) fn draw_protocol(site: Site, size: Size, min_coverage_mm: f64, rng: &
     };
     let snr = uniform(rng, spec.snr_at(field));
     // Bias fields are stronger at 3 T (dielectric effects, surface-coil profiles).
-    let bias = if field > 2.0 { uniform(rng, (0.2, 0.3)) } else { uniform(rng, (0.1, 0.2)) };
+    let bias = if field > 2.0 {
+        uniform(rng, (0.2, 0.3))
+    } else {
+        uniform(rng, (0.1, 0.2))
+    };
     let stored_max = uniform(rng, spec.stored_max).round();
-    let rescale = spec.rescale_slope.map(|r| (((uniform(rng, r)) * 1e4).round() / 1e4, 0.0));
+    let rescale = spec
+        .rescale_slope
+        .map(|r| (((uniform(rng, r)) * 1e4).round() / 1e4, 0.0));
     let factor = size.in_plane_factor();
     let matrix = (full_matrix / factor).max(32);
     let pixel_spacing = full_spacing * full_matrix as f64 / matrix as f64;
@@ -410,5 +433,8 @@ pub(crate) fn draw_protocol(site: Site, size: Size, min_coverage_mm: f64, rng: &
         repetition_time_ms: tr,
         echo_time_ms: te,
         echo_train_length: rng.gen_range(13..=25),
+        // Siemens prostate protocols usually encode phase left–right, the others anterior–posterior.
+        phase_encoding_rows: spec.manufacturer == "SIEMENS",
+        ghost_amplitude: uniform(rng, (0.005, 0.025)),
     }
 }

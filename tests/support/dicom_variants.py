@@ -36,6 +36,8 @@ def main():
     paths = files(src)
     if kind == "enhanced":
         return make_enhanced(paths, dst)
+    if kind in ("legacy_enhanced", "legacy_enhanced_rle"):
+        return make_legacy_enhanced(paths, dst, rle=kind.endswith("rle"))
     for i, p in enumerate(paths):
         ds = pydicom.dcmread(p)
         out = os.path.join(dst, os.path.basename(p))
@@ -73,6 +75,9 @@ def main():
                     del ds[t]
         elif kind == "monochrome1":
             ds.PhotometricInterpretation = "MONOCHROME1"
+        elif kind == "mixed_monochrome":
+            if i == 1:
+                ds.PhotometricInterpretation = "MONOCHROME1"
         elif kind == "palette":
             if i == len(paths) // 2:
                 ds.PhotometricInterpretation = "PALETTE COLOR"
@@ -176,6 +181,24 @@ def make_enhanced(paths, dst):
     ds.PerFrameFunctionalGroupsSequence = Sequence(per_frame)
     ds.PixelData = np.stack(frames).tobytes()
     save(ds, os.path.join(dst, "enhanced.dcm"))
+
+
+def make_legacy_enhanced(paths, dst, rle):
+    """highdicom's Legacy Converted Enhanced MR Image from the single-frame series (an independent
+    multi-frame writer), optionally RLE-compressed frame by frame."""
+    import highdicom as hd
+
+    slices = [pydicom.dcmread(p) for p in paths]
+    slices = slices[1::2] + slices[0::2]  # arrival order must not matter
+    lce = hd.legacy.LegacyConvertedEnhancedMRImage(
+        legacy_datasets=slices,
+        series_instance_uid=generate_uid(),
+        series_number=100,
+        sop_instance_uid=generate_uid(),
+        instance_number=1,
+        transfer_syntax_uid=RLELossless if rle else ExplicitVRLittleEndian,
+    )
+    save(lce, os.path.join(dst, "lce.dcm"))
 
 
 if __name__ == "__main__":
