@@ -239,3 +239,31 @@ fn bad_data_gives_clear_errors() {
     assert!(!err.is_empty());
     let _ = std::fs::remove_dir_all(&root);
 }
+
+#[test]
+fn dicom_cases_with_seg_ground_truth_are_a_data_source() {
+    let root = tmpdir("dicom");
+    let data = root.join("dicom");
+    std::fs::create_dir_all(&data).unwrap();
+    let c = phantom::generate_case_with(Site::C, 0, 0, &GenerateOptions { size: Size::Small, ..Default::default() });
+    let files = phantom::export::write_case_dicom(&c, &data).unwrap();
+    let model = root.join("tiny");
+    modeldir::create_untrained_model_dir(Arch::Tiny, &model, 3, &BackboneSource::Random).unwrap();
+    let emb = root.join("emb");
+    ok(&["precompute", "--data", data.to_str().unwrap(), "--model", model.to_str().unwrap(), "--out", emb.to_str().unwrap(), "--all-slices", "--device", "cpu"]);
+    let idx = desam::train::precompute::read_index(&emb).unwrap();
+    assert_eq!(idx.cases.len(), 1);
+    let case = &idx.cases[0];
+    assert_eq!(case.site, "C");
+    assert_eq!(case.z.len(), files.volume.nz(), "--all-slices stores every slice");
+    // The stored labels are the SEG's gland, resized: foreground slices match the NIfTI truth.
+    let (truth, _) = desam::nifti::read_nifti_mask(&files.label).unwrap();
+    let fg_truth: Vec<bool> = (0..truth.dims[0]).map(|z| truth.slice(z).iter().any(|&v| v != 0)).collect();
+    assert_eq!(case.foreground.iter().filter(|&&f| f).count(), fg_truth.iter().filter(|&&f| f).count());
+    let mut reader = desam::train::precompute::ShardReader::default();
+    let z = fg_truth.iter().position(|&f| f).unwrap();
+    let (f, label) = desam::train::precompute::read_sample(&mut reader, &emb, case, z, idx.config.tap_count).unwrap();
+    assert_eq!(label.size(), vec![1, 32, 32]);
+    assert_eq!(f.neck.size()[0], 1);
+    let _ = std::fs::remove_dir_all(&root);
+}

@@ -31,9 +31,6 @@ enum Cmd {
     Promote(PromoteArgs),
     /// Make the previously current version of a registry current again.
     Rollback(RollbackArgs),
-    /// Write synthetic phantom cases in the nnU-Net layout (development helper; `desam phantom` is the tool).
-    #[command(hide = true)]
-    GenPhantoms(GenArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -190,20 +187,6 @@ struct RollbackArgs {
     registry: PathBuf,
 }
 
-#[derive(clap::Args, Debug)]
-struct GenArgs {
-    #[arg(long)]
-    site: String,
-    #[arg(long)]
-    cases: u32,
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    #[arg(long)]
-    out: PathBuf,
-    #[arg(long, default_value = "full")]
-    size: String,
-}
-
 fn device_of(s: &str) -> anyhow::Result<tch::Device> {
     let d: DeviceChoice = s.parse().map_err(anyhow::Error::msg)?;
     Ok(match d {
@@ -339,35 +322,12 @@ fn run_export(a: ExportArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn run_gen(a: GenArgs) -> anyhow::Result<()> {
-    use desam::phantom::{self, GenerateOptions, Site};
-    let site: Site = a.site.parse()?;
-    let size = a.size.parse()?;
-    let (img, lab) = (a.out.join("imagesTr"), a.out.join("labelsTr"));
-    std::fs::create_dir_all(&img)?;
-    std::fs::create_dir_all(&lab)?;
-    let csv = a.out.join("prostate_patientid.csv");
-    let mut rows = if csv.is_file() { std::fs::read_to_string(&csv)? } else { "center,patientid\n".to_string() };
-    for i in 0..a.cases {
-        let pid = site.index() as u32 * 100 + i;
-        let id = format!("prostate_{pid:03}");
-        let case = phantom::generate_case_with(site, i, a.seed, &GenerateOptions { size, ..Default::default() });
-        desam::nifti::write_nifti(&img.join(format!("{id}_0000.nii.gz")), &case.image)?;
-        desam::nifti::write_nifti_mask(&lab.join(format!("{id}.nii.gz")), &case.gland_mask(), &case.image)?;
-        rows.push_str(&format!("{},{pid}\n", site.official_center()));
-        println!("{id} {:?}", case.image.dims);
-    }
-    std::fs::write(&csv, rows)?;
-    Ok(())
-}
-
 fn main() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let cli = Cli::parse();
     let r = match cli.cmd {
         Cmd::Precompute(a) => run_precompute(a),
         Cmd::Fit(a) => run_fit(a),
-        Cmd::GenPhantoms(a) => run_gen(a),
         Cmd::Eval(a) => run_eval(a),
         Cmd::EvalRun(a) => run_eval_run(a),
         Cmd::Export(a) => run_export(a),
