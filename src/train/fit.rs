@@ -246,14 +246,12 @@ fn make_prompts(mode: PromptMode, labels: &[Tensor], cfg: &ModelConfig, seeds: &
                 let side = cfg.output_size as usize;
                 let want_bg = rng.gen_bool(0.5);
                 let pool: Vec<usize> = flat.iter().enumerate().filter(|(_, v)| (**v == 0) == want_bg).map(|(i, _)| i).collect();
-                let (idx, inside) = if pool.is_empty() {
-                    (rng.gen_range(0..flat.len()), !want_bg)
-                } else {
-                    (pool[rng.gen_range(0..pool.len())], !want_bg)
-                };
+                // A label without background (or foreground) falls back to any pixel.
+                let idx = if pool.is_empty() { rng.gen_range(0..flat.len()) } else { pool[rng.gen_range(0..pool.len())] };
                 let (y, x) = (idx / side, idx % side);
                 coords.extend([x as f32 * scale, y as f32 * scale]);
-                targets.push(if inside && flat[idx] != 0 { 1.0f32 } else { 0.0 });
+                // IoU target: 1 for a point on the gland, 0 for a background point.
+                targets.push(if flat[idx] != 0 { 1.0f32 } else { 0.0 });
             }
             (
                 PromptBatch::Points { coords: Tensor::from_slice(&coords).view([b, 1, 2]), labels: Tensor::ones([b, 1], (Kind::Float, Device::Cpu)) },
@@ -319,7 +317,7 @@ fn losses(cfg: &FitConfig, logits: &Tensor, iou: &Tensor, labels: &Tensor, iou_t
     if cfg.mode == PromptMode::Grid && !cfg.coupled {
         let il = loss::iou_loss(iou, &iou_target.to_device(iou.device()), cfg.iou_loss);
         iou_v = il.double_value(&[]);
-        total = total + il * w.iou;
+        total += il * w.iou;
     }
     Losses { dice: d.double_value(&[]), bce: b.double_value(&[]), iou: iou_v, total }
 }
@@ -485,7 +483,7 @@ pub fn fit(cfg_in: &FitConfig, opts: &RunOptions) -> Result<FitSummary, TrainErr
     let mut cfg = cfg_in.clone();
     cfg.manifest_hash = index.manifest_hash.clone();
     cfg.amp = cfg.amp && device.is_cuda();
-    if cfg.epochs == 0 || cfg.batch == 0 || !(cfg.lr > 0.0) {
+    if cfg.epochs == 0 || cfg.batch == 0 || cfg.lr.is_nan() || cfg.lr <= 0.0 {
         return Err(TrainError::Invalid("--epochs, --batch and --lr must be positive".into()));
     }
     let cfg_path = out.join(CONFIG_JSON);
@@ -513,7 +511,7 @@ pub fn fit(cfg_in: &FitConfig, opts: &RunOptions) -> Result<FitSummary, TrainErr
     if train.is_empty() {
         return Err(TrainError::Invalid(format!("site {} has no foreground slices to train on", cfg.site)));
     }
-    let mut model = load_base_model(&index, device)?;
+    let model = load_base_model(&index, device)?;
     let mcfg = model.config().clone();
     if mcfg.output_size != index.config.output_size {
         return Err(run_err(out, "store and model disagree on the output size"));
@@ -550,7 +548,6 @@ pub fn fit(cfg_in: &FitConfig, opts: &RunOptions) -> Result<FitSummary, TrainErr
         adam.t = st.adam_t;
         state = st;
     }
-    let _ = &mut model;
 
     let steps_per_epoch = train.len().div_ceil(cfg.batch);
     let mut reader = ShardReader::default();
