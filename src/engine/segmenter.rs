@@ -332,16 +332,36 @@ impl Segmenter {
             let u8vol = preprocess::normalize_intensity(&volume.voxels);
             progress(Progress { stage: Stage::Preprocess, done: 1, total: 1 });
             timings.preprocess_s += t.elapsed().as_secs_f64();
-            // 2. Encoder precompute (or cache) for every slice.
-            let (features, hits, enc_runs) = self.encode_all(&u8vol, volume.dims, &mut timings, progress, &cancelled)?;
-            // 3–4. Prompts and native mapping.
-            let run = |m: Mode, timings: &mut StageTimings, progress: &mut dyn FnMut(Progress)| {
-                self.decode_all(volume, &features, m, req.strategy, timings, progress, &cancelled)
-            };
-            let (mut mask, mut details, dec_runs) = run(mode, &mut timings, progress)?;
+            // 2–4. Per encoder batch: features (encoder or cache), then prompts and native mapping, so
+            // that only one batch of features is alive (unless a second mode needs them all).
+            let nz = volume.nz();
+            let mut mask = Mask::zeros(volume.dims);
+            let mut details = Vec::with_capacity(nz);
+            let mut hits = Vec::with_capacity(nz);
+            let (mut enc_runs, mut dec_runs) = (0, 0);
+            let mut kept: Vec<Features> = Vec::new();
+            let mut z = 0;
+            while z < nz {
+                let z1 = (z + self.encode_batch).min(nz);
+                let (feats, h, r) = self.encode_all(&u8vol, volume.dims, z, z1, &mut timings, progress, &cancelled)?;
+                enc_runs += r;
+                hits.extend(h);
+                dec_runs += self.decode_all(
+                    volume, &feats, z, mode, req.strategy, &mut mask, &mut details, &mut timings, progress, &cancelled,
+                )?;
+                if req.compare_modes {
+                    kept.extend(feats);
+                }
+                z = z1;
+            }
             let other = if req.compare_modes {
                 let other_mode = if mode == Mode::Box { Mode::Grid } else { Mode::Box };
-                Some(run(other_mode, &mut timings, &mut |_| {})?.0)
+                let mut m2 = Mask::zeros(volume.dims);
+                let mut d2 = Vec::with_capacity(nz);
+                self.decode_all(
+                    volume, &kept, 0, other_mode, req.strategy, &mut m2, &mut d2, &mut timings, &mut |_| {}, &cancelled,
+                )?;
+                Some(m2)
             } else {
                 None
             };
@@ -361,6 +381,7 @@ impl Segmenter {
                 other_mode: other.as_ref().map(|m| m.data.as_slice()),
             });
             timings.postprocess_s += t.elapsed().as_secs_f64();
+            progress(Progress { stage: Stage::Postprocess, done: 1, total: 1 });
             timings.total_s = t_all.elapsed().as_secs_f64();
             let voxels = mask.count();
             let qa = self.dir.spec.thresholds.qa;
@@ -395,25 +416,28 @@ impl Segmenter {
         tch::no_grad(|| self.model.encode(&x))
     }
 
-    #[allow(clippy::type_complexity)]
+    /// Features of slices z_start..z_end (encoder in batches, or the cache), with cache hits and encoder runs.
+    #[allow(clippy::type_complexity, clippy::too_many_arguments)]
     fn encode_all(
         &self,
         u8vol: &[u8],
         dims: [usize; 3],
+        z_start: usize,
+        z_end: usize,
         timings: &mut StageTimings,
         progress: &mut dyn FnMut(Progress),
         cancelled: &dyn Fn() -> bool,
     ) -> Result<(Vec<Features>, Vec<bool>, usize), EngineError> {
         let nz = dims[0];
-        let mut out: Vec<Option<Features>> = (0..nz).map(|_| None).collect();
-        let mut hits = vec![false; nz];
+        let mut out: Vec<Option<Features>> = (z_start..z_end).map(|_| None).collect();
+        let mut hits = vec![false; z_end - z_start];
         let mut runs = 0;
-        let mut z = 0;
-        while z < nz {
+        let mut z = z_start;
+        while z < z_end {
             if cancelled() {
                 return Err(EngineError::Cancelled);
             }
-            let z1 = (z + self.encode_batch).min(nz);
+            let z1 = (z + self.encode_batch).min(z_end);
             let t = Instant::now();
             let x = preprocess::encoder_input(u8vol, dims, z, z1, self.cfg.image_size, &self.norm);
             timings.preprocess_s += t.elapsed().as_secs_f64();
@@ -424,11 +448,11 @@ impl Segmenter {
                 let key = self.cache.as_ref().map(|_| FeatureCache::key(&x.narrow(0, i as i64, 1)));
                 if let (Some(c), Some(k)) = (&self.cache, &key) {
                     if let Some(f) = c.get(k, self.cfg.tap_count) {
-                        out[z + i] = Some(f.to_device_kind(self.device, self.kind));
-                        hits[z + i] = true;
+                        out[z + i - z_start] = Some(f.to_device_kind(self.device, self.kind));
+                        hits[z + i - z_start] = true;
                     }
                 }
-                if out[z + i].is_none() {
+                if out[z + i - z_start].is_none() {
                     todo.push(i as i64);
                 }
                 keys.push(key);
@@ -447,7 +471,7 @@ impl Segmenter {
                         }
                         _ => Features { taps: fi.taps.iter().map(|t| t.copy()).collect(), neck: fi.neck.copy() },
                     };
-                    out[z + i as usize] = Some(fi);
+                    out[z + i as usize - z_start] = Some(fi);
                 }
             }
             timings.encode_s += t.elapsed().as_secs_f64();
@@ -462,27 +486,31 @@ impl Segmenter {
         (self.dir.spec.thresholds.min_area * pixels as f64 / (256.0 * 256.0)).round() as usize
     }
 
+    /// Prompts, selection and native mapping for slices z_offset.. (one per feature); writes `mask`,
+    /// appends to `details`, returns the decoder runs.
     #[allow(clippy::too_many_arguments)]
     fn decode_all(
         &self,
         volume: &Volume,
         features: &[Features],
+        z_offset: usize,
         mode: Mode,
         strategy: DecoderStrategy,
+        mask: &mut Mask,
+        details: &mut Vec<SliceDetail>,
         timings: &mut StageTimings,
         progress: &mut dyn FnMut(Progress),
         cancelled: &dyn Fn() -> bool,
-    ) -> Result<(Mask, Vec<SliceDetail>, usize), EngineError> {
+    ) -> Result<usize, EngineError> {
         let (nz, h, w) = (volume.nz(), volume.ny(), volume.nx());
         let s = self.cfg.image_size;
         let out_side = self.cfg.output_size as usize;
         let th = &self.dir.spec.thresholds;
         let amg = AmgSettings { iou_threshold: th.iou, nms_threshold: th.nms, min_area: self.min_area(out_side * out_side) };
         let native_min_area = self.min_area(h * w);
-        let mut mask = Mask::zeros(volume.dims);
-        let mut details = Vec::with_capacity(nz);
         let mut runs = 0;
-        for (z, f) in features.iter().enumerate() {
+        for (i, f) in features.iter().enumerate() {
+            let z = z_offset + i;
             if cancelled() {
                 return Err(EngineError::Cancelled);
             }
@@ -557,7 +585,7 @@ impl Segmenter {
             timings.postprocess_s += t.elapsed().as_secs_f64();
             progress(Progress { stage: Stage::Decode, done: z + 1, total: nz });
         }
-        Ok((mask, details, runs))
+        Ok(runs)
     }
 
     /// The official generator's decoder use: 81 prompts per slice in batches of 9, features repeated

@@ -796,7 +796,7 @@ mod tests {
     fn unknown_opcode_and_truncation_are_errors() {
         assert!(Unpickler::new(&[0x80, 2, 0xff]).run().unwrap_err().contains("opcode 0xff"));
         assert!(Unpickler::new(&[0x80, 2, b'X', 10, 0, 0, 0, b'a']).run().unwrap_err().contains("truncated"));
-        assert!(Unpickler::new(&[b'u']).run().is_err());
+        assert!(Unpickler::new(b"u").run().is_err());
     }
 
     #[test]
