@@ -1,0 +1,297 @@
+//! Cross-site evaluation: runs the REAL engine (`Segmenter`, the CLI/plugin code path) on every case
+//! of the chosen sites and scores it (3-D Dice, HD95 in mm, the official DeSAM metric); also scores
+//! a training checkpoint on a precomputed store (any head, incl. the coupled baseline). Read-only.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+use tch::{Device, Kind, Tensor};
+
+use super::data::{self, CaseRef};
+use super::metrics;
+use super::precompute::{self, ShardReader};
+use super::{io_err, TrainError};
+use crate::engine::{DeviceChoice, EngineOptions, Mode, SegmentRequest, Segmenter};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CaseResult {
+    pub id: String,
+    pub site: String,
+    pub dice: f64,
+    /// None when the prediction (or ground truth) is empty.
+    pub hd95_mm: Option<f64>,
+    /// Official metric of this case (foreground slices at 256², border zeroed).
+    pub official_dice: f64,
+    pub official_slices: usize,
+    pub gt_ml: f64,
+    pub pred_ml: f64,
+    pub seconds: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SiteResult {
+    pub site: String,
+    pub cases: usize,
+    pub dice_mean: f64,
+    pub dice_std: f64,
+    pub dice_min: f64,
+    pub hd95_mean_mm: Option<f64>,
+    pub empty_predictions: usize,
+    pub official_dice_mean: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EvalSummary {
+    pub model: serde_json::Value,
+    pub mode: String,
+    pub data: PathBuf,
+    pub manifest_hash: String,
+    pub sites: Vec<SiteResult>,
+    /// Mean 3-D Dice over all cases (patients pooled).
+    pub dice_mean_cases: f64,
+    /// Mean of the per-site means.
+    pub dice_mean_sites: f64,
+    /// Official metric: mean over all patients of the evaluated sites pooled.
+    pub official_dice_pooled: f64,
+    pub seconds: f64,
+    pub cases: Vec<CaseResult>,
+}
+
+pub struct EvalOptions {
+    pub model: PathBuf,
+    pub data: PathBuf,
+    pub sites: Vec<String>,
+    pub mode: Option<Mode>,
+    pub device: DeviceChoice,
+    pub threads: Option<usize>,
+    /// Evaluate at most this many cases per site (None: all).
+    pub max_cases_per_site: Option<usize>,
+    pub out: Option<PathBuf>,
+    pub progress: bool,
+}
+
+fn mean(v: &[f64]) -> f64 {
+    if v.is_empty() {
+        f64::NAN
+    } else {
+        v.iter().sum::<f64>() / v.len() as f64
+    }
+}
+
+fn std(v: &[f64]) -> f64 {
+    let m = mean(v);
+    if v.len() < 2 {
+        0.0
+    } else {
+        (v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (v.len() - 1) as f64).sqrt()
+    }
+}
+
+/// Per-site aggregates of case results, in the order of `sites`.
+pub fn summarise(cases: &[CaseResult], sites: &[String]) -> (Vec<SiteResult>, f64, f64, f64) {
+    let mut out = Vec::new();
+    for s in sites {
+        let c: Vec<&CaseResult> = cases.iter().filter(|c| &c.site == s).collect();
+        if c.is_empty() {
+            continue;
+        }
+        let d: Vec<f64> = c.iter().map(|c| c.dice).collect();
+        let h: Vec<f64> = c.iter().filter_map(|c| c.hd95_mm).collect();
+        out.push(SiteResult {
+            site: s.clone(),
+            cases: c.len(),
+            dice_mean: mean(&d),
+            dice_std: std(&d),
+            dice_min: d.iter().cloned().fold(f64::INFINITY, f64::min),
+            hd95_mean_mm: if h.is_empty() { None } else { Some(mean(&h)) },
+            empty_predictions: c.iter().filter(|c| c.pred_ml == 0.0).count(),
+            official_dice_mean: mean(&c.iter().map(|c| c.official_dice).collect::<Vec<_>>()),
+        });
+    }
+    let all: Vec<f64> = cases.iter().map(|c| c.dice).collect();
+    let site_means: Vec<f64> = out.iter().map(|s| s.dice_mean).collect();
+    let off: Vec<f64> = cases.iter().map(|c| c.official_dice).filter(|d| d.is_finite()).collect();
+    (out, mean(&all), mean(&site_means), mean(&off))
+}
+
+/// Markdown table of a summary.
+pub fn markdown(s: &EvalSummary, title: &str) -> String {
+    let mut t = format!("### {title}\n\nmode `{}`, data manifest `{}`\n\n", s.mode, &s.manifest_hash[..12.min(s.manifest_hash.len())]);
+    t.push_str("| site | cases | Dice 3-D mean ± sd | min | HD95 mean (mm) | empty | official Dice |\n|---|---|---|---|---|---|---|\n");
+    for r in &s.sites {
+        t.push_str(&format!(
+            "| {} | {} | {:.4} ± {:.4} | {:.4} | {} | {} | {:.4} |\n",
+            r.site,
+            r.cases,
+            r.dice_mean,
+            r.dice_std,
+            r.dice_min,
+            r.hd95_mean_mm.map(|h| format!("{h:.2}")).unwrap_or_else(|| "–".into()),
+            r.empty_predictions,
+            r.official_dice_mean
+        ));
+    }
+    t.push_str(&format!(
+        "| **all** | {} | **{:.4}** (cases pooled; mean of site means {:.4}) | | | | **{:.4}** (patients pooled) |\n",
+        s.cases.len(),
+        s.dice_mean_cases,
+        s.dice_mean_sites,
+        s.official_dice_pooled
+    ));
+    t
+}
+
+fn select_cases(data_dir: &Path, sites: &[String], max_per_site: Option<usize>) -> Result<Vec<CaseRef>, TrainError> {
+    let all = data::list_cases(data_dir)?;
+    let mut out = Vec::new();
+    for s in sites {
+        let c: Vec<CaseRef> = all.iter().filter(|c| &c.site == s).cloned().collect();
+        if c.is_empty() {
+            return Err(TrainError::Invalid(format!("no case of site {s} in {}", data_dir.display())));
+        }
+        out.extend(c.into_iter().take(max_per_site.unwrap_or(usize::MAX)));
+    }
+    Ok(out)
+}
+
+/// Evaluates a model directory with the engine.
+pub fn evaluate(o: &EvalOptions) -> Result<EvalSummary, TrainError> {
+    let t0 = Instant::now();
+    let seg = Segmenter::from_model_dir(&o.model, EngineOptions { device: o.device, threads: o.threads, ..Default::default() })
+        .map_err(|e| TrainError::Model(e.to_string()))?;
+    let cases = select_cases(&o.data, &o.sites, o.max_cases_per_site)?;
+    let manifest_hash = data::manifest_hash(&cases)?;
+    let mode = o.mode.unwrap_or_else(|| seg.default_mode());
+    let bar = if o.progress { indicatif::ProgressBar::new(cases.len() as u64) } else { indicatif::ProgressBar::hidden() };
+    bar.set_style(indicatif::ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} cases ETA {eta} {msg}").unwrap().progress_chars("=> "));
+    let mut results = Vec::new();
+    for c in &cases {
+        let t = Instant::now();
+        let lc = data::load_case(c, true)?;
+        let req = SegmentRequest { mode: Some(mode), ..Default::default() };
+        let r = seg.segment(&lc.volume, &req, &mut |_| {}).map_err(|e| TrainError::Model(format!("case {}: {e}", c.id)))?;
+        let dims = lc.volume.dims;
+        let (od, on) = metrics::official_dice(&r.mask.data, &lc.label.data, dims);
+        let ml = lc.volume.voxel_ml();
+        results.push(CaseResult {
+            id: c.id.clone(),
+            site: c.site.clone(),
+            dice: metrics::dice(&r.mask.data, &lc.label.data),
+            hd95_mm: metrics::hd95(&r.mask.data, &lc.label.data, dims, lc.volume.spacing),
+            official_dice: od,
+            official_slices: on,
+            gt_ml: lc.label.count() as f64 * ml,
+            pred_ml: r.mask.count() as f64 * ml,
+            seconds: t.elapsed().as_secs_f64(),
+        });
+        bar.inc(1);
+        bar.set_message(format!("{} Dice {:.3}", c.id, results.last().unwrap().dice));
+    }
+    bar.finish();
+    let (sites, dm, dms, off) = summarise(&results, &o.sites);
+    let summary = EvalSummary {
+        model: serde_json::to_value(seg.model_id()).unwrap_or_default(),
+        mode: mode.name().into(),
+        data: o.data.clone(),
+        manifest_hash,
+        sites,
+        dice_mean_cases: dm,
+        dice_mean_sites: dms,
+        official_dice_pooled: off,
+        seconds: t0.elapsed().as_secs_f64(),
+        cases: results,
+    };
+    if let Some(out) = &o.out {
+        write_summary(out, &summary, &format!("{} on sites {}", seg.model_id().name, o.sites.join(",")))?;
+    }
+    Ok(summary)
+}
+
+pub fn write_summary(out: &Path, s: &EvalSummary, title: &str) -> Result<(), TrainError> {
+    std::fs::create_dir_all(out).map_err(io_err(out))?;
+    let p = out.join("summary.json");
+    std::fs::write(&p, serde_json::to_string_pretty(s).unwrap()).map_err(io_err(&p))?;
+    let p = out.join("summary.md");
+    std::fs::write(&p, markdown(s, title)).map_err(io_err(&p))
+}
+
+/// Scores a training checkpoint (its `checkpoint_best`, either head) on a precomputed store of the
+/// target sites with the official metric (stored foreground slices at the model's output size,
+/// border zeroed at 256², patient-level Dice). For comparison tables; bypasses the engine's
+/// automatic prompts (box mode only: one whole-image box per slice).
+pub fn evaluate_run_on_store(run: &Path, store: &Path, sites: &[String], device: Device) -> Result<EvalSummary, TrainError> {
+    let t0 = Instant::now();
+    let cfg: super::fit::FitConfig = serde_json::from_slice(&std::fs::read(run.join(super::fit::CONFIG_JSON)).map_err(io_err(run))?)
+        .map_err(|e| TrainError::Run { dir: run.into(), message: e.to_string() })?;
+    let index = precompute::read_index(store)?;
+    let train_index = precompute::read_index(&cfg.embeddings)?;
+    if index.config.backbone_sha256 != train_index.config.backbone_sha256 {
+        return Err(TrainError::Store { dir: store.into(), message: "built with a different encoder than the run's training store".into() });
+    }
+    let model = super::fit::load_base_model(&train_index, device)?;
+    let (p, _, _, _) = super::fit::read_checkpoint(&run.join(super::fit::BEST))?;
+    let vars = model.decoder_variables();
+    tch::no_grad(|| {
+        for ((n, t), (pn, pt)) in vars.iter().zip(&p) {
+            debug_assert_eq!(n, pn);
+            t.shallow_clone().copy_(&pt.to_device(device));
+        }
+    });
+    let mcfg = model.config().clone();
+    let mut reader = ShardReader::default();
+    let mut results = Vec::new();
+    let side = mcfg.output_size;
+    for case in index.cases.iter().filter(|c| sites.contains(&c.site)) {
+        let t = Instant::now();
+        let rows: Vec<usize> = (0..case.z.len()).filter(|&r| case.foreground[r]).collect();
+        let (mut pred, mut gt) = (Vec::new(), Vec::new());
+        tch::no_grad(|| -> Result<(), TrainError> {
+            for &r in &rows {
+                let (f, l) = precompute::read_sample(&mut reader, store, case, r, index.config.tap_count)?;
+                let f = f.to_device_kind(device, Kind::Float);
+                let s = mcfg.image_size as f32;
+                let boxes = crate::model::PromptBatch::Boxes(Tensor::from_slice(&[0.0f32, 0.0, s, s]).view([1, 4]));
+                let logits = if cfg.coupled {
+                    model.sam_mask(&f, &boxes)
+                } else {
+                    let ctx = model.pimm_context(&f);
+                    model.decode(&f, &ctx, &boxes).logits
+                };
+                let m = logits.gt(0.0).to_kind(Kind::Uint8).to_device(Device::Cpu).view([-1]);
+                pred.extend(Vec::<u8>::try_from(m).map_err(TrainError::Torch)?);
+                gt.extend(Vec::<u8>::try_from(l.view([-1])).map_err(TrainError::Torch)?);
+            }
+            Ok(())
+        })?;
+        let dims = [rows.len(), side as usize, side as usize];
+        let (od, on) = metrics::official_dice(&pred, &gt, dims);
+        results.push(CaseResult {
+            id: case.id.clone(),
+            site: case.site.clone(),
+            dice: metrics::dice(&pred, &gt),
+            hd95_mm: None,
+            official_dice: od,
+            official_slices: on,
+            gt_ml: 0.0,
+            pred_ml: pred.iter().filter(|&&v| v != 0).count() as f64,
+            seconds: t.elapsed().as_secs_f64(),
+        });
+    }
+    if results.is_empty() {
+        return Err(TrainError::Invalid(format!("the store has no case of sites {sites:?}")));
+    }
+    let (s, dm, dms, off) = summarise(&results, sites);
+    Ok(EvalSummary {
+        model: serde_json::json!({"run": run, "coupled": cfg.coupled, "mode": cfg.mode, "site": cfg.site}),
+        mode: "box (store)".into(),
+        data: store.to_path_buf(),
+        manifest_hash: index.manifest_hash.clone(),
+        sites: s,
+        dice_mean_cases: dm,
+        dice_mean_sites: dms,
+        official_dice_pooled: off,
+        seconds: t0.elapsed().as_secs_f64(),
+        cases: results,
+    })
+}

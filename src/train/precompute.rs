@@ -1,0 +1,369 @@
+//! The embedding store: runs the frozen encoder once per slice through the engine's own
+//! preprocessing and writes f16 safetensors shards (one per case) + labels + a JSON index.
+//! Owns the store format and its reader; never trains and never edits the source data.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+use tch::{Device, Kind, Tensor};
+
+use super::data::{self, CaseRef};
+use super::{io_err, TrainError};
+use crate::engine::{preprocess, DeviceChoice, EngineOptions, Segmenter};
+use crate::model::Features;
+
+pub const INDEX_JSON: &str = "index.json";
+pub const STORE_JSON: &str = "store.json";
+pub const FORMAT: u32 = 1;
+
+/// What the store was built with; a resumed precompute must match it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoreConfig {
+    pub format: u32,
+    pub arch: String,
+    /// The model directory whose encoder produced the features (and whose decoder starts training).
+    pub model_dir: PathBuf,
+    pub backbone_sha256: String,
+    pub image_size: i64,
+    pub output_size: i64,
+    pub tap_count: usize,
+    pub all_slices: bool,
+    pub feature_dtype: String,
+    pub data_dir: PathBuf,
+    pub sites: Vec<String>,
+}
+
+/// One case in the store.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredCase {
+    pub id: String,
+    pub site: String,
+    pub patient: String,
+    /// Relative to the store directory.
+    pub shard: String,
+    /// Source slice index of each stored row.
+    pub z: Vec<usize>,
+    /// Whether each stored row's label (at output size) has foreground.
+    pub foreground: Vec<bool>,
+    pub dims: [usize; 3],
+    pub spacing: [f64; 3],
+    pub bytes: u64,
+}
+
+/// `index.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StoreIndex {
+    pub config: StoreConfig,
+    pub manifest_hash: String,
+    pub cases: Vec<StoredCase>,
+    pub slices: usize,
+    pub bytes: u64,
+    pub bytes_per_slice: u64,
+    pub encode_seconds: f64,
+    pub slices_per_second: f64,
+}
+
+pub struct PrecomputeOptions {
+    pub data: PathBuf,
+    pub out: PathBuf,
+    pub model_dir: PathBuf,
+    pub all_slices: bool,
+    /// Only these sites (empty: all).
+    pub sites: Vec<String>,
+    pub device: DeviceChoice,
+    pub threads: Option<usize>,
+    pub batch: usize,
+    pub progress: bool,
+}
+
+fn store_err(dir: &Path, message: impl Into<String>) -> TrainError {
+    TrainError::Store { dir: dir.to_path_buf(), message: message.into() }
+}
+
+/// Resize a stack of binary label slices [n, h, w] to [n, side, side] with centre-aligned nearest
+/// neighbour (skimage order 0, as the official preprocessing).
+pub fn labels_at(mask: &[u8], dims: [usize; 3], zs: &[usize], side: i64) -> Tensor {
+    let (h, w) = (dims[1], dims[2]);
+    let mut buf = Vec::with_capacity(zs.len() * h * w);
+    for &z in zs {
+        buf.extend_from_slice(&mask[z * h * w..(z + 1) * h * w]);
+    }
+    let t = Tensor::from_slice(&buf).view([zs.len() as i64, 1, h as i64, w as i64]).to_kind(Kind::Float);
+    t.internal_upsample_nearest_exact2d([side, side], None, None).gt(0.5).to_kind(Kind::Uint8).view([zs.len() as i64, side, side])
+}
+
+/// Runs the precompute. Cases with a finished shard (its `.json` sidecar exists) are skipped.
+pub fn precompute(opts: &PrecomputeOptions) -> Result<StoreIndex, TrainError> {
+    let out = &opts.out;
+    std::fs::create_dir_all(out.join("shards")).map_err(io_err(out))?;
+    let mut cases = data::list_cases(&opts.data)?;
+    if !opts.sites.is_empty() {
+        cases.retain(|c| opts.sites.contains(&c.site));
+        if cases.is_empty() {
+            return Err(TrainError::Invalid(format!("no case of sites {:?} in {}", opts.sites, opts.data.display())));
+        }
+    }
+    let manifest_hash = data::manifest_hash(&cases)?;
+    let engine = Segmenter::from_model_dir(
+        &opts.model_dir,
+        EngineOptions { device: opts.device, threads: opts.threads, dtype: Some(Kind::Float), batch_size: Some(opts.batch), cache_dir: None },
+    )
+    .map_err(|e| TrainError::Model(e.to_string()))?;
+    let cfg = engine.config().clone();
+    let config = StoreConfig {
+        format: FORMAT,
+        arch: cfg.arch.name().into(),
+        model_dir: std::fs::canonicalize(&opts.model_dir).map_err(io_err(&opts.model_dir))?,
+        backbone_sha256: engine.model_dir().backbone_sha256(),
+        image_size: cfg.image_size,
+        output_size: cfg.output_size,
+        tap_count: cfg.tap_count,
+        all_slices: opts.all_slices,
+        feature_dtype: "f16".into(),
+        data_dir: std::fs::canonicalize(&opts.data).map_err(io_err(&opts.data))?,
+        sites: opts.sites.clone(),
+    };
+    let store_json = out.join(STORE_JSON);
+    if store_json.is_file() {
+        let old: StoreConfig = serde_json::from_slice(&std::fs::read(&store_json).map_err(io_err(&store_json))?)
+            .map_err(|e| store_err(out, format!("store.json: {e}")))?;
+        if old != config {
+            return Err(store_err(out, "was built with a different model, data folder or slice selection; use a new --out"));
+        }
+    } else {
+        std::fs::write(&store_json, serde_json::to_string_pretty(&config).unwrap()).map_err(io_err(&store_json))?;
+    }
+
+    let bar = if opts.progress { indicatif::ProgressBar::new(cases.len() as u64) } else { indicatif::ProgressBar::hidden() };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} cases, ETA {eta} {msg}")
+            .unwrap()
+            .progress_chars("=> "),
+    );
+    let mut encode_s = 0.0;
+    let mut encoded = 0usize;
+    let mut stored = Vec::new();
+    for case in &cases {
+        let sidecar = out.join("shards").join(format!("{}.json", case.id));
+        if sidecar.is_file() {
+            let sc: StoredCase = serde_json::from_slice(&std::fs::read(&sidecar).map_err(io_err(&sidecar))?)
+                .map_err(|e| store_err(out, format!("{}: {e}", sidecar.display())))?;
+            stored.push(sc);
+            bar.inc(1);
+            continue;
+        }
+        let t = Instant::now();
+        let sc = precompute_case(&engine, case, out, opts.all_slices)?;
+        encode_s += t.elapsed().as_secs_f64();
+        encoded += sc.z.len();
+        std::fs::write(&sidecar, serde_json::to_string(&sc).unwrap()).map_err(io_err(&sidecar))?;
+        stored.push(sc);
+        write_index(out, &config, &stored, &manifest_hash, encode_s, encoded, &cases)?;
+        bar.inc(1);
+        if encode_s > 0.0 {
+            bar.set_message(format!("{:.2} slices/s", encoded as f64 / encode_s));
+        }
+    }
+    bar.finish();
+    let index = write_index(out, &config, &stored, &manifest_hash, encode_s, encoded, &cases)?;
+    Ok(index)
+}
+
+/// Writes `index.json` for the cases finished so far (after every case, so that an interrupted
+/// precompute leaves a usable store of its first cases; the manifest hash then covers only those).
+fn write_index(
+    out: &Path,
+    config: &StoreConfig,
+    stored: &[StoredCase],
+    full_manifest: &str,
+    encode_s: f64,
+    encoded: usize,
+    cases: &[CaseRef],
+) -> Result<StoreIndex, TrainError> {
+    let slices: usize = stored.iter().map(|c| c.z.len()).sum();
+    let bytes: u64 = stored.iter().map(|c| c.bytes).sum();
+    let manifest_hash = if stored.len() == cases.len() {
+        full_manifest.to_string()
+    } else {
+        let done: Vec<CaseRef> = cases.iter().filter(|c| stored.iter().any(|s| s.id == c.id)).cloned().collect();
+        data::manifest_hash(&done)?
+    };
+    let index = StoreIndex {
+        config: config.clone(),
+        manifest_hash,
+        cases: stored.to_vec(),
+        slices,
+        bytes,
+        bytes_per_slice: if slices > 0 { bytes / slices as u64 } else { 0 },
+        encode_seconds: encode_s,
+        slices_per_second: if encode_s > 0.0 { encoded as f64 / encode_s } else { 0.0 },
+    };
+    let p = out.join(INDEX_JSON);
+    let tmp = out.join(".index.json.partial");
+    std::fs::write(&tmp, serde_json::to_string_pretty(&index).unwrap()).map_err(io_err(&tmp))?;
+    std::fs::rename(&tmp, &p).map_err(io_err(&p))?;
+    Ok(index)
+}
+
+fn precompute_case(engine: &Segmenter, case: &CaseRef, out: &Path, all_slices: bool) -> Result<StoredCase, TrainError> {
+    let lc = data::load_case(case, true)?;
+    let cfg = engine.config();
+    let dims = lc.volume.dims;
+    let all: Vec<usize> = (0..dims[0]).collect();
+    let labels_all = labels_at(&lc.label.data, dims, &all, cfg.output_size);
+    let fg_all: Vec<bool> = (0..dims[0]).map(|z| labels_all.get(z as i64).sum(Kind::Int64).int64_value(&[]) > 0).collect();
+    let zs: Vec<usize> = if all_slices { all.clone() } else { all.iter().copied().filter(|&z| fg_all[z]).collect() };
+    if zs.is_empty() {
+        return Err(TrainError::EmptyLabel { case: case.id.clone() });
+    }
+    let u8vol = preprocess::normalize_intensity(&lc.volume.voxels);
+    let mut taps: Vec<Vec<Tensor>> = (0..cfg.tap_count).map(|_| Vec::new()).collect();
+    let mut necks = Vec::new();
+    // Contiguous runs of selected slices, encoded in engine-sized batches.
+    let mut i = 0;
+    let batch = 4usize;
+    while i < zs.len() {
+        let mut j = i + 1;
+        while j < zs.len() && zs[j] == zs[j - 1] + 1 && j - i < batch {
+            j += 1;
+        }
+        let f: Features = engine.encode_slices(&u8vol, dims, zs[i], zs[j - 1] + 1);
+        for (k, t) in f.taps.iter().enumerate() {
+            taps[k].push(t.to_device(Device::Cpu).to_kind(Kind::Half));
+        }
+        necks.push(f.neck.to_device(Device::Cpu).to_kind(Kind::Half));
+        i = j;
+    }
+    let idx = Tensor::from_slice(&zs.iter().map(|&z| z as i64).collect::<Vec<_>>());
+    let mut named: Vec<(String, Tensor)> = taps.iter().enumerate().map(|(k, v)| (format!("tap{k}"), Tensor::cat(v, 0).contiguous())).collect();
+    named.push(("neck".into(), Tensor::cat(&necks, 0).contiguous()));
+    named.push(("label".into(), labels_all.index_select(0, &idx).contiguous()));
+    named.push(("z".into(), idx));
+    let shard_rel = format!("shards/{}.safetensors", case.id);
+    let shard = out.join(&shard_rel);
+    let tmp = out.join(format!("shards/{}.safetensors.partial", case.id));
+    Tensor::write_safetensors(&named, &tmp)?;
+    std::fs::rename(&tmp, &shard).map_err(io_err(&shard))?;
+    let bytes = std::fs::metadata(&shard).map_err(io_err(&shard))?.len();
+    Ok(StoredCase {
+        id: case.id.clone(),
+        site: case.site.clone(),
+        patient: case.patient.clone(),
+        shard: shard_rel,
+        foreground: zs.iter().map(|&z| fg_all[z]).collect(),
+        z: zs,
+        dims,
+        spacing: lc.volume.spacing,
+        bytes,
+    })
+}
+
+/// Reads `index.json`.
+pub fn read_index(dir: &Path) -> Result<StoreIndex, TrainError> {
+    let p = dir.join(INDEX_JSON);
+    let bytes = std::fs::read(&p).map_err(|e| store_err(dir, format!("cannot read {INDEX_JSON} ({e}); run `desam-train precompute` first")))?;
+    serde_json::from_slice(&bytes).map_err(|e| store_err(dir, format!("{INDEX_JSON}: {e}")))
+}
+
+#[derive(Debug, Clone)]
+struct TensorEntry {
+    kind: Kind,
+    shape: Vec<i64>,
+    start: u64,
+    row_bytes: u64,
+}
+
+/// Reads single rows (slices) of shards without loading whole files: safetensors stores each
+/// tensor contiguously, so row i of an [n, …] tensor is one byte range.
+#[derive(Debug, Default)]
+pub struct ShardReader {
+    headers: HashMap<PathBuf, HashMap<String, TensorEntry>>,
+}
+
+fn kind_of(dtype: &str) -> Option<(Kind, u64)> {
+    Some(match dtype {
+        "F16" => (Kind::Half, 2),
+        "BF16" => (Kind::BFloat16, 2),
+        "F32" => (Kind::Float, 4),
+        "U8" => (Kind::Uint8, 1),
+        "I64" => (Kind::Int64, 8),
+        _ => return None,
+    })
+}
+
+impl ShardReader {
+    fn header(&mut self, path: &Path) -> Result<&HashMap<String, TensorEntry>, TrainError> {
+        if !self.headers.contains_key(path) {
+            let bad = |m: String| TrainError::Data { path: path.to_path_buf(), message: m };
+            let mut f = File::open(path).map_err(io_err(path))?;
+            let mut len = [0u8; 8];
+            f.read_exact(&mut len).map_err(io_err(path))?;
+            let n = u64::from_le_bytes(len);
+            if n > 100 << 20 {
+                return Err(bad("safetensors header too large".into()));
+            }
+            let mut js = vec![0u8; n as usize];
+            f.read_exact(&mut js).map_err(io_err(path))?;
+            let v: serde_json::Value = serde_json::from_slice(&js).map_err(|e| bad(format!("header: {e}")))?;
+            let mut map = HashMap::new();
+            for (name, e) in v.as_object().ok_or_else(|| bad("header is not an object".into()))? {
+                if name == "__metadata__" {
+                    continue;
+                }
+                let dtype = e["dtype"].as_str().unwrap_or("");
+                let (kind, size) = kind_of(dtype).ok_or_else(|| bad(format!("{name}: unsupported dtype {dtype}")))?;
+                let shape: Vec<i64> = e["shape"].as_array().map(|a| a.iter().filter_map(|x| x.as_i64()).collect()).unwrap_or_default();
+                let off = e["data_offsets"].as_array().and_then(|a| Some((a.first()?.as_u64()?, a.get(1)?.as_u64()?)));
+                let (a, b) = off.ok_or_else(|| bad(format!("{name}: no data_offsets")))?;
+                let rows = shape.first().copied().unwrap_or(1).max(1) as u64;
+                let row_bytes = shape.iter().skip(1).product::<i64>() as u64 * size;
+                if row_bytes * rows != b - a {
+                    return Err(bad(format!("{name}: data length does not match its shape")));
+                }
+                map.insert(name.clone(), TensorEntry { kind, shape, start: 8 + n + a, row_bytes });
+            }
+            self.headers.insert(path.to_path_buf(), map);
+        }
+        Ok(&self.headers[path])
+    }
+
+    /// Row `row` of tensor `name` (shape without the leading axis).
+    pub fn row(&mut self, path: &Path, name: &str, row: usize) -> Result<Tensor, TrainError> {
+        let e = self
+            .header(path)?
+            .get(name)
+            .cloned()
+            .ok_or_else(|| TrainError::Data { path: path.to_path_buf(), message: format!("no tensor {name}") })?;
+        if row as i64 >= e.shape[0] {
+            return Err(TrainError::Data { path: path.to_path_buf(), message: format!("{name}: row {row} out of range") });
+        }
+        let mut f = File::open(path).map_err(io_err(path))?;
+        f.seek(SeekFrom::Start(e.start + row as u64 * e.row_bytes)).map_err(io_err(path))?;
+        let mut buf = vec![0u8; e.row_bytes as usize];
+        f.read_exact(&mut buf).map_err(io_err(path))?;
+        let shape: Vec<i64> = e.shape[1..].to_vec();
+        Ok(Tensor::f_from_data_size(&buf, &shape, e.kind)?)
+    }
+}
+
+/// One training sample's inputs, read from the store: features (batch 1, f32) and its label.
+pub fn read_sample(
+    reader: &mut ShardReader,
+    store: &Path,
+    case: &StoredCase,
+    row: usize,
+    tap_count: usize,
+) -> Result<(Features, Tensor), TrainError> {
+    let p = store.join(&case.shard);
+    let mut taps = Vec::with_capacity(tap_count);
+    for k in 0..tap_count {
+        taps.push(reader.row(&p, &format!("tap{k}"), row)?.to_kind(Kind::Float).unsqueeze(0));
+    }
+    let neck = reader.row(&p, "neck", row)?.to_kind(Kind::Float).unsqueeze(0);
+    let label = reader.row(&p, "label", row)?.unsqueeze(0);
+    Ok((Features { taps, neck }, label))
+}

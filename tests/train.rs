@@ -1,0 +1,269 @@
+//! Integration tests of `desam-train` with the real binary: tiny random-weight model, small phantom
+//! cases in the nnU-Net layout; precompute → fit → resume → eval → export → promote/rollback, and
+//! clear errors for bad data. Dice of the tiny model is not asserted high (it has no real encoder).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use desam::model::Arch;
+use desam::modeldir::{self, BackboneSource};
+use desam::phantom::{self, GenerateOptions, Site, Size};
+
+fn tmpdir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("desam-train-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_desam-train"));
+    c.env("RUST_LOG", "warn");
+    c
+}
+
+fn run(args: &[&str]) -> Output {
+    let o = bin().args(args).output().expect("desam-train runs");
+    o
+}
+
+fn ok(args: &[&str]) -> String {
+    let o = run(args);
+    let (so, se) = (String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned());
+    assert!(o.status.success(), "desam-train {args:?} failed:\n{so}\n{se}");
+    so
+}
+
+fn fails(args: &[&str]) -> String {
+    let o = run(args);
+    assert!(!o.status.success(), "desam-train {args:?} should fail");
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Small phantom cases in the nnU-Net layout with DeSAM's patient→site CSV.
+fn write_dataset(dir: &Path, cases: &[(Site, u32)]) {
+    std::fs::create_dir_all(dir.join("imagesTr")).unwrap();
+    std::fs::create_dir_all(dir.join("labelsTr")).unwrap();
+    let mut csv = String::from("center,patientid\n");
+    for &(site, i) in cases {
+        let pid = site.index() as u32 * 100 + i;
+        let id = format!("prostate_{pid:03}");
+        let c = phantom::generate_case_with(site, i, 0, &GenerateOptions { size: Size::Small, ..Default::default() });
+        // Keep the tests fast: the middle slices (the gland) only.
+        let (vol, mask) = crop_slices(&c.image, &c.gland_mask(), 6);
+        desam::nifti::write_nifti(&dir.join(format!("imagesTr/{id}_0000.nii.gz")), &vol).unwrap();
+        desam::nifti::write_nifti_mask(&dir.join(format!("labelsTr/{id}.nii.gz")), &mask, &vol).unwrap();
+        csv.push_str(&format!("{},{pid}\n", site.official_center()));
+    }
+    std::fs::write(dir.join("prostate_patientid.csv"), csv).unwrap();
+}
+
+/// `n` slices centred on the label's extent.
+fn crop_slices(v: &desam::Volume, m: &desam::Mask, n: usize) -> (desam::Volume, desam::Mask) {
+    let len = v.slice_len();
+    let fg: Vec<usize> = (0..v.nz()).filter(|&z| m.slice(z).iter().any(|&x| x != 0)).collect();
+    let mid = (fg[0] + fg[fg.len() - 1]) / 2;
+    let z0 = mid.saturating_sub(n / 2).min(v.nz() - n);
+    let mut out = desam::Volume::new(v.voxels[z0 * len..(z0 + n) * len].to_vec(), [n, v.ny(), v.nx()], v.spacing, v.origin);
+    out.direction = v.direction;
+    let mask = desam::Mask { data: m.data[z0 * len..(z0 + n) * len].to_vec(), dims: [n, v.ny(), v.nx()] };
+    (out, mask)
+}
+
+fn checkpoint_params(path: &Path) -> Vec<(String, Vec<f32>)> {
+    let (p, _, _, _) = desam::train::fit::read_checkpoint(path).unwrap();
+    p.into_iter().map(|(n, t)| (n, Vec::<f32>::try_from(t.to_kind(tch::Kind::Float).view([-1])).unwrap())).collect()
+}
+
+#[test]
+fn precompute_fit_resume_eval_export_promote() {
+    let root = tmpdir("flow");
+    let data = root.join("data");
+    write_dataset(&data, &[(Site::A, 0), (Site::A, 1), (Site::A, 2), (Site::B, 0)]);
+    let model = root.join("tiny");
+    modeldir::create_untrained_model_dir(Arch::Tiny, &model, 3, &BackboneSource::Random).unwrap();
+    let emb = root.join("emb");
+    let (d, m, e) = (data.to_str().unwrap(), model.to_str().unwrap(), emb.to_str().unwrap());
+
+    // Precompute (foreground slices), then again: everything is skipped and the index is identical.
+    let out = ok(&["precompute", "--data", d, "--model", m, "--out", e, "--sites", "A", "--device", "cpu"]);
+    assert!(out.contains("3 cases"), "{out}");
+    let index1 = std::fs::read_to_string(emb.join("index.json")).unwrap();
+    let idx: serde_json::Value = serde_json::from_str(&index1).unwrap();
+    assert_eq!(idx["config"]["feature_dtype"], "f16");
+    assert!(idx["slices"].as_u64().unwrap() >= 6);
+    ok(&["precompute", "--data", d, "--model", m, "--out", e, "--sites", "A", "--device", "cpu"]);
+    let index2: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(emb.join("index.json")).unwrap()).unwrap();
+    assert_eq!(idx["cases"], index2["cases"]);
+    assert_eq!(index2["encode_seconds"].as_f64().unwrap(), 0.0, "a resumed precompute must skip finished shards");
+    // A store built differently refuses to be mixed.
+    let err = fails(&["precompute", "--data", d, "--model", m, "--out", e, "--sites", "A", "--all-slices", "--device", "cpu"]);
+    assert!(err.contains("different"), "{err}");
+
+    // Fit: the loss decreases over epochs.
+    let run_full = root.join("run_full");
+    let fit = |out: &Path, extra: &[&str]| {
+        let mut a = vec![
+            "fit", "--embeddings", e, "--mode", "grid", "--site", "A", "--epochs", "4", "--batch", "2", "--lr", "1e-3", "--seed", "5",
+            "--out", out.to_str().unwrap(), "--device", "cpu", "--quiet", "--save-every", "0",
+        ];
+        a.extend_from_slice(extra);
+        ok(&a)
+    };
+    fit(&run_full, &[]);
+    let log: Vec<serde_json::Value> =
+        std::fs::read_to_string(run_full.join("log.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(log.len(), 4);
+    let first = log[0]["train_loss"].as_f64().unwrap();
+    let last = log[3]["train_loss"].as_f64().unwrap();
+    assert!(last < first, "training loss should decrease: {first} → {last}");
+    for l in &log {
+        let vd = l["val_dice"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&vd));
+    }
+    assert!(run_full.join("progress.png").is_file() && run_full.join("checkpoint_best.safetensors").is_file());
+    let png = std::fs::read(run_full.join("progress.png")).unwrap();
+    assert_eq!(&png[1..4], b"PNG");
+
+    // Resume after a forced stop reproduces the uninterrupted run's weights exactly.
+    let run_cut = root.join("run_cut");
+    fit(&run_cut, &["--max-steps", "3"]);
+    let s: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run_cut.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(s["finished"], false);
+    assert_eq!(s["global_step"], 3);
+    fit(&run_cut, &["--resume"]);
+    let a = checkpoint_params(&run_full.join("checkpoint_latest.safetensors"));
+    let b = checkpoint_params(&run_cut.join("checkpoint_latest.safetensors"));
+    assert_eq!(a.len(), b.len());
+    for ((na, va), (nb, vb)) in a.iter().zip(&b) {
+        assert_eq!(na, nb);
+        assert!(va == vb, "{na} differs after resume");
+    }
+    // A different seed gives different weights (the comparison above can fail).
+    let run_other = root.join("run_other");
+    ok(&[
+        "fit", "--embeddings", e, "--mode", "grid", "--site", "A", "--epochs", "1", "--batch", "2", "--lr", "1e-3", "--seed", "6",
+        "--out", run_other.to_str().unwrap(), "--device", "cpu", "--quiet",
+    ]);
+    // Resume with a changed configuration is refused.
+    let err = fails(&[
+        "fit", "--embeddings", e, "--mode", "box", "--site", "A", "--epochs", "4", "--batch", "2", "--lr", "1e-3", "--seed", "5",
+        "--out", run_cut.to_str().unwrap(), "--device", "cpu", "--quiet", "--resume",
+    ]);
+    assert!(err.contains("different configuration"), "{err}");
+
+    // Export: immutable versioned model dir with provenance, usable by the engine.
+    let reg = root.join("registry");
+    let v1 = reg.join("versions/0.1.0");
+    ok(&["export", "--run", run_full.to_str().unwrap(), "--out", v1.to_str().unwrap(), "--version", "0.1.0"]);
+    let md = modeldir::open(&v1).unwrap();
+    assert!(!md.spec.untrained);
+    assert_eq!(md.spec.default_mode, "grid");
+    assert_eq!(md.spec.training["data_manifest_sha256"], idx["manifest_hash"]);
+    let err = fails(&["export", "--run", run_full.to_str().unwrap(), "--out", v1.to_str().unwrap()]);
+    assert!(err.contains("already exists"), "{err}");
+    let v2 = reg.join("versions/0.2.0");
+    ok(&["export", "--run", run_other.to_str().unwrap(), "--out", v2.to_str().unwrap(), "--version", "0.2.0"]);
+
+    // Eval through the engine on the held-out site.
+    let ev = root.join("eval");
+    let out = ok(&["eval", "--model", v1.to_str().unwrap(), "--data", d, "--sites", "B", "--out", ev.to_str().unwrap(), "--device", "cpu"]);
+    assert!(out.contains("| B | 1 |"), "{out}");
+    let sm: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(ev.join("summary.json")).unwrap()).unwrap();
+    let dice = sm["cases"][0]["dice"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&dice));
+    assert_eq!(sm["model"]["version"], "0.1.0");
+    assert!(ev.join("summary.md").is_file());
+
+    // Promote / rollback.
+    let r = reg.to_str().unwrap();
+    ok(&["promote", "--registry", r, "--version", "0.1.0"]);
+    ok(&["promote", "--registry", r, "--version", "0.2.0"]);
+    assert_eq!(desam::train::export::current_dir(&reg).unwrap(), reg.join("versions/0.2.0"));
+    assert_eq!(std::fs::read_link(reg.join("current")).unwrap(), Path::new("versions/0.2.0"));
+    ok(&["rollback", "--registry", r]);
+    assert_eq!(desam::train::export::current_dir(&reg).unwrap(), reg.join("versions/0.1.0"));
+    modeldir::open(&reg.join("current")).unwrap();
+    let err = fails(&["rollback", "--registry", r]);
+    assert!(err.contains("nothing to roll back"), "{err}");
+    let err = fails(&["promote", "--registry", r, "--version", "9.9.9"]);
+    assert!(err.contains("9.9.9"), "{err}");
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+#[test]
+fn bad_data_gives_clear_errors() {
+    let root = tmpdir("bad");
+    let model = root.join("tiny");
+    modeldir::create_untrained_model_dir(Arch::Tiny, &model, 3, &BackboneSource::Random).unwrap();
+    let m = model.to_str().unwrap();
+    let pre = |data: &Path, out: &str| fails(&["precompute", "--data", data.to_str().unwrap(), "--model", m, "--out", out, "--device", "cpu"]);
+
+    // Image/label shape mismatch.
+    let d1 = root.join("shape");
+    write_dataset(&d1, &[(Site::A, 0)]);
+    let img = desam::nifti::read_nifti(&d1.join("imagesTr/prostate_000_0000.nii.gz")).unwrap();
+    let small = desam::Volume::new(vec![0.0; 2 * img.ny() * img.nx()], [2, img.ny(), img.nx()], img.spacing, img.origin);
+    let lab = desam::Mask { data: vec![1; 2 * img.ny() * img.nx()], dims: small.dims };
+    std::fs::remove_file(d1.join("labelsTr/prostate_000.nii.gz")).unwrap();
+    desam::nifti::write_nifti_mask(&d1.join("labelsTr/prostate_000.nii.gz"), &lab, &small).unwrap();
+    let err = pre(&d1, root.join("e1").to_str().unwrap());
+    assert!(err.contains("different shapes"), "{err}");
+
+    // Empty label.
+    let d2 = root.join("empty");
+    write_dataset(&d2, &[(Site::A, 0)]);
+    let lab = desam::Mask::zeros(img.dims);
+    std::fs::remove_file(d2.join("labelsTr/prostate_000.nii.gz")).unwrap();
+    desam::nifti::write_nifti_mask(&d2.join("labelsTr/prostate_000.nii.gz"), &lab, &img).unwrap();
+    let err = pre(&d2, root.join("e2").to_str().unwrap());
+    assert!(err.contains("no foreground"), "{err}");
+
+    // Case missing from the site CSV.
+    let d3 = root.join("nosite");
+    write_dataset(&d3, &[(Site::A, 0), (Site::A, 1)]);
+    std::fs::write(d3.join("prostate_patientid.csv"), "center,patientid\nA-ISBI,0\n").unwrap();
+    let err = pre(&d3, root.join("e3").to_str().unwrap());
+    assert!(err.contains("prostate_001") && err.contains("missing from the site table"), "{err}");
+
+    // No CSV at all; label missing.
+    std::fs::remove_file(d3.join("prostate_patientid.csv")).unwrap();
+    assert!(pre(&d3, root.join("e4").to_str().unwrap()).contains("prostate_patientid.csv"));
+    let d5 = root.join("nolabel");
+    write_dataset(&d5, &[(Site::A, 0)]);
+    std::fs::remove_file(d5.join("labelsTr/prostate_000.nii.gz")).unwrap();
+    assert!(pre(&d5, root.join("e5").to_str().unwrap()).contains("no label"));
+
+    // fit on a store that does not exist; bad loss weights.
+    let err = fails(&["fit", "--embeddings", root.join("nothing").to_str().unwrap(), "--site", "A", "--out", root.join("r").to_str().unwrap()]);
+    assert!(!err.is_empty());
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+#[test]
+fn dicom_cases_with_seg_ground_truth_are_a_data_source() {
+    let root = tmpdir("dicom");
+    let data = root.join("dicom");
+    std::fs::create_dir_all(&data).unwrap();
+    let c = phantom::generate_case_with(Site::C, 0, 0, &GenerateOptions { size: Size::Small, ..Default::default() });
+    let files = phantom::export::write_case_dicom(&c, &data).unwrap();
+    let model = root.join("tiny");
+    modeldir::create_untrained_model_dir(Arch::Tiny, &model, 3, &BackboneSource::Random).unwrap();
+    let emb = root.join("emb");
+    ok(&["precompute", "--data", data.to_str().unwrap(), "--model", model.to_str().unwrap(), "--out", emb.to_str().unwrap(), "--all-slices", "--device", "cpu"]);
+    let idx = desam::train::precompute::read_index(&emb).unwrap();
+    assert_eq!(idx.cases.len(), 1);
+    let case = &idx.cases[0];
+    assert_eq!(case.site, "C");
+    assert_eq!(case.z.len(), files.volume.nz(), "--all-slices stores every slice");
+    // The stored labels are the SEG's gland, resized: foreground slices match the NIfTI truth.
+    let (truth, _) = desam::nifti::read_nifti_mask(&files.label).unwrap();
+    let fg_truth: Vec<bool> = (0..truth.dims[0]).map(|z| truth.slice(z).iter().any(|&v| v != 0)).collect();
+    assert_eq!(case.foreground.iter().filter(|&&f| f).count(), fg_truth.iter().filter(|&&f| f).count());
+    let mut reader = desam::train::precompute::ShardReader::default();
+    let z = fg_truth.iter().position(|&f| f).unwrap();
+    let (f, label) = desam::train::precompute::read_sample(&mut reader, &emb, case, z, idx.config.tap_count).unwrap();
+    assert_eq!(label.size(), vec![1, 32, 32]);
+    assert_eq!(f.neck.size()[0], 1);
+    let _ = std::fs::remove_dir_all(&root);
+}
