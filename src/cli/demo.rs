@@ -575,18 +575,7 @@ fn write_overlay(
 /// Dice coefficient of two binary masks on the same grid (1 when both are empty).
 pub fn dice_score(a: &Mask, b: &Mask) -> f64 {
     assert_eq!(a.dims, b.dims, "Dice of masks on different grids");
-    let (mut inter, mut na, mut nb) = (0usize, 0usize, 0usize);
-    for (&x, &y) in a.data.iter().zip(&b.data) {
-        let (x, y) = (x != 0, y != 0);
-        na += x as usize;
-        nb += y as usize;
-        inter += (x && y) as usize;
-    }
-    if na + nb == 0 {
-        1.0
-    } else {
-        2.0 * inter as f64 / (na + nb) as f64
-    }
+    crate::engine::quality::dice(&a.data, &b.data)
 }
 
 fn mask_ml(m: &Mask, grid: &Volume) -> f64 {

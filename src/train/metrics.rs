@@ -3,21 +3,8 @@
 
 use tch::{Kind, Tensor};
 
-/// 2|A∩B| / (|A|+|B|); 1 when both are empty (nothing to find, nothing found).
-pub fn dice(a: &[u8], b: &[u8]) -> f64 {
-    let (mut i, mut sa, mut sb) = (0u64, 0u64, 0u64);
-    for (&x, &y) in a.iter().zip(b) {
-        let (x, y) = (x != 0, y != 0);
-        i += (x && y) as u64;
-        sa += x as u64;
-        sb += y as u64;
-    }
-    if sa + sb == 0 {
-        1.0
-    } else {
-        2.0 * i as f64 / (sa + sb) as f64
-    }
-}
+/// 2|A∩B| / (|A|+|B|); 1 when both are empty: the engine's QA uses the same definition.
+pub use crate::engine::quality::dice;
 
 /// Surface voxels (6-connected border) of a [nz, ny, nx] mask, in mm (x, y, z).
 fn surface(m: &[u8], dims: [usize; 3], spacing: [f64; 3]) -> Vec<[f64; 3]> {
