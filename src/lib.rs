@@ -10,6 +10,7 @@ pub mod modeldir;
 pub mod nifti;
 pub mod orthanc;
 pub mod phantom;
+pub mod runtime;
 pub mod train;
 pub mod volume;
 

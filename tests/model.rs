@@ -368,3 +368,24 @@ fn lite_medsam_layout_feeds_tinyvit_stages_into_a_256_pimm() {
         assert_eq!(m.sam_mask(&f, &boxes).size(), vec![1, 1, 256, 256]);
     });
 }
+
+#[test]
+fn channels_last_encoder_gives_the_same_features() {
+    // The engine switches the CPU encoder to channels-last (DeSam::use_channels_last): values must
+    // not change, only memory order. LiteMedSAM has the convolutions where it matters.
+    tch::manual_seed(21);
+    let mut m = DeSam::new(&ModelConfig::for_arch(Arch::Lite), Device::Cpu);
+    tch::manual_seed(22);
+    let img = Tensor::randn([2, 3, 256, 256], (Kind::Float, Device::Cpu));
+    let before = tch::no_grad(|| m.encode(&img));
+    m.use_channels_last();
+    let conv = m.state_dict().into_iter().find(|(n, _)| n == "image_encoder.patch_embed.seq.0.c.weight").unwrap().1;
+    assert_eq!(conv.stride()[1], 1, "conv weight is channels-last after use_channels_last");
+    let after = tch::no_grad(|| m.encode(&img));
+    for (a, b) in before.taps.iter().chain([&before.neck]).zip(after.taps.iter().chain([&after.neck])) {
+        assert_eq!(a.size(), b.size());
+        assert!(b.is_contiguous(), "features come back NCHW-contiguous for PIMM");
+        let rel = max_abs_diff(a, b) / a.abs().max().double_value(&[]);
+        assert!(rel < 1e-4, "channels-last changed a feature by {rel} (relative)");
+    }
+}

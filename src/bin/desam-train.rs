@@ -324,6 +324,7 @@ fn run_export(a: ExportArgs) -> anyhow::Result<()> {
 
 fn main() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    desam::runtime::keep_freed_memory();
     let cli = Cli::parse();
     let r = match cli.cmd {
         Cmd::Precompute(a) => run_precompute(a),

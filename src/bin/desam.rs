@@ -26,6 +26,7 @@ enum Command {
 
 fn main() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    desam::runtime::keep_freed_memory();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Segment(a) => cli::segment::run(a),

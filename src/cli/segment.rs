@@ -36,7 +36,8 @@ pub struct Args {
     /// CPU threads for libtorch.
     #[arg(long)]
     pub threads: Option<usize>,
-    /// Compute dtype: f32, f16 or bf16 (default: f32 on CPU, f16 on CUDA).
+    /// Compute dtype: f32, f16 or bf16 (default: f16 on CUDA; on CPU bf16 where it has native bf16
+    /// instructions, else f32).
     #[arg(long)]
     pub dtype: Option<String>,
     /// Slices per encoder batch / prompts per decoder batch.

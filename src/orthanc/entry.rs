@@ -67,6 +67,8 @@ fn initialize() -> i32 {
             return 0;
         }
     };
+    // Faster CPU inference (see crate::runtime); the worker trims the heap after each series.
+    crate::runtime::keep_freed_memory();
     let processor = match pipeline::EngineProcessor::new(&config) {
         Ok(p) => p,
         Err(e) => {

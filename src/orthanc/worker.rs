@@ -351,6 +351,8 @@ impl Plugin {
             Ok(o) => o,
             Err(e) => Outcome::Failed(e.to_string()),
         };
+        // The engine's buffers stay in the heap during a series (crate::runtime); give them back.
+        crate::runtime::release_free_memory();
         match &outcome {
             Outcome::Skipped(reason) => {
                 self.metrics.record_skip();
