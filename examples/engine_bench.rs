@@ -86,7 +86,7 @@ fn main() -> anyhow::Result<()> {
                     println!(
                         "{}",
                         serde_json::json!({"model": r.model.arch, "mode": mode.name(), "strategy": strategy,
-                            "device": r.device, "slices": v.nz(), "timings": r.timings, "cpu_s": cpu,
+                            "device": r.device, "dtype": r.dtype, "slices": v.nz(), "timings": r.timings, "cpu_s": cpu,
                             "decode_s_per_slice": r.timings.decode_s / nz, "total_s_per_slice": r.timings.total_s / nz,
                             "series_slices": series_slices, "series_s_extrapolated": r.timings.total_s / nz * series_slices as f64,
                             "decoder_runs": r.decoder_runs, "voxels": r.voxels})

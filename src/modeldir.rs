@@ -57,11 +57,14 @@ pub struct Thresholds {
     pub min_area: f64,
     /// Series quality score below which a result is flagged.
     pub qa: f64,
+    /// Gland volumes (mL) the quality score treats as plausible; outside, its volume term falls.
+    pub plausible_volume_ml: Option<[f64; 2]>,
 }
 
 impl Default for Thresholds {
     fn default() -> Self {
-        Thresholds { iou: 0.5, nms: 0.7, min_area: 1000.0, qa: 0.5 }
+        // Prostate volumes: small glands are ~15 mL, large hyperplastic ones exceed 150 mL.
+        Thresholds { iou: 0.5, nms: 0.7, min_area: 1000.0, qa: 0.5, plausible_volume_ml: Some([8.0, 300.0]) }
     }
 }
 

@@ -59,9 +59,13 @@ struct PrecomputeArgs {
     device: String,
     #[arg(long)]
     threads: Option<usize>,
-    /// Seed of the randomly initialised PIMM in OUT/base_model.
+    /// Seed of the randomly initialised PIMM in OUT/base_model (and of the augmentations).
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Also store this many intensity-augmented copies of every case (bias field incl. a
+    /// coil-like bump, gamma, noise; docs/training.md). Training stores only.
+    #[arg(long, default_value_t = 0)]
+    augment: usize,
 }
 
 #[derive(clap::Args, Debug)]
@@ -220,8 +224,10 @@ fn run_precompute(a: PrecomputeArgs) -> anyhow::Result<()> {
         sites: a.sites.as_deref().map(desam::train::data::parse_sites).unwrap_or_default(),
         device: a.device.parse().map_err(anyhow::Error::msg)?,
         threads: a.threads,
-        batch: 4,
+        batch: 2,
         progress: true,
+        augment: a.augment,
+        augment_seed: a.seed,
     };
     let idx = precompute::precompute(&opts)?;
     println!(

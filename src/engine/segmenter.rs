@@ -181,6 +181,9 @@ pub struct SliceDetail {
     pub z: usize,
     /// Predicted IoU of the chosen prompt (NaN when no prompt passed the filter).
     pub iou: f32,
+    /// SAM's stability score of the chosen mask: IoU of logits > +1 and logits > −1 at the model's
+    /// output size (NaN when no prompt passed or the mask is empty).
+    pub stability: f32,
     /// Foreground pixels on the native grid.
     pub area_px: usize,
     /// Grid mode: prompts that passed the IoU filter and survivors of the first NMS.
@@ -392,10 +395,15 @@ impl Segmenter {
             }
             // 5. QA.
             let slice_iou: Vec<f32> = details.iter().map(|d| d.iou).collect();
+            let slice_stability: Vec<f32> = details.iter().map(|d| d.stability).collect();
             let (quality, terms) = quality::quality(&quality::QualityInput {
                 mask: &mask.data,
                 slice_len: volume.slice_len(),
                 slice_iou: &slice_iou,
+                slice_stability: &slice_stability,
+                iou_informative: mode == Mode::Grid,
+                volume_ml: mask.count() as f64 * volume.voxel_ml(),
+                plausible_ml: self.dir.spec.thresholds.plausible_volume_ml,
                 other_mode: other.as_ref().map(|m| m.data.as_slice()),
             });
             timings.postprocess_s += t.elapsed().as_secs_f64();
@@ -588,9 +596,11 @@ impl Segmenter {
                 after_nms: chosen.after_nms,
                 chosen_prompt: chosen.prompt,
                 cache_hit: false,
+                stability: f32::NAN,
             };
             if let Some(p) = chosen.prompt {
                 detail.iou = ious_v[p];
+                detail.stability = quality::stability_score(&logits.get(p as i64), 1.0);
                 let native = postprocess::logits_to_native(&logits.narrow(0, p as i64, 1), s, (s, s), h, w);
                 let bin = BinMask::new(h, w, postprocess::threshold(&native));
                 let cleaned = prompts::clean_mask(&bin, native_min_area);

@@ -27,6 +27,11 @@ pub struct CaseResult {
     pub gt_ml: f64,
     pub pred_ml: f64,
     pub seconds: f64,
+    /// The engine's series quality score and whether it flagged the result.
+    #[serde(default)]
+    pub quality: Option<f64>,
+    #[serde(default)]
+    pub flagged: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -184,6 +189,8 @@ pub fn evaluate(o: &EvalOptions) -> Result<EvalSummary, TrainError> {
             gt_ml: lc.label.count() as f64 * ml,
             pred_ml: r.mask.count() as f64 * ml,
             seconds: t.elapsed().as_secs_f64(),
+            quality: Some(r.quality),
+            flagged: r.flagged,
         });
         bar.inc(1);
         bar.set_message(format!("{} Dice {:.3}", c.id, results.last().unwrap().dice));
@@ -276,6 +283,8 @@ pub fn evaluate_run_on_store(run: &Path, store: &Path, sites: &[String], device:
             gt_ml: 0.0,
             pred_ml: pred.iter().filter(|&&v| v != 0).count() as f64,
             seconds: t.elapsed().as_secs_f64(),
+            quality: None,
+            flagged: false,
         });
     }
     if results.is_empty() {

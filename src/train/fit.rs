@@ -186,7 +186,10 @@ fn shuffled<T: Clone>(v: &[T], seed: u64) -> Vec<T> {
 
 /// Patient-level split of a site's cases (indices into `index.cases`).
 pub fn split_cases(index: &StoreIndex, site: &str, split: Split, seed: u64) -> Result<(Vec<usize>, Vec<usize>), TrainError> {
-    let ids: Vec<usize> = index.cases.iter().enumerate().filter(|(_, c)| c.site == site).map(|(i, _)| i).collect();
+    // Split the real cases; augmented copies follow their source case into training and never
+    // validate.
+    let ids: Vec<usize> =
+        index.cases.iter().enumerate().filter(|(_, c)| c.site == site && c.augmented_from.is_none()).map(|(i, _)| i).collect();
     if ids.len() < 2 {
         return Err(TrainError::Invalid(format!("site {site} has {} case(s) in the store; need at least 2 for a train/validation split", ids.len())));
     }
@@ -195,7 +198,12 @@ pub fn split_cases(index: &StoreIndex, site: &str, split: Split, seed: u64) -> R
         Split::Shuffle => shuffled(&ids, derive_seed(seed, "split", 0, 0, 0)),
     };
     let n_train = ((ids.len() as f64 * 0.9).floor() as usize).clamp(1, ids.len() - 1);
-    Ok((ids[..n_train].to_vec(), ids[n_train..].to_vec()))
+    let mut train = ids[..n_train].to_vec();
+    for &i in &ids[..n_train] {
+        let id = &index.cases[i].id;
+        train.extend(index.cases.iter().enumerate().filter(|(_, c)| c.augmented_from.as_ref() == Some(id)).map(|(j, _)| j));
+    }
+    Ok((train, ids[n_train..].to_vec()))
 }
 
 fn samples_of(index: &StoreIndex, cases: &[usize], stride: usize) -> Vec<Sample> {

@@ -11,6 +11,7 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
+use super::augment::{self, AugmentParams};
 use super::data::{self, CaseRef};
 use super::{io_err, TrainError};
 use crate::engine::{preprocess, DeviceChoice, EngineOptions, Segmenter};
@@ -35,6 +36,11 @@ pub struct StoreConfig {
     pub feature_dtype: String,
     pub data_dir: PathBuf,
     pub sites: Vec<String>,
+    /// Intensity-augmented copies stored per case (train/augment.rs); 0 in older stores.
+    #[serde(default)]
+    pub augment: usize,
+    #[serde(default)]
+    pub augment_seed: u64,
 }
 
 /// One case in the store.
@@ -52,6 +58,12 @@ pub struct StoredCase {
     pub dims: [usize; 3],
     pub spacing: [f64; 3],
     pub bytes: u64,
+    /// For an augmented copy: the id of the case it was made from (same patient, same split side;
+    /// never used for validation).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub augmented_from: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub augmentation: Option<AugmentParams>,
 }
 
 /// `index.json`.
@@ -78,6 +90,9 @@ pub struct PrecomputeOptions {
     pub threads: Option<usize>,
     pub batch: usize,
     pub progress: bool,
+    /// Intensity-augmented copies per case (training stores only; 0: none).
+    pub augment: usize,
+    pub augment_seed: u64,
 }
 
 fn store_err(dir: &Path, message: impl Into<String>) -> TrainError {
@@ -126,7 +141,12 @@ pub fn precompute(opts: &PrecomputeOptions) -> Result<StoreIndex, TrainError> {
         feature_dtype: "f16".into(),
         data_dir: std::fs::canonicalize(&opts.data).map_err(io_err(&opts.data))?,
         sites: opts.sites.clone(),
+        augment: opts.augment,
+        augment_seed: opts.augment_seed,
     };
+    if opts.augment > 0 && opts.all_slices {
+        return Err(TrainError::Invalid("--augment is for training stores; an --all-slices (evaluation) store must hold the real images".into()));
+    }
     let store_json = out.join(STORE_JSON);
     if store_json.is_file() {
         let old: StoreConfig = serde_json::from_slice(&std::fs::read(&store_json).map_err(io_err(&store_json))?)
@@ -147,22 +167,29 @@ pub fn precompute(opts: &PrecomputeOptions) -> Result<StoreIndex, TrainError> {
     let mut encode_s = 0.0;
     let mut encoded = 0usize;
     let mut stored = Vec::new();
-    for case in &cases {
-        let sidecar = out.join("shards").join(format!("{}.json", case.id));
-        if sidecar.is_file() {
-            let sc: StoredCase = serde_json::from_slice(&std::fs::read(&sidecar).map_err(io_err(&sidecar))?)
-                .map_err(|e| store_err(out, format!("{}: {e}", sidecar.display())))?;
+    for (case_no, case) in cases.iter().enumerate() {
+        // Copy 0 is the case itself; copies 1..=augment are intensity-augmented.
+        for copy in 0..=opts.augment {
+            let id = if copy == 0 { case.id.clone() } else { format!("{}~aug{copy}", case.id) };
+            let sidecar = out.join("shards").join(format!("{id}.json"));
+            if sidecar.is_file() {
+                let sc: StoredCase = serde_json::from_slice(&std::fs::read(&sidecar).map_err(io_err(&sidecar))?)
+                    .map_err(|e| store_err(out, format!("{}: {e}", sidecar.display())))?;
+                stored.push(sc);
+                continue;
+            }
+            let aug = (copy > 0).then(|| {
+                let seed = opts.augment_seed.wrapping_mul(1_000_003).wrapping_add((case_no * 1000 + copy) as u64);
+                (AugmentParams::draw(seed), seed ^ 0x5eed)
+            });
+            let t = Instant::now();
+            let sc = precompute_case(&engine, case, &id, aug.as_ref(), out, opts.all_slices)?;
+            encode_s += t.elapsed().as_secs_f64();
+            encoded += sc.z.len();
+            std::fs::write(&sidecar, serde_json::to_string(&sc).unwrap()).map_err(io_err(&sidecar))?;
             stored.push(sc);
-            bar.inc(1);
-            continue;
+            write_index(out, &config, &stored, &manifest_hash, encode_s, encoded, &cases)?;
         }
-        let t = Instant::now();
-        let sc = precompute_case(&engine, case, out, opts.all_slices)?;
-        encode_s += t.elapsed().as_secs_f64();
-        encoded += sc.z.len();
-        std::fs::write(&sidecar, serde_json::to_string(&sc).unwrap()).map_err(io_err(&sidecar))?;
-        stored.push(sc);
-        write_index(out, &config, &stored, &manifest_hash, encode_s, encoded, &cases)?;
         bar.inc(1);
         if encode_s > 0.0 {
             bar.set_message(format!("{:.2} slices/s", encoded as f64 / encode_s));
@@ -186,7 +213,8 @@ fn write_index(
 ) -> Result<StoreIndex, TrainError> {
     let slices: usize = stored.iter().map(|c| c.z.len()).sum();
     let bytes: u64 = stored.iter().map(|c| c.bytes).sum();
-    let manifest_hash = if stored.len() == cases.len() {
+    let originals = stored.iter().filter(|c| c.augmented_from.is_none()).count();
+    let manifest_hash = if originals == cases.len() {
         full_manifest.to_string()
     } else {
         let done: Vec<CaseRef> = cases.iter().filter(|c| stored.iter().any(|s| s.id == c.id)).cloned().collect();
@@ -209,8 +237,18 @@ fn write_index(
     Ok(index)
 }
 
-fn precompute_case(engine: &Segmenter, case: &CaseRef, out: &Path, all_slices: bool) -> Result<StoredCase, TrainError> {
-    let lc = data::load_case(case, true)?;
+fn precompute_case(
+    engine: &Segmenter,
+    case: &CaseRef,
+    id: &str,
+    aug: Option<&(AugmentParams, u64)>,
+    out: &Path,
+    all_slices: bool,
+) -> Result<StoredCase, TrainError> {
+    let mut lc = data::load_case(case, true)?;
+    if let Some((params, noise_seed)) = aug {
+        lc.volume.voxels = augment::apply(&lc.volume.voxels, lc.volume.dims, params, *noise_seed);
+    }
     let cfg = engine.config();
     let dims = lc.volume.dims;
     let all: Vec<usize> = (0..dims[0]).collect();
@@ -243,14 +281,14 @@ fn precompute_case(engine: &Segmenter, case: &CaseRef, out: &Path, all_slices: b
     named.push(("neck".into(), Tensor::cat(&necks, 0).contiguous()));
     named.push(("label".into(), labels_all.index_select(0, &idx).contiguous()));
     named.push(("z".into(), idx));
-    let shard_rel = format!("shards/{}.safetensors", case.id);
+    let shard_rel = format!("shards/{id}.safetensors");
     let shard = out.join(&shard_rel);
-    let tmp = out.join(format!("shards/{}.safetensors.partial", case.id));
+    let tmp = out.join(format!("shards/{id}.safetensors.partial"));
     Tensor::write_safetensors(&named, &tmp)?;
     std::fs::rename(&tmp, &shard).map_err(io_err(&shard))?;
     let bytes = std::fs::metadata(&shard).map_err(io_err(&shard))?.len();
     Ok(StoredCase {
-        id: case.id.clone(),
+        id: id.to_string(),
         site: case.site.clone(),
         patient: case.patient.clone(),
         shard: shard_rel,
@@ -259,6 +297,8 @@ fn precompute_case(engine: &Segmenter, case: &CaseRef, out: &Path, all_slices: b
         dims,
         spacing: lc.volume.spacing,
         bytes,
+        augmented_from: aug.map(|_| case.id.clone()),
+        augmentation: aug.map(|(p, _)| p.clone()),
     })
 }
 
