@@ -246,3 +246,19 @@ def test_failing_run_gives_the_engines_one_line_message(slicer_engine, desam_bin
         slicer_engine.run_segmentation(desam_bin, str(tmp_path / "in.nii.gz"), str(tmp_path / "empty-model"),
                                        str(tmp_path / "out2.nii.gz"), device="cpu")
     assert "\n" not in str(err.value) and len(str(err.value)) > len("DeSAM engine failed: ")
+
+
+def test_progress_tracker_is_monotonic_with_interleaved_encode_and_decode(slicer_engine):
+    # The engine encodes a batch, decodes its slices, then encodes the next batch.
+    t = slicer_engine.ProgressTracker()
+    seq = [("load", 1, 1), ("preprocess", 1, 1)]
+    for b in range(0, 6, 2):
+        seq.append(("encode", b + 2, 6))
+        seq += [("decode", z + 1, 6) for z in range(b, b + 2)]
+    seq += [("postprocess", 1, 1), ("write", 1, 1)]
+    fr = [t.update(*e) for e in seq]
+    assert fr == sorted(fr), fr
+    assert fr[-1] > 0.99
+    # progress_fraction's per-stage mapping would go backwards on this stream.
+    naive = [slicer_engine.progress_fraction(*e) for e in seq]
+    assert naive != sorted(naive)

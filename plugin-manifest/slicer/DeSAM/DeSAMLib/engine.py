@@ -448,6 +448,27 @@ def progress_fraction(stage, done, total):
     return min(1.0, before + STAGE_WEIGHTS[stage] * part)
 
 
+class ProgressTracker(object):
+    """Overall fraction from a stream of stage events. The engine interleaves encoding and decoding
+    (one encoder batch, then its slices' decoding), so each stage's latest part counts by its weight
+    and the fraction never goes backwards; a stage never reported before a later one counts as done."""
+
+    def __init__(self):
+        self.parts = {}
+        self.last = 0.0
+
+    def update(self, stage, done, total):
+        if stage not in STAGE_WEIGHTS:
+            return None
+        part = (float(done) / float(total)) if total else 1.0
+        self.parts[stage] = max(min(max(part, 0.0), 1.0), self.parts.get(stage, 0.0))
+        for earlier in STAGE_ORDER[: STAGE_ORDER.index(stage)]:
+            self.parts.setdefault(earlier, 1.0)
+        frac = sum(STAGE_WEIGHTS[s] * p for s, p in self.parts.items())
+        self.last = max(self.last, min(1.0, frac))
+        return self.last
+
+
 def parse_progress_line(line):
     """Decode one stdout line of ``--progress json``; None for lines that are not JSON objects."""
     line = line.strip()
@@ -524,6 +545,7 @@ def run_segmentation(engine, input_path, model_dir, output_path, mode="box", dev
         t.start()
 
     events, stderr_lines = [], []
+    tracker = ProgressTracker()
     final_report, error_message = None, None
     open_streams = 2
     try:
@@ -555,7 +577,7 @@ def run_segmentation(engine, input_path, model_dir, output_path, mode="box", dev
             if kind == "stage" and on_progress:
                 stage = str(event.get("stage", ""))
                 done, total = int(event.get("done", 0) or 0), int(event.get("total", 0) or 0)
-                frac = progress_fraction(stage, done, total)
+                frac = tracker.update(stage, done, total)
                 on_progress(Progress(stage, done, total, frac if frac is not None else 0.0, event))
             elif kind == "done":
                 final_report = event.get("report") or {}
