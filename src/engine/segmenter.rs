@@ -65,7 +65,8 @@ pub struct EngineOptions {
     pub threads: Option<usize>,
     /// Compute dtype (None: [`default_dtype`]).
     pub dtype: Option<Kind>,
-    /// Slices per encoder batch and prompts per decoder batch (None: 2 slices on CPU, 16 on CUDA; 81 prompts).
+    /// Slices per encoder batch and prompts per decoder batch (None: 2 slices and 9 prompts on CPU, 16
+    /// slices and 81 prompts on CUDA).
     pub batch_size: Option<usize>,
     /// Directory of the on-disk feature cache (None: no cache).
     pub cache_dir: Option<PathBuf>,
@@ -304,7 +305,10 @@ impl Segmenter {
         };
         // CPU: 2 slices per batch was fastest and needs less memory than 4 (docs/engine.md).
         let encode_batch = opts.batch_size.unwrap_or(if device.is_cuda() { 16 } else { 2 }).max(1);
-        let prompt_batch = opts.batch_size.map(|b| b.max(1)).unwrap_or(81);
+        // Grid prompts per decoder batch: all 81 on CUDA; 9 on CPU, where 81 prompts' 256² PIMM
+        // activations (≈0.7 GB per layer in bf16) made decoding memory-bound (benches/engine.sh:
+        // 16.1 s per slice vs 12.5 s for the official batches of 9 with PIMM run in full).
+        let prompt_batch = opts.batch_size.map(|b| b.max(1)).unwrap_or(if device.is_cuda() { 81 } else { 9 });
         let norm = md.spec.preprocessing.normalization.clone();
         Ok(Segmenter { model, dir: md, cfg, norm, device, kind, encode_batch, prompt_batch, cache })
     }
