@@ -52,7 +52,7 @@ impl AugmentParams {
 
 /// Applies `params` to a z-major volume of `dims` = [z, y, x] (returns a new buffer).
 pub fn apply(voxels: &[f32], dims: [usize; 3], params: &AugmentParams, noise_seed: u64) -> Vec<f32> {
-    let [nz, ny, nx] = dims;
+    let [_, ny, nx] = dims;
     let plane = ny * nx;
     let mut field = vec![0f32; plane];
     for yy in 0..ny {
@@ -89,7 +89,6 @@ pub fn apply(voxels: &[f32], dims: [usize; 3], params: &AugmentParams, noise_see
         };
         *v = ((g * hi) + n).max(0.0) as f32;
     }
-    let _ = nz;
     out
 }
 
