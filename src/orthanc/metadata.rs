@@ -44,6 +44,22 @@ pub struct ResultRecord {
 }
 
 impl ResultRecord {
+    /// A record of `status` for one run of `model` in `mode` over `instance_count` instances with
+    /// `content_hash`, stamped now; the outcome fields start empty.
+    pub fn new(status: &str, model: &super::pipeline::ModelIdentity, mode: &str, content_hash: &str, instance_count: usize) -> ResultRecord {
+        ResultRecord {
+            status: status.into(),
+            model_name: model.name.clone(),
+            model_version: model.version.clone(),
+            model_sha256: model.sha256.clone(),
+            mode: mode.into(),
+            content_hash: content_hash.into(),
+            instance_count,
+            processed_at: utc_now(),
+            ..Default::default()
+        }
+    }
+
     /// True if this record already covers (model, content): the series needs no new run.
     pub fn covers(&self, model_sha256: &str, content_hash: &str) -> bool {
         (self.status == "done" || self.status == "empty") && self.model_sha256 == model_sha256 && self.content_hash == content_hash

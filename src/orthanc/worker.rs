@@ -449,17 +449,9 @@ impl Plugin {
             }
             if let Some((seg_uid, seg_instance)) = self.find_existing_seg(&study_id, &series_uid, &model, &hash)? {
                 let record = ResultRecord {
-                    status: "done".into(),
-                    model_name: model.name.clone(),
-                    model_version: model.version.clone(),
-                    model_sha256: model.sha256.clone(),
-                    mode: mode.clone(),
-                    content_hash: hash.clone(),
-                    instance_count: uids.len(),
                     seg_sop_instance_uid: Some(seg_uid.clone()),
                     seg_instance: Some(seg_instance),
-                    processed_at: metadata::utc_now(),
-                    ..Default::default()
+                    ..ResultRecord::new("done", &model, &mode, &hash, uids.len())
                 };
                 self.write_record(series_id, &record)?;
                 return Ok(Outcome::Skipped(format!("an existing SEG ({seg_uid}) from {} {} covers this series; metadata restored", model.name, model.version)));
@@ -542,17 +534,9 @@ impl Plugin {
                     let msg = e.to_string();
                     job.set_phase(Phase::Failed(msg.clone()));
                     let record = ResultRecord {
-                        status: "failed".into(),
-                        model_name: model.name.clone(),
-                        model_version: model.version.clone(),
-                        model_sha256: model.sha256.clone(),
-                        mode: mode.clone(),
-                        content_hash: hash.clone(),
-                        instance_count: uids.len(),
                         error: Some(msg.clone()),
-                        processed_at: metadata::utc_now(),
                         job: job.orthanc_id.lock().unwrap().clone(),
-                        ..Default::default()
+                        ..ResultRecord::new("failed", &model, &mode, &hash, uids.len())
                     };
                     let _ = self.write_record(series_id, &record);
                     break Outcome::Failed(msg);
@@ -599,14 +583,8 @@ impl Plugin {
         };
         job.set_progress(0.95);
         let needs_review = s.flagged || s.quality < self.config.quality_threshold || s.empty;
+        let status = if output.seg.is_some() { "done" } else { "empty" };
         let record = ResultRecord {
-            status: if output.seg.is_some() { "done".into() } else { "empty".into() },
-            model_name: model.name.clone(),
-            model_version: model.version.clone(),
-            model_sha256: model.sha256.clone(),
-            mode: mode.to_string(),
-            content_hash: hash.to_string(),
-            instance_count: uids.len(),
             seg_sop_instance_uid: s.seg_sop_instance_uid.clone(),
             seg_series_instance_uid: s.seg_series_instance_uid.clone(),
             seg_instance: seg_instance.clone(),
@@ -616,8 +594,8 @@ impl Plugin {
             error: None,
             seconds: started.elapsed().as_secs_f64(),
             device: s.device.clone(),
-            processed_at: metadata::utc_now(),
             job: job.orthanc_id.lock().unwrap().clone(),
+            ..ResultRecord::new(status, &model, mode, hash, uids.len())
         };
         self.write_record(series_id, &record)?;
         job.set_detail("SegInstance", json!(seg_instance));
