@@ -23,9 +23,17 @@ STAMP=.venv/.desam-requirements.sha256
 want=$(sha256sum "$REQ" | cut -d' ' -f1)
 if [ ! -x .venv/bin/python ] || [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]; then
   echo "setup: creating the Python venv (.venv) from $REQ"
+  # torch's wheel pulls CUDA libraries: the venv is ~5 GB. Fail early and say so rather than let pip
+  # die half-way with ENOSPC (seen on a CI machine whose disk had filled up).
+  free_kb=$(df -Pk . | awk 'NR==2 {print $4}')
+  if [ "${free_kb:-0}" -lt $((7 * 1024 * 1024)) ]; then
+    echo "setup: error: the Python venv needs about 7 GB free beside the checkout; $((free_kb / 1024)) MB are free" >&2
+    exit 1
+  fi
   [ -x .venv/bin/python ] || python3 -m venv .venv
-  .venv/bin/pip install -q --upgrade pip
-  .venv/bin/pip install -q -r "$REQ"
+  # No pip cache: the cached wheels would double the disk the venv needs.
+  .venv/bin/pip install -q --no-cache-dir --upgrade pip
+  .venv/bin/pip install -q --no-cache-dir -r "$REQ"
   echo "$want" > "$STAMP"
 fi
 echo "setup: ok (libtorch: .venv/lib/python3.11/site-packages/torch)"
