@@ -5,6 +5,7 @@
 pub mod cli;
 pub mod dicom;
 pub mod engine;
+pub mod http;
 pub mod model;
 pub mod modeldir;
 pub mod nifti;

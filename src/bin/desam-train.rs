@@ -31,6 +31,8 @@ enum Cmd {
     Promote(PromoteArgs),
     /// Make the previously current version of a registry current again.
     Rollback(RollbackArgs),
+    /// Copy reviewed DICOM-SEGs and their MR series from Orthanc into a DICOM training folder (resumable).
+    Pull(PullArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -191,6 +193,61 @@ struct RollbackArgs {
     registry: PathBuf,
 }
 
+#[derive(clap::Args, Debug)]
+struct PullArgs {
+    /// Orthanc's REST API, http://HOST:PORT (https is not supported). Only read (GET, POST /tools/lookup).
+    #[arg(long)]
+    orthanc: String,
+    /// Output folder: new, empty, or an earlier pull's (complete cases are skipped).
+    #[arg(long)]
+    out: PathBuf,
+    /// HTTP basic-authentication user.
+    #[arg(long, requires = "password_env")]
+    user: Option<String>,
+    /// Name of the environment variable holding the password (never on the command line).
+    #[arg(long, requires = "user")]
+    password_env: Option<String>,
+    /// User-metadata index of the review mark on SEG series (the plugin's ReviewMetadata).
+    #[arg(long, default_value_t = 4302)]
+    review_metadata: u16,
+    /// The value that marks a SEG series as reviewed ground truth (set by a person).
+    #[arg(long, default_value = "reviewed")]
+    reviewed_value: String,
+    /// DICOM attribute (keyword) of the MR series that names its site.
+    #[arg(long, default_value = "InstitutionName", conflicts_with = "site")]
+    site_tag: String,
+    /// The same site for every pulled case instead of --site-tag.
+    #[arg(long)]
+    site: Option<String>,
+}
+
+fn run_pull(a: PullArgs) -> anyhow::Result<()> {
+    let password = match &a.password_env {
+        Some(var) => Some(std::env::var(var).with_context(|| format!("--password-env {var}: the environment variable is not set"))?),
+        None => None,
+    };
+    let mut o = desam::train::pull::PullOptions::new(&a.orthanc, &a.out);
+    o.user = a.user;
+    o.password = password;
+    o.review_metadata = a.review_metadata;
+    o.reviewed_value = a.reviewed_value;
+    o.site = match a.site {
+        Some(s) => desam::train::pull::SiteFrom::Fixed(s),
+        None => desam::train::pull::SiteFrom::Tag(a.site_tag),
+    };
+    o.progress = true;
+    let r = desam::train::pull::pull(&o)?;
+    println!(
+        "pulled {} case(s), {} already up to date; {} has {} case(s) (manifest {})",
+        r.pulled.len(),
+        r.up_to_date.len(),
+        a.out.display(),
+        r.manifest.cases.len(),
+        a.out.join(desam::train::pull::MANIFEST).display()
+    );
+    Ok(())
+}
+
 fn device_of(s: &str) -> anyhow::Result<tch::Device> {
     let d: DeviceChoice = s.parse().map_err(anyhow::Error::msg)?;
     Ok(match d {
@@ -344,6 +401,7 @@ fn main() {
         Cmd::Rollback(a) => desam::train::export::rollback(&a.registry)
             .map(|c| println!("current: {}", c.version.unwrap_or_default()))
             .map_err(Into::into),
+        Cmd::Pull(a) => run_pull(a),
     };
     if let Err(e) = r {
         eprintln!("desam-train: error: {e:#}");

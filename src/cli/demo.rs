@@ -1,8 +1,7 @@
 //! `desam demo`: starts Debian's Orthanc with the plugin, sends phantom series like a scanner, waits for
 //! the plugin's SEGs and scores them against the phantom truth. Writes only under --out; never edits sent data.
 
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -899,68 +898,14 @@ impl DemoOrthanc {
     }
 }
 
-/// A minimal HTTP/1.0 client for Orthanc on loopback: one request per connection, whole answer.
+/// A request to Orthanc on loopback through the crate's HTTP client (`crate::http`).
 pub fn http_request(
     port: u16,
     method: &str,
     path: &str,
     body: &[u8],
 ) -> anyhow::Result<(u16, Vec<u8>)> {
-    let mut s = TcpStream::connect(("127.0.0.1", port))
-        .with_context(|| format!("connecting to 127.0.0.1:{port}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(300)))?;
-    let head = format!("{method} {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
-    s.write_all(head.as_bytes())?;
-    s.write_all(body)?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw)
-        .with_context(|| format!("{method} {path}: reading the answer"))?;
-    parse_http_response(&raw).with_context(|| format!("{method} {path}: malformed HTTP answer"))
-}
-
-fn parse_http_response(raw: &[u8]) -> anyhow::Result<(u16, Vec<u8>)> {
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .context("no end of headers")?;
-    let head = String::from_utf8_lossy(&raw[..split]);
-    let mut lines = head.lines();
-    let status: u16 = lines
-        .next()
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|c| c.parse().ok())
-        .context("no status code")?;
-    let chunked = lines.any(|l| {
-        l.to_ascii_lowercase().starts_with("transfer-encoding:")
-            && l.to_ascii_lowercase().contains("chunked")
-    });
-    let mut body = raw[split + 4..].to_vec();
-    if chunked {
-        body = dechunk(&body)?;
-    }
-    Ok((status, body))
-}
-
-fn dechunk(mut data: &[u8]) -> anyhow::Result<Vec<u8>> {
-    let mut out = Vec::new();
-    loop {
-        let eol = data
-            .windows(2)
-            .position(|w| w == b"\r\n")
-            .context("bad chunk header")?;
-        let size_text = String::from_utf8_lossy(&data[..eol]);
-        let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16)
-            .context("bad chunk size")?;
-        data = &data[eol + 2..];
-        if size == 0 {
-            return Ok(out);
-        }
-        if data.len() < size {
-            bail!("truncated chunk");
-        }
-        out.extend_from_slice(&data[..size]);
-        data = data.get(size + 2..).unwrap_or(&[]);
-    }
+    Ok(crate::http::Endpoint::loopback(port).request(method, path, body)?)
 }
 
 #[cfg(test)]
@@ -983,18 +928,6 @@ mod tests {
             dice_score(&Mask::zeros([1, 2, 2]), &Mask::zeros([1, 2, 2])),
             1.0
         );
-    }
-
-    #[test]
-    fn http_answers_plain_and_chunked() {
-        let plain = b"HTTP/1.1 404 Not Found\r\nContent-Length: 3\r\n\r\nabc";
-        assert_eq!(parse_http_response(plain).unwrap(), (404, b"abc".to_vec()));
-        let chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n";
-        assert_eq!(
-            parse_http_response(chunked).unwrap(),
-            (200, b"abcde".to_vec())
-        );
-        assert!(parse_http_response(b"garbage").is_err());
     }
 
     #[test]

@@ -10,6 +10,7 @@ pub mod loss;
 pub mod metrics;
 pub mod plot;
 pub mod precompute;
+pub mod pull;
 
 /// Every training-layer failure with a message that says what to fix.
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +37,18 @@ pub enum TrainError {
     Torch(#[from] tch::TchError),
     #[error("model: {0}")]
     Model(String),
+    #[error("Orthanc at {url} is unreachable ({message}): is it running, and are --orthanc's host and port right?")]
+    OrthancUnreachable { url: String, message: String },
+    #[error("Orthanc at {url}: {method} {path} answered HTTP {status}{hint}: {body}")]
+    OrthancStatus { url: String, method: String, path: String, status: u16, hint: String, body: String },
+    #[error("Orthanc at {url}: {message}")]
+    OrthancAnswer { url: String, message: String },
+    #[error("reviewed SEG series {seg_series} (Orthanc series {orthanc_id}) has no ReferencedSeriesSequence (0008,1115): cannot tell which MR series it segments; fix the SEG or remove its review mark")]
+    SegWithoutReference { seg_series: String, orthanc_id: String },
+    #[error("reviewed SEG series {seg_series} references MR series {mr_series}, which is not in Orthanc at {url}; upload the MR series or remove the SEG's review mark")]
+    ReferencedSeriesMissing { seg_series: String, mr_series: String, url: String },
+    #[error("no DICOM-SEG series in Orthanc at {url} has metadata {index} = {value:?}, so there is no ground truth to pull; after checking (and correcting) a SEG, mark it: curl -X PUT {url}/series/<seg-series-id>/metadata/{index} -d {value}")]
+    NoReviewedSeg { url: String, index: u16, value: String },
 }
 
 pub(crate) fn io_err(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
