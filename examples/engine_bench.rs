@@ -99,7 +99,7 @@ fn main() -> anyhow::Result<()> {
             // Per-piece CPU cost on 2 slices: encoder, PIMM context, one box decode, 81 point decodes.
             let seg = Segmenter::from_model_dir(Path::new(&args[2]), EngineOptions { device: desam::engine::DeviceChoice::Cpu, ..Default::default() })?;
             let vol = synthetic(2, 256);
-            let u8vol = desam::engine::preprocess::normalize_intensity(&vol.voxels);
+            let u8vol = desam::engine::preprocess::normalize_intensity(&vol.voxels, desam::modeldir::default_clip_percentiles());
             let cpu = std::time::Instant::now;
             let t = cpu();
             let f = seg.encode_slices(&u8vol, vol.dims, 0, 2);

@@ -43,6 +43,14 @@ pub struct WeightsSet {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Preprocessing {
     pub normalization: Normalization,
+    /// Per-volume intensity clip, in percentiles (spec §9: [0.5, 99.5]). A model trained with other
+    /// values must be run with them, so they travel in model.json.
+    #[serde(default = "default_clip_percentiles")]
+    pub clip_percentiles: [f64; 2],
+}
+
+pub fn default_clip_percentiles() -> [f64; 2] {
+    [0.5, 99.5]
 }
 
 /// Decision thresholds (spec §10.2 defaults).
@@ -286,7 +294,7 @@ pub fn create_untrained_model_dir(
         arch: arch.name().into(),
         backbone: WeightsSet { files: vec![backbone] },
         decoder: WeightsSet { files: vec![decoder] },
-        preprocessing: Preprocessing { normalization },
+        preprocessing: Preprocessing { normalization, clip_percentiles: default_clip_percentiles() },
         default_mode: "box".into(),
         grid_points: 9,
         thresholds: Thresholds::default(),
@@ -321,7 +329,7 @@ mod tests {
             arch: "tiny".into(),
             backbone: WeightsSet { files: vec![WeightsFile { path: files.0.into(), sha256: files.1.into() }] },
             decoder: WeightsSet { files: vec![WeightsFile { path: files.0.into(), sha256: files.1.into() }] },
-            preprocessing: Preprocessing { normalization: Normalization::MinMax },
+            preprocessing: Preprocessing { normalization: Normalization::MinMax, clip_percentiles: default_clip_percentiles() },
             default_mode: "box".into(),
             grid_points: 9,
             thresholds: Thresholds::default(),

@@ -128,7 +128,7 @@ fn batch_invariance_of_logits_and_masks() {
     let dir = tiny_model("batch");
     let seg = open(&dir, Some(4), None);
     let (vol, _) = synthetic_volume(4, 40, 40, 2);
-    let u8vol = desam::engine::preprocess::normalize_intensity(&vol.voxels);
+    let u8vol = desam::engine::preprocess::normalize_intensity(&vol.voxels, desam::modeldir::default_clip_percentiles());
     let batched = seg.encode_slices(&u8vol, vol.dims, 0, 4);
     let s = seg.config().image_size as f32;
     tch::no_grad(|| {

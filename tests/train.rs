@@ -99,6 +99,23 @@ fn precompute_fit_resume_eval_export_promote() {
     // A store built differently refuses to be mixed.
     let err = fails(&["precompute", "--data", d, "--model", m, "--out", e, "--sites", "A", "--all-slices", "--device", "cpu"]);
     assert!(err.contains("different"), "{err}");
+    // Every 2nd foreground slice plus one augmented copy per case: half the slices (rounded up) per
+    // stored case, copies tied to their source, and an evaluation store refuses a stride.
+    let emb2 = root.join("emb_stride");
+    let e2 = emb2.to_str().unwrap();
+    ok(&["precompute", "--data", d, "--model", m, "--out", e2, "--sites", "A", "--device", "cpu", "--slice-stride", "2", "--augment", "1"]);
+    let idx2 = desam::train::precompute::read_index(&emb2).unwrap();
+    assert_eq!(idx2.config.slice_stride, 2);
+    let full = desam::train::precompute::read_index(&emb).unwrap();
+    assert_eq!(idx2.cases.len(), 2 * full.cases.len());
+    for c in &idx2.cases {
+        let src = c.augmented_from.as_deref().unwrap_or(&c.id);
+        let f = full.cases.iter().find(|f| f.id == src).unwrap();
+        assert_eq!(c.z, f.z.iter().copied().step_by(2).collect::<Vec<_>>(), "{}", c.id);
+        assert_eq!(c.augmentation.is_some(), c.augmented_from.is_some());
+    }
+    let err = fails(&["precompute", "--data", d, "--model", m, "--out", &format!("{e2}x"), "--all-slices", "--slice-stride", "2", "--device", "cpu"]);
+    assert!(err.contains("slice-stride"), "{err}");
 
     // Fit: the loss decreases over epochs.
     let run_full = root.join("run_full");

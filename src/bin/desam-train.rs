@@ -68,6 +68,9 @@ struct PrecomputeArgs {
     /// coil-like bump, gamma, noise; docs/training.md). Training stores only.
     #[arg(long, default_value_t = 0)]
     augment: usize,
+    /// Store every K-th foreground slice only (then fit with --slice-stride 1).
+    #[arg(long, default_value_t = 1)]
+    slice_stride: usize,
 }
 
 #[derive(clap::Args, Debug)]
@@ -285,6 +288,7 @@ fn run_precompute(a: PrecomputeArgs) -> anyhow::Result<()> {
         progress: true,
         augment: a.augment,
         augment_seed: a.seed,
+        slice_stride: a.slice_stride,
     };
     let idx = precompute::precompute(&opts)?;
     println!(

@@ -34,15 +34,15 @@ pub fn percentile(values: &mut [f32], p: f64) -> f32 {
     (a + frac * (b - a)) as f32
 }
 
-/// Per-volume intensity (spec §9): clip to the [0.5, 99.5] percentiles, min-max to 0..255, voxels that
-/// were exactly 0 stay 0, truncate to u8. A constant volume maps to all zeros.
-pub fn normalize_intensity(voxels: &[f32]) -> Vec<u8> {
+/// Per-volume intensity (spec §9): clip to the `clip` percentiles (official: [0.5, 99.5]), min-max to
+/// 0..255, voxels that were exactly 0 stay 0, truncate to u8. A constant volume maps to all zeros.
+pub fn normalize_intensity(voxels: &[f32], clip: [f64; 2]) -> Vec<u8> {
     if voxels.is_empty() {
         return Vec::new();
     }
     let mut tmp: Vec<f32> = voxels.iter().map(|&v| if v.is_finite() { v } else { 0.0 }).collect();
-    let lo = percentile(&mut tmp, 0.5);
-    let hi = percentile(&mut tmp, 99.5);
+    let lo = percentile(&mut tmp, clip[0]);
+    let hi = percentile(&mut tmp, clip[1]);
     drop(tmp);
     let range = hi - lo;
     voxels
@@ -120,12 +120,31 @@ mod tests {
         let mut v: Vec<f32> = (1..=1000).map(|i| i as f32).collect();
         v[0] = 0.0;
         v[999] = 1e6; // outlier clipped to the 99.5th percentile
-        let u = normalize_intensity(&v);
+        let u = normalize_intensity(&v, crate::modeldir::default_clip_percentiles());
         assert_eq!(u[0], 0);
         assert_eq!(u[999], 255);
         assert!(u[500] > 120 && u[500] < 135, "{}", u[500]);
         assert!(u.windows(2).skip(1).all(|p| p[0] <= p[1]));
-        assert!(normalize_intensity(&[5.0; 10]).iter().all(|&x| x == 0));
+        assert!(normalize_intensity(&[5.0; 10], crate::modeldir::default_clip_percentiles()).iter().all(|&x| x == 0));
+    }
+
+    #[test]
+    fn clip_percentiles_move_the_saturation_point() {
+        // A bright tail (a coil's hot spot): 1% of the voxels far above the rest.
+        let mut v: Vec<f32> = (0..1000).map(|i| 100.0 + (i % 100) as f32).collect();
+        for x in v.iter_mut().take(10) {
+            *x = 1000.0;
+        }
+        let official = normalize_intensity(&v, [0.5, 99.5]);
+        let wider = normalize_intensity(&v, [0.5, 99.9]);
+        // At 99.5 the tail sets the top: the hot voxels saturate, the rest is squeezed.
+        assert_eq!(official[0], 255);
+        assert!(wider[0] == 255 && official[500] == wider[500] || wider[500] <= official[500]);
+        // The ordinary tissue keeps its order either way.
+        assert!(wider[150] < wider[199]);
+        // Older model.json files (no clip field) read as the official clip.
+        let p: crate::modeldir::Preprocessing = serde_json::from_str(r#"{"normalization":{"kind":"min_max"}}"#).unwrap();
+        assert_eq!(p.clip_percentiles, [0.5, 99.5]);
     }
 
     #[test]

@@ -226,6 +226,7 @@ pub struct Segmenter {
     dir: ModelDir,
     cfg: ModelConfig,
     norm: Normalization,
+    clip: [f64; 2],
     device: Device,
     kind: Kind,
     encode_batch: usize,
@@ -310,9 +311,14 @@ impl Segmenter {
         // 16.1 s per slice vs 12.5 s for the official batches of 9 with PIMM run in full).
         let prompt_batch = opts.batch_size.map(|b| b.max(1)).unwrap_or(if device.is_cuda() { 81 } else { 9 });
         let norm = md.spec.preprocessing.normalization.clone();
-        Ok(Segmenter { model, dir: md, cfg, norm, device, kind, encode_batch, prompt_batch, cache })
+        let clip = md.spec.preprocessing.clip_percentiles;
+        Ok(Segmenter { model, dir: md, cfg, norm, clip, device, kind, encode_batch, prompt_batch, cache })
     }
 
+    /// The model's per-volume intensity clip (percentiles); training must preprocess the same way.
+    pub fn clip_percentiles(&self) -> [f64; 2] {
+        self.clip
+    }
     pub fn model_dir(&self) -> &ModelDir {
         &self.dir
     }
@@ -354,7 +360,7 @@ impl Segmenter {
         tch::no_grad(|| {
             // 1. Intensity (per volume) and encoder input (per slice, in batches).
             let t = Instant::now();
-            let u8vol = preprocess::normalize_intensity(&volume.voxels);
+            let u8vol = preprocess::normalize_intensity(&volume.voxels, self.clip);
             progress(Progress { stage: Stage::Preprocess, done: 1, total: 1 });
             timings.preprocess_s += t.elapsed().as_secs_f64();
             // 2–4. Per encoder batch: features (encoder or cache), then prompts and native mapping, so

@@ -41,6 +41,13 @@ pub struct StoreConfig {
     pub augment: usize,
     #[serde(default)]
     pub augment_seed: u64,
+    /// Every K-th foreground slice of a case is stored (1: all; older stores).
+    #[serde(default = "one")]
+    pub slice_stride: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 /// One case in the store.
@@ -93,6 +100,8 @@ pub struct PrecomputeOptions {
     /// Intensity-augmented copies per case (training stores only; 0: none).
     pub augment: usize,
     pub augment_seed: u64,
+    /// Store every K-th foreground slice (adjacent slices are nearly the same training sample; 1: all).
+    pub slice_stride: usize,
 }
 
 fn store_err(dir: &Path, message: impl Into<String>) -> TrainError {
@@ -143,7 +152,11 @@ pub fn precompute(opts: &PrecomputeOptions) -> Result<StoreIndex, TrainError> {
         sites: opts.sites.clone(),
         augment: opts.augment,
         augment_seed: opts.augment_seed,
+        slice_stride: opts.slice_stride.max(1),
     };
+    if opts.slice_stride > 1 && opts.all_slices {
+        return Err(TrainError::Invalid("--slice-stride is for training stores; an --all-slices (evaluation) store holds every slice".into()));
+    }
     if opts.augment > 0 && opts.all_slices {
         return Err(TrainError::Invalid("--augment is for training stores; an --all-slices (evaluation) store must hold the real images".into()));
     }
@@ -183,7 +196,7 @@ pub fn precompute(opts: &PrecomputeOptions) -> Result<StoreIndex, TrainError> {
                 (AugmentParams::draw(seed), seed ^ 0x5eed)
             });
             let t = Instant::now();
-            let sc = precompute_case(&engine, case, &id, aug.as_ref(), out, opts.all_slices)?;
+            let sc = precompute_case(&engine, case, &id, aug.as_ref(), out, opts.all_slices, config.slice_stride)?;
             encode_s += t.elapsed().as_secs_f64();
             encoded += sc.z.len();
             std::fs::write(&sidecar, serde_json::to_string(&sc).unwrap()).map_err(io_err(&sidecar))?;
@@ -244,21 +257,24 @@ fn precompute_case(
     aug: Option<&(AugmentParams, u64)>,
     out: &Path,
     all_slices: bool,
+    slice_stride: usize,
 ) -> Result<StoredCase, TrainError> {
     let mut lc = data::load_case(case, true)?;
     if let Some((params, noise_seed)) = aug {
-        lc.volume.voxels = augment::apply(&lc.volume.voxels, lc.volume.dims, params, *noise_seed);
+        let geom = augment::GlandGeometry::from_label(&lc.label.data, lc.label.dims, lc.volume.spacing, lc.volume.direction);
+        lc.volume.voxels = augment::apply(&lc.volume.voxels, lc.volume.dims, &geom, params, *noise_seed);
     }
     let cfg = engine.config();
     let dims = lc.volume.dims;
     let all: Vec<usize> = (0..dims[0]).collect();
     let labels_all = labels_at(&lc.label.data, dims, &all, cfg.output_size);
     let fg_all: Vec<bool> = (0..dims[0]).map(|z| labels_all.get(z as i64).sum(Kind::Int64).int64_value(&[]) > 0).collect();
-    let zs: Vec<usize> = if all_slices { all.clone() } else { all.iter().copied().filter(|&z| fg_all[z]).collect() };
+    let zs: Vec<usize> =
+        if all_slices { all.clone() } else { all.iter().copied().filter(|&z| fg_all[z]).step_by(slice_stride.max(1)).collect() };
     if zs.is_empty() {
         return Err(TrainError::EmptyLabel { case: case.id.clone() });
     }
-    let u8vol = preprocess::normalize_intensity(&lc.volume.voxels);
+    let u8vol = preprocess::normalize_intensity(&lc.volume.voxels, engine.clip_percentiles());
     let mut taps: Vec<Vec<Tensor>> = (0..cfg.tap_count).map(|_| Vec::new()).collect();
     let mut necks = Vec::new();
     // Contiguous runs of selected slices, encoded in engine-sized batches.
