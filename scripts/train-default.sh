@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
-# Reproduces models/default (0.2.0) in two stages, as it was made:
+# Reproduces models/default (0.3.0) in three stages, as it was made:
 #  stage 1 (= 0.1.1): LiteMedSAM embeddings of phantom site A → DeSAM-B decoder, 3 epochs;
 #  stage 2 (= 0.2.0): embeddings of site A + 2 intensity-augmented copies per case through stage 1's
-#  model → 6 more epochs from stage 1's decoder → evaluation on all held-out cases of B–F with the
-#  real engine; the coupled baseline (LiteMedSAM's own head) is trained on the same store and both are
-#  compared on stored foreground slices of 6 cases per held-out site (the comparison table).
+#  model → 6 more epochs from stage 1's decoder;
+#  stage 3 (= 0.3.0): stage 2's model with the intensity clip at [0.5, 99.9], embeddings of every 2nd
+#  foreground slice of site A + 2 augmented copies (now with an endorectal-coil profile) → 4 more
+#  epochs from stage 2's decoder → evaluation on all held-out cases of B–F with the real engine.
+#  Comparison rows on stage 3's store, 2 epochs each: the coupled baseline (LiteMedSAM's own head)
+#  and DeSAM grid; all rows scored on stored foreground slices of 6 cases per held-out site.
+#  NOTE: stage 2 ran with an older augment.rs (no coil term, gamma after the field); this script
+#  runs today's code for every stage, so its stage-2 store differs from the one 0.2.0 was trained on.
 # Usage: scripts/train-default.sh [WORK_DIR]   (env: THREADS, CASES_EVAL)
-# Takes about 3 h on 2 CPU cores.
+# Takes about 4 h on 2 CPU cores.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 WORK="${1:-$ROOT/out/train-default}"
@@ -52,16 +57,28 @@ fit "$WORK/run-stage1" "$WORK/emb-A" --mode box --epochs 5 --batch 4 --max-steps
 [ -d "$WORK/model-stage1" ] || "$TRAIN" export --run "$WORK/run-stage1" --out "$WORK/model-stage1" --version 0.1.1
 # 3. Stage 2: augmented store through stage 1's model (its encoder, its decoder as the start).
 "$TRAIN" precompute --data "$DATA/A" --model "$WORK/model-stage1" --out "$WORK/emb-A-aug2" --sites A --augment 2 --seed 9 "${TH[@]}"
-fit "$WORK/run-box" "$WORK/emb-A-aug2" --mode box --epochs 6 --batch 8
-fit "$WORK/run-coupled" "$WORK/emb-A-aug2" --mode box --baseline coupled --epochs 6 --batch 8
-[ -d "$WORK/model-box" ] || "$TRAIN" export --run "$WORK/run-box" --out "$WORK/model-box" --version 0.2.0
+fit "$WORK/run-stage2" "$WORK/emb-A-aug2" --mode box --epochs 6 --batch 8
+[ -d "$WORK/model-stage2" ] || "$TRAIN" export --run "$WORK/run-stage2" --out "$WORK/model-stage2" --version 0.2.0
+# 4. Stage 3: clip 99.9 (a copy of stage 2's model in the store's base_model), coil augmentation.
+"$TRAIN" precompute --data "$DATA/A" --model "$WORK/model-stage2" --clip-percentiles 0.5,99.9 --out "$WORK/emb-A-coil" --sites A --augment 2 --seed 10 --slice-stride 2 "${TH[@]}"
+fit3() { # like fit, but the store already holds every 2nd slice
+  local run=$1 store=$2; shift 2
+  [ -f "$run/.finished" ] && return 0
+  local res=(); [ -f "$run/config.json" ] && res=(--resume)
+  "$TRAIN" fit --embeddings "$store" --site A --lr 5e-4 --batch 8 --seed 0 --out "$run" "${res[@]}" "${TH[@]}" "$@"
+  touch "$run/.finished"
+}
+fit3 "$WORK/run-box" "$WORK/emb-A-coil" --mode box --epochs 4
+fit3 "$WORK/run-coupled" "$WORK/emb-A-coil" --mode box --baseline coupled --epochs 2
+fit3 "$WORK/run-grid" "$WORK/emb-A-coil" --mode grid --epochs 2
+[ -d "$WORK/model-box" ] || "$TRAIN" export --run "$WORK/run-box" --out "$WORK/model-box" --version 0.3.0
 # 4. Evaluation: the shipped model with the real engine on every held-out case; the comparison
 #    table on stored foreground slices (the official metric's slices) of 6 cases per site.
 MAX=(); [ -n "$CASES_EVAL" ] && MAX=(--max-cases "$CASES_EVAL")
 "$TRAIN" eval --model "$WORK/model-box" --data "$WORK/heldout" --sites B,C,D,E,F --out "$WORK/eval-box" "${MAX[@]}" "${TH[@]}"
-"$TRAIN" precompute --data "$WORK/heldout6" --model "$WORK/model-stage1" --out "$WORK/emb-heldout6" "${TH[@]}"
-for r in stage1 box coupled; do
+"$TRAIN" precompute --data "$WORK/heldout6" --model "$WORK/emb-A-coil/base_model" --out "$WORK/emb-heldout6" "${TH[@]}"
+for r in box coupled grid; do
   "$TRAIN" eval-run --run "$WORK/run-$r" --embeddings "$WORK/emb-heldout6" --sites B,C,D,E,F --out "$WORK/store-eval-$r"
 done
-"$TRAIN" export --run "$WORK/run-box" --out "$WORK/default" --version 0.2.0 --eval "$WORK/eval-box/summary.json"
+"$TRAIN" export --run "$WORK/run-box" --out "$WORK/default" --version 0.3.0 --eval "$WORK/eval-box/summary.json"
 echo "model: $WORK/default (copy into models/default; set thresholds.qa as in its model card)"

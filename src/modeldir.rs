@@ -227,6 +227,39 @@ pub fn write_spec(dir: &Path, spec: &ModelSpec) -> Result<(), ModelDirError> {
     std::fs::write(&path, text + "\n").map_err(|source| ModelDirError::Io { path, source })
 }
 
+/// Check a clip given by a user: 0 ≤ lo < hi ≤ 100.
+pub fn check_clip_percentiles(clip: [f64; 2]) -> Result<[f64; 2], String> {
+    if clip.iter().all(|p| p.is_finite() && (0.0..=100.0).contains(p)) && clip[0] < clip[1] {
+        Ok(clip)
+    } else {
+        Err(format!("clip percentiles must satisfy 0 ≤ low < high ≤ 100, got {clip:?}"))
+    }
+}
+
+/// A copy of model directory `src` in `dst` that differs only in its intensity clip (a training
+/// start whose encoder sees a different clip must be a different model). Relative weights files are
+/// copied and re-verified; absolute ones stay referenced. `dst` must not hold a model yet.
+pub fn derive_with_clip(src: &Path, dst: &Path, clip: [f64; 2]) -> Result<ModelDir, ModelDirError> {
+    let clip = check_clip_percentiles(clip).map_err(|m| invalid(dst, m))?;
+    let mut spec = open(src)?.spec;
+    if dst.join(MODEL_JSON).exists() {
+        return Err(invalid(dst, "already holds a model.json"));
+    }
+    std::fs::create_dir_all(dst).map_err(|source| ModelDirError::Io { path: dst.to_path_buf(), source })?;
+    for f in spec.backbone.files.iter().chain(&spec.decoder.files) {
+        if Path::new(&f.path).is_relative() {
+            let (from, to) = (src.join(&f.path), dst.join(&f.path));
+            if let Some(parent) = to.parent() {
+                std::fs::create_dir_all(parent).map_err(|source| ModelDirError::Io { path: parent.to_path_buf(), source })?;
+            }
+            std::fs::copy(&from, &to).map_err(|source| ModelDirError::Io { path: from.clone(), source })?;
+        }
+    }
+    spec.preprocessing.clip_percentiles = clip;
+    write_spec(dst, &spec)?;
+    open(dst)
+}
+
 /// Where an untrained model's backbone (and PRIM) weights come from.
 #[derive(Debug, Clone)]
 pub enum BackboneSource {

@@ -103,9 +103,18 @@ fn precompute_fit_resume_eval_export_promote() {
     // stored case, copies tied to their source, and an evaluation store refuses a stride.
     let emb2 = root.join("emb_stride");
     let e2 = emb2.to_str().unwrap();
-    ok(&["precompute", "--data", d, "--model", m, "--out", e2, "--sites", "A", "--device", "cpu", "--slice-stride", "2", "--augment", "1"]);
+    // (with another intensity clip: the store then trains a copy of the model that carries it)
+    let err = fails(&["precompute", "--data", d, "--model", m, "--out", e2, "--clip-percentiles", "99,1", "--device", "cpu"]);
+    assert!(err.contains("clip percentiles"), "{err}");
+    ok(&[
+        "precompute", "--data", d, "--model", m, "--out", e2, "--sites", "A", "--device", "cpu", "--slice-stride", "2", "--augment", "1",
+        "--clip-percentiles", "0.5,99.9",
+    ]);
     let idx2 = desam::train::precompute::read_index(&emb2).unwrap();
     assert_eq!(idx2.config.slice_stride, 2);
+    assert_eq!(idx2.config.model_dir, emb2.join("base_model"));
+    assert_eq!(modeldir::read_spec(&emb2.join("base_model")).unwrap().preprocessing.clip_percentiles, [0.5, 99.9]);
+    assert_eq!(modeldir::read_spec(&model).unwrap().preprocessing.clip_percentiles, [0.5, 99.5], "the source model is untouched");
     let full = desam::train::precompute::read_index(&emb).unwrap();
     assert_eq!(idx2.cases.len(), 2 * full.cases.len());
     for c in &idx2.cases {

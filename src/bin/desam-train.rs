@@ -71,6 +71,16 @@ struct PrecomputeArgs {
     /// Store every K-th foreground slice only (then fit with --slice-stride 1).
     #[arg(long, default_value_t = 1)]
     slice_stride: usize,
+    /// Per-volume intensity clip "LOW,HIGH" in percentiles for the model being trained (default: the
+    /// base model's; official 0.5,99.5). With --model, a copy with this clip goes to OUT/base_model.
+    #[arg(long, value_parser = parse_clip)]
+    clip_percentiles: Option<[f64; 2]>,
+}
+
+fn parse_clip(s: &str) -> Result<[f64; 2], String> {
+    let v: Vec<f64> = s.split(',').map(|p| p.trim().parse::<f64>().map_err(|e| format!("{p:?}: {e}"))).collect::<Result<_, _>>()?;
+    let clip: [f64; 2] = v.try_into().map_err(|_| "expected two percentiles, LOW,HIGH".to_string())?;
+    desam::modeldir::check_clip_percentiles(clip)
 }
 
 #[derive(clap::Args, Debug)]
@@ -262,15 +272,30 @@ fn device_of(s: &str) -> anyhow::Result<tch::Device> {
 }
 
 fn run_precompute(a: PrecomputeArgs) -> anyhow::Result<()> {
+    let base = a.out.join("base_model");
     let model_dir = match (&a.model, &a.checkpoint) {
-        (Some(m), None) => m.clone(),
+        (Some(m), None) => match a.clip_percentiles {
+            Some(clip) if desam::modeldir::read_spec(m)?.preprocessing.clip_percentiles != clip => {
+                if !base.join("model.json").is_file() {
+                    desam::modeldir::derive_with_clip(m, &base, clip)?;
+                } else if desam::modeldir::read_spec(&base)?.preprocessing.clip_percentiles != clip {
+                    bail!("{} was made with another clip; use a new --out", base.display());
+                }
+                base
+            }
+            _ => m.clone(),
+        },
         (None, Some(ckpt)) => {
             let arch: desam::model::Arch = a.arch.as_deref().context("--checkpoint needs --arch")?.parse()?;
-            let base = a.out.join("base_model");
             if !base.join("model.json").is_file() {
                 std::fs::create_dir_all(&a.out)?;
                 desam::modeldir::create_untrained_model_dir(arch, &base, a.seed, &desam::modeldir::BackboneSource::Convert(ckpt.clone()))
                     .with_context(|| format!("converting {}", ckpt.display()))?;
+                if let Some(clip) = a.clip_percentiles {
+                    let mut spec = desam::modeldir::read_spec(&base)?;
+                    spec.preprocessing.clip_percentiles = clip;
+                    desam::modeldir::write_spec(&base, &spec)?;
+                }
             }
             base
         }
