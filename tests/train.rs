@@ -178,6 +178,22 @@ fn precompute_fit_resume_eval_export_promote() {
     ]);
     assert!(err.contains("different configuration"), "{err}");
 
+    // Scoring a run on stored slices never counts the cases it trained on: of site A's three cases
+    // only the validation case is scored, with the grid (DeSAM-P automatic mode) or the box prompt.
+    let rs: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run_full.join("summary.json")).unwrap()).unwrap();
+    let val_ids: Vec<&str> = rs["val_cases"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+    assert_eq!(val_ids.len(), 1);
+    for mode in ["grid", "box"] {
+        let out = root.join(format!("store_eval_{mode}"));
+        ok(&["eval-run", "--run", run_full.to_str().unwrap(), "--embeddings", e, "--sites", "A", "--mode", mode, "--device", "cpu", "--out", out.to_str().unwrap()]);
+        let sm: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+        let ids: Vec<&str> = sm["cases"].as_array().unwrap().iter().map(|c| c["id"].as_str().unwrap()).collect();
+        assert_eq!(ids, val_ids, "{mode}");
+        assert!((0.0..=1.0).contains(&sm["cases"][0]["dice"].as_f64().unwrap()));
+        assert_eq!(sm["mode"], format!("{mode} (store)"));
+        assert_eq!(sm["model"]["excluded_training_cases"], 2);
+    }
+
     // Export: immutable versioned model dir with provenance, usable by the engine.
     let reg = root.join("registry");
     let v1 = reg.join("versions/0.1.0");

@@ -172,6 +172,10 @@ struct EvalRunArgs {
     out: Option<PathBuf>,
     #[arg(long, default_value = "auto")]
     device: String,
+    /// box or grid (the model's point grid + IoU filter/NMS, DeSAM-P's automatic mode); default: the
+    /// run's training mode.
+    #[arg(long)]
+    mode: Option<desam::engine::Mode>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -382,7 +386,7 @@ fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
 
 fn run_eval_run(a: EvalRunArgs) -> anyhow::Result<()> {
     let sites = desam::train::data::parse_sites(&a.sites);
-    let s = desam::train::eval::evaluate_run_on_store(&a.run, &a.embeddings, &sites, device_of(&a.device)?)?;
+    let s = desam::train::eval::evaluate_run_on_store(&a.run, &a.embeddings, &sites, device_of(&a.device)?, a.mode)?;
     if let Some(out) = &a.out {
         desam::train::eval::write_summary(out, &s, &format!("run {} on store {}", a.run.display(), a.embeddings.display()))?;
     }

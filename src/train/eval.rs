@@ -227,7 +227,17 @@ pub fn write_summary(out: &Path, s: &EvalSummary, title: &str) -> Result<(), Tra
 /// target sites with the official metric (stored foreground slices at the model's output size,
 /// border zeroed at 256², patient-level Dice). For comparison tables; bypasses the engine's
 /// automatic prompts (box mode only: one whole-image box per slice).
-pub fn evaluate_run_on_store(run: &Path, store: &Path, sites: &[String], device: Device) -> Result<EvalSummary, TrainError> {
+/// `mode`: how prompts are given (None: the run's training mode). Box: the whole-image box. Grid: the
+/// model's n×n point grid with the engine's IoU filter, NMS and region clean-up at the output size
+/// (`prompts::select_mask`), i.e. DeSAM-P's automatic mode. Cases the run trained on (its
+/// `summary.json` `train_cases`, and their augmented copies) are never scored.
+pub fn evaluate_run_on_store(
+    run: &Path,
+    store: &Path,
+    sites: &[String],
+    device: Device,
+    mode: Option<crate::engine::Mode>,
+) -> Result<EvalSummary, TrainError> {
     let t0 = Instant::now();
     let cfg: super::fit::FitConfig = serde_json::from_slice(&std::fs::read(run.join(super::fit::CONFIG_JSON)).map_err(io_err(run))?)
         .map_err(|e| TrainError::Run { dir: run.into(), message: e.to_string() })?;
@@ -237,6 +247,19 @@ pub fn evaluate_run_on_store(run: &Path, store: &Path, sites: &[String], device:
         return Err(TrainError::Store { dir: store.into(), message: "built with a different encoder than the run's training store".into() });
     }
     let model = super::fit::load_base_model(&train_index, device)?;
+    let spec = crate::modeldir::read_spec(&train_index.config.model_dir).map_err(|e| TrainError::Model(e.to_string()))?;
+    let mode = mode.unwrap_or(match cfg.mode {
+        super::fit::PromptMode::Box => crate::engine::Mode::Box,
+        super::fit::PromptMode::Grid => crate::engine::Mode::Grid,
+    });
+    if cfg.coupled && mode == crate::engine::Mode::Grid {
+        return Err(TrainError::Invalid("the coupled baseline is scored with the box prompt only".into()));
+    }
+    let trained_on: Vec<String> = std::fs::read(run.join("summary.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .and_then(|v| v["train_cases"].as_array().map(|a| a.iter().filter_map(|x| x.as_str().map(String::from)).collect()))
+        .unwrap_or_default();
     let (p, _, _, _) = super::fit::read_checkpoint(&run.join(super::fit::BEST))?;
     let vars = model.decoder_variables();
     tch::no_grad(|| {
@@ -249,7 +272,17 @@ pub fn evaluate_run_on_store(run: &Path, store: &Path, sites: &[String], device:
     let mut reader = ShardReader::default();
     let mut results = Vec::new();
     let side = mcfg.output_size;
-    for case in index.cases.iter().filter(|c| sites.contains(&c.site)) {
+    let out_side = side as usize;
+    let amg = crate::engine::prompts::AmgSettings {
+        iou_threshold: spec.thresholds.iou,
+        nms_threshold: spec.thresholds.nms,
+        min_area: (spec.thresholds.min_area * (out_side * out_side) as f64 / (256.0 * 256.0)).round() as usize,
+    };
+    let grid = crate::engine::prompts::grid_points(spec.grid_points, mcfg.image_size as f64);
+    let scored = |c: &&precompute::StoredCase| {
+        sites.contains(&c.site) && !trained_on.iter().any(|t| *t == c.id || Some(t) == c.augmented_from.as_ref())
+    };
+    for case in index.cases.iter().filter(scored) {
         let t = Instant::now();
         let rows: Vec<usize> = (0..case.z.len()).filter(|&r| case.foreground[r]).collect();
         let (mut pred, mut gt) = (Vec::new(), Vec::new());
@@ -259,6 +292,11 @@ pub fn evaluate_run_on_store(run: &Path, store: &Path, sites: &[String], device:
                 let f = f.to_device_kind(device, Kind::Float);
                 let s = mcfg.image_size as f32;
                 let boxes = crate::model::PromptBatch::Boxes(Tensor::from_slice(&[0.0f32, 0.0, s, s]).view([1, 4]));
+                if mode == crate::engine::Mode::Grid {
+                    pred.extend(grid_mask(&model, &f, &grid, &amg, out_side)?);
+                    gt.extend(Vec::<u8>::try_from(l.view([-1])).map_err(TrainError::Torch)?);
+                    continue;
+                }
                 let logits = if cfg.coupled {
                     model.sam_mask(&f, &boxes)
                 } else {
@@ -292,8 +330,8 @@ pub fn evaluate_run_on_store(run: &Path, store: &Path, sites: &[String], device:
     }
     let (s, dm, dms, off) = summarise(&results, sites);
     Ok(EvalSummary {
-        model: serde_json::json!({"run": run, "coupled": cfg.coupled, "mode": cfg.mode, "site": cfg.site}),
-        mode: "box (store)".into(),
+        model: serde_json::json!({"run": run, "coupled": cfg.coupled, "mode": cfg.mode, "site": cfg.site, "excluded_training_cases": trained_on.len()}),
+        mode: format!("{} (store)", mode.name()),
         data: store.to_path_buf(),
         manifest_hash: index.manifest_hash.clone(),
         sites: s,
@@ -304,3 +342,38 @@ pub fn evaluate_run_on_store(run: &Path, store: &Path, sites: &[String], device:
         cases: results,
     })
 }
+
+/// DeSAM-P's automatic mode on one stored slice: every grid point as a prompt (in batches of 9),
+/// then the engine's selection (IoU filter, NMS, largest region). Empty when nothing passes.
+fn grid_mask(
+    model: &crate::model::DeSam,
+    f: &crate::model::Features,
+    grid: &[[f64; 2]],
+    amg: &crate::engine::prompts::AmgSettings,
+    side: usize,
+) -> Result<Vec<u8>, TrainError> {
+    use crate::engine::prompts::{select_mask, BinMask};
+    let ctx = model.pimm_context(f);
+    let (mut masks, mut scores) = (Vec::new(), Vec::new());
+    for chunk in grid.chunks(9) {
+        let b = chunk.len() as i64;
+        let flat: Vec<f32> = chunk.iter().flat_map(|p| [p[0] as f32, p[1] as f32]).collect();
+        let coords = Tensor::from_slice(&flat).view([b, 1, 2]).to_device(f.neck.device());
+        let labels = Tensor::ones([b, 1], (Kind::Float, f.neck.device()));
+        let o = model.decode(f, &ctx, &crate::model::PromptBatch::Points { coords, labels });
+        let iou: Vec<f32> = Vec::try_from(o.iou.to_device(Device::Cpu).to_kind(Kind::Float).view([-1])).map_err(TrainError::Torch)?;
+        let logits = o.logits.to_device(Device::Cpu).to_kind(Kind::Float);
+        for (i, v) in iou.iter().enumerate() {
+            let l: Vec<f32> = Vec::try_from(logits.get(i as i64).view([-1])).map_err(TrainError::Torch)?;
+            masks.push(BinMask::new(side, side, l.iter().map(|&x| x > 0.0).collect()));
+            scores.push(*v as f64);
+        }
+    }
+    let choice = select_mask(&masks, &scores, amg);
+    Ok(match (choice.mask, choice.prompt) {
+        (Some(m), _) => m.data.iter().map(|&b| b as u8).collect(),
+        (None, Some(p)) => masks[p].data.iter().map(|&b| b as u8).collect(),
+        (None, None) => vec![0; side * side],
+    })
+}
+
