@@ -6,8 +6,8 @@
 #  stage 3 (= 0.3.0): stage 2's model with the intensity clip at [0.5, 99.9], embeddings of every 2nd
 #  foreground slice of site A + 2 augmented copies (now with an endorectal-coil profile) → 4 more
 #  epochs from stage 2's decoder → evaluation on all held-out cases of B–F with the real engine.
-#  Comparison rows on stage 3's store, 2 epochs each: the coupled baseline (LiteMedSAM's own head)
-#  and DeSAM grid; all rows scored on stored foreground slices of 6 cases per held-out site.
+#  Comparison rows on stage 3's store: the coupled baseline (LiteMedSAM's own head, 6 epochs)
+#  and DeSAM grid (2 epochs); all rows scored on stored foreground slices of 6 cases per held-out site.
 #  NOTE: stage 2 ran with an older augment.rs (no coil term, gamma after the field); this script
 #  runs today's code for every stage, so its stage-2 store differs from the one 0.2.0 was trained on.
 # Usage: scripts/train-default.sh [WORK_DIR]   (env: THREADS, CASES_EVAL)
@@ -69,7 +69,7 @@ fit3() { # like fit, but the store already holds every 2nd slice
   touch "$run/.finished"
 }
 fit3 "$WORK/run-box" "$WORK/emb-A-coil" --mode box --epochs 4
-fit3 "$WORK/run-coupled" "$WORK/emb-A-coil" --mode box --baseline coupled --epochs 2
+fit3 "$WORK/run-coupled" "$WORK/emb-A-coil" --mode box --baseline coupled --epochs 6
 fit3 "$WORK/run-grid" "$WORK/emb-A-coil" --mode grid --epochs 2
 [ -d "$WORK/model-box" ] || "$TRAIN" export --run "$WORK/run-box" --out "$WORK/model-box" --version 0.3.0
 # 4. Evaluation: the shipped model with the real engine on every held-out case; the comparison
