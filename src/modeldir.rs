@@ -53,6 +53,13 @@ pub fn default_clip_percentiles() -> [f64; 2] {
     [0.5, 99.5]
 }
 
+impl Thresholds {
+    /// `min_area` (given at 256×256) scaled to masks of `pixels` pixels.
+    pub fn min_area_px(&self, pixels: usize) -> usize {
+        (self.min_area * pixels as f64 / (256.0 * 256.0)).round() as usize
+    }
+}
+
 /// Decision thresholds (spec §10.2 defaults).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]

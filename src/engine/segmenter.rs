@@ -519,7 +519,7 @@ impl Segmenter {
 
     /// Min-area in pixels for a slice of `pixels` pixels (1000 at 256² scaled by pixel count).
     fn min_area(&self, pixels: usize) -> usize {
-        (self.dir.spec.thresholds.min_area * pixels as f64 / (256.0 * 256.0)).round() as usize
+        self.dir.spec.thresholds.min_area_px(pixels)
     }
 
     /// Prompts, selection and native mapping for slices z_offset.. (one per feature); writes `mask`,

@@ -276,7 +276,7 @@ pub fn evaluate_run_on_store(
     let amg = crate::engine::prompts::AmgSettings {
         iou_threshold: spec.thresholds.iou,
         nms_threshold: spec.thresholds.nms,
-        min_area: (spec.thresholds.min_area * (out_side * out_side) as f64 / (256.0 * 256.0)).round() as usize,
+        min_area: spec.thresholds.min_area_px(out_side * out_side),
     };
     let grid = crate::engine::prompts::grid_points(spec.grid_points, mcfg.image_size as f64);
     let scored = |c: &&precompute::StoredCase| {
