@@ -294,17 +294,16 @@ pub fn evaluate_run_on_store(
                 let boxes = crate::model::PromptBatch::Boxes(Tensor::from_slice(&[0.0f32, 0.0, s, s]).view([1, 4]));
                 if mode == crate::engine::Mode::Grid {
                     pred.extend(grid_mask(&model, &f, &grid, &amg, out_side)?);
-                    gt.extend(Vec::<u8>::try_from(l.view([-1])).map_err(TrainError::Torch)?);
-                    continue;
-                }
-                let logits = if cfg.coupled {
-                    model.sam_mask(&f, &boxes)
                 } else {
-                    let ctx = model.pimm_context(&f);
-                    model.decode(&f, &ctx, &boxes).logits
-                };
-                let m = logits.gt(0.0).to_kind(Kind::Uint8).to_device(Device::Cpu).view([-1]);
-                pred.extend(Vec::<u8>::try_from(m).map_err(TrainError::Torch)?);
+                    let logits = if cfg.coupled {
+                        model.sam_mask(&f, &boxes)
+                    } else {
+                        let ctx = model.pimm_context(&f);
+                        model.decode(&f, &ctx, &boxes).logits
+                    };
+                    let m = logits.gt(0.0).to_kind(Kind::Uint8).to_device(Device::Cpu).view([-1]);
+                    pred.extend(Vec::<u8>::try_from(m).map_err(TrainError::Torch)?);
+                }
                 gt.extend(Vec::<u8>::try_from(l.view([-1])).map_err(TrainError::Torch)?);
             }
             Ok(())
