@@ -193,6 +193,22 @@ fn precompute_fit_resume_eval_export_promote() {
         assert_eq!(sm["mode"], format!("{mode} (store)"));
         assert_eq!(sm["model"]["excluded_training_cases"], 2);
     }
+    // On the augmented store the validation case has a copy: two eligible cases, `--max-cases 1`
+    // keeps the first of them.
+    let scored = |extra: &[&str]| -> Vec<String> {
+        let out = root.join("store_eval_cap");
+        let _ = std::fs::remove_dir_all(&out);
+        let mut a = vec!["eval-run", "--run", run_full.to_str().unwrap(), "--embeddings", e2, "--sites", "A", "--mode", "box", "--device", "cpu"];
+        a.extend_from_slice(&["--out", out.to_str().unwrap()]);
+        a.extend_from_slice(extra);
+        ok(&a);
+        let sm: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+        sm["cases"].as_array().unwrap().iter().map(|c| c["id"].as_str().unwrap().to_string()).collect()
+    };
+    let all = scored(&[]);
+    assert_eq!(all.len(), 2, "{all:?}");
+    assert!(all.iter().all(|id| id.starts_with(val_ids[0])), "{all:?}");
+    assert_eq!(scored(&["--max-cases", "1"]), all[..1].to_vec());
 
     // Export: immutable versioned model dir with provenance, usable by the engine.
     let reg = root.join("registry");

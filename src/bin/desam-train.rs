@@ -176,6 +176,9 @@ struct EvalRunArgs {
     /// run's training mode.
     #[arg(long)]
     mode: Option<desam::engine::Mode>,
+    /// Score at most N cases per site (the first eligible ones in store order).
+    #[arg(long)]
+    max_cases: Option<usize>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -386,7 +389,7 @@ fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
 
 fn run_eval_run(a: EvalRunArgs) -> anyhow::Result<()> {
     let sites = desam::train::data::parse_sites(&a.sites);
-    let s = desam::train::eval::evaluate_run_on_store(&a.run, &a.embeddings, &sites, device_of(&a.device)?, a.mode)?;
+    let s = desam::train::eval::evaluate_run_on_store(&a.run, &a.embeddings, &sites, device_of(&a.device)?, a.mode, a.max_cases)?;
     if let Some(out) = &a.out {
         desam::train::eval::write_summary(out, &s, &format!("run {} on store {}", a.run.display(), a.embeddings.display()))?;
     }

@@ -230,13 +230,15 @@ pub fn write_summary(out: &Path, s: &EvalSummary, title: &str) -> Result<(), Tra
 /// `mode`: how prompts are given (None: the run's training mode). Box: the whole-image box. Grid: the
 /// model's n×n point grid with the engine's IoU filter, NMS and region clean-up at the output size
 /// (`prompts::select_mask`), i.e. DeSAM-P's automatic mode. Cases the run trained on (its
-/// `summary.json` `train_cases`, and their augmented copies) are never scored.
+/// `summary.json` `train_cases`, and their augmented copies) are never scored. `max_cases_per_site`:
+/// score only the first N eligible cases of each site (store order), for slow modes such as grid.
 pub fn evaluate_run_on_store(
     run: &Path,
     store: &Path,
     sites: &[String],
     device: Device,
     mode: Option<crate::engine::Mode>,
+    max_cases_per_site: Option<usize>,
 ) -> Result<EvalSummary, TrainError> {
     let t0 = Instant::now();
     let cfg: super::fit::FitConfig = serde_json::from_slice(&std::fs::read(run.join(super::fit::CONFIG_JSON)).map_err(io_err(run))?)
@@ -282,7 +284,14 @@ pub fn evaluate_run_on_store(
     let scored = |c: &&precompute::StoredCase| {
         sites.contains(&c.site) && !trained_on.iter().any(|t| *t == c.id || Some(t) == c.augmented_from.as_ref())
     };
+    let mut per_site: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    let limit = max_cases_per_site.unwrap_or(usize::MAX);
     for case in index.cases.iter().filter(scored) {
+        let n = per_site.entry(case.site.as_str()).or_default();
+        if *n >= limit {
+            continue;
+        }
+        *n += 1;
         let t = Instant::now();
         let rows: Vec<usize> = (0..case.z.len()).filter(|&r| case.foreground[r]).collect();
         let (mut pred, mut gt) = (Vec::new(), Vec::new());
