@@ -6,12 +6,14 @@
 #  stage 3 (= 0.3.0): stage 2's model with the intensity clip at [0.5, 99.9], embeddings of every 2nd
 #  foreground slice of site A + 2 augmented copies (now with an endorectal-coil profile) → 4 more
 #  epochs from stage 2's decoder → evaluation on all held-out cases of B–F with the real engine.
-#  Comparison rows on stage 3's store: the coupled baseline (LiteMedSAM's own head, 6 epochs)
-#  and DeSAM grid (2 epochs); all rows scored on stored foreground slices of 6 cases per held-out site.
+#  Comparison rows on stage 3's store: the coupled baseline (LiteMedSAM's own head, 6 epochs, and 12
+#  = DeSAM's 697 steps over three stages) and DeSAM grid (2 epochs); all rows scored on stored
+#  foreground slices of 6 cases per held-out site (grid: 2 per site, 81 prompts per slice is slow);
+#  upper bound: per target site, fine-tuned on its first 5 stored cases, scored on its 6th.
 #  NOTE: stage 2 ran with an older augment.rs (no coil term, gamma after the field); this script
 #  runs today's code for every stage, so its stage-2 store differs from the one 0.2.0 was trained on.
 # Usage: scripts/train-default.sh [WORK_DIR]   (env: THREADS, CASES_EVAL)
-# Takes about 4 h on 2 CPU cores.
+# Takes about 5 h on 2 CPU cores.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 WORK="${1:-$ROOT/out/train-default}"
@@ -70,6 +72,7 @@ fit3() { # like fit, but the store already holds every 2nd slice
 }
 fit3 "$WORK/run-box" "$WORK/emb-A-coil" --mode box --epochs 4
 fit3 "$WORK/run-coupled" "$WORK/emb-A-coil" --mode box --baseline coupled --epochs 6
+fit3 "$WORK/run-coupled12" "$WORK/emb-A-coil" --mode box --baseline coupled --epochs 12
 fit3 "$WORK/run-grid" "$WORK/emb-A-coil" --mode grid --epochs 2
 [ -d "$WORK/model-box" ] || "$TRAIN" export --run "$WORK/run-box" --out "$WORK/model-box" --version 0.3.0
 # 4. Evaluation: the shipped model with the real engine on every held-out case; the comparison
@@ -77,8 +80,21 @@ fit3 "$WORK/run-grid" "$WORK/emb-A-coil" --mode grid --epochs 2
 MAX=(); [ -n "$CASES_EVAL" ] && MAX=(--max-cases "$CASES_EVAL")
 "$TRAIN" eval --model "$WORK/model-box" --data "$WORK/heldout" --sites B,C,D,E,F --out "$WORK/eval-box" "${MAX[@]}" "${TH[@]}"
 "$TRAIN" precompute --data "$WORK/heldout6" --model "$WORK/emb-A-coil/base_model" --out "$WORK/emb-heldout6" "${TH[@]}"
-for r in box coupled grid; do
+for r in box coupled coupled12; do
   "$TRAIN" eval-run --run "$WORK/run-$r" --embeddings "$WORK/emb-heldout6" --sites B,C,D,E,F --out "$WORK/store-eval-$r"
+done
+for r in box grid; do # the grid row and the box row on the same 2 cases per site
+  "$TRAIN" eval-run --run "$WORK/run-$r" --embeddings "$WORK/emb-heldout6" --sites B,C,D,E,F --mode grid --max-cases 2 --out "$WORK/store-eval-$r-grid2"
+  "$TRAIN" eval-run --run "$WORK/run-$r" --embeddings "$WORK/emb-heldout6" --sites B,C,D,E,F --mode box --max-cases 2 --out "$WORK/store-eval-$r-box2"
+done
+for X in B C D E F; do # upper bound: train on the target site itself (official split: 5 train, 1 val)
+  run="$WORK/run-upper-$X"
+  if [ ! -f "$run/.finished" ]; then
+    res=(); [ -f "$run/config.json" ] && res=(--resume)
+    "$TRAIN" fit --embeddings "$WORK/emb-heldout6" --site "$X" --mode box --epochs 2 --batch 8 --lr 5e-4 --seed 0 --out "$run" "${res[@]}" "${TH[@]}"
+    touch "$run/.finished"
+  fi
+  "$TRAIN" eval-run --run "$run" --embeddings "$WORK/emb-heldout6" --sites "$X" --out "$WORK/store-eval-upper-$X"
 done
 "$TRAIN" export --run "$WORK/run-box" --out "$WORK/default" --version 0.3.0 --eval "$WORK/eval-box/summary.json"
 echo "model: $WORK/default (copy into models/default; set thresholds.qa as in its model card)"
