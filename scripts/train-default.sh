@@ -83,8 +83,9 @@ MAX=(); [ -n "$CASES_EVAL" ] && MAX=(--max-cases "$CASES_EVAL")
 for r in box coupled coupled12; do
   "$TRAIN" eval-run --run "$WORK/run-$r" --embeddings "$WORK/emb-heldout6" --sites B,C,D,E,F --out "$WORK/store-eval-$r"
 done
-for r in box grid; do # the grid row and the box row on the same 2 cases per site
-  "$TRAIN" eval-run --run "$WORK/run-$r" --embeddings "$WORK/emb-heldout6" --sites B,C,D,E,F --mode grid --max-cases 2 --out "$WORK/store-eval-$r-grid2"
+# the grid row (DeSAM-P, its automatic point grid) and both runs with the box on the same 2 cases per site
+"$TRAIN" eval-run --run "$WORK/run-grid" --embeddings "$WORK/emb-heldout6" --sites B,C,D,E,F --mode grid --max-cases 2 --out "$WORK/store-eval-grid-grid2"
+for r in box grid; do
   "$TRAIN" eval-run --run "$WORK/run-$r" --embeddings "$WORK/emb-heldout6" --sites B,C,D,E,F --mode box --max-cases 2 --out "$WORK/store-eval-$r-box2"
 done
 for X in B C D E F; do # upper bound: train on the target site itself (official split: 5 train, 1 val)
