@@ -282,16 +282,11 @@ pub fn evaluate_run_on_store(
     };
     let grid = crate::engine::prompts::grid_points(spec.grid_points, mcfg.image_size as f64);
     let scored = |c: &&precompute::StoredCase| {
-        sites.contains(&c.site) && !trained_on.iter().any(|t| *t == c.id || Some(t) == c.augmented_from.as_ref())
+        !trained_on.iter().any(|t| *t == c.id || Some(t) == c.augmented_from.as_ref())
     };
-    let mut per_site: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
     let limit = max_cases_per_site.unwrap_or(usize::MAX);
-    for case in index.cases.iter().filter(scored) {
-        let n = per_site.entry(case.site.as_str()).or_default();
-        if *n >= limit {
-            continue;
-        }
-        *n += 1;
+    let chosen = sites.iter().flat_map(|s| index.cases.iter().filter(move |c| &c.site == s).filter(scored).take(limit));
+    for case in chosen {
         let t = Instant::now();
         let rows: Vec<usize> = (0..case.z.len()).filter(|&r| case.foreground[r]).collect();
         let (mut pred, mut gt) = (Vec::new(), Vec::new());
