@@ -233,6 +233,28 @@ fn precompute_fit_resume_eval_export_promote() {
     assert_eq!(sm["model"]["version"], "0.1.0");
     assert!(ev.join("summary.md").is_file());
 
+    // Each case is logged as it finishes; a second run into the same folder needs --resume, and
+    // --resume takes logged cases over (a torn last line from a kill is dropped) instead of
+    // segmenting them again: the planted Dice proves the record was reused.
+    let log = ev.join("cases.jsonl");
+    let logged: serde_json::Value = serde_json::from_str(std::fs::read_to_string(&log).unwrap().lines().next().unwrap()).unwrap();
+    assert_eq!(logged["id"], sm["cases"][0]["id"]);
+    let eval_b = ["eval", "--model", v1.to_str().unwrap(), "--data", d, "--sites", "B", "--out", ev.to_str().unwrap(), "--device", "cpu"];
+    let err = fails(&eval_b);
+    assert!(err.contains("--resume"), "{err}");
+    let mut planted = logged.clone();
+    planted["dice"] = serde_json::json!(0.123456);
+    std::fs::write(&log, format!("{planted}\n{{\"id\":\"torn")).unwrap();
+    let out = ok(&[&eval_b[..], &["--resume"]].concat());
+    assert!(out.contains("0.1235"), "{out}");
+    let sm2: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(ev.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(sm2["resumed_cases"], 1);
+    assert_eq!(sm2["cases"][0]["dice"], 0.123456);
+    assert_eq!(std::fs::read_to_string(&log).unwrap().lines().count(), 1);
+    // A different evaluation (here: another mode) never resumes into this folder.
+    let err = fails(&[&eval_b[..], &["--resume", "--mode", "box"]].concat());
+    assert!(err.contains("different evaluation"), "{err}");
+
     // Promote / rollback.
     let r = reg.to_str().unwrap();
     ok(&["promote", "--registry", r, "--version", "0.1.0"]);

@@ -147,9 +147,14 @@ struct EvalArgs {
     /// box or grid (default: the model's).
     #[arg(long)]
     mode: Option<String>,
-    /// Output folder for summary.json and summary.md.
+    /// Output folder for summary.json and summary.md; each case is also appended to cases.jsonl
+    /// as it finishes.
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Continue an interrupted evaluation in --out: cases already in its cases.jsonl are kept
+    /// (only when model, mode, sites and case list are the same).
+    #[arg(long, requires = "out")]
+    resume: bool,
     /// Evaluate at most N cases per site.
     #[arg(long)]
     max_cases: Option<usize>,
@@ -380,6 +385,7 @@ fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
         threads: a.threads,
         max_cases_per_site: a.max_cases,
         out: a.out,
+        resume: a.resume,
         progress: true,
     };
     let s = desam::train::eval::evaluate(&o)?;

@@ -60,6 +60,9 @@ pub struct EvalSummary {
     /// Official metric: mean over all patients of the evaluated sites pooled.
     pub official_dice_pooled: f64,
     pub seconds: f64,
+    /// Cases taken over from an interrupted run's `cases.jsonl` (`--resume`), not re-segmented.
+    #[serde(default)]
+    pub resumed_cases: usize,
     pub cases: Vec<CaseResult>,
 }
 
@@ -73,7 +76,84 @@ pub struct EvalOptions {
     /// Evaluate at most this many cases per site (None: all).
     pub max_cases_per_site: Option<usize>,
     pub out: Option<PathBuf>,
+    /// Continue an interrupted evaluation in `out`: cases already in its `cases.jsonl` are kept.
+    pub resume: bool,
     pub progress: bool,
+}
+
+/// What makes two evaluations the same one; stored as `eval.json` next to `cases.jsonl` so that
+/// `--resume` never mixes cases of a different model, mode or case list.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct EvalKey {
+    model_sha256: String,
+    mode: String,
+    manifest_hash: String,
+    sites: Vec<String>,
+    max_cases_per_site: Option<usize>,
+}
+
+/// Per-case results written as each case finishes, so a long evaluation killed halfway loses at
+/// most the case in flight.
+struct CaseLog {
+    file: std::fs::File,
+    path: PathBuf,
+}
+
+impl CaseLog {
+    /// Opens `out/cases.jsonl`; with `resume`, returns the complete records already there (a torn
+    /// last line from a kill is dropped and the file rewritten without it).
+    fn open(out: &Path, key: &EvalKey, resume: bool) -> Result<(CaseLog, Vec<CaseResult>), TrainError> {
+        std::fs::create_dir_all(out).map_err(io_err(out))?;
+        let path = out.join("cases.jsonl");
+        let key_path = out.join("eval.json");
+        let mut done = Vec::new();
+        if path.exists() {
+            if !resume {
+                return Err(TrainError::Invalid(format!(
+                    "{} already holds case results of an evaluation; pass --resume to continue it, or choose another --out",
+                    path.display()
+                )));
+            }
+            let stored: Option<EvalKey> = std::fs::read(&key_path).ok().and_then(|b| serde_json::from_slice(&b).ok());
+            if stored.as_ref() != Some(key) {
+                return Err(TrainError::Invalid(format!(
+                    "{} belongs to a different evaluation (model, mode, sites or case list differ: stored {:?}, now {:?}); choose another --out",
+                    out.display(),
+                    stored,
+                    key
+                )));
+            }
+            let text = std::fs::read_to_string(&path).map_err(io_err(&path))?;
+            let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+            for (i, l) in lines.iter().enumerate() {
+                match serde_json::from_str::<CaseResult>(l) {
+                    Ok(c) => done.push(c),
+                    // Only the last line can be torn by a kill; anything earlier is damage.
+                    Err(_) if i + 1 == lines.len() => {}
+                    Err(e) => return Err(TrainError::Invalid(format!("{} line {}: {e}", path.display(), i + 1))),
+                }
+            }
+            let mut clean = String::new();
+            for c in &done {
+                clean.push_str(&serde_json::to_string(c).unwrap());
+                clean.push('\n');
+            }
+            let tmp = out.join("cases.jsonl.tmp");
+            std::fs::write(&tmp, clean).map_err(io_err(&tmp))?;
+            std::fs::rename(&tmp, &path).map_err(io_err(&path))?;
+        } else {
+            std::fs::write(&key_path, serde_json::to_string_pretty(key).unwrap()).map_err(io_err(&key_path))?;
+        }
+        let file = std::fs::OpenOptions::new().create(true).append(true).open(&path).map_err(io_err(&path))?;
+        Ok((CaseLog { file, path }, done))
+    }
+
+    fn append(&mut self, c: &CaseResult) -> Result<(), TrainError> {
+        use std::io::Write;
+        let mut line = serde_json::to_string(c).unwrap();
+        line.push('\n');
+        self.file.write_all(line.as_bytes()).and_then(|_| self.file.sync_data()).map_err(io_err(&self.path))
+    }
 }
 
 fn mean(v: &[f64]) -> f64 {
@@ -168,10 +248,32 @@ pub fn evaluate(o: &EvalOptions) -> Result<EvalSummary, TrainError> {
     let cases = select_cases(&o.data, &o.sites, o.max_cases_per_site)?;
     let manifest_hash = data::manifest_hash(&cases)?;
     let mode = o.mode.unwrap_or_else(|| seg.default_mode());
+    let key = EvalKey {
+        model_sha256: seg.model_id().sha256,
+        mode: mode.name().into(),
+        manifest_hash: manifest_hash.clone(),
+        sites: o.sites.clone(),
+        max_cases_per_site: o.max_cases_per_site,
+    };
+    let (mut log, done) = match &o.out {
+        Some(out) => {
+            let (l, d) = CaseLog::open(out, &key, o.resume)?;
+            (Some(l), d)
+        }
+        None => (None, Vec::new()),
+    };
     let bar = if o.progress { indicatif::ProgressBar::new(cases.len() as u64) } else { indicatif::ProgressBar::hidden() };
     bar.set_style(indicatif::ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} cases ETA {eta} {msg}").unwrap().progress_chars("=> "));
     let mut results = Vec::new();
+    let (mut resumed, mut resumed_seconds) = (0, 0.0);
     for c in &cases {
+        if let Some(prev) = done.iter().find(|d| d.id == c.id && d.site == c.site) {
+            results.push(prev.clone());
+            resumed += 1;
+            resumed_seconds += prev.seconds;
+            bar.inc(1);
+            continue;
+        }
         let t = Instant::now();
         let lc = data::load_case(c, true)?;
         let req = SegmentRequest { mode: Some(mode), ..Default::default() };
@@ -192,6 +294,9 @@ pub fn evaluate(o: &EvalOptions) -> Result<EvalSummary, TrainError> {
             quality: Some(r.quality),
             flagged: r.flagged,
         });
+        if let Some(l) = &mut log {
+            l.append(results.last().unwrap())?;
+        }
         bar.inc(1);
         bar.set_message(format!("{} Dice {:.3}", c.id, results.last().unwrap().dice));
     }
@@ -206,7 +311,9 @@ pub fn evaluate(o: &EvalOptions) -> Result<EvalSummary, TrainError> {
         dice_mean_cases: dm,
         dice_mean_sites: dms,
         official_dice_pooled: off,
-        seconds: t0.elapsed().as_secs_f64(),
+        // Wall time of this run plus the per-case times of the cases taken over by --resume.
+        seconds: t0.elapsed().as_secs_f64() + resumed_seconds,
+        resumed_cases: resumed,
         cases: results,
     };
     if let Some(out) = &o.out {
@@ -342,6 +449,7 @@ pub fn evaluate_run_on_store(
         dice_mean_sites: dms,
         official_dice_pooled: off,
         seconds: t0.elapsed().as_secs_f64(),
+        resumed_cases: 0,
         cases: results,
     })
 }
