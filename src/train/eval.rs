@@ -125,18 +125,19 @@ impl CaseLog {
             }
             let text = std::fs::read_to_string(&path).map_err(io_err(&path))?;
             let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+            // The complete lines are kept verbatim (not re-serialised).
+            let mut clean = String::new();
             for (i, l) in lines.iter().enumerate() {
                 match serde_json::from_str::<CaseResult>(l) {
-                    Ok(c) => done.push(c),
+                    Ok(c) => {
+                        done.push(c);
+                        clean.push_str(l);
+                        clean.push('\n');
+                    }
                     // Only the last line can be torn by a kill; anything earlier is damage.
                     Err(_) if i + 1 == lines.len() => {}
                     Err(e) => return Err(TrainError::Invalid(format!("{} line {}: {e}", path.display(), i + 1))),
                 }
-            }
-            let mut clean = String::new();
-            for c in &done {
-                clean.push_str(&serde_json::to_string(c).unwrap());
-                clean.push('\n');
             }
             let tmp = out.join("cases.jsonl.tmp");
             std::fs::write(&tmp, clean).map_err(io_err(&tmp))?;
