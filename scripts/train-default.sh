@@ -88,6 +88,8 @@ done
 for r in box grid; do
   "$TRAIN" eval-run --run "$WORK/run-$r" --embeddings "$WORK/emb-heldout6" --sites B,C,D,E,F --mode box --max-cases 2 --out "$WORK/store-eval-$r-box2"
 done
+# the shipped box model given the grid prompt it never trained with (is a bad prompt harmless?)
+"$TRAIN" eval-run --run "$WORK/run-box" --embeddings "$WORK/emb-heldout6" --sites B,C,D,E,F --mode grid --max-cases 2 --out "$WORK/store-eval-box-grid2"
 for X in B C D E F; do # upper bound: train on the target site itself (official split: 5 train, 1 val)
   run="$WORK/run-upper-$X"
   if [ ! -f "$run/.finished" ]; then
