@@ -230,6 +230,11 @@ std::unique_ptr<Answer> rest_put(rust::Str uri, rust::Slice<const uint8_t> body)
   return answer;
 }
 
+int32_t rest_delete(rust::Str uri) {
+  std::string u = to_std(uri);
+  return static_cast<int32_t>(OrthancPluginRestApiDelete(context(), u.c_str()));
+}
+
 rust::String get_global_property(int32_t property, rust::Str default_value) {
   std::string d = to_std(default_value);
   char* value = OrthancPluginGetGlobalProperty(context(), property, d.c_str());

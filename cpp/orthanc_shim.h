@@ -40,6 +40,7 @@ rust::String get_configuration();
 std::unique_ptr<Answer> rest_get(rust::Str uri);
 std::unique_ptr<Answer> rest_post(rust::Str uri, rust::Slice<const uint8_t> body);
 std::unique_ptr<Answer> rest_put(rust::Str uri, rust::Slice<const uint8_t> body);
+int32_t rest_delete(rust::Str uri);
 
 rust::String get_global_property(int32_t property, rust::Str default_value);
 int32_t set_global_property(int32_t property, rust::Str value);

@@ -150,8 +150,14 @@ impl Endpoint {
         }
         head.push_str("\r\n");
         s.write_all(head.as_bytes()).and_then(|_| s.write_all(body)).map_err(|e| transfer(format!("sending: {e}")))?;
+        // The answer is read up to the body limit (docs/limits.md) and refused beyond it, so a
+        // hostile or broken server cannot make us hold gigabytes.
+        let cap = crate::limits::get().max_http_body_bytes;
         let mut raw = Vec::new();
-        s.read_to_end(&mut raw).map_err(|e| transfer(format!("reading the answer: {e}")))?;
+        (&mut s).take(cap + 64 * 1024).read_to_end(&mut raw).map_err(|e| transfer(format!("reading the answer: {e}")))?;
+        if raw.len() as u64 > cap {
+            return Err(transfer(format!("the answer is larger than {cap} bytes (max_http_body_bytes, docs/limits.md)")));
+        }
         parse_response(&raw).map_err(|e| transfer(format!("malformed HTTP answer: {e}")))
     }
 }

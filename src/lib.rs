@@ -2,10 +2,13 @@
 //! on libtorch. One engine behind four doors: the `desam` CLI, the Orthanc plugin (this crate's
 //! cdylib), the 3D Slicer module (through the CLI) and `desam-train`'s evaluation.
 
+pub mod atomic;
 pub mod cli;
 pub mod dicom;
 pub mod engine;
+pub mod guard;
 pub mod http;
+pub mod limits;
 pub mod model;
 pub mod modeldir;
 pub mod nifti;

@@ -199,7 +199,53 @@ pub fn read_spec(dir: &Path) -> Result<ModelSpec, ModelDirError> {
             return Err(invalid(&path, format!("sha256 of {} is not 64 hex digits", f.path)));
         }
     }
+    validate_values(&spec).map_err(|m| invalid(&path, m))?;
     Ok(spec)
+}
+
+/// Every value of model.json that the engine uses, checked once at load so that nothing fails (or
+/// panics) at the first series: lengths, ranges, finiteness, weights paths inside the directory.
+pub fn validate_values(spec: &ModelSpec) -> Result<(), String> {
+    let text_ok = |s: &str| !s.trim().is_empty() && s.chars().count() <= 64 && !s.chars().any(char::is_control);
+    if !text_ok(&spec.name) {
+        return Err(format!("name must be 1 to 64 printable characters, not {:?}", spec.name));
+    }
+    if !text_ok(&spec.version) {
+        return Err(format!("version must be 1 to 64 printable characters, not {:?}", spec.version));
+    }
+    check_clip_percentiles(spec.preprocessing.clip_percentiles).map_err(|m| format!("preprocessing.{m}"))?;
+    if let Normalization::MeanStd { mean, std } = &spec.preprocessing.normalization {
+        if mean.iter().chain(std).any(|v| !v.is_finite()) || std.iter().any(|&s| s <= 0.0) {
+            return Err(format!("preprocessing.normalization needs finite means and positive stds, got {mean:?} / {std:?}"));
+        }
+    }
+    let t = &spec.thresholds;
+    let unit = |name: &str, v: f64, lo_open: bool| {
+        let ok = v.is_finite() && v <= 1.0 && if lo_open { v > 0.0 } else { v >= 0.0 };
+        if ok { Ok(()) } else { Err(format!("thresholds.{name} must be within {}0, 1], got {v}", if lo_open { "(" } else { "[" })) }
+    };
+    unit("iou", t.iou, false)?;
+    unit("nms", t.nms, true)?;
+    unit("qa", t.qa, false)?;
+    if !(t.min_area.is_finite() && (0.0..=65_536.0).contains(&t.min_area)) {
+        return Err(format!("thresholds.min_area must be within [0, 65536] pixels at 256², got {}", t.min_area));
+    }
+    if let Some([lo, hi]) = t.plausible_volume_ml {
+        if !(lo.is_finite() && hi.is_finite() && 0.0 <= lo && lo < hi) {
+            return Err(format!("thresholds.plausible_volume_ml must satisfy 0 ≤ low < high, got [{lo}, {hi}]"));
+        }
+    }
+    let files = spec.backbone.files.iter().chain(&spec.decoder.files);
+    if spec.backbone.files.len() + spec.decoder.files.len() > 16 {
+        return Err("at most 16 weights files".into());
+    }
+    for f in files {
+        let p = Path::new(&f.path);
+        if f.path.is_empty() || (p.is_relative() && p.components().any(|c| !matches!(c, std::path::Component::Normal(_)))) {
+            return Err(format!("weights path {:?} must be a plain path inside the model directory (or absolute)", f.path));
+        }
+    }
+    Ok(())
 }
 
 /// Read `model.json`, resolve the weights and check every file's SHA-256.

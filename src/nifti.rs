@@ -50,6 +50,8 @@ pub fn read_nifti(path: &Path) -> Result<Volume, NiftiError> {
         path: path.to_path_buf(),
         reason,
     };
+    // The header's sizes are checked before the parser allocates the data it declares.
+    precheck_header(path)?;
     // The nifti crate may panic on malformed headers: never let that cross into callers (FFI).
     let obj = std::panic::catch_unwind(|| nifti::ReaderOptions::new().read_file(path))
         .map_err(|_| fmt("the NIfTI parser panicked".into()))?
@@ -96,6 +98,63 @@ pub fn read_nifti(path: &Path) -> Result<Volume, NiftiError> {
     let mut v = Volume::new(voxels, [nz, ny, nx], spacing, origin);
     v.direction = direction;
     Ok(v)
+}
+
+/// Reads the 348-byte header (through gzip for .gz) and refuses, before any data is read, a file
+/// whose declared grid exceeds the limits (docs/limits.md) or whose data would not fit in
+/// `max_file_bytes`; sizes are computed with checked arithmetic.
+fn precheck_header(path: &Path) -> Result<(), NiftiError> {
+    use std::io::Read;
+    let io = |source: std::io::Error| NiftiError::Io { path: path.to_path_buf(), source };
+    let fmt = |reason: String| NiftiError::Format { path: path.to_path_buf(), reason };
+    let refuse = |reason: String| NiftiError::Unsupported { path: path.to_path_buf(), reason };
+    let file = std::fs::File::open(path).map_err(io)?;
+    let mut raw = std::io::BufReader::new(file);
+    let mut magic = [0u8; 2];
+    let gz = {
+        use std::io::BufRead;
+        let head = raw.fill_buf().map_err(io)?;
+        if head.len() >= 2 {
+            magic.copy_from_slice(&head[..2]);
+        }
+        magic == [0x1f, 0x8b]
+    };
+    let mut reader: Box<dyn Read> = if gz { Box::new(flate2::read::MultiGzDecoder::new(raw)) } else { Box::new(raw) };
+    let mut h = [0u8; 348];
+    reader.read_exact(&mut h).map_err(|e| fmt(format!("header cut short: {e}")))?;
+    let le = i32::from_le_bytes([h[0], h[1], h[2], h[3]]) == 348;
+    let be = i32::from_be_bytes([h[0], h[1], h[2], h[3]]) == 348;
+    if !le && !be {
+        return Err(fmt("sizeof_hdr is not 348 (not NIfTI-1)".into()));
+    }
+    let i16_at = |at: usize| if le { i16::from_le_bytes([h[at], h[at + 1]]) } else { i16::from_be_bytes([h[at], h[at + 1]]) };
+    let ndim = i16_at(40);
+    if !(1..=7).contains(&ndim) {
+        return Err(fmt(format!("dim[0] = {ndim}")));
+    }
+    let mut dims = Vec::new();
+    for i in 1..=ndim as usize {
+        let d = i16_at(40 + 2 * i);
+        if d < 0 {
+            return Err(fmt(format!("dim[{i}] = {d} is negative")));
+        }
+        dims.push(d as u64);
+    }
+    let bitpix = i16_at(72).max(8) as u64;
+    let limits = crate::limits::get();
+    let slice = dims[0].saturating_mul(*dims.get(1).unwrap_or(&1));
+    if slice > limits.max_slice_pixels {
+        return Err(refuse(format!("{slice} pixels per slice exceed the limit of {} (max_slice_pixels, docs/limits.md)", limits.max_slice_pixels)));
+    }
+    let voxels = crate::limits::product(&dims).filter(|&n| n <= limits.max_volume_voxels);
+    let Some(voxels) = voxels else {
+        return Err(refuse(format!("the grid {dims:?} exceeds the limit of {} voxels (max_volume_voxels, docs/limits.md)", limits.max_volume_voxels)));
+    };
+    let bytes = voxels.saturating_mul(bitpix) / 8;
+    if bytes > limits.max_file_bytes {
+        return Err(refuse(format!("{bytes} bytes of image data exceed the limit of {} (max_file_bytes, docs/limits.md)", limits.max_file_bytes)));
+    }
+    Ok(())
 }
 
 /// Reads a label image (e.g. nnU-Net `labelsTr/*.nii.gz`) as a mask: values rounded to the nearest

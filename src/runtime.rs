@@ -34,6 +34,35 @@ pub fn keep_freed_memory() -> bool {
     false
 }
 
+/// glibc's own thresholds (128 KiB), restored after a burst of inference in a host process
+/// (Orthanc), so that the host's traffic afterwards returns its memory as it did before.
+pub fn restore_default_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    unsafe {
+        // SAFETY: mallopt only changes allocator parameters; 128 KiB is glibc's default for both.
+        glibc::mallopt(glibc::M_MMAP_THRESHOLD, 128 * 1024);
+        glibc::mallopt(glibc::M_TRIM_THRESHOLD, 128 * 1024);
+        glibc::malloc_trim(0);
+    }
+}
+
+/// Keeps freed memory for reuse while it lives (one series in a host process); restores the
+/// allocator's defaults and trims the heap when dropped.
+pub struct InferenceMemory(());
+
+impl InferenceMemory {
+    pub fn begin() -> InferenceMemory {
+        keep_freed_memory();
+        InferenceMemory(())
+    }
+}
+
+impl Drop for InferenceMemory {
+    fn drop(&mut self) {
+        restore_default_memory();
+    }
+}
+
 /// Returns the free part of the heap to the system (after a burst of inference).
 pub fn release_free_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]

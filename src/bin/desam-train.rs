@@ -431,7 +431,13 @@ fn main() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     desam::runtime::keep_freed_memory();
     let cli = Cli::parse();
-    let r = match cli.cmd {
+    if let Err(e) = desam::limits::check_env() {
+        eprintln!("desam-train: error: {e}");
+        std::process::exit(1);
+    }
+    // The last boundary: a panic below (a tampered store's shapes reaching libtorch, a bug) ends as
+    // a one-line error and exit status 1, never as a backtrace.
+    let r = desam::guard::catch(|| match cli.cmd {
         Cmd::Precompute(a) => run_precompute(a),
         Cmd::Fit(a) => run_fit(a),
         Cmd::Eval(a) => run_eval(a),
@@ -444,9 +450,10 @@ fn main() {
             .map(|c| println!("current: {}", c.version.unwrap_or_default()))
             .map_err(Into::into),
         Cmd::Pull(a) => run_pull(a),
-    };
+    })
+    .unwrap_or_else(|panic| Err(anyhow::anyhow!("internal error: {panic}")));
     if let Err(e) = r {
-        eprintln!("desam-train: error: {e:#}");
+        eprintln!("desam-train: error: {}", format!("{e:#}").replace('\n', " "));
         std::process::exit(1);
     }
 }

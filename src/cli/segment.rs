@@ -265,10 +265,10 @@ fn run_inner(args: &Args, rep: &mut Reporter) -> anyhow::Result<()> {
 
     let t = std::time::Instant::now();
     rep.event(Progress { stage: Stage::Write, done: 0, total: 1 });
-    write_output(&args.output, output_kind, &volume, &result)?;
+    // Both outputs are written to temporary files first and renamed only when both exist, so a
+    // failure (disk full, a bad path) leaves neither a partial file nor a SEG without its report.
+    let output = write_output(&args.output, output_kind, &volume, &result)?;
     let write_s = t.elapsed().as_secs_f64();
-    rep.event(Progress { stage: Stage::Write, done: 1, total: 1 });
-    rep.finish();
 
     let report = Report {
         input: args.input.display().to_string(),
@@ -279,10 +279,21 @@ fn run_inner(args: &Args, rep: &mut Reporter) -> anyhow::Result<()> {
         result: &result,
     };
     let report_json = serde_json::to_value(&report).context("serialising the report")?;
-    if let Some(path) = &args.report {
-        std::fs::write(path, serde_json::to_string_pretty(&report_json)? + "\n")
-            .with_context(|| format!("cannot write the report {}", path.display()))?;
+    let report_file = match &args.report {
+        Some(path) => {
+            let p = crate::atomic::Pending::beside(path);
+            std::fs::write(p.path(), serde_json::to_string_pretty(&report_json)? + "\n")
+                .with_context(|| format!("cannot write the report {}", path.display()))?;
+            Some(p)
+        }
+        None => None,
+    };
+    output.commit().with_context(|| format!("cannot write {}", args.output.display()))?;
+    if let (Some(p), Some(path)) = (report_file, &args.report) {
+        p.commit().with_context(|| format!("cannot write the report {}", path.display()))?;
     }
+    rep.event(Progress { stage: Stage::Write, done: 1, total: 1 });
+    rep.finish();
     if rep.kind == ProgressKind::Json {
         rep.json(serde_json::json!({"event": "done", "report": report_json}));
     }
@@ -321,20 +332,11 @@ fn load_dicom_series(dir: &Path) -> anyhow::Result<(Volume, Vec<String>)> {
     Ok((loaded.volume, loaded.warnings))
 }
 
-fn write_output(path: &Path, kind: OutputKind, volume: &Volume, r: &SegmentationResult) -> anyhow::Result<()> {
-    // Write next to the target and rename, so a failed run leaves no half-written file.
-    let tmp = path.with_file_name(format!(
-        ".{}.desam-tmp-{}",
-        path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
-        std::process::id()
-    ));
+/// The output written to a temporary file beside `path` (renamed into place by the caller).
+fn write_output(path: &Path, kind: OutputKind, volume: &Volume, r: &SegmentationResult) -> anyhow::Result<crate::atomic::Pending> {
+    let pending = crate::atomic::Pending::beside(path);
     let written = match kind {
-        OutputKind::Nifti => {
-            // Keep the .nii/.nii.gz suffix on the temporary file: the writer picks gzip from it.
-            let gz = path.to_string_lossy().to_ascii_lowercase().ends_with(".gz");
-            let tmp = tmp.with_extension(if gz { "nii.gz" } else { "nii" });
-            crate::nifti::write_nifti_mask(&tmp, &r.mask, volume).map(|_| tmp).map_err(anyhow::Error::from)
-        }
+        OutputKind::Nifti => crate::nifti::write_nifti_mask(pending.path(), &r.mask, volume).map_err(anyhow::Error::from),
         OutputKind::Seg => {
             use crate::dicom::{write_seg, SegOptions, Segment, SegmentInfo};
             let id = &r.model;
@@ -344,10 +346,9 @@ fn write_output(path: &Path, kind: OutputKind, volume: &Volume, r: &Segmentation
             let seg = [Segment { info: SegmentInfo::prostate(&id.name), mask: &r.mask }];
             write_seg(volume, &seg, &opts)
                 .map_err(anyhow::Error::from)
-                .and_then(|bytes| std::fs::write(&tmp, bytes).map(|_| tmp.clone()).map_err(anyhow::Error::from))
+                .and_then(|bytes| std::fs::write(pending.path(), bytes).map_err(anyhow::Error::from))
         }
     };
-    let tmp = written.with_context(|| format!("cannot write {}", path.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
-    Ok(())
+    written.with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(pending)
 }

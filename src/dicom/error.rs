@@ -60,6 +60,8 @@ pub enum DicomError {
     UnsupportedPixelFormat { instance: String, detail: String },
     #[error("{instance}: pixel data cannot be decoded ({reason})")]
     Decode { instance: String, reason: String },
+    #[error("{file}: refused: {reason}")]
+    LimitExceeded { file: String, reason: String },
     #[error("invalid volume for DICOM export: {0}")]
     InvalidVolume(String),
 }

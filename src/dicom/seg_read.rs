@@ -89,6 +89,23 @@ pub fn read_seg_standalone(bytes: &[u8]) -> Result<SegObject, SegError> {
     if rows == 0 || columns == 0 || n_frames == 0 {
         return Err(SegError::Invalid(format!("empty image: {rows}×{columns}, {n_frames} frames")));
     }
+    // Header-derived sizes, checked before anything is unpacked (a SEG declaring 2^48 frames must
+    // not pass by multiplication overflow).
+    let limits = crate::limits::get();
+    if n_frames as u64 > limits.max_seg_frames {
+        return Err(SegError::Invalid(format!(
+            "{n_frames} frames exceed the limit of {} (max_seg_frames, docs/limits.md)",
+            limits.max_seg_frames
+        )));
+    }
+    let frame_pixels = (rows as u64).saturating_mul(columns as u64);
+    if frame_pixels > limits.max_slice_pixels
+        || crate::limits::product(&[frame_pixels, n_frames as u64]).is_none_or(|n| n > limits.max_volume_voxels)
+    {
+        return Err(SegError::Invalid(format!(
+            "{columns}×{rows}×{n_frames} pixels exceed the limits (max_slice_pixels, max_volume_voxels, docs/limits.md)"
+        )));
+    }
     let bits_allocated = get_uint(o, tags::BITS_ALLOCATED).unwrap_or(0);
 
     // Segments

@@ -255,7 +255,12 @@ pub fn write_seg(source: &Volume, segments: &[Segment<'_>], opts: &SegOptions) -
 
     // Patient, General Study, Patient Study (copied from the source)
     put_opt(&mut o, tags::PATIENT_NAME, VR::PN, info.patient_name.as_deref(), 64 * 5);
-    put_opt(&mut o, tags::PATIENT_ID, VR::LO, info.patient_id.as_deref(), 64);
+    // PatientID is copied as it is, even beyond LO's 64 characters: archives (Orthanc) file a SEG
+    // under the patient whose ID matches byte for byte, so a shortened ID would land it elsewhere.
+    match info.patient_id.as_deref().map(str::trim).filter(|s| !s.is_empty()) {
+        Some(id) => put_str(&mut o, tags::PATIENT_ID, VR::LO, id),
+        None => put_empty(&mut o, tags::PATIENT_ID, VR::LO),
+    }
     put_opt(&mut o, tags::PATIENT_BIRTH_DATE, VR::DA, info.patient_birth_date.as_deref(), 8);
     // Enumerated values only (M, F, O); anything else is written as unknown (empty).
     let sex = info.patient_sex.as_deref().map(str::trim).filter(|s| matches!(*s, "M" | "F" | "O"));

@@ -70,7 +70,12 @@ pub fn load_series_files(paths: &[PathBuf]) -> Result<LoadedSeries, DicomError> 
     }
     let mut objects = Vec::with_capacity(paths.len());
     for p in paths {
-        let bytes = std::fs::read(p).map_err(|e| DicomError::io(p, e))?;
+        let Some(bytes) = read_if_dicom(p)? else {
+            return Err(DicomError::Corrupt {
+                file: p.display().to_string(),
+                reason: "no DICM magic code: not a DICOM Part-10 file".into(),
+            });
+        };
         objects.push(parse_bytes(
             &p.display().to_string(),
             &bytes,
@@ -97,7 +102,12 @@ pub fn load_series_bytes(files: &[Vec<u8>]) -> Result<LoadedSeries, DicomError> 
 pub fn group_series(paths: &[PathBuf]) -> Result<Vec<SeriesGroup>, DicomError> {
     let mut objects = Vec::with_capacity(paths.len());
     for p in paths {
-        let bytes = std::fs::read(p).map_err(|e| DicomError::io(p, e))?;
+        let Some(bytes) = read_if_dicom(p)? else {
+            return Err(DicomError::Corrupt {
+                file: p.display().to_string(),
+                reason: "no DICM magic code: not a DICOM Part-10 file".into(),
+            });
+        };
         objects.push(parse_bytes(
             &p.display().to_string(),
             &bytes,
@@ -143,7 +153,10 @@ fn parse_bytes(name: &str, bytes: &[u8], path: Option<PathBuf>) -> Result<Parsed
         4
     };
     let data_end = match check_element_lengths(bytes, after_magic) {
-        Ok(e) => e,
+        Ok(w) => w.data_end,
+        Err(reason) if reason.contains("docs/limits.md") => {
+            return Err(DicomError::LimitExceeded { file: name.to_string(), reason })
+        }
         Err(reason) => {
             // A transfer syntax we do not know may also be why the walk failed; say so precisely.
             if let Some(uid) = meta_transfer_syntax(bytes, preamble) {
@@ -243,64 +256,117 @@ fn scan_meta(bytes: &[u8], start: usize) -> Result<(String, usize), String> {
     Ok((ts, pos))
 }
 
+/// What the pre-parse walk learnt: where the data set ends and the image size its top level declares.
+#[derive(Debug, Default, Clone, Copy)]
+struct Walked {
+    data_end: usize,
+    rows: u64,
+    cols: u64,
+    frames: u64,
+}
+
 /// Walks the element headers of a Part-10 byte stream and checks that every defined length fits in
-/// the bytes that remain. dicom-rs allocates a declared length before reading it, so a corrupt length
-/// (up to 4 GiB) would otherwise cost a huge allocation — or abort the process — before failing.
-/// Deflated data sets and explicit-VR UN of undefined length are not walked (left to the parser).
+/// the container that holds it (file, sequence or item, at every nesting depth). dicom-rs allocates a
+/// declared length before reading it, so a corrupt length (up to 4 GiB) would otherwise cost a huge
+/// allocation — or abort the process — before failing. A deflated data set is inflated first, at most
+/// `max_file_bytes` (docs/limits.md), and walked the same way. Top-level Rows, Columns and Number of
+/// Frames are checked against the limits here, before anything is decoded.
 /// Returns where the data set ends: the buffer's end, or the start of an all-zero tail (padding that
 /// the parser would otherwise choke on).
-fn check_element_lengths(bytes: &[u8], start: usize) -> Result<usize, String> {
-    let end = bytes.len();
-    let rd16 = |at: usize, be: bool| -> u16 {
-        let b = [bytes[at], bytes[at + 1]];
-        if be {
-            u16::from_be_bytes(b)
-        } else {
-            u16::from_le_bytes(b)
-        }
-    };
-    let rd32 = |at: usize, be: bool| -> u32 {
-        let b = [bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]];
-        if be {
-            u32::from_be_bytes(b)
-        } else {
-            u32::from_le_bytes(b)
-        }
-    };
-    let (ts, mut pos) = scan_meta(bytes, start)?;
+fn check_element_lengths(bytes: &[u8], start: usize) -> Result<Walked, String> {
+    let limits = crate::limits::get();
+    let (ts, pos) = scan_meta(bytes, start)?;
     let (explicit, be) = match ts.as_str() {
         "1.2.840.10008.1.2" => (false, false),
         "1.2.840.10008.1.2.2" => (true, true),
-        "1.2.840.10008.1.2.1.99" => return Ok(end), // deflated: the parser inflates it
+        "1.2.840.10008.1.2.1.99" => {
+            // Deflated: inflate (bounded) and walk the plain data set; the parser inflates it again.
+            use std::io::Read;
+            let mut inflated = Vec::new();
+            let cap = limits.max_file_bytes;
+            flate2::read::DeflateDecoder::new(&bytes[pos..])
+                .take(cap + 1)
+                .read_to_end(&mut inflated)
+                .map_err(|e| format!("the deflated data set does not inflate: {e}"))?;
+            if inflated.len() as u64 > cap {
+                return Err(format!("the deflated data set inflates to more than {cap} bytes (limit max_file_bytes, docs/limits.md)"));
+            }
+            let w = walk_data_set(&inflated, 0, true, false, &limits)?;
+            return Ok(Walked { data_end: bytes.len(), ..w });
+        }
         "" => return Err("no transfer syntax in the file meta group".into()),
         _ => (true, false),
     };
+    walk_data_set(bytes, pos, explicit, be, &limits)
+}
+
+/// The walk itself over a plain (not deflated) data set starting at `pos`.
+fn walk_data_set(bytes: &[u8], mut pos: usize, explicit: bool, be: bool, limits: &crate::limits::Limits) -> Result<Walked, String> {
+    use dicom_core::dictionary::{DataDictionary, DataDictionaryEntry, VirtualVr};
+    let end = bytes.len();
+    let rd16 = |at: usize| -> u16 {
+        let b = [bytes[at], bytes[at + 1]];
+        if be { u16::from_be_bytes(b) } else { u16::from_le_bytes(b) }
+    };
+    let rd32 = |at: usize| -> u32 {
+        let b = [bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]];
+        if be { u32::from_be_bytes(b) } else { u32::from_le_bytes(b) }
+    };
+    let max_depth = limits.max_nesting as usize;
+    // Ends of the open defined-length containers (sequences and items); undefined-length ones
+    // end at their delimiter and are recorded as usize::MAX.
+    let mut containers: Vec<usize> = Vec::new();
+    let mut walked = Walked { data_end: end, rows: 0, cols: 0, frames: 1 };
     let mut in_fragments = false;
     while pos < end {
-        // Zero padding after the last element (seen in files from some archives) is the parser's call.
-        if bytes[pos..].iter().all(|&b| b == 0) {
-            return Ok(pos);
+        while containers.last().is_some_and(|&e| e != usize::MAX && pos >= e) {
+            containers.pop();
         }
-        if pos + 8 > end {
+        let limit = containers.iter().rev().copied().find(|&e| e != usize::MAX).unwrap_or(end);
+        // Zero padding after the last element (seen in files from some archives) is the parser's call.
+        if containers.is_empty() && bytes[pos..].iter().all(|&b| b == 0) {
+            walked.data_end = pos;
+            break;
+        }
+        if pos + 8 > limit {
             return Err(format!("element header cut short at byte {pos}"));
         }
-        let group = rd16(pos, be);
-        let elem = rd16(pos + 2, be);
+        let group = rd16(pos);
+        let elem = rd16(pos + 2);
         if group == 0xFFFE {
             // Item / item delimiter / sequence delimiter: 4-byte length, never a VR.
-            let len = rd32(pos + 4, be);
+            let len = rd32(pos + 4);
             pos += 8;
             match elem {
-                0xE0DD => in_fragments = false,
-                0xE000 if len != u32::MAX && (in_fragments || len > 0) => {
-                    // A defined-length item or fragment: its bytes must be there (skip over them).
-                    if pos + len as usize > end {
-                        return Err(format!(
-                            "item at byte {} declares {len} bytes past the end",
-                            pos - 8
-                        ));
+                0xE0DD => {
+                    in_fragments = false;
+                    // The undefined-length sequence ends here.
+                    if containers.last() == Some(&usize::MAX) {
+                        containers.pop();
+                    }
+                }
+                0xE00D => {
+                    if containers.last() == Some(&usize::MAX) {
+                        containers.pop();
+                    }
+                }
+                0xE000 if in_fragments => {
+                    if len == u32::MAX || pos + len as usize > limit {
+                        return Err(format!("pixel data fragment at byte {} declares {len} bytes past its end", pos - 8));
                     }
                     pos += len as usize;
+                }
+                0xE000 => {
+                    if containers.len() >= max_depth {
+                        return Err(format!("sequences nested deeper than {max_depth} levels (limit max_nesting, docs/limits.md)"));
+                    }
+                    if len == u32::MAX {
+                        containers.push(usize::MAX);
+                    } else if pos + len as usize > limit {
+                        return Err(format!("item at byte {} declares {len} bytes past the end of its container", pos - 8));
+                    } else {
+                        containers.push(pos + len as usize);
+                    }
                 }
                 _ => {}
             }
@@ -309,38 +375,87 @@ fn check_element_lengths(bytes: &[u8], start: usize) -> Result<usize, String> {
         let (len, hdr, vr) = if explicit {
             let vr = [bytes[pos + 4], bytes[pos + 5]];
             if !ALL_VRS.contains(&&vr) {
-                return Err(format!(
-                    "element ({group:04X},{elem:04X}) has an invalid VR at byte {pos}"
-                ));
+                return Err(format!("element ({group:04X},{elem:04X}) has an invalid VR at byte {pos}"));
             }
             if LONG_VRS.contains(&&vr) {
-                if pos + 12 > end {
+                if pos + 12 > limit {
                     return Err(format!("element header cut short at byte {pos}"));
                 }
-                (rd32(pos + 8, be), 12, Some(vr))
+                (rd32(pos + 8), 12, Some(vr))
             } else {
-                (rd16(pos + 6, be) as u32, 8, Some(vr))
+                (rd16(pos + 6) as u32, 8, Some(vr))
             }
         } else {
-            (rd32(pos + 4, be), 8, None)
+            (rd32(pos + 4), 8, None)
         };
+        let header_at = pos;
         pos += hdr;
+        let tag = Tag(group, elem);
+        let is_sequence = match vr {
+            Some(v) => &v == b"SQ",
+            None => dicom_dictionary_std::StandardDataDictionary
+                .by_tag(tag)
+                .is_some_and(|e| e.vr() == VirtualVr::Exact(dicom_core::VR::SQ)),
+        };
         if len == u32::MAX {
             if (group, elem) == (0x7FE0, 0x0010) {
                 in_fragments = true;
             } else if vr == Some(*b"UN") {
-                return Ok(end); // implicit-VR content inside explicit VR: leave it to the parser
+                return Ok(walked); // implicit-VR content inside explicit VR: leave it to the parser
+            } else {
+                if containers.len() >= max_depth {
+                    return Err(format!("sequences nested deeper than {max_depth} levels (limit max_nesting, docs/limits.md)"));
+                }
+                containers.push(usize::MAX); // walk into its items; it ends at its delimiter
             }
-            continue; // sequence of undefined length: walk into its items
+            continue;
         }
-        if pos + len as usize > end {
+        if pos + len as usize > limit {
             return Err(format!(
-                "element ({group:04X},{elem:04X}) declares {len} bytes past the end of the file"
+                "element ({group:04X},{elem:04X}) at byte {header_at} declares {len} bytes past the end of {}",
+                if containers.is_empty() { "the file" } else { "its sequence" }
             ));
+        }
+        if is_sequence {
+            if containers.len() >= max_depth {
+                return Err(format!("sequences nested deeper than {max_depth} levels (limit max_nesting, docs/limits.md)"));
+            }
+            containers.push(pos + len as usize); // walk into it
+            continue;
+        }
+        if containers.is_empty() && group == 0x0028 {
+            let value = &bytes[pos..pos + len as usize];
+            match (elem, len) {
+                (0x0010, 2) => walked.rows = rd16(pos) as u64,
+                (0x0011, 2) => walked.cols = rd16(pos) as u64,
+                (0x0008, _) => {
+                    walked.frames = String::from_utf8_lossy(value).trim_matches(['\0', ' ']).parse().unwrap_or(1).max(1)
+                }
+                _ => {}
+            }
         }
         pos += len as usize;
     }
-    Ok(end)
+    check_image_size(walked.rows, walked.cols, walked.frames, limits)?;
+    Ok(walked)
+}
+
+/// Rows × Columns against the per-slice limit, × frames against the per-volume one (overflow-safe).
+fn check_image_size(rows: u64, cols: u64, frames: u64, limits: &crate::limits::Limits) -> Result<(), String> {
+    let pixels = rows.saturating_mul(cols);
+    if pixels > limits.max_slice_pixels {
+        return Err(format!(
+            "{cols}×{rows} pixels per frame exceed the limit of {} (max_slice_pixels, docs/limits.md)",
+            limits.max_slice_pixels
+        ));
+    }
+    if crate::limits::product(&[rows, cols, frames]).is_none_or(|n| n > limits.max_volume_voxels) {
+        return Err(format!(
+            "{cols}×{rows}×{frames} voxels exceed the limit of {} (max_volume_voxels, docs/limits.md)",
+            limits.max_volume_voxels
+        ));
+    }
+    Ok(())
 }
 
 /// The error and its sources on one line.
@@ -388,13 +503,12 @@ fn read_dir_objects(dir: &Path) -> Result<(Vec<Parsed>, Vec<String>), DicomError
         if name.starts_with('.') || name.eq_ignore_ascii_case("DICOMDIR") {
             continue;
         }
-        let bytes = std::fs::read(&p).map_err(|e| DicomError::io(&p, e))?;
-        let looks_dicom =
-            (bytes.len() >= 132 && &bytes[128..132] == b"DICM") || bytes.starts_with(b"DICM");
-        if !looks_dicom {
+        // Look at the 132-byte preamble before reading a file whole: a large non-DICOM file
+        // beside a series costs nothing.
+        let Some(bytes) = read_if_dicom(&p)? else {
             warnings.push(format!("skipped {}: not a DICOM Part-10 file", p.display()));
             continue;
-        }
+        };
         objects.push(parse_bytes(
             &p.display().to_string(),
             &bytes,
@@ -410,15 +524,63 @@ fn read_dir_objects(dir: &Path) -> Result<(Vec<Parsed>, Vec<String>), DicomError
     Ok((objects, warnings))
 }
 
+/// The bytes of `path` if it starts like a Part-10 file (DICM at 128 or at 0); None otherwise.
+/// Files over `max_file_bytes` are an error before they are read.
+fn read_if_dicom(path: &Path) -> Result<Option<Vec<u8>>, DicomError> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).map_err(|e| DicomError::io(path, e))?;
+    let mut head = [0u8; 132];
+    let mut got = 0;
+    while got < head.len() {
+        match f.read(&mut head[got..]).map_err(|e| DicomError::io(path, e))? {
+            0 => break,
+            n => got += n,
+        }
+    }
+    let looks_dicom = (got == 132 && &head[128..132] == b"DICM") || (got >= 4 && &head[..4] == b"DICM");
+    if !looks_dicom {
+        return Ok(None);
+    }
+    let size = f.metadata().map_err(|e| DicomError::io(path, e))?.len();
+    let cap = crate::limits::get().max_file_bytes;
+    if size > cap {
+        return Err(DicomError::LimitExceeded {
+            file: path.display().to_string(),
+            reason: format!("{size} bytes exceed the limit of {cap} per file (max_file_bytes, docs/limits.md)"),
+        });
+    }
+    let mut bytes = Vec::with_capacity(size as usize);
+    bytes.extend_from_slice(&head[..got]);
+    f.take(cap - got as u64).read_to_end(&mut bytes).map_err(|e| DicomError::io(path, e))?;
+    Ok(Some(bytes))
+}
+
+/// Every file below `dir`. Directories reached twice (symlink loops, links to a parent) are walked
+/// once: each is identified by its device and inode; nesting stops at `max_nesting` levels.
 fn collect_files(dir: &Path, depth: usize, out: &mut Vec<PathBuf>) -> Result<(), DicomError> {
-    if depth > 16 {
-        return Ok(()); // guards against symlink loops
+    let mut seen = std::collections::HashSet::new();
+    collect_files_once(dir, depth, out, &mut seen)
+}
+
+fn collect_files_once(
+    dir: &Path,
+    depth: usize,
+    out: &mut Vec<PathBuf>,
+    seen: &mut std::collections::HashSet<(u64, u64)>,
+) -> Result<(), DicomError> {
+    use std::os::unix::fs::MetadataExt;
+    if depth as u64 > crate::limits::get().max_nesting {
+        return Ok(());
+    }
+    let meta = std::fs::metadata(dir).map_err(|e| DicomError::io(dir, e))?;
+    if !seen.insert((meta.dev(), meta.ino())) {
+        return Ok(());
     }
     for entry in std::fs::read_dir(dir).map_err(|e| DicomError::io(dir, e))? {
         let entry = entry.map_err(|e| DicomError::io(dir, e))?;
         let p = entry.path();
         if p.is_dir() {
-            collect_files(&p, depth + 1, out)?;
+            collect_files_once(&p, depth + 1, out, seen)?;
         } else if p.is_file() {
             out.push(p);
         }
@@ -560,9 +722,6 @@ fn groups_of(objects: &[Parsed]) -> Vec<SeriesGroup> {
 // ---------------------------------------------------------------------------------------------
 // Assembly
 
-/// Upper bound on voxels per instance and per series (2 GiB of f32): a corrupt Rows/Columns/NumberOfFrames
-/// must be an error, not an allocation that aborts the process.
-const MAX_VOXELS: usize = 1 << 29;
 
 /// Geometry and value transform of one frame (a single-frame instance or one frame of a multi-frame).
 #[derive(Debug, Clone)]
@@ -736,12 +895,15 @@ fn load_objects(
     // Pixels.
     let (rows, cols) = (first.rows, first.cols);
     let n = rows * cols;
-    if n.saturating_mul(frames.len()) > MAX_VOXELS {
-        return Err(DicomError::UnsupportedPixelFormat {
-            instance: frame_name(&first),
-            detail: format!(
-                "the series has {} voxels, above the reader's limit of {MAX_VOXELS}",
-                n * frames.len()
+    // A corrupt or hostile size must be an error, not an allocation that aborts the process.
+    let limits = crate::limits::get();
+    if (n as u64).saturating_mul(frames.len() as u64) > limits.max_volume_voxels {
+        return Err(DicomError::LimitExceeded {
+            file: frame_name(&first),
+            reason: format!(
+                "the series has {} voxels, above the limit of {} (max_volume_voxels, docs/limits.md)",
+                (n as u64).saturating_mul(frames.len() as u64),
+                limits.max_volume_voxels
             ),
         });
     }
@@ -902,14 +1064,8 @@ fn frames_of(obj_idx: usize, p: &Parsed) -> Result<Vec<Frame>, DicomError> {
         .filter(|v| *v > 0)
         .ok_or_else(|| missing("Columns"))? as usize;
     let n_frames = attr_int(o, tags::NUMBER_OF_FRAMES).unwrap_or(1).max(1) as usize;
-    if rows.saturating_mul(cols).saturating_mul(n_frames) > MAX_VOXELS {
-        return Err(DicomError::UnsupportedPixelFormat {
-            instance: sop_uid.clone(),
-            detail: format!(
-                "{cols}x{rows}x{n_frames} voxels exceed the reader's limit of {MAX_VOXELS}"
-            ),
-        });
-    }
+    check_image_size(rows as u64, cols as u64, n_frames as u64, &crate::limits::get())
+        .map_err(|reason| DicomError::LimitExceeded { file: sop_uid.clone(), reason })?;
     let per_frame = o
         .element_opt(tags::PER_FRAME_FUNCTIONAL_GROUPS_SEQUENCE)
         .ok()
@@ -1209,7 +1365,7 @@ mod tests {
         let mut padded = enc.files.clone();
         padded[0].extend_from_slice(&[0u8; 6]);
         assert_eq!(
-            check_element_lengths(&padded[0], 132),
+            check_element_lengths(&padded[0], 132).map(|w| w.data_end),
             Ok(enc.files[0].len())
         );
         let got = load_series_bytes(&padded).unwrap();

@@ -38,8 +38,9 @@ impl FeatureCache {
         self.dir.join(format!("{key}.safetensors"))
     }
 
-    /// Features of one slice (batch 1, f16 on the CPU) if present and readable.
-    pub fn get(&self, key: &str, tap_count: usize) -> Option<Features> {
+    /// Features of one slice (batch 1, f16 on the CPU) if present, readable and shaped as the model
+    /// expects (neck 1×`neck_dim`×g×g, taps 4-D of batch 1): a corrupt entry is a miss, not a panic.
+    pub fn get(&self, key: &str, tap_count: usize, neck_shape: [i64; 4]) -> Option<Features> {
         let p = self.path(key);
         if !p.is_file() {
             return None;
@@ -48,7 +49,12 @@ impl FeatureCache {
         let find = |name: &str| tensors.iter().find(|(n, _)| n == name).map(|(_, t)| t.shallow_clone());
         let neck = find("neck")?;
         let taps: Option<Vec<Tensor>> = (0..tap_count).map(|i| find(&format!("tap{i}"))).collect();
-        Some(Features { taps: taps?, neck })
+        let taps = taps?;
+        let float = |t: &Tensor| matches!(t.kind(), Kind::Half | Kind::Float | Kind::BFloat16);
+        if neck.size() != neck_shape || !float(&neck) || taps.iter().any(|t| t.dim() != 4 || t.size()[0] != 1 || !float(t)) {
+            return None;
+        }
+        Some(Features { taps, neck })
     }
 
     /// Store one slice's features (batch 1) as f16. Written to a temporary name then renamed, so a

@@ -22,6 +22,8 @@ pub enum Normalization {
 pub fn percentile(values: &mut [f32], p: f64) -> f32 {
     assert!(!values.is_empty());
     let n = values.len();
+    // model.json's clip is validated at load; clamping here keeps any other caller in range too.
+    let p = if p.is_finite() { p.clamp(0.0, 100.0) } else { 50.0 };
     let pos = p / 100.0 * (n - 1) as f64;
     let lo = pos.floor() as usize;
     let frac = pos - lo as f64;

@@ -33,6 +33,27 @@ pub enum EngineError {
     Cancelled,
     #[error("inference failed: {0}")]
     Inference(String),
+    #[error("out of memory: {0}")]
+    OutOfMemory(String),
+}
+
+impl EngineError {
+    /// A panic caught at the engine's boundary (libtorch errors reach Rust as tch panics).
+    fn from_panic(message: String) -> EngineError {
+        if crate::guard::is_out_of_memory(&message) {
+            EngineError::OutOfMemory(message)
+        } else {
+            EngineError::Inference(message)
+        }
+    }
+}
+
+/// Test hook (docs/limits.md): `DESAM_FAULT_INJECTION=decode` makes every decode raise a real
+/// libtorch error, so that tests can prove a failing model never takes a worker down.
+fn injected_fault(stage: &str) {
+    if std::env::var("DESAM_FAULT_INJECTION").is_ok_and(|v| v.split(',').any(|s| s.trim() == stage)) {
+        let _ = Tensor::zeros([2, 3], (Kind::Float, Device::Cpu)).view([7]);
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
@@ -271,8 +292,14 @@ fn device_name(d: Device) -> String {
 }
 
 impl Segmenter {
-    /// Open, verify and load a model directory.
+    /// Open, verify and load a model directory. A libtorch error while loading is an error, never a panic.
     pub fn from_model_dir(dir: &Path, opts: EngineOptions) -> Result<Segmenter, EngineError> {
+        crate::guard::catch(|| Self::load_unguarded(dir, opts)).unwrap_or_else(|m| {
+            Err(EngineError::ModelLoad { dir: dir.to_path_buf(), message: m })
+        })
+    }
+
+    fn load_unguarded(dir: &Path, opts: EngineOptions) -> Result<Segmenter, EngineError> {
         let md = modeldir::open(dir)?;
         let load_err = |message: String| EngineError::ModelLoad { dir: dir.to_path_buf(), message };
         let arch: Arch = md.spec.arch.parse().map_err(|e: crate::model::config::UnknownArch| load_err(e.to_string()))?;
@@ -345,8 +372,18 @@ impl Segmenter {
         }
     }
 
-    /// Segment one volume.
+    /// Segment one volume. Every libtorch error (including running out of memory) comes back as an
+    /// `EngineError`; nothing panics out of here.
     pub fn segment(
+        &self,
+        volume: &Volume,
+        req: &SegmentRequest,
+        progress: &mut dyn FnMut(Progress),
+    ) -> Result<SegmentationResult, EngineError> {
+        crate::guard::catch(|| self.segment_unguarded(volume, req, progress)).unwrap_or_else(|m| Err(EngineError::from_panic(m)))
+    }
+
+    fn segment_unguarded(
         &self,
         volume: &Volume,
         req: &SegmentRequest,
@@ -483,7 +520,7 @@ impl Segmenter {
             for i in 0..(z1 - z) {
                 let key = self.cache.as_ref().map(|_| FeatureCache::key(&x.narrow(0, i as i64, 1)));
                 if let (Some(c), Some(k)) = (&self.cache, &key) {
-                    if let Some(f) = c.get(k, self.cfg.tap_count) {
+                    if let Some(f) = c.get(k, self.cfg.tap_count, [1, self.cfg.prompt_dim, self.cfg.grid, self.cfg.grid]) {
                         out[z + i - z_start] = Some(f.to_device_kind(self.device, self.kind));
                         hits[z + i - z_start] = true;
                     }
@@ -551,6 +588,7 @@ impl Segmenter {
                 return Err(EngineError::Cancelled);
             }
             let t = Instant::now();
+            injected_fault("decode");
             let (ious, logits) = match (mode, strategy) {
                 (Mode::Box, DecoderStrategy::Shared) => {
                     let ctx = self.model.pimm_context(f);
@@ -663,6 +701,19 @@ fn check_volume(v: &Volume) -> Result<(), EngineError> {
     let [nz, ny, nx] = v.dims;
     if nz == 0 || ny < 8 || nx < 8 {
         return Err(EngineError::BadVolume(format!("dims {nz}×{ny}×{nx} are too small (need ≥1 slice of ≥8×8)")));
+    }
+    let limits = crate::limits::get();
+    if (ny as u64).saturating_mul(nx as u64) > limits.max_slice_pixels {
+        return Err(EngineError::BadVolume(format!(
+            "slices of {nx}×{ny} exceed the limit of {} pixels per slice (docs/limits.md)",
+            limits.max_slice_pixels
+        )));
+    }
+    if crate::limits::product(&[nz as u64, ny as u64, nx as u64]).is_none_or(|n| n > limits.max_volume_voxels) {
+        return Err(EngineError::BadVolume(format!(
+            "{nz}×{ny}×{nx} voxels exceed the limit of {} voxels per volume (docs/limits.md)",
+            limits.max_volume_voxels
+        )));
     }
     if v.voxels.len() != nz * ny * nx {
         return Err(EngineError::BadVolume(format!("{} voxels for dims {nz}×{ny}×{nx}", v.voxels.len())));

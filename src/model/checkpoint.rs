@@ -114,6 +114,11 @@ fn st_kind(dtype: safetensors::Dtype) -> Option<Kind> {
 
 /// Read a safetensors file (any of f32/f16/bf16/f64/integer/bool tensors), in file order.
 pub fn read_safetensors(path: &Path) -> Result<Vec<(String, Tensor)>, CheckpointError> {
+    let len = std::fs::metadata(path).map_err(|source| CheckpointError::Io { path: path.to_path_buf(), source })?.len();
+    let cap = crate::limits::get().max_checkpoint_bytes;
+    if len > cap {
+        return Err(format_err(path, format!("{len} bytes exceed the limit of {cap} (max_checkpoint_bytes, docs/limits.md)")));
+    }
     let bytes = std::fs::read(path).map_err(|source| CheckpointError::Io { path: path.to_path_buf(), source })?;
     let st = safetensors::SafeTensors::deserialize(&bytes)
         .map_err(|e| format_err(path, format!("invalid safetensors file: {e}")))?;
@@ -261,10 +266,16 @@ fn read_pth_zip(path: &Path) -> Result<Vec<(String, Tensor)>, CheckpointError> {
             return Err(format_err(path, "big-endian checkpoints are not supported"));
         }
     }
+    let limits = crate::limits::get();
     let mut pickle = Vec::new();
     zip.by_name(&pkl_name)
-        .and_then(|mut f| f.read_to_end(&mut pickle).map_err(Into::into))
+        .and_then(|f| f.take(limits.max_pickle_bytes + 1).read_to_end(&mut pickle).map_err(Into::into))
         .map_err(|e| format_err(path, format!("cannot read {pkl_name}: {e}")))?;
+    if pickle.len() as u64 > limits.max_pickle_bytes {
+        return Err(format_err(path, format!("{pkl_name} is larger than {} bytes (max_pickle_bytes, docs/limits.md)", limits.max_pickle_bytes)));
+    }
+    let file_len = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+    let mut budget = limits.max_checkpoint_bytes.min(file_len.saturating_mul(limits.max_zip_ratio));
     let root = Unpickler::new(&pickle).run().map_err(|e| format_err(path, format!("{pkl_name}: {e}")))?;
     let entries = state_dict_entries(&root)
         .ok_or_else(|| format_err(path, "the pickled object is not a dict of tensors (no state dict found)"))?;
@@ -274,7 +285,7 @@ fn read_pth_zip(path: &Path) -> Result<Vec<(String, Tensor)>, CheckpointError> {
         let storage = match storages.get(&spec.storage.key) {
             Some(s) => s.shallow_clone(),
             None => {
-                let s = read_storage(&mut zip, &prefix, &spec.storage)
+                let s = read_storage(&mut zip, &prefix, &spec.storage, &mut budget)
                     .map_err(|p| format_err(path, format!("tensor {key}: {p}")))?;
                 storages.insert(spec.storage.key.clone(), s.shallow_clone());
                 s
@@ -290,6 +301,7 @@ fn read_storage<R: Read + std::io::Seek>(
     zip: &mut zip::ZipArchive<R>,
     prefix: &str,
     s: &StorageRef,
+    budget: &mut u64,
 ) -> Result<Tensor, String> {
     let name = format!("{prefix}data/{}", s.key);
     let mut f = zip.by_name(&name).map_err(|e| format!("storage {name}: {e}"))?;
@@ -298,6 +310,14 @@ fn read_storage<R: Read + std::io::Seek>(
     if f.size() < nbytes as u64 {
         return Err(format!("storage {name} holds {} bytes, {} expected", f.size(), nbytes));
     }
+    // Checked before allocating: the whole checkpoint's decoded bytes stay within max_checkpoint_bytes
+    // and within max_zip_ratio × the file's size (a zip bomb declares far more than it stores).
+    if nbytes as u64 > *budget || (nbytes as u64) > f.compressed_size().saturating_mul(crate::limits::get().max_zip_ratio) {
+        return Err(format!(
+            "storage {name} decodes to {nbytes} bytes, beyond the checkpoint limits (max_checkpoint_bytes, max_zip_ratio, docs/limits.md)"
+        ));
+    }
+    *budget -= nbytes as u64;
     let t = Tensor::f_empty([s.numel as i64], (s.kind, Device::Cpu)).map_err(|e| e.to_string())?;
     if nbytes > 0 {
         // SAFETY: `t` is a fresh contiguous CPU tensor of exactly `nbytes` bytes that nothing else sees.
@@ -310,16 +330,24 @@ fn read_storage<R: Read + std::io::Seek>(
 /// The state dict inside an unpickled checkpoint: the top-level dict, or the one under "model" /
 /// "state_dict" when present. Non-tensor values are skipped.
 fn state_dict_entries(root: &Value) -> Option<Vec<(String, Rc<TensorSpec>)>> {
+    state_dict_entries_at(root, 0)
+}
+
+/// Wrappers are looked into at most 4 levels deep: a dict that contains itself stops here.
+fn state_dict_entries_at(root: &Value, depth: usize) -> Option<Vec<(String, Rc<TensorSpec>)>> {
     let Value::Dict(d) = root else { return None };
+    let d = d.try_borrow().ok()?;
     for wrapper in ["state_dict", "model"] {
-        if let Some((_, inner @ Value::Dict(_))) = d.borrow().iter().find(|(k, _)| k.as_str() == Some(wrapper)) {
-            if let Some(found) = state_dict_entries(inner) {
+        if depth >= 4 {
+            break;
+        }
+        if let Some((_, inner @ Value::Dict(_))) = d.iter().find(|(k, _)| k.as_str() == Some(wrapper)) {
+            if let Some(found) = state_dict_entries_at(inner, depth + 1) {
                 return Some(found);
             }
         }
     }
     let entries: Vec<_> = d
-        .borrow()
         .iter()
         .filter_map(|(k, v)| match (k, v) {
             (Value::Str(k), Value::Tensor(t)) => Some((k.clone(), t.clone())),
@@ -437,7 +465,46 @@ fn storage_kind(name: &str) -> Option<Kind> {
     })
 }
 
-const MAX_DEPTH_ITEMS: usize = 50_000_000;
+/// Values a pickle may push in all: a SAM ViT-H state dict needs about 10⁴; the cap bounds memory
+/// whatever the file's nesting, memo reuse or self-references.
+const MAX_PUSHES: usize = 2_000_000;
+
+impl Drop for Value {
+    /// Iterative, so that a pickle nested a million levels deep cannot overflow the stack when its
+    /// values are freed (recursion would abort the process, which no panic boundary can stop).
+    fn drop(&mut self) {
+        let mut pending: Vec<Value> = Vec::new();
+        detach_children(self, &mut pending);
+        while let Some(mut v) = pending.pop() {
+            detach_children(&mut v, &mut pending);
+        }
+    }
+}
+
+/// Moves the children of a container this value owns alone into `out` (shared ones stay).
+fn detach_children(v: &mut Value, out: &mut Vec<Value>) {
+    match v {
+        Value::Tuple(rc) => {
+            if let Some(items) = Rc::get_mut(rc) {
+                out.append(items);
+            }
+        }
+        Value::List(rc) if Rc::strong_count(rc) == 1 => {
+            if let Ok(mut items) = rc.try_borrow_mut() {
+                out.append(&mut items);
+            }
+        }
+        Value::Dict(rc) if Rc::strong_count(rc) == 1 => {
+            if let Ok(mut items) = rc.try_borrow_mut() {
+                for (k, x) in items.drain(..) {
+                    out.push(k);
+                    out.push(x);
+                }
+            }
+        }
+        _ => {}
+    }
+}
 
 struct Unpickler<'a> {
     data: &'a [u8],
@@ -445,13 +512,14 @@ struct Unpickler<'a> {
     stack: Vec<Value>,
     marks: Vec<usize>,
     memo: HashMap<u32, Value>,
+    pushes: usize,
 }
 
 type PResult<T> = Result<T, String>;
 
 impl<'a> Unpickler<'a> {
     fn new(data: &'a [u8]) -> Self {
-        Unpickler { data, pos: 0, stack: Vec::new(), marks: Vec::new(), memo: HashMap::new() }
+        Unpickler { data, pos: 0, stack: Vec::new(), marks: Vec::new(), memo: HashMap::new(), pushes: 0 }
     }
 
     fn take(&mut self, n: usize) -> PResult<&'a [u8]> {
@@ -500,8 +568,9 @@ impl<'a> Unpickler<'a> {
         Ok(self.stack.split_off(m))
     }
     fn push(&mut self, v: Value) -> PResult<()> {
-        if self.stack.len() > MAX_DEPTH_ITEMS {
-            return Err("pickle stack too large".into());
+        self.pushes += 1;
+        if self.pushes > MAX_PUSHES {
+            return Err(format!("the pickle builds more than {MAX_PUSHES} values: not a state dict"));
         }
         self.stack.push(v);
         Ok(())
@@ -617,8 +686,8 @@ impl<'a> Unpickler<'a> {
                 0x93 => {
                     let name = self.pop()?;
                     let module = self.pop()?;
-                    match (module, name) {
-                        (Value::Str(m), Value::Str(n)) => self.push(Value::Global(Rc::new((m, n))))?,
+                    match (&module, &name) {
+                        (Value::Str(m), Value::Str(n)) => self.push(Value::Global(Rc::new((m.clone(), n.clone()))))?,
                         _ => return Err("STACK_GLOBAL needs two strings".into()),
                     }
                 }
@@ -807,7 +876,8 @@ mod tests {
             p.extend([0x8c, 1, k.as_bytes()[0], b'K', v]);
         }
         p.extend([b'u', b'.']);
-        let Value::Dict(d) = Unpickler::new(&p).run().unwrap() else { panic!("not a dict") };
+        let root = Unpickler::new(&p).run().unwrap();
+        let Value::Dict(d) = &root else { panic!("not a dict") };
         let keys: Vec<_> = d.borrow().iter().map(|(k, _)| k.as_str().unwrap().to_string()).collect();
         assert_eq!(keys, ["b", "a"]);
     }

@@ -40,6 +40,7 @@ pub mod ffi {
         fn rest_get(uri: &str) -> Result<UniquePtr<Answer>>;
         fn rest_post(uri: &str, body: &[u8]) -> Result<UniquePtr<Answer>>;
         fn rest_put(uri: &str, body: &[u8]) -> Result<UniquePtr<Answer>>;
+        fn rest_delete(uri: &str) -> Result<i32>;
         fn get_global_property(property: i32, default_value: &str) -> Result<String>;
         fn set_global_property(property: i32, value: &str) -> Result<i32>;
         fn set_metric(name: &str, value: f32, is_timer: bool);
@@ -63,6 +64,7 @@ pub mod ffi {
 pub use ffi::RestReply;
 
 /// Orthanc's change types (OrthancPluginChangeType) the plugin reacts to.
+pub const CHANGE_DELETED: i32 = 1;
 pub const CHANGE_STABLE_SERIES: i32 = 8;
 pub const CHANGE_ORTHANC_STARTED: i32 = 10;
 pub const CHANGE_ORTHANC_STOPPED: i32 = 11;
@@ -95,8 +97,8 @@ impl OrthancCallError {
     pub fn is_not_found(&self) -> bool {
         self.code == ERROR_UNKNOWN_RESOURCE
     }
-    fn bridge(what: &str, e: cxx::Exception) -> Self {
-        OrthancCallError { code: -1, message: e.what().to_string(), what: what.to_string() }
+    pub fn bridge(what: &str, e: impl std::fmt::Display) -> Self {
+        OrthancCallError { code: -1, message: e.to_string(), what: what.to_string() }
     }
 }
 
@@ -127,6 +129,14 @@ impl Orthanc {
     }
     pub fn put(uri: &str, body: &[u8]) -> Result<Vec<u8>, OrthancCallError> {
         Self::answer(&format!("PUT {uri}"), ffi::rest_put(uri, body))
+    }
+
+    pub fn delete(uri: &str) -> Result<(), OrthancCallError> {
+        match ffi::rest_delete(uri) {
+            Ok(0) => Ok(()),
+            Ok(code) => Err(OrthancCallError { code, message: "DELETE failed".into(), what: format!("DELETE {uri}") }),
+            Err(e) => Err(OrthancCallError::bridge(&format!("DELETE {uri}"), e)),
+        }
     }
 
     /// Reads one stored file through a callback on the borrowed buffer (no copy of large files).

@@ -5,7 +5,7 @@ use once_cell::sync::Lazy;
 use std::ffi::{c_char, c_void};
 use std::sync::{Arc, Mutex};
 
-use super::bridge::{self, guarded, Orthanc, CHANGE_ORTHANC_STARTED, CHANGE_ORTHANC_STOPPED, CHANGE_STABLE_SERIES};
+use super::bridge::{self, guarded, Orthanc, CHANGE_DELETED, CHANGE_ORTHANC_STARTED, CHANGE_ORTHANC_STOPPED, CHANGE_STABLE_SERIES};
 use super::config::PluginConfig;
 use super::pipeline;
 use super::rest;
@@ -67,8 +67,8 @@ fn initialize() -> i32 {
             return 0;
         }
     };
-    // Faster CPU inference (see crate::runtime); the worker trims the heap after each series.
-    crate::runtime::keep_freed_memory();
+    // No process-wide allocator tuning here: the worker applies it around each series only and
+    // restores glibc's behaviour after it, so Orthanc's own traffic is never affected (issue 13).
     let processor = match pipeline::EngineProcessor::new(&config) {
         Ok(p) => p,
         Err(e) => {
@@ -104,10 +104,11 @@ fn initialize() -> i32 {
 }
 
 /// Only queue or signal here: the SDK forbids REST calls inside the change callback.
-pub fn on_change(change_type: i32, _resource_type: i32, _resource_id: &str) {
+pub fn on_change(change_type: i32, _resource_type: i32, resource_id: &str) {
     let Some(p) = plugin() else { return };
     match change_type {
         CHANGE_STABLE_SERIES => p.wake_up(),
+        CHANGE_DELETED => p.resource_deleted(resource_id),
         CHANGE_ORTHANC_STARTED => p.start(),
         CHANGE_ORTHANC_STOPPED => p.signal_shutdown(),
         _ => {}

@@ -41,6 +41,35 @@ pub struct ResultRecord {
     pub processed_at: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub job: Option<String>,
+    /// Later runs that failed while this result stayed in force, newest first (at most 5).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failed_runs: Vec<ResultRecord>,
+}
+
+/// Most failed runs kept beside a good result.
+const MAX_FAILED_RUNS: usize = 5;
+
+/// A SEG found in the archive that already covers a series (see `matching_seg`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExistingSeg {
+    pub sop_instance_uid: String,
+    /// Orthanc id of the SEG instance.
+    pub instance: String,
+    /// The QA score the SEG's ContentDescription states ("...; quality 0.87; ...").
+    pub quality: Option<f64>,
+    pub empty: bool,
+}
+
+impl ExistingSeg {
+    pub fn from_tags(sop_instance_uid: String, instance: &str, tags: &Value) -> ExistingSeg {
+        let description = tags.get("ContentDescription").and_then(Value::as_str).unwrap_or("");
+        let quality = description
+            .split(';')
+            .find_map(|part| part.trim().strip_prefix("quality "))
+            .and_then(|q| q.trim().parse::<f64>().ok())
+            .filter(|q| q.is_finite());
+        ExistingSeg { sop_instance_uid, instance: instance.to_string(), quality, empty: description.contains("empty result") }
+    }
 }
 
 impl ResultRecord {
@@ -57,6 +86,21 @@ impl ResultRecord {
             instance_count,
             processed_at: utc_now(),
             ..Default::default()
+        }
+    }
+
+    /// This record with a later failed run added: a failure replaces a failure, but a good result
+    /// ("done"/"empty") stays in force and keeps the failure beside it, newest first.
+    pub fn with_failed_run(self, failed: ResultRecord) -> ResultRecord {
+        if self.status == "done" || self.status == "empty" {
+            let mut kept = self;
+            let mut failed = failed;
+            failed.failed_runs.clear();
+            kept.failed_runs.insert(0, failed);
+            kept.failed_runs.truncate(MAX_FAILED_RUNS);
+            kept
+        } else {
+            failed
         }
     }
 
@@ -197,6 +241,22 @@ mod tests {
         assert!(matching_seg(&seg, "1.3", "v1 sha256:abc", &h).is_none());
         assert!(matching_seg(&seg, "1.2", "v1 sha256:abd", &h).is_none());
         assert!(matching_seg(&seg, "1.2", "v1 sha256:abc", &content_hash(&["1.2.1"])).is_none());
+    }
+
+    #[test]
+    fn a_failed_rerun_keeps_the_good_result_and_existing_segs_give_their_qa() {
+        let done = ResultRecord { status: "done".into(), quality_score: Some(0.9), ..Default::default() };
+        let failed = |e: &str| ResultRecord { status: "failed".into(), error: Some(e.into()), ..Default::default() };
+        let r = done.clone().with_failed_run(failed("one")).with_failed_run(failed("two"));
+        assert_eq!(r.status, "done");
+        assert_eq!(r.quality_score, Some(0.9));
+        assert_eq!(r.failed_runs.iter().map(|f| f.error.clone().unwrap()).collect::<Vec<_>>(), ["two", "one"]);
+        assert_eq!(failed("old").with_failed_run(failed("new")).error.as_deref(), Some("new"));
+        let seg = ExistingSeg::from_tags("1.2".into(), "abc", &json!({"ContentDescription": "DeSAM prostate segmentation; quality 0.42; gland 30.1 mL"}));
+        assert_eq!(seg.quality, Some(0.42));
+        assert!(!seg.empty);
+        let e = ExistingSeg::from_tags("1.3".into(), "abd", &json!({"ContentDescription": "DeSAM prostate: empty result; quality 0.10"}));
+        assert!(e.empty && e.quality == Some(0.10));
     }
 
     #[test]

@@ -11,6 +11,8 @@ pub struct Metrics {
     pub processed: AtomicU64,
     pub failed: AtomicU64,
     pub skipped: AtomicU64,
+    /// Units of work that panicked (caught at the worker's boundary; each also counts as failed).
+    pub panics: AtomicU64,
     pub needs_review: AtomicU64,
     /// Milliseconds of the last processed series, and the sum over all of them.
     pub last_ms: AtomicU64,
@@ -33,6 +35,10 @@ impl Metrics {
         self.failed.fetch_add(1, Ordering::SeqCst);
         self.publish();
     }
+    pub fn record_panic(&self) {
+        self.panics.fetch_add(1, Ordering::SeqCst);
+        self.publish();
+    }
     pub fn record_skip(&self) {
         self.skipped.fetch_add(1, Ordering::SeqCst);
         self.publish();
@@ -48,6 +54,7 @@ impl Metrics {
         Orthanc::set_metric("desam_series_processed", g(&self.processed), false);
         Orthanc::set_metric("desam_series_failed", g(&self.failed), false);
         Orthanc::set_metric("desam_series_skipped", g(&self.skipped), false);
+        Orthanc::set_metric("desam_worker_panics", g(&self.panics), false);
         Orthanc::set_metric("desam_series_needs_review", g(&self.needs_review), false);
         Orthanc::set_metric("desam_series_seconds", g(&self.last_ms) / 1000.0, false);
         Orthanc::set_metric("desam_queue_length", g(&self.queue_length), false);
@@ -60,6 +67,7 @@ impl Metrics {
             "Processed": processed,
             "Failed": g(&self.failed),
             "Skipped": g(&self.skipped),
+            "Panics": g(&self.panics),
             "NeedsReview": g(&self.needs_review),
             "LastSeconds": g(&self.last_ms) as f64 / 1000.0,
             "MeanSeconds": if processed > 0 { g(&self.total_ms) as f64 / 1000.0 / processed as f64 } else { 0.0 },

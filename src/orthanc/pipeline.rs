@@ -108,11 +108,6 @@ pub fn parse_mode(mode: &str) -> Result<Option<Mode>, String> {
     }
 }
 
-fn is_out_of_memory(e: &EngineError) -> bool {
-    let text = e.to_string().to_ascii_lowercase();
-    text.contains("out of memory") || text.contains("cuda error: out of memory") || text.contains("cudaerrormemoryallocation")
-}
-
 impl EngineProcessor {
     /// Checks the model directory's model.json (cheap: no weights are read) and the options.
     pub fn new(config: &PluginConfig) -> Result<EngineProcessor, ProcessError> {
@@ -192,7 +187,7 @@ impl SeriesProcessor for EngineProcessor {
         let result = match segmenter.segment(&volume, &seg_request, &mut report) {
             Ok(r) => r,
             Err(EngineError::Cancelled) => return Err(ProcessError::Cancelled),
-            Err(e) if is_out_of_memory(&e) && segmenter.device().is_cuda() => {
+            Err(e @ EngineError::OutOfMemory(_)) if segmenter.device().is_cuda() => {
                 // A GPU that is full (another process, a huge series) should not lose the series.
                 warnings.push(format!("GPU out of memory ({e}); retrying this series on the CPU"));
                 let cpu = Segmenter::from_model_dir(&self.dir, EngineOptions { device: DeviceChoice::Cpu, ..self.options.clone() })

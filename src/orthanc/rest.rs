@@ -64,7 +64,10 @@ pub fn handle(method: u32, url: &str, groups: &[String], body: &[u8]) -> RestRep
                 Ok(v) if v.is_object() => {
                     let mode = match v.get("Mode") {
                         None | Some(Value::Null) => None,
-                        Some(Value::String(m)) if !m.trim().is_empty() => Some(m.clone()),
+                        Some(Value::String(m)) if super::pipeline::parse_mode(m).is_ok() => Some(m.to_ascii_lowercase()),
+                        Some(Value::String(m)) => {
+                            return error(400, &format!("\"Mode\" must be \"auto\", \"box\" or \"grid\", not {m:?}"))
+                        }
                         Some(other) => return error(400, &format!("\"Mode\" must be a non-empty string, not {other}")),
                     };
                     (mode, v.get("Force").and_then(Value::as_bool).unwrap_or(false))

@@ -45,6 +45,10 @@ struct State {
     changes: VecDeque<(String, i64)>,
     queued: HashSet<String>,
     running: Option<String>,
+    /// Orthanc ids of the running series, its study and its patient, and the running job: a
+    /// deletion of any of them cancels the run (it then ends as a skip).
+    running_ids: Vec<String>,
+    running_job: Option<Arc<JobShared>>,
     /// Last /changes sequence number read (everything up to it is queued or needs nothing).
     scanned: i64,
     /// Last sequence number persisted in the global property.
@@ -89,6 +93,9 @@ enum RunError {
     Orthanc(#[from] OrthancCallError),
     #[error("{0}")]
     Other(String),
+    /// The source series disappeared (deleted) while it was being processed.
+    #[error("the series was deleted while it was being segmented")]
+    Vanished,
 }
 
 impl Plugin {
@@ -141,6 +148,17 @@ impl Plugin {
         jobs::set_resubmit_hook(None);
         if let Some(h) = self.worker.lock().unwrap().take() {
             let _ = h.join();
+        }
+    }
+
+    /// The change callback for a deleted resource: if it is the running series, its study or its
+    /// patient, cancel the run (no REST call here; the worker confirms and records a skip).
+    pub fn resource_deleted(&self, resource_id: &str) {
+        let st = self.state.lock().unwrap();
+        if st.running_ids.iter().any(|id| id == resource_id) {
+            if let Some(job) = &st.running_job {
+                job.cancel.store(true, Ordering::SeqCst);
+            }
         }
     }
 
@@ -347,12 +365,24 @@ impl Plugin {
             WorkItem::Manual { series_id, mode, force } => (series_id, mode, force, None, true),
             WorkItem::Resume(job) => (job.series_id.clone(), Some(job.mode.clone()), true, Some(job), true),
         };
-        let outcome = match self.process_series(&series_id, mode, force, manual, job) {
-            Ok(o) => o,
-            Err(e) => Outcome::Failed(e.to_string()),
+        // Allocator tuning for inference, confined to this series (restored when `memory` drops).
+        let memory = crate::runtime::InferenceMemory::begin();
+        // The panic boundary of one unit of work: whatever goes wrong in it, the worker goes on.
+        let outcome = match crate::guard::catch(|| self.process_series(&series_id, mode, force, manual, job)) {
+            Ok(Ok(o)) => o,
+            Ok(Err(e)) => Outcome::Failed(e.to_string()),
+            Err(panic) => {
+                self.metrics.record_panic();
+                Outcome::Failed(format!("internal error (caught): {panic}"))
+            }
         };
         // The engine's buffers stay in the heap during a series (crate::runtime); give them back.
-        crate::runtime::release_free_memory();
+        drop(memory);
+        {
+            let mut st = self.state.lock().unwrap();
+            st.running_ids.clear();
+            st.running_job = None;
+        }
         match &outcome {
             Outcome::Skipped(reason) => {
                 self.metrics.record_skip();
@@ -388,9 +418,12 @@ impl Plugin {
         Ok(())
     }
 
-    /// An existing SEG in the same study from this model over exactly this content.
-    fn find_existing_seg(&self, study_id: &str, series_uid: &str, model: &ModelIdentity, hash: &str) -> Result<Option<(String, String)>, OrthancCallError> {
-        let series_list = Orthanc::get_json(&format!("/studies/{study_id}/series"))?;
+    /// An existing SEG from this model over exactly this content, searched by StudyInstanceUID across
+    /// the whole archive (a SEG whose patient attributes differ may sit under another Orthanc study).
+    fn find_existing_seg(&self, study_uid: &str, series_uid: &str, model: &ModelIdentity, hash: &str) -> Result<Option<metadata::ExistingSeg>, OrthancCallError> {
+        let query = json!({"Level": "Series", "Query": {"StudyInstanceUID": study_uid, "Modality": "SEG"}, "Expand": true});
+        let series_list: Value = serde_json::from_slice(&Orthanc::post("/tools/find", query.to_string().as_bytes())?)
+            .map_err(|e| OrthancCallError::bridge("/tools/find", e.to_string()))?;
         for s in series_list.as_array().into_iter().flatten() {
             let main = &s["MainDicomTags"];
             let modality = main["Modality"].as_str().unwrap_or("");
@@ -401,7 +434,7 @@ impl Plugin {
             for inst in s["Instances"].as_array().into_iter().flatten().filter_map(Value::as_str) {
                 let tags = Orthanc::get_json(&format!("/instances/{inst}/simplified-tags"))?;
                 if let Some(uid) = metadata::matching_seg(&tags, series_uid, &model.seg_version(), hash) {
-                    return Ok(Some((uid, inst.to_string())));
+                    return Ok(Some(metadata::ExistingSeg::from_tags(uid, inst, &tags)));
                 }
             }
         }
@@ -417,8 +450,15 @@ impl Plugin {
         };
         let instance_ids: Vec<String> = series["Instances"].as_array().into_iter().flatten().filter_map(|v| v.as_str().map(String::from)).collect();
         let Some(first) = instance_ids.first() else { return Ok(Outcome::Skipped("the series has no instances".into())) };
-        let tags = Orthanc::get_json(&format!("/instances/{first}/simplified-tags"))?;
-        let meta = Orthanc::get_json(&format!("/instances/{first}/metadata?expand"))?;
+        let study_id = series["ParentStudy"].as_str().unwrap_or("").to_string();
+        let patient_id = Orthanc::get_json(&format!("/studies/{study_id}")).ok().and_then(|s| s["ParentPatient"].as_str().map(String::from));
+        {
+            let mut st = self.state.lock().unwrap();
+            st.running_ids = [Some(series_id.to_string()), Some(study_id.clone()), patient_id].into_iter().flatten().collect();
+        }
+        let vanished = |e: OrthancCallError| if e.is_not_found() && !self.series_exists(series_id) { RunError::Vanished } else { e.into() };
+        let tags = Orthanc::get_json(&format!("/instances/{first}/simplified-tags")).map_err(vanished)?;
+        let meta = Orthanc::get_json(&format!("/instances/{first}/metadata?expand")).map_err(vanished)?;
         let facts = SeriesFacts::from_orthanc(&series, &tags, &meta);
         if let Some(reason) = selection::hard_rules(&facts, &self.config.series_description) {
             return Ok(Outcome::Skipped(reason));
@@ -434,7 +474,7 @@ impl Plugin {
         let uids: Vec<String> = listing.as_array().into_iter().flatten().filter_map(|i| i["MainDicomTags"]["SOPInstanceUID"].as_str().map(String::from)).collect();
         let hash = metadata::content_hash(&uids);
         let series_uid = series["MainDicomTags"]["SeriesInstanceUID"].as_str().unwrap_or("").to_string();
-        let study_id = series["ParentStudy"].as_str().unwrap_or("").to_string();
+        let study_uid = tags["StudyInstanceUID"].as_str().unwrap_or("").to_string();
 
         if !force {
             if let Some(rec) = self.read_record(series_id) {
@@ -447,10 +487,15 @@ impl Plugin {
                     )));
                 }
             }
-            if let Some((seg_uid, seg_instance)) = self.find_existing_seg(&study_id, &series_uid, &model, &hash)? {
+            if let Some(found) = self.find_existing_seg(&study_uid, &series_uid, &model, &hash)? {
+                let seg_uid = found.sop_instance_uid.clone();
+                // The restored record keeps the SEG's own QA and flags it as the first run did.
+                let needs_review = found.quality.is_none_or(|q| q < self.config.quality_threshold) || found.empty;
                 let record = ResultRecord {
-                    seg_sop_instance_uid: Some(seg_uid.clone()),
-                    seg_instance: Some(seg_instance),
+                    seg_sop_instance_uid: Some(found.sop_instance_uid),
+                    seg_instance: Some(found.instance),
+                    quality_score: found.quality,
+                    needs_review,
                     ..ResultRecord::new("done", &model, &mode, &hash, uids.len())
                 };
                 self.write_record(series_id, &record)?;
@@ -477,6 +522,7 @@ impl Plugin {
             }
         };
         job.attached.store(true, Ordering::SeqCst);
+        self.state.lock().unwrap().running_job = Some(job.clone());
         job.set_detail("SeriesInstanceUID", json!(series_uid));
         job.set_detail("Model", json!(format!("{} {}", model.name, model.version)));
         let outcome = loop {
@@ -498,7 +544,13 @@ impl Plugin {
                 };
             }
             let started = Instant::now();
-            match self.run_job(series_id, &instance_ids, &uids, &hash, &model, &mode, &job) {
+            // A panic inside the run fails this job (with its message) and nothing else.
+            let run = crate::guard::catch(|| self.run_job(series_id, &instance_ids, &uids, &hash, &model, &mode, &job))
+                .unwrap_or_else(|panic| {
+                    self.metrics.record_panic();
+                    Err(RunError::Other(format!("internal error (caught): {panic}")))
+                });
+            match run {
                 Ok(record) => {
                     let millis = started.elapsed().as_millis() as u64;
                     self.metrics.record_success(millis, record.needs_review);
@@ -518,6 +570,16 @@ impl Plugin {
                     }
                     break Outcome::Done;
                 }
+                Err(RunError::Vanished) => {
+                    job.set_detail("Skipped", json!("the series was deleted while it was being segmented"));
+                    job.set_phase(Phase::Done);
+                    break Outcome::Skipped("the series was deleted while it was being segmented; no SEG stored".into());
+                }
+                Err(RunError::Process(ProcessError::Cancelled)) if !self.shutdown.load(Ordering::SeqCst) && !self.series_exists(series_id) => {
+                    job.set_detail("Skipped", json!("the series was deleted while it was being segmented"));
+                    job.set_phase(Phase::Done);
+                    break Outcome::Skipped("the series was deleted while it was being segmented; no SEG stored".into());
+                }
                 Err(RunError::Process(ProcessError::Cancelled)) if !self.shutdown.load(Ordering::SeqCst) && job.phase() == Phase::Paused => {
                     Orthanc::log_info(&format!("DeSAM: series {series_id}: job paused"));
                     continue;
@@ -533,10 +595,15 @@ impl Plugin {
                 Err(e) => {
                     let msg = e.to_string();
                     job.set_phase(Phase::Failed(msg.clone()));
-                    let record = ResultRecord {
+                    let failed = ResultRecord {
                         error: Some(msg.clone()),
                         job: job.orthanc_id.lock().unwrap().clone(),
                         ..ResultRecord::new("failed", &model, &mode, &hash, uids.len())
+                    };
+                    // A failed re-run never replaces a good result: it is kept beside it, newest first.
+                    let record = match self.read_record(series_id) {
+                        Some(previous) => previous.with_failed_run(failed),
+                        None => failed,
                     };
                     let _ = self.write_record(series_id, &record);
                     break Outcome::Failed(msg);
@@ -555,7 +622,9 @@ impl Plugin {
             if job.cancel.load(Ordering::SeqCst) {
                 return Err(ProcessError::Cancelled.into());
             }
-            files.push(Orthanc::get(&format!("/instances/{id}/file"))?);
+            files.push(Orthanc::get(&format!("/instances/{id}/file")).map_err(|e| {
+                if e.is_not_found() && !self.series_exists(series_id) { RunError::Vanished } else { e.into() }
+            })?);
             job.set_progress(0.1 * (i + 1) as f32 / instance_ids.len() as f32);
         }
         let request = ProcessRequest {
@@ -573,11 +642,22 @@ impl Plugin {
         for w in &s.warnings {
             Orthanc::log_warning(&format!("DeSAM: series {series_id}: {w}"));
         }
+        // Never store a SEG for a series that is gone: it would re-create its patient and study.
+        if !self.series_exists(series_id) {
+            return Err(RunError::Vanished);
+        }
         let seg_instance = match &output.seg {
             Some(bytes) => {
                 let answer = Orthanc::post("/instances", bytes)?;
                 let v: Value = serde_json::from_slice(&answer).map_err(|e| RunError::Other(format!("unexpected answer from POST /instances: {e}")))?;
-                Some(v["ID"].as_str().ok_or_else(|| RunError::Other(format!("POST /instances answered {v}")))?.to_string())
+                let id = v["ID"].as_str().ok_or_else(|| RunError::Other(format!("POST /instances answered {v}")))?.to_string();
+                if !self.series_exists(series_id) {
+                    // Deleted between the check and the store: take our own SEG back (Orthanc then
+                    // removes the study and patient it re-created). Source instances are never touched.
+                    let _ = Orthanc::delete(&format!("/instances/{id}"));
+                    return Err(RunError::Vanished);
+                }
+                Some(id)
             }
             None => None,
         };
@@ -605,6 +685,14 @@ impl Plugin {
         job.set_detail("NeedsReview", json!(needs_review));
         job.set_detail("Device", json!(s.device));
         Ok(record)
+    }
+
+    /// Whether the series is still in Orthanc (a failed look-up other than "not found" counts as yes).
+    fn series_exists(&self, series_id: &str) -> bool {
+        match Orthanc::get(&format!("/series/{series_id}")) {
+            Ok(_) => true,
+            Err(e) => !e.is_not_found(),
+        }
     }
 
     pub fn result_json(&self, series_id: &str) -> Result<Option<Value>, OrthancCallError> {

@@ -373,12 +373,21 @@ impl ShardReader {
                 let dtype = e["dtype"].as_str().unwrap_or("");
                 let (kind, size) = kind_of(dtype).ok_or_else(|| bad(format!("{name}: unsupported dtype {dtype}")))?;
                 let shape: Vec<i64> = e["shape"].as_array().map(|a| a.iter().filter_map(|x| x.as_i64()).collect()).unwrap_or_default();
+                if shape.is_empty() || shape.len() > 8 || shape.iter().any(|&d| d < 0) {
+                    return Err(bad(format!("{name}: shape {shape:?} is not a stack of rows")));
+                }
                 let off = e["data_offsets"].as_array().and_then(|a| Some((a.first()?.as_u64()?, a.get(1)?.as_u64()?)));
                 let (a, b) = off.ok_or_else(|| bad(format!("{name}: no data_offsets")))?;
-                let rows = shape.first().copied().unwrap_or(1).max(1) as u64;
-                let row_bytes = shape.iter().skip(1).product::<i64>() as u64 * size;
-                if row_bytes * rows != b - a {
-                    return Err(bad(format!("{name}: data length does not match its shape")));
+                // Checked arithmetic: a tampered header must be an error, not an overflow or a huge buffer.
+                let dims: Vec<u64> = shape.iter().map(|&d| d as u64).collect();
+                let row_bytes = crate::limits::product(&dims[1..]).and_then(|n| n.checked_mul(size));
+                let total = row_bytes.and_then(|r| r.checked_mul(dims[0]));
+                let file_len = f.metadata().map_err(io_err(path))?.len();
+                let (Some(row_bytes), Some(total)) = (row_bytes, total) else {
+                    return Err(bad(format!("{name}: shape {shape:?} overflows")));
+                };
+                if b < a || total != b - a || (8 + n).checked_add(b).is_none_or(|end| end > file_len) {
+                    return Err(bad(format!("{name}: data length does not match its shape or the file")));
                 }
                 map.insert(name.clone(), TensorEntry { kind, shape, start: 8 + n + a, row_bytes });
             }
