@@ -265,6 +265,11 @@ struct Walked {
     frames: u64,
 }
 
+/// The pre-parse checks of [`check_element_lengths`] for other readers (the SEG reader).
+pub(crate) fn precheck_part10(bytes: &[u8], start: usize) -> Result<(), String> {
+    check_element_lengths(bytes, start).map(|_| ())
+}
+
 /// Walks the element headers of a Part-10 byte stream and checks that every defined length fits in
 /// the container that holds it (file, sequence or item, at every nesting depth). dicom-rs allocates a
 /// declared length before reading it, so a corrupt length (up to 4 GiB) would otherwise cost a huge

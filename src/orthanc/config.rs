@@ -89,6 +89,8 @@ pub struct PluginConfig {
     pub review_metadata: i32,
     /// Global property index storing the last handled /changes sequence number.
     pub cursor_property: i32,
+    /// Resource limits checked before anything is allocated (docs/limits.md).
+    pub limits: crate::limits::Limits,
 }
 
 impl Default for PluginConfig {
@@ -110,6 +112,7 @@ impl Default for PluginConfig {
             result_metadata: 4301,
             review_metadata: 4302,
             cursor_property: 4301,
+            limits: crate::limits::Limits::default(),
         }
     }
 }
@@ -177,6 +180,7 @@ impl PluginConfig {
         if self.mode.trim().is_empty() {
             return bad("Mode", "must not be empty".into());
         }
+        self.limits.validate().map_err(|reason| ConfigError::Option { option: "Limits", reason })?;
         self.compiled_filter()?;
         Ok(())
     }

@@ -67,6 +67,8 @@ fn initialize() -> i32 {
             return 0;
         }
     };
+    // Validated with the configuration above.
+    let _ = crate::limits::set(config.limits);
     // No process-wide allocator tuning here: the worker applies it around each series only and
     // restores glibc's behaviour after it, so Orthanc's own traffic is never affected (issue 13).
     let processor = match pipeline::EngineProcessor::new(&config) {

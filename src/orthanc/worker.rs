@@ -627,6 +627,10 @@ impl Plugin {
             })?);
             job.set_progress(0.1 * (i + 1) as f32 / instance_ids.len() as f32);
         }
+        // Test hook (docs/limits.md): a panic in the middle of a unit of work, outside the engine.
+        if std::env::var("DESAM_FAULT_INJECTION").is_ok_and(|v| v.split(',').any(|s| s.trim() == "worker")) {
+            panic!("injected fault in the worker (DESAM_FAULT_INJECTION=worker)");
+        }
         let request = ProcessRequest {
             mode: mode.to_string(),
             series_description: self.config.series_description.clone(),

@@ -193,6 +193,11 @@ pub fn load_case(case: &CaseRef, require_foreground: bool) -> Result<LoadedCase,
             let v = crate::dicom::load_series_dir(series)
                 .map_err(|e| TrainError::Data { path: series.clone(), message: e.to_string() })?
                 .volume;
+            let len = std::fs::metadata(seg).map_err(io_err(seg))?.len();
+            let cap = crate::limits::get().max_file_bytes;
+            if len > cap {
+                return Err(TrainError::Data { path: seg.clone(), message: format!("{len} bytes exceed the limit of {cap} (max_file_bytes, docs/limits.md)") });
+            }
             let bytes = std::fs::read(seg).map_err(io_err(seg))?;
             let segs =
                 crate::dicom::read_seg(&bytes, &v).map_err(|e| TrainError::Data { path: seg.clone(), message: e.to_string() })?;

@@ -432,3 +432,39 @@ pub fn read_sample(
     let label = reader.row(&p, "label", row)?.unsqueeze(0);
     Ok((Features { taps, neck }, label))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A shard header is attacker-controlled input (a tampered store): sizes that overflow, negative
+    /// dimensions or data past the file's end are errors, never a panic or a huge buffer.
+    #[test]
+    fn tampered_shard_headers_are_errors() {
+        let dir = std::env::temp_dir().join(format!("desam-shard-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let write = |name: &str, header: &str, data: usize| {
+            let p = dir.join(name);
+            let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+            bytes.extend_from_slice(header.as_bytes());
+            bytes.extend(std::iter::repeat_n(0u8, data));
+            std::fs::write(&p, bytes).unwrap();
+            p
+        };
+        let good = write("good.safetensors", r#"{"neck":{"dtype":"F16","shape":[2,3],"data_offsets":[0,12]}}"#, 12);
+        let mut r = ShardReader::default();
+        assert_eq!(r.row(&good, "neck", 1).unwrap().size(), vec![3]);
+        for (name, header) in [
+            ("overflow", r#"{"neck":{"dtype":"F16","shape":[4294967296,4294967296,4294967296],"data_offsets":[0,12]}}"#),
+            ("negative", r#"{"neck":{"dtype":"F16","shape":[2,-3],"data_offsets":[0,12]}}"#),
+            ("scalar", r#"{"neck":{"dtype":"F16","shape":[],"data_offsets":[0,2]}}"#),
+            ("past_end", r#"{"neck":{"dtype":"F16","shape":[1000000,3],"data_offsets":[0,6000000]}}"#),
+            ("reversed", r#"{"neck":{"dtype":"F16","shape":[0,3],"data_offsets":[12,0]}}"#),
+        ] {
+            let p = write(&format!("{name}.safetensors"), header, 12);
+            let e = ShardReader::default().row(&p, "neck", 0).unwrap_err();
+            assert!(matches!(e, TrainError::Data { .. }), "{name}: {e}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -105,6 +105,11 @@ impl Orthanc {
 
     /// As `start`, with more configuration files (copied next to orthanc.json; Orthanc reads them all).
     pub fn start_with_files(dir: &Path, with_plugin: bool, extra: &Value, more: &[PathBuf]) -> Orthanc {
+        Self::start_with_env(dir, with_plugin, extra, more, &[])
+    }
+
+    /// As `start_with_files`, with environment variables for the Orthanc process (otherwise empty).
+    pub fn start_with_env(dir: &Path, with_plugin: bool, extra: &Value, more: &[PathBuf], env: &[(&str, &str)]) -> Orthanc {
         let (http_port, dicom_port) = (free_port(), free_port());
         let cfg = config(dir, http_port, dicom_port, with_plugin, extra);
         let auth = extra.get("RegisteredUsers").and_then(Value::as_object).and_then(|m| m.iter().next()).map(|(u, p)| format!("{u}:{}", p.as_str().unwrap()));
@@ -122,6 +127,7 @@ impl Orthanc {
             .arg(format!("--logfile={}", log.display()))
             .arg(&cfg_path)
             .env_clear()
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
