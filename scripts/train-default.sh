@@ -12,6 +12,9 @@
 #  upper bound: per target site, fine-tuned on its first 5 stored cases, scored on its 6th.
 #  NOTE: stage 2 ran with an older augment.rs (no coil term, gamma after the field); this script
 #  runs today's code for every stage, so its stage-2 store differs from the one 0.2.0 was trained on.
+#  Not produced here: the model card's "0.2.0 + clip 99.9" ablation row, its 2-epoch coupled row and
+#  the clip-only/clip-100 evaluations of 0.2.0 (historical, commits 5b79b4d and e423ac1). The
+#  coupled "2 cases per site" figure is the first 2 cases per site of store-eval-coupled12.
 # Usage: scripts/train-default.sh [WORK_DIR]   (env: THREADS, CASES_EVAL)
 # Takes about 5 h on 2 CPU cores.
 set -euo pipefail

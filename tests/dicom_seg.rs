@@ -388,7 +388,11 @@ fn bad_inputs_are_typed_errors() {
     assert!(matches!(write_seg(&nan, &[prostate(&m)], &options()), Err(SegError::Ds(_))));
 
     // Reading onto the wrong series: every frame's reference and position are foreign.
-    let bytes = write_seg(&src, &[prostate(&m)], &options()).unwrap();
+    let mut fg = Mask::zeros([2, 3, 4]);
+    fg.data[1] = 1; // slice 0
+    fg.data[12 + 5] = 1; // slice 1: other pixels, so a misplaced frame shows
+    fg.data[12 + 10] = 1;
+    let bytes = write_seg(&src, &[prostate(&fg)], &options()).unwrap();
     let mut other = source_volume([2, 3, 4], [1.0; 3], false, false);
     other.frame_of_reference_uid = src.frame_of_reference_uid.clone();
     for s in other.slices.iter_mut() {
@@ -398,7 +402,9 @@ fn bad_inputs_are_typed_errors() {
     // Same positions, foreign instance UIDs: placed by position (documented fallback).
     let mut moved = source_volume([2, 3, 4], [1.0; 3], false, false);
     moved.frame_of_reference_uid = src.frame_of_reference_uid.clone();
-    assert!(read_seg(&bytes, &moved).is_ok());
+    let placed = read_seg(&bytes, &moved).unwrap();
+    assert_eq!(placed.len(), 1);
+    assert_eq!(placed[0].1, fg, "frames placed by position");
     // Different frame of reference → grid mismatch
     let foreign = source_volume([2, 3, 4], [1.0; 3], false, false);
     assert!(matches!(read_seg(&bytes, &foreign), Err(SegError::GridMismatch { .. })));

@@ -1,5 +1,5 @@
-//! The series quality score with the shipped, trained default model (models/default): it must be
-//! lower on MR the model cannot handle than on prostate series, and flag those inputs.
+//! The shipped default model (models/default) on prostate phantoms (Dice above a floor) and on MR it
+//! cannot handle: the series quality score must be lower there than on prostate and flag those inputs.
 //! Non-prostate inputs: a real brain EPI (nibabel's example4d test image, first volume, from the
 //! project venv), its real T1 (anatomical.nii), and uniform noise. Prostate inputs: phantom cases
 //! (seed 99, never used in training) of the training site A and the held-out sites C and D.
@@ -70,6 +70,8 @@ fn quality_is_lower_on_non_prostate_mr_and_flags_it() {
         let truth = case.gland_mask();
         let dice = desam::engine::quality::dice(&r.mask.data, &truth.data);
         println!("site {:?}: QA {:.3} {:?} Dice {dice:.3}", site, r.quality, r.quality_terms);
+        // 0.3.0 scores 0.986 (A), 0.967 (C), 0.978 (D) here: a regressed model falls below the floor.
+        assert!(dice >= 0.90, "site {site:?}: Dice {dice:.3} < 0.90 with the shipped model");
         assert!(!r.flagged, "a prostate phantom of site {site:?} was flagged (QA {:.3})", r.quality);
         prostate.push(r.quality);
     }

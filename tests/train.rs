@@ -151,13 +151,29 @@ fn precompute_fit_resume_eval_export_promote() {
     let png = std::fs::read(run_full.join("progress.png")).unwrap();
     assert_eq!(&png[1..4], b"PNG");
 
-    // Resume after a forced stop reproduces the uninterrupted run's weights exactly.
+    // Resume after a forced stop continues at the saved step (its log says so and its step log
+    // extends the first session's without repeating a step) and reproduces the uninterrupted run's
+    // weights exactly.
     let run_cut = root.join("run_cut");
     fit(&run_cut, &["--max-steps", "3"]);
     let s: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run_cut.join("summary.json")).unwrap()).unwrap();
     assert_eq!(s["finished"], false);
     assert_eq!(s["global_step"], 3);
+    let cut = checkpoint_params(&run_cut.join("checkpoint_latest.safetensors"));
     fit(&run_cut, &["--resume"]);
+    let steps = |run: &Path| -> Vec<serde_json::Value> {
+        std::fs::read_to_string(run.join("steps.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    };
+    let (full_steps, cut_steps) = (steps(&run_full), steps(&run_cut));
+    assert_eq!(cut_steps, full_steps, "the resumed run's steps differ from the uninterrupted run's");
+    let starts: Vec<String> = std::fs::read_to_string(run_cut.join("training_log.txt"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split_once(" start ").map(|(_, rest)| rest.to_string()))
+        .collect();
+    assert_eq!(starts.len(), 2, "{starts:?}");
+    let at = format!("epoch {} step {} (", full_steps[3]["epoch"], full_steps[3]["step"]);
+    assert!(starts[1].starts_with(&at), "the resumed session should start at {at}: {}", starts[1]);
     let a = checkpoint_params(&run_full.join("checkpoint_latest.safetensors"));
     let b = checkpoint_params(&run_cut.join("checkpoint_latest.safetensors"));
     assert_eq!(a.len(), b.len());
@@ -165,7 +181,14 @@ fn precompute_fit_resume_eval_export_promote() {
         assert_eq!(na, nb);
         assert!(va == vb, "{na} differs after resume");
     }
-    // A different seed gives different weights (the comparison above can fail).
+    // The same 3 steps with another seed give other weights, so the equality above is not trivial.
+    let run_seed6 = root.join("run_seed6");
+    ok(&[
+        "fit", "--embeddings", e, "--mode", "grid", "--site", "A", "--epochs", "4", "--batch", "2", "--lr", "1e-3", "--seed", "6",
+        "--out", run_seed6.to_str().unwrap(), "--device", "cpu", "--quiet", "--save-every", "0", "--max-steps", "3",
+    ]);
+    let other = checkpoint_params(&run_seed6.join("checkpoint_latest.safetensors"));
+    assert!(cut.iter().zip(&other).any(|((_, va), (_, vb))| va != vb), "seeds 5 and 6 gave the same weights");
     let run_other = root.join("run_other");
     ok(&[
         "fit", "--embeddings", e, "--mode", "grid", "--site", "A", "--epochs", "1", "--batch", "2", "--lr", "1e-3", "--seed", "6",
@@ -315,8 +338,11 @@ fn bad_data_gives_clear_errors() {
     assert!(pre(&d5, root.join("e5").to_str().unwrap()).contains("no label"));
 
     // fit on a store that does not exist; bad loss weights.
-    let err = fails(&["fit", "--embeddings", root.join("nothing").to_str().unwrap(), "--site", "A", "--out", root.join("r").to_str().unwrap()]);
-    assert!(!err.is_empty());
+    let nothing = root.join("nothing");
+    let err = fails(&["fit", "--embeddings", nothing.to_str().unwrap(), "--site", "A", "--out", root.join("r").to_str().unwrap()]);
+    assert!(err.contains(&format!("{}: No such file", nothing.display())), "{err}");
+    let err = fails(&["fit", "--embeddings", root.to_str().unwrap(), "--site", "A", "--out", root.join("r").to_str().unwrap(), "--loss-weights", "1,2"]);
+    assert!(err.contains("--loss-weights wants three"), "{err}");
     let _ = std::fs::remove_dir_all(&root);
 }
 

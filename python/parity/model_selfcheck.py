@@ -1,5 +1,6 @@
 """Self-check of `desam forward` against segment-anything 1.0 modules and a PyTorch PIMM written from the
-spec (§5), with the same seeded random weights. Exits 1 if any output differs by more than 1e-4 relative.
+spec (§5), with the same seeded random weights. Exits 1 if any output differs by more than 1e-6 relative
+(measured: PIMM logits bit-identical, SAM masks ~1e-7).
 usage: model_selfcheck.py DESAM_BIN tiny|vit_b OUTDIR   (vit_b takes ~3 min on 2 CPU cores)"""
 import sys, subprocess, functools
 import numpy as np, torch, torch.nn as nn, torch.nn.functional as F
@@ -127,4 +128,4 @@ w = compare("point", reference(points=(torch.tensor([[[40.0, 50.0]]]) * S / 128,
 w = max(w, compare("box", reference(box=torch.tensor([[10.0, 20.0, 90.0, 100.0]]) * S / 128),
                    ["--box"] + [str(v * S / 128) for v in (10, 20, 90, 100)]))
 print("WORST", w)
-sys.exit(0 if w <= 1e-4 else 1)
+sys.exit(0 if w <= 1e-6 else 1)
