@@ -145,6 +145,45 @@ Answer::~Answer() {
   }
 }
 
+FullAnswer::FullAnswer() : code_(OrthancPluginErrorCode_Success), status_(0) {
+  std::memset(&body_, 0, sizeof(body_));
+  std::memset(&headers_, 0, sizeof(headers_));
+}
+
+FullAnswer::~FullAnswer() {
+  if (g_context != nullptr) {
+    if (body_.data != nullptr) OrthancPluginFreeMemoryBuffer(g_context, &body_);
+    if (headers_.data != nullptr) OrthancPluginFreeMemoryBuffer(g_context, &headers_);
+  }
+}
+
+int32_t FullAnswer::code() const { return static_cast<int32_t>(code_); }
+uint16_t FullAnswer::status() const { return status_; }
+
+rust::Slice<const uint8_t> FullAnswer::body() const {
+  if (body_.data == nullptr) return rust::Slice<const uint8_t>();
+  return rust::Slice<const uint8_t>(static_cast<const uint8_t*>(body_.data), body_.size);
+}
+
+rust::Slice<const uint8_t> FullAnswer::headers() const {
+  if (headers_.data == nullptr) return rust::Slice<const uint8_t>();
+  return rust::Slice<const uint8_t>(static_cast<const uint8_t*>(headers_.data), headers_.size);
+}
+
+std::unique_ptr<FullAnswer> rest_call(uint32_t method, rust::Str uri, rust::Str if_match, rust::Slice<const uint8_t> body) {
+  std::unique_ptr<FullAnswer> answer(new FullAnswer());
+  std::string u = to_std(uri);
+  std::string m = to_std(if_match);
+  const char* keys[] = {"If-Match"};
+  const char* values[] = {m.c_str()};
+  uint32_t n = m.empty() ? 0 : 1;
+  answer->code_ = OrthancPluginCallRestApi(context(), &answer->body_, &answer->headers_, &answer->status_,
+                                           static_cast<OrthancPluginHttpMethod>(method), u.c_str(), n,
+                                           n ? keys : nullptr, n ? values : nullptr, body.data(),
+                                           static_cast<uint32_t>(body.size()), 0);
+  return answer;
+}
+
 int32_t Answer::code() const { return static_cast<int32_t>(code_); }
 
 rust::Slice<const uint8_t> Answer::data() const {

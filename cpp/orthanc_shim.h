@@ -30,6 +30,26 @@ class Answer {
   bool owns_;
 };
 
+// The answer of a full REST call (OrthancPluginCallRestApi): error code, HTTP status, body and the
+// answer's headers as Orthanc formats them (a JSON object), for revision checks (ETag / If-Match).
+class FullAnswer {
+ public:
+  FullAnswer();
+  ~FullAnswer();
+  FullAnswer(const FullAnswer&) = delete;
+  FullAnswer& operator=(const FullAnswer&) = delete;
+
+  int32_t code() const;
+  uint16_t status() const;
+  rust::Slice<const uint8_t> body() const;
+  rust::Slice<const uint8_t> headers() const;
+
+  OrthancPluginMemoryBuffer body_;
+  OrthancPluginMemoryBuffer headers_;
+  OrthancPluginErrorCode code_;
+  uint16_t status_;
+};
+
 void init_context(OrthancPluginContext* context);
 bool check_version();
 rust::String orthanc_version();
@@ -41,6 +61,8 @@ std::unique_ptr<Answer> rest_get(rust::Str uri);
 std::unique_ptr<Answer> rest_post(rust::Str uri, rust::Slice<const uint8_t> body);
 std::unique_ptr<Answer> rest_put(rust::Str uri, rust::Slice<const uint8_t> body);
 int32_t rest_delete(rust::Str uri);
+// method: 1 GET, 2 POST, 3 PUT, 4 DELETE; `if_match` empty for none.
+std::unique_ptr<FullAnswer> rest_call(uint32_t method, rust::Str uri, rust::Str if_match, rust::Slice<const uint8_t> body);
 
 rust::String get_global_property(int32_t property, rust::Str default_value);
 int32_t set_global_property(int32_t property, rust::Str value);

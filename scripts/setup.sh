@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(orthanc orthanc-dev dcmtk dicom3tools pkg-config curl ca-certificates)
+APT_PACKAGES=(orthanc orthanc-dev orthanc-postgresql postgresql-15 dcmtk dicom3tools pkg-config curl ca-certificates time)
 need_apt=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need_apt+=("$p")

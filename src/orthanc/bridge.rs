@@ -24,6 +24,12 @@ pub mod ffi {
     unsafe extern "C++" {
         include!("desam/cpp/orthanc_shim.h");
 
+        type FullAnswer;
+        fn code(self: &FullAnswer) -> i32;
+        fn status(self: &FullAnswer) -> u16;
+        fn body(self: &FullAnswer) -> &[u8];
+        fn headers(self: &FullAnswer) -> &[u8];
+
         type Answer;
         fn code(self: &Answer) -> i32;
         fn data(self: &Answer) -> &[u8];
@@ -41,6 +47,7 @@ pub mod ffi {
         fn rest_post(uri: &str, body: &[u8]) -> Result<UniquePtr<Answer>>;
         fn rest_put(uri: &str, body: &[u8]) -> Result<UniquePtr<Answer>>;
         fn rest_delete(uri: &str) -> Result<i32>;
+        fn rest_call(method: u32, uri: &str, if_match: &str, body: &[u8]) -> Result<UniquePtr<FullAnswer>>;
         fn get_global_property(property: i32, default_value: &str) -> Result<String>;
         fn set_global_property(property: i32, value: &str) -> Result<i32>;
         fn set_metric(name: &str, value: f32, is_timer: bool);
@@ -62,6 +69,19 @@ pub mod ffi {
 }
 
 pub use ffi::RestReply;
+
+/// Orthanc's "bad revision number" (a concurrent writer changed the resource first).
+pub const ERROR_BAD_REVISION: i32 = 43;
+pub const HTTP_PUT: u32 = 3;
+pub const HTTP_DELETE: u32 = 4;
+
+/// The answer of [`Orthanc::call`].
+#[derive(Debug, Clone)]
+pub struct Revisioned {
+    pub status: u16,
+    pub body: Vec<u8>,
+    pub etag: Option<String>,
+}
 
 /// Orthanc's change types (OrthancPluginChangeType) the plugin reacts to.
 pub const CHANGE_DELETED: i32 = 1;
@@ -137,6 +157,29 @@ impl Orthanc {
             Ok(code) => Err(OrthancCallError { code, message: "DELETE failed".into(), what: format!("DELETE {uri}") }),
             Err(e) => Err(OrthancCallError::bridge(&format!("DELETE {uri}"), e)),
         }
+    }
+
+    /// A REST call with an optional `If-Match` revision: (HTTP status, body, ETag without quotes).
+    /// Orthanc's refusals come back as their HTTP status (404, 409 for a stale revision), not as errors.
+    pub fn call(method: u32, uri: &str, if_match: Option<&str>, body: &[u8]) -> Result<Revisioned, OrthancCallError> {
+        let what = format!("{} {uri}", ["?", "GET", "POST", "PUT", "DELETE"].get(method as usize).unwrap_or(&"?"));
+        let a = ffi::rest_call(method, uri, if_match.map(|e| format!("\"{e}\"")).as_deref().unwrap_or(""), body)
+            .map_err(|e| OrthancCallError::bridge(&what, e))?;
+        let a = a.as_ref().ok_or_else(|| OrthancCallError { code: -1, message: "null answer".into(), what: what.clone() })?;
+        let headers: serde_json::Value = serde_json::from_slice(a.headers()).unwrap_or(serde_json::Value::Null);
+        let etag = headers
+            .as_object()
+            .and_then(|h| h.iter().find(|(k, _)| k.eq_ignore_ascii_case("etag")))
+            .and_then(|(_, v)| v.as_str())
+            .map(|v| v.trim_matches('"').to_string());
+        let status = match (a.status(), a.code()) {
+            (0, 0) => 200,
+            (0, ERROR_UNKNOWN_RESOURCE) => 404,
+            (0, ERROR_BAD_REVISION) => 409,
+            (0, code) => return Err(OrthancCallError { code, message: "REST call failed".into(), what }),
+            (s, _) => s,
+        };
+        Ok(Revisioned { status, body: a.body().to_vec(), etag })
     }
 
     /// Reads one stored file through a callback on the borrowed buffer (no copy of large files).

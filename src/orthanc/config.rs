@@ -91,6 +91,31 @@ pub struct PluginConfig {
     pub cursor_property: i32,
     /// Resource limits checked before anything is allocated (docs/limits.md).
     pub limits: crate::limits::Limits,
+    /// This node's name in a cluster (docs/scale-out.md). Unset: `<hostname>:<HttpPort>`, and the
+    /// change cursor stays in `CursorProperty` (single-node behaviour). Set: the node keeps its own
+    /// cursor in global property `CursorProperty + 1 + FNV-1a(NodeId) mod 1000`.
+    pub node_id: Option<String>,
+    /// "worker" (claims and segments series) or "ingest" (loads no model, never claims).
+    pub role: Role,
+    /// Lifetime of a claim; the holder renews it every third of it while it works. An expired claim
+    /// (a dead node's) may be taken over by any worker.
+    pub lease_seconds: u64,
+    /// User-defined series metadata index holding the claim (node, model, expiry).
+    pub claim_metadata: i32,
+    /// Orthanc's own `HttpPort` (for the default node id); not a key of the "DeSAM" section.
+    #[serde(skip)]
+    pub http_port: u16,
+    /// Orthanc's own `CheckRevisions`: claims are race-free only with it (not a key of "DeSAM").
+    #[serde(skip)]
+    pub check_revisions: bool,
+}
+
+/// What a node does in a cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Worker,
+    Ingest,
 }
 
 impl Default for PluginConfig {
@@ -113,6 +138,12 @@ impl Default for PluginConfig {
             review_metadata: 4302,
             cursor_property: 4301,
             limits: crate::limits::Limits::default(),
+            node_id: None,
+            role: Role::Worker,
+            lease_seconds: 120,
+            claim_metadata: 4303,
+            http_port: 8042,
+            check_revisions: false,
         }
     }
 }
@@ -140,7 +171,9 @@ impl PluginConfig {
     pub fn from_orthanc_json(text: &str) -> Result<Option<PluginConfig>, ConfigError> {
         let root: serde_json::Value = serde_json::from_str(text).map_err(|e| ConfigError::Json(e.to_string()))?;
         let Some(section) = root.get("DeSAM") else { return Ok(None) };
-        let cfg: PluginConfig = serde_json::from_value(section.clone()).map_err(|e| ConfigError::Section(e.to_string()))?;
+        let mut cfg: PluginConfig = serde_json::from_value(section.clone()).map_err(|e| ConfigError::Section(e.to_string()))?;
+        cfg.http_port = root.get("HttpPort").and_then(serde_json::Value::as_u64).unwrap_or(8042) as u16;
+        cfg.check_revisions = root.get("CheckRevisions").and_then(serde_json::Value::as_bool).unwrap_or(false);
         cfg.validate()?;
         Ok(Some(cfg))
     }
@@ -169,7 +202,26 @@ impl PluginConfig {
         if !(0.0..=90.0).contains(&self.series_filter.max_obliquity_degrees) {
             return bad("SeriesFilter.MaxObliquityDegrees", "must be within [0, 90]".into());
         }
-        for (option, v) in [("ResultMetadata", self.result_metadata), ("ReviewMetadata", self.review_metadata), ("CursorProperty", self.cursor_property)] {
+        if let Some(id) = &self.node_id {
+            if id.trim().is_empty() || id.len() > 64 || id.chars().any(char::is_control) {
+                return bad("NodeId", format!("{id:?} must be 1 to 64 printable characters"));
+            }
+        }
+        if self.lease_seconds < 3 {
+            return bad("LeaseSeconds", format!("{} is too short (at least 3)", self.lease_seconds));
+        }
+        if self.node_id.is_some() && self.cursor_property > 65535 - 1001 {
+            return bad("CursorProperty", "with a NodeId it must leave room for the per-node cursors (at most 64534)".into());
+        }
+        if [self.result_metadata, self.review_metadata].contains(&self.claim_metadata) {
+            return bad("ClaimMetadata", "must differ from ResultMetadata and ReviewMetadata".into());
+        }
+        for (option, v) in [
+            ("ResultMetadata", self.result_metadata),
+            ("ReviewMetadata", self.review_metadata),
+            ("ClaimMetadata", self.claim_metadata),
+            ("CursorProperty", self.cursor_property),
+        ] {
             if !USER_RANGE.contains(&v) {
                 return bad(option, format!("{v} is outside the user range 1024..65535"));
             }
@@ -183,6 +235,25 @@ impl PluginConfig {
         self.limits.validate().map_err(|reason| ConfigError::Option { option: "Limits", reason })?;
         self.compiled_filter()?;
         Ok(())
+    }
+
+    /// This node's id: `NodeId`, or `<hostname>:<HttpPort>`.
+    pub fn node(&self) -> String {
+        match &self.node_id {
+            Some(id) => id.trim().to_string(),
+            None => {
+                let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_else(|_| "localhost".into());
+                format!("{}:{}", host.trim(), self.http_port)
+            }
+        }
+    }
+
+    /// The global property holding this node's change cursor (see `node_id`).
+    pub fn node_cursor_property(&self) -> i32 {
+        match &self.node_id {
+            Some(id) => self.cursor_property + 1 + (super::claims::fnv1a(id.trim()) % 1000) as i32,
+            None => self.cursor_property,
+        }
     }
 
     pub fn compiled_filter(&self) -> Result<CompiledFilter, ConfigError> {

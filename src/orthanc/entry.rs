@@ -71,14 +71,21 @@ fn initialize() -> i32 {
     let _ = crate::limits::set(config.limits);
     // No process-wide allocator tuning here: the worker applies it around each series only and
     // restores glibc's behaviour after it, so Orthanc's own traffic is never affected (issue 13).
-    let processor = match pipeline::EngineProcessor::new(&config) {
-        Ok(p) => p,
-        Err(e) => {
-            disable(format!("cannot use the model in {:?}: {e}", config.model_directory), true);
-            return 0;
+    let processor: Box<dyn pipeline::SeriesProcessor> = if config.role == super::config::Role::Ingest {
+        Box::new(pipeline::IngestOnly)
+    } else {
+        match pipeline::EngineProcessor::new(&config) {
+            Ok(p) => Box::new(p),
+            Err(e) => {
+                disable(format!("cannot use the model in {:?}: {e}", config.model_directory), true);
+                return 0;
+            }
         }
     };
-    let plugin = match Plugin::new(config, Box::new(processor)) {
+    if config.node_id.is_some() && config.role == super::config::Role::Worker && !config.check_revisions {
+        Orthanc::log_warning("DeSAM: a NodeId is set but Orthanc's \"CheckRevisions\" is false: claims are not race-free between nodes (docs/scale-out.md)");
+    }
+    let plugin = match Plugin::new(config, processor) {
         Ok(p) => p,
         Err(e) => {
             disable(e, true);
@@ -95,8 +102,10 @@ fn initialize() -> i32 {
         return 0;
     }
     Orthanc::log_warning(&format!(
-        "DeSAM {} ready: model directory {}, device {}, automatic trigger {}",
+        "DeSAM {} ready: node {} ({:?}), model directory {}, device {}, automatic trigger {}",
         env!("CARGO_PKG_VERSION"),
+        plugin.config.node(),
+        plugin.config.role,
         plugin.config.model_directory,
         plugin.config.device,
         if plugin.config.stable_series_trigger { "on StableSeries" } else { "off (manual only)" }

@@ -2,6 +2,7 @@
 //! configuration, worker and jobs, REST routes, metrics. Must not hold segmentation logic (engine/).
 
 pub mod bridge;
+pub mod claims;
 pub mod config;
 pub mod entry;
 pub mod jobs;

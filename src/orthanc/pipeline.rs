@@ -84,6 +84,21 @@ pub trait SeriesProcessor: Send + Sync {
     ) -> Result<ProcessOutput, ProcessError>;
 }
 
+/// An ingest node's stand-in: it loads no model and processes nothing (the worker never calls it).
+pub struct IngestOnly;
+
+impl SeriesProcessor for IngestOnly {
+    fn identity(&self) -> Result<ModelIdentity, ProcessError> {
+        Err(ProcessError::Model("this is an ingest node (\"Role\": \"ingest\"): it loads no model".into()))
+    }
+    fn loaded_device(&self) -> Option<String> {
+        None
+    }
+    fn process(&self, _: &[Vec<u8>], _: &ProcessRequest, _: &mut dyn FnMut(f32), _: &Arc<AtomicBool>) -> Result<ProcessOutput, ProcessError> {
+        Err(ProcessError::Model("this is an ingest node: it segments nothing".into()))
+    }
+}
+
 /// The real processor: DICOM reader → DeSAM engine → DICOM-SEG writer. The model loads on the first
 /// series (in the worker, never in plugin initialisation) and stays loaded.
 pub struct EngineProcessor {

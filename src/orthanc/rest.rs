@@ -120,8 +120,23 @@ fn status() -> Value {
         "StableSeriesTrigger": plugin.config.stable_series_trigger,
         "QualityThreshold": plugin.config.quality_threshold,
         "Queue": plugin.queue_json(),
+        "Node": plugin.node_json(),
+        "Cluster": cluster_counts(),
         "Counters": plugin.metrics.to_json(),
     })
+}
+
+/// What this node can see of the whole archive (all nodes share the index): SEG series and MR series.
+fn cluster_counts() -> Value {
+    let count = |modality: &str| -> Value {
+        let q = json!({"Level": "Series", "Query": {"Modality": modality}});
+        Orthanc::post("/tools/find", q.to_string().as_bytes())
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+            .and_then(|v| v.as_array().map(|a| json!(a.len())))
+            .unwrap_or(Value::Null)
+    };
+    json!({"SegSeries": count("SEG"), "MrSeries": count("MR")})
 }
 
 /// The active model plus any sibling model directories (each with a readable model.json).

@@ -10,7 +10,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::bridge::{Orthanc, OrthancCallError};
-use super::config::{CompiledFilter, EmptyResult, PluginConfig};
+use super::claims::{self, ClaimError, Lease};
+use super::config::{CompiledFilter, EmptyResult, PluginConfig, Role};
 use super::jobs::{self, JobShared, Phase};
 use super::metadata::{self, ResultRecord};
 use super::metrics::Metrics;
@@ -28,12 +29,14 @@ pub enum WorkItem {
     Manual { series_id: String, mode: Option<String>, force: bool },
     /// A failed or canceled job resubmitted from /jobs.
     Resume(Arc<JobShared>),
+    /// A series another node had claimed, looked at again once that claim could have expired.
+    Recheck { series_id: String },
 }
 
 impl WorkItem {
     fn series_id(&self) -> &str {
         match self {
-            WorkItem::Change { series_id, .. } | WorkItem::Manual { series_id, .. } => series_id,
+            WorkItem::Change { series_id, .. } | WorkItem::Manual { series_id, .. } | WorkItem::Recheck { series_id } => series_id,
             WorkItem::Resume(job) => &job.series_id,
         }
     }
@@ -49,6 +52,10 @@ struct State {
     /// deletion of any of them cancels the run (it then ends as a skip).
     running_ids: Vec<String>,
     running_job: Option<Arc<JobShared>>,
+    /// Series skipped because another node held a live claim, with the Unix time to look again.
+    deferred: Vec<(String, i64)>,
+    /// Series this node holds a claim on right now.
+    held: Vec<String>,
     /// Last /changes sequence number read (everything up to it is queued or needs nothing).
     scanned: i64,
     /// Last sequence number persisted in the global property.
@@ -62,6 +69,15 @@ struct State {
 impl State {
     fn len(&self) -> usize {
         self.manual.len() + self.changes.len()
+    }
+}
+
+/// Removes a series from the node's claims list when dropped (every exit of `process_series`).
+struct Unlist<'a>(&'a Plugin, String);
+
+impl Drop for Unlist<'_> {
+    fn drop(&mut self) {
+        self.0.unlist(&self.1);
     }
 }
 
@@ -175,8 +191,11 @@ impl Plugin {
         self.wake.notify_all();
     }
 
-    /// Queues a manual request; Err when the queue is full.
+    /// Queues a manual request; Err when the queue is full or this is an ingest node.
     pub fn enqueue_manual(&self, series_id: &str, mode: Option<String>, force: bool) -> Result<usize, String> {
+        if self.config.role == Role::Ingest {
+            return Err(format!("node {} is an ingest node (\"Role\": \"ingest\"): send the request to a worker node", self.config.node()));
+        }
         let mut st = self.state.lock().unwrap();
         if st.len() >= self.config.max_queue_length {
             return Err(format!("the queue is full ({} series waiting)", st.len()));
@@ -200,6 +219,20 @@ impl Plugin {
         })
     }
 
+    /// This node in the cluster: id, role, where its cursor lives, the claims it holds now.
+    pub fn node_json(&self) -> Value {
+        let st = self.state.lock().unwrap();
+        json!({
+            "Id": self.config.node(),
+            "Role": self.config.role,
+            "CursorProperty": self.config.node_cursor_property(),
+            "LeaseSeconds": self.config.lease_seconds,
+            "CheckRevisions": self.config.check_revisions,
+            "Claims": st.held,
+            "Deferred": st.deferred.iter().map(|(s, t)| json!({"Series": s, "RecheckAt": t})).collect::<Vec<_>>(),
+        })
+    }
+
     pub fn is_queued_or_running(&self, series_id: &str) -> (bool, bool) {
         let st = self.state.lock().unwrap();
         let queued = st.queued.contains(series_id) || st.manual.iter().any(|i| i.series_id() == series_id);
@@ -207,7 +240,9 @@ impl Plugin {
     }
 
     fn run(self: Arc<Self>) {
-        if self.config.stable_series_trigger {
+        if self.config.role == Role::Ingest {
+            Orthanc::log_warning(&format!("DeSAM: node {} is an ingest node: it claims and segments nothing", self.config.node()));
+        } else if self.config.stable_series_trigger {
             if let Err(e) = self.init_cursor() {
                 Orthanc::log_error(&format!("DeSAM: cannot read the change log ({e}); automatic processing is off until restart"));
             }
@@ -239,9 +274,12 @@ impl Plugin {
                     self.persist_cursor();
                 }
                 None => {
+                    if self.requeue_deferred() {
+                        continue;
+                    }
                     let scan = {
                         let st = self.state.lock().unwrap();
-                        st.ready && self.config.stable_series_trigger
+                        st.ready && self.config.stable_series_trigger && self.config.role == Role::Worker
                     };
                     if scan {
                         match self.scan_changes() {
@@ -265,12 +303,30 @@ impl Plugin {
         Orthanc::log_info("DeSAM: worker stopped");
     }
 
+    /// Moves deferred series whose foreign claim may have expired back into the queue.
+    fn requeue_deferred(&self) -> bool {
+        let now = claims::unix_now();
+        let mut st = self.state.lock().unwrap();
+        let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut st.deferred).into_iter().partition(|(_, t)| *t <= now);
+        st.deferred = later;
+        let any = !due.is_empty();
+        for (series_id, _) in due {
+            st.manual.push_back(WorkItem::Recheck { series_id });
+        }
+        any
+    }
+
     /// Reads the stored cursor and the current end of the change log. Changes after the cursor and
     /// up to that end are "catch-up": they include series whose StableSeries never fired here.
     fn init_cursor(&self) -> Result<(), OrthancCallError> {
         let last = Orthanc::get_json("/changes?last")?.get("Last").and_then(Value::as_i64).unwrap_or(0);
-        let stored = Orthanc::global_property(self.config.cursor_property, "")?;
-        let cursor = match stored.trim().parse::<i64>() {
+        let property = self.config.node_cursor_property();
+        let mut stored = Orthanc::global_property(property, "")?;
+        if stored.trim().is_empty() && property != self.config.cursor_property {
+            // A node that gets its own cursor for the first time starts where the shared one was.
+            stored = Orthanc::global_property(self.config.cursor_property, "")?;
+        }
+        let cursor = match stored.split_whitespace().next().unwrap_or("").parse::<i64>() {
             Ok(c) if c <= last => c,
             Ok(c) => {
                 Orthanc::log_warning(&format!("DeSAM: stored change cursor {c} is past the log's end {last}; starting from {last}"));
@@ -353,7 +409,7 @@ impl Plugin {
             }
             upto
         };
-        match Orthanc::set_global_property(self.config.cursor_property, &value.to_string()) {
+        match Orthanc::set_global_property(self.config.node_cursor_property(), &value.to_string()) {
             Ok(()) => self.state.lock().unwrap().persisted = value,
             Err(e) => Orthanc::log_warning(&format!("DeSAM: cannot store the change cursor: {e}")),
         }
@@ -361,7 +417,7 @@ impl Plugin {
 
     fn handle(&self, item: WorkItem) {
         let (series_id, mode, force, job, manual) = match item {
-            WorkItem::Change { series_id, .. } => (series_id, None, false, None, false),
+            WorkItem::Change { series_id, .. } | WorkItem::Recheck { series_id } => (series_id, None, false, None, false),
             WorkItem::Manual { series_id, mode, force } => (series_id, mode, force, None, true),
             WorkItem::Resume(job) => (job.series_id.clone(), Some(job.mode.clone()), true, Some(job), true),
         };
@@ -408,12 +464,14 @@ impl Plugin {
         serde_json::from_slice(&bytes).ok()
     }
 
+    /// Writes the record (and the review flag) revision-safely: with Orthanc's `CheckRevisions` on,
+    /// an existing entry is replaced at its current revision.
     fn write_record(&self, series_id: &str, record: &ResultRecord) -> Result<(), OrthancCallError> {
         let body = serde_json::to_vec(record).unwrap_or_default();
-        Orthanc::put(&format!("/series/{series_id}/metadata/{}", self.config.result_metadata), &body)?;
+        claims::put_metadata(&format!("/series/{series_id}/metadata/{}", self.config.result_metadata), &body)?;
         let review: &[u8] = if record.needs_review { b"needs-review" } else { b"ok" };
         if record.status != "failed" {
-            Orthanc::put(&format!("/series/{series_id}/metadata/{}", self.config.review_metadata), review)?;
+            claims::put_metadata(&format!("/series/{series_id}/metadata/{}", self.config.review_metadata), review)?;
         }
         Ok(())
     }
@@ -487,6 +545,33 @@ impl Plugin {
                     )));
                 }
             }
+        }
+        // Cluster: one worker per series. A live claim of another node defers the series; ours (a
+        // restart with the same node id) or an expired one is taken; the claim is renewed while we work.
+        let claim = match claims::claim(series_id, self.config.claim_metadata, &self.config.node(), &model.seg_version(), self.config.lease_seconds) {
+            Ok((held, previous)) => {
+                if let Some(p) = previous {
+                    Orthanc::log_warning(&format!("DeSAM: series {series_id}: taking over the expired claim of node {p}"));
+                }
+                held
+            }
+            Err(ClaimError::HeldBy { node, expires }) => {
+                self.state.lock().unwrap().deferred.push((series_id.to_string(), expires + 1));
+                return Ok(Outcome::Skipped(format!("claimed by node {node} (looked at again when its lease ends)")));
+            }
+            Err(ClaimError::Lost) => return Ok(Outcome::Skipped("another node claimed it first".into())),
+            Err(ClaimError::Orthanc(e)) => return Err(e.into()),
+        };
+        let lease = Lease::start(claim, self.config.lease_seconds, series_id);
+        self.state.lock().unwrap().held.push(series_id.to_string());
+        let _unlist = Unlist(self, series_id.to_string());
+        if !force {
+            // Another node may have finished between our first look and the claim.
+            if let Some(rec) = self.read_record(series_id) {
+                if rec.covers(&model.sha256, &hash) {
+                    return Ok(Outcome::Skipped(format!("already segmented by {} {} (another node, just now)", rec.model_name, rec.model_version)));
+                }
+            }
             if let Some(found) = self.find_existing_seg(&study_uid, &series_uid, &model, &hash)? {
                 let seg_uid = found.sop_instance_uid.clone();
                 // The restored record keeps the SEG's own QA and flags it as the first run did.
@@ -522,6 +607,7 @@ impl Plugin {
             }
         };
         job.attached.store(true, Ordering::SeqCst);
+        lease.attach(job.cancel.clone());
         self.state.lock().unwrap().running_job = Some(job.clone());
         job.set_detail("SeriesInstanceUID", json!(series_uid));
         job.set_detail("Model", json!(format!("{} {}", model.name, model.version)));
@@ -574,6 +660,11 @@ impl Plugin {
                     job.set_detail("Skipped", json!("the series was deleted while it was being segmented"));
                     job.set_phase(Phase::Done);
                     break Outcome::Skipped("the series was deleted while it was being segmented; no SEG stored".into());
+                }
+                Err(RunError::Process(ProcessError::Cancelled)) if lease.lost() => {
+                    job.set_detail("Skipped", json!("another node took the claim over"));
+                    job.set_phase(Phase::Done);
+                    break Outcome::Skipped("another node took the claim over".into());
                 }
                 Err(RunError::Process(ProcessError::Cancelled)) if !self.shutdown.load(Ordering::SeqCst) && !self.series_exists(series_id) => {
                     job.set_detail("Skipped", json!("the series was deleted while it was being segmented"));
@@ -689,6 +780,11 @@ impl Plugin {
         job.set_detail("NeedsReview", json!(needs_review));
         job.set_detail("Device", json!(s.device));
         Ok(record)
+    }
+
+    /// The claims list and the status route, minus one series (when its processing ends).
+    fn unlist(&self, series_id: &str) {
+        self.state.lock().unwrap().held.retain(|s| s != series_id);
     }
 
     /// Whether the series is still in Orthanc (a failed look-up other than "not found" counts as yes).
