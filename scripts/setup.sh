@@ -5,7 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(orthanc orthanc-dev dcmtk dicom3tools pkg-config curl ca-certificates)
+# orthanc-dicomweb, chromium: the viewer (OHIF over DICOMweb) and its headless-browser test.
+APT_PACKAGES=(orthanc orthanc-dev orthanc-dicomweb dcmtk dicom3tools pkg-config curl ca-certificates chromium)
 need_apt=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need_apt+=("$p")
@@ -36,4 +37,5 @@ if [ ! -x .venv/bin/python ] || [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]; th
   .venv/bin/pip install -q --no-cache-dir -r "$REQ"
   echo "$want" > "$STAMP"
 fi
+bash scripts/setup-ohif.sh
 echo "setup: ok (libtorch: .venv/lib/python3.11/site-packages/torch)"
