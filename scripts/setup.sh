@@ -5,7 +5,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(orthanc orthanc-dev orthanc-postgresql postgresql-15 dcmtk dicom3tools pkg-config curl ca-certificates time)
+# orthanc-postgresql, postgresql-15: the cluster test; orthanc-dicomweb, chromium: the viewer (OHIF
+# over DICOMweb) and its headless-browser test; time: peak memory in the hostile-input test.
+APT_PACKAGES=(orthanc orthanc-dev orthanc-dicomweb orthanc-postgresql postgresql-15 dcmtk dicom3tools pkg-config curl ca-certificates chromium time)
 need_apt=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need_apt+=("$p")
@@ -36,4 +38,16 @@ if [ ! -x .venv/bin/python ] || [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]; th
   .venv/bin/pip install -q --no-cache-dir -r "$REQ"
   echo "$want" > "$STAMP"
 fi
+# The OHIF viewer for the browser test and `demo.sh --ohif`: npm fetches it (Debian's npm when no
+# Node.js is installed). A failure here only warns: tests/python/test_viewer_ohif.py then fails and
+# says why, the rest of the suite still runs.
+if ! command -v npm >/dev/null 2>&1; then
+  echo "setup: installing Debian's npm (fetches the OHIF viewer)"
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq || true
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends npm >/dev/null \
+    || echo "setup: warning: could not install npm" >&2
+fi
+bash scripts/setup-ohif.sh >/dev/null \
+  || echo "setup: warning: the OHIF viewer could not be fetched; tests/python/test_viewer_ohif.py will fail" >&2
 echo "setup: ok (libtorch: .venv/lib/python3.11/site-packages/torch)"

@@ -21,6 +21,11 @@ fn demo_stop_segments_every_series_once_and_writes_the_overlay() {
     modeldir::create_untrained_model_dir(Arch::Tiny, &model, 3, &BackboneSource::Random)
         .expect("tiny model dir");
     let out_dir = dir.join("out");
+    // --ohif: a stand-in dist/ is enough here (the real viewer is tested in test_viewer_ohif.py).
+    let dist = dir.join("ohif-dist");
+    std::fs::create_dir_all(&dist).unwrap();
+    std::fs::write(dist.join("index.html"), "<html>OHIF stand-in</html>").unwrap();
+    let ohif_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let run = || {
         desam()
             .args([
@@ -43,6 +48,11 @@ fn demo_stop_segments_every_series_once_and_writes_the_overlay() {
             .arg(harness::plugin_path())
             .arg("--out")
             .arg(&out_dir)
+            .arg("--ohif")
+            .arg(&dist)
+            .args(["--ohif-port", &ohif_port.to_string()])
+            .arg("--ohif-server")
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/ohif-serve.py"))
             .output()
             .expect("desam demo runs")
     };
@@ -58,6 +68,10 @@ fn demo_stop_segments_every_series_once_and_writes_the_overlay() {
         "an untrained model is announced: {stderr}"
     );
     assert!(stdout.contains("Orthanc stopped cleanly"), "{stdout}");
+    // The viewer link of every result (ViewerUrlTemplate set by --ohif).
+    assert!(stdout.contains(&format!("demo: OHIF viewer on http://127.0.0.1:{ohif_port}/")), "{stdout}");
+    let links = format!("; viewer: http://127.0.0.1:{ohif_port}/segmentation?StudyInstanceUIDs=");
+    assert_eq!(stdout.matches(&links).count(), 2, "one viewer URL per series: {stdout}");
     assert!(
         stdout.contains("2 series, 2 SEGs (2/2 with exactly one)"),
         "{stdout}"

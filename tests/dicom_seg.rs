@@ -7,7 +7,7 @@ use std::process::Command;
 
 use desam::dicom::codes;
 use desam::dicom::seg_read::{read_seg, read_seg_standalone};
-use desam::dicom::seg_write::{write_seg, SegError, SegOptions, Segment, SegmentInfo};
+use desam::dicom::seg_write::{write_seg, SegEncoding, SegError, SegOptions, Segment, SegmentInfo};
 use desam::dicom::uid::new_uid;
 use desam::{Mask, SliceRef, SourceInfo, Volume};
 
@@ -186,7 +186,7 @@ fn write_and_validate_with_sources(
     let warnings = dciodvfy(&seg_path);
 
     let n_pixels = segments.len() * source.dims.iter().product::<usize>();
-    let expected_len = n_pixels.div_ceil(8) + n_pixels.div_ceil(8) % 2;
+    let expected_len = SegEncoding::for_columns(source.nx()).pixel_data_len(n_pixels);
     assert_eq!(dcmdump_pixel_len(&seg_path), expected_len, "{name}: pixel data length");
 
     // highdicom / pydicom / dcmqi
@@ -308,6 +308,27 @@ fn odd_frame_size_starts_frames_mid_byte() {
     info.body_part_examined = Some("prostate gland (pelvis)".into());
     let mask = random_mask(src.dims, 7);
     write_and_validate("odd", &src, &[prostate(&mask)]);
+}
+
+/// Matrices whose Columns is not a multiple of 8 (Orthanc 1.10 will not decode them as 1-bit, and
+/// cornerstone expects byte-aligned BINARY frames) are written FRACTIONAL; a multiple of 8 stays BINARY.
+#[test]
+fn non_multiple_of_8_matrices_are_fractional() {
+    for (name, dims, want) in [
+        ("m250x250", [4, 250, 250], SegEncoding::Fractional),
+        ("m257x193", [3, 193, 257], SegEncoding::Fractional),
+        ("m320x320", [3, 320, 320], SegEncoding::Binary),
+    ] {
+        let src = source_volume(dims, [0.7, 0.7, 3.0], false, false);
+        let mask = ellipsoid(dims, [dims[0] as f64 / 2.0, dims[1] as f64 / 2.0, dims[2] as f64 / 2.0], [1.6, 40.0, 50.0]);
+        let (bytes, _) = write_and_validate(name, &src, &[prostate(&mask)]);
+        let obj = dicom_object::OpenFileOptions::new()
+            .read_preamble(dicom_object::file::ReadPreamble::Always)
+            .from_reader(&bytes[..])
+            .unwrap();
+        let seg_type = obj.element(dicom_dictionary_std::tags::SEGMENTATION_TYPE).unwrap().to_str().unwrap().to_string();
+        assert_eq!(seg_type.trim(), want.segmentation_type(), "{name}");
+    }
 }
 
 #[test]

@@ -198,7 +198,10 @@ fn rest_routes_answer_and_follow_orthanc_authentication() {
         &json!({
             "AuthenticationEnabled": true,
             "RegisteredUsers": {"alice": "s3cret"},
-            "DeSAM": desam_section(json!({"StableSeriesTrigger": false})),
+            "DeSAM": desam_section(json!({
+                "StableSeriesTrigger": false,
+                "ViewerUrlTemplate": "http://viewer.example/segmentation?StudyInstanceUIDs={StudyInstanceUID}&o={OrthancSeriesId}",
+            })),
         }),
     );
     for path in ["/desam/status", "/desam/models", "/desam/series/0000"] {
@@ -229,6 +232,10 @@ fn rest_routes_answer_and_follow_orthanc_authentication() {
     let result = o.wait_result(&id, TIMEOUT);
     assert_eq!(result["Result"]["Status"], "done", "{result}");
     assert_eq!(result["Result"]["Mode"], "grid");
+    // The link to the study in the configured viewer (ViewerUrlTemplate).
+    let study = o.get_json(&format!("/studies/{}", o.get_json(&format!("/series/{id}"))["ParentStudy"].as_str().unwrap()));
+    let study_uid = study["MainDicomTags"]["StudyInstanceUID"].as_str().unwrap();
+    assert_eq!(result["ViewerUrl"], format!("http://viewer.example/segmentation?StudyInstanceUIDs={study_uid}&o={id}"));
     assert_eq!(o.get_json("/desam/status")["ModelLoaded"], true);
     o.stop();
     let _ = std::fs::remove_dir_all(&dir);

@@ -585,3 +585,32 @@ fn montage_png_shows_six_sites() {
     }
     let _ = std::fs::remove_dir_all(&out);
 }
+
+#[test]
+fn crop_in_plane_keeps_every_voxel_where_it_was() {
+    // An odd-sized central crop of an axial (A) and an oblique (D) grid.
+    for site in [Site::A, Site::D] {
+        let full = generate_case_with(site, 0, 3, &small());
+        let [nz, ny, nx] = full.image.dims;
+        let (rows, cols) = (ny - 7, nx - 10);
+        let mut c = full.clone();
+        c.crop_in_plane(rows, cols).expect("smaller crop fits");
+        assert_eq!(c.image.dims, [nz, rows, cols]);
+        assert_eq!(c.labels.dims, [nz, rows, cols]);
+        let (y0, x0) = ((ny - rows) / 2, (nx - cols) / 2);
+        let world = |v: &desam::Volume, z: usize, y: usize, x: usize| -> [f64; 3] {
+            let d = v.direction;
+            let s = v.spacing;
+            std::array::from_fn(|a| {
+                v.origin[a] + d[0][a] * s[0] * x as f64 + d[1][a] * s[1] * y as f64 + d[2][a] * s[2] * z as f64
+            })
+        };
+        for (z, y, x) in [(0, 0, 0), (nz - 1, rows - 1, cols - 1), (nz / 2, rows / 3, cols / 2)] {
+            let (a, b) = (world(&c.image, z, y, x), world(&full.image, z, y + y0, x + x0));
+            assert!((0..3).all(|i| (a[i] - b[i]).abs() < 1e-9), "{site:?}: {a:?} vs {b:?}");
+            assert_eq!(c.image.voxels[(z * rows + y) * cols + x], full.image.voxels[(z * ny + y + y0) * nx + x + x0]);
+            assert_eq!(c.labels.data[(z * rows + y) * cols + x], full.labels.data[(z * ny + y + y0) * nx + x + x0]);
+        }
+        assert_eq!(c.clone().crop_in_plane(rows + 1, cols), None, "a crop larger than the case is refused");
+    }
+}

@@ -37,12 +37,24 @@ def main():
         fail(f"SOPClassUID {ds.SOPClassUID}")
     if int(ds.NumberOfFrames) != n_seg * nz:
         fail(f"NumberOfFrames {ds.NumberOfFrames} != {n_seg * nz} (empty frames must be kept)")
-    expected_bytes = (n_seg * nz * ny * nx + 7) // 8
+    # BINARY (1 bit, packed) or FRACTIONAL (8 bits, 0 or MaximumFractionalValue) for grids whose
+    # Columns is not a multiple of 8.
+    fractional = ds.SegmentationType == "FRACTIONAL"
+    if fractional and (ds.BitsAllocated != 8 or ds.SegmentationFractionalType not in ("OCCUPANCY", "PROBABILITY")):
+        fail(f"FRACTIONAL SEG with BitsAllocated {ds.BitsAllocated}")
+    if fractional != (nx % 8 != 0):
+        fail(f"SegmentationType {ds.SegmentationType} for {nx} columns")
+    expected_bytes = n_seg * nz * ny * nx if fractional else (n_seg * nz * ny * nx + 7) // 8
     expected_bytes += expected_bytes % 2
     if len(ds.PixelData) != expected_bytes:
         fail(f"PixelData {len(ds.PixelData)} bytes, expected {expected_bytes}")
-    # pydicom's own 1-bit decode, frame by frame in file order
+    # pydicom's own decode, frame by frame in file order
     arr = ds.pixel_array.reshape(n_seg * nz, ny, nx)
+    if fractional:
+        vals = set(np.unique(arr).tolist())
+        if not vals <= {0, ds.MaximumFractionalValue}:
+            fail(f"FRACTIONAL values {sorted(vals)[:8]} are not only 0 and {ds.MaximumFractionalValue}")
+        arr = (arr == ds.MaximumFractionalValue).astype(np.uint8)
 
     seg = hd.seg.segread(seg_path)
     # Segment descriptions
@@ -68,15 +80,17 @@ def main():
         if not multiframe:
             uids = [s["sop_instance_uid"] for s in slices]
             px = seg.get_pixels_by_source_instance(
-                source_sop_instance_uids=uids, segment_numbers=[s_idx + 1], dtype=np.uint8
+                source_sop_instance_uids=uids, segment_numbers=[s_idx + 1], dtype=np.float32
             )[..., 0]
         else:
             uid = slices[0]["sop_instance_uid"]
             frames = [s["frame_number"] for s in slices]
             px = seg.get_pixels_by_source_frame(
                 source_sop_instance_uid=uid, source_frame_numbers=frames,
-                segment_numbers=[s_idx + 1], dtype=np.uint8
+                segment_numbers=[s_idx + 1], dtype=np.float32
             )[..., 0]
+        # float: highdicom scales FRACTIONAL to 0..1 (1.0 inside), BINARY stays 0/1
+        px = (px > 0.5).astype(np.uint8)
         if px.shape != (nz, ny, nx):
             fail(f"segment {s_idx+1}: by-source shape {px.shape}")
         elif not np.array_equal(px, masks[s_idx]):
@@ -88,8 +102,8 @@ def main():
             fail(f"segment {s_idx+1}: pydicom pixel_array differs from the mask")
 
     # Reconstructed volume equals the mask, placed by position
-    vol = seg.get_volume(combine_segments=False, dtype=np.uint8)
-    va = vol.array  # (slices, rows, cols, segments)
+    vol = seg.get_volume(combine_segments=False, dtype=np.float32)
+    va = (vol.array > 0.5).astype(np.uint8)  # (slices, rows, cols, segments)
     if va.shape[1:3] != (ny, nx) or va.shape[0] != nz:
         fail(f"get_volume shape {va.shape}")
     else:

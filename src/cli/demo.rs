@@ -72,6 +72,24 @@ pub struct Args {
     /// The Orthanc executable.
     #[arg(long, default_value = "/usr/sbin/Orthanc")]
     pub orthanc: PathBuf,
+    /// Also serve the OHIF viewer from this dist/ folder (scripts/setup-ohif.sh prints it) over
+    /// Orthanc's DICOMweb plugin, and give each result's viewer URL (ViewerUrlTemplate).
+    #[arg(long)]
+    pub ohif: Option<PathBuf>,
+    /// Port of the OHIF viewer (loopback).
+    #[arg(long, default_value_t = 3000)]
+    pub ohif_port: u16,
+    /// The static server + DICOMweb proxy that serves OHIF.
+    #[arg(long, default_value = "scripts/ohif-serve.py")]
+    pub ohif_server: PathBuf,
+}
+
+/// Orthanc's DICOMweb plugin (Debian package orthanc-dicomweb), loaded when the demo serves OHIF.
+pub const DICOMWEB_PLUGIN: &str = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so";
+
+/// The viewer URL template the demo gives the plugin when it serves OHIF on `port`.
+pub fn ohif_url_template(port: u16) -> String {
+    format!("http://127.0.0.1:{port}/segmentation?StudyInstanceUIDs={{StudyInstanceUID}}")
 }
 
 /// One demo series: the phantom case, what was sent, and what came back.
@@ -145,6 +163,21 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "storescu (Debian package dcmtk) is needed to send series: run bash scripts/setup.sh",
     )?;
 
+    let ohif = match &args.ohif {
+        None => None,
+        Some(dist) => {
+            let dist = absolute(dist)?;
+            if !dist.join("index.html").is_file() {
+                bail!("--ohif {}: no index.html there (bash scripts/setup-ohif.sh fetches OHIF and prints its dist folder)", dist.display());
+            }
+            if !Path::new(DICOMWEB_PLUGIN).is_file() {
+                bail!("{DICOMWEB_PLUGIN} not found: install Debian's orthanc-dicomweb package (bash scripts/setup.sh)");
+            }
+            Some((dist, absolute(&args.ohif_server)?))
+        }
+    };
+    let viewer_template = ohif.as_ref().map(|_| ohif_url_template(args.ohif_port));
+
     let out = absolute(&args.out)?;
     prepare_out_dir(&out)?;
 
@@ -156,6 +189,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         &model,
         &args.device,
         args.threads,
+        viewer_template.as_deref(),
     )?;
     println!(
         "demo: Orthanc {} started (pid {}, HTTP 127.0.0.1:{}, DICOM {} port {}), model {} {} ({})",
@@ -173,6 +207,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
     );
 
+    let mut ohif_child = match &ohif {
+        None => None,
+        Some((dist, server)) => {
+            let child = start_ohif(server, dist, orthanc.http_port, args.ohif_port, &out)?;
+            println!("demo: OHIF viewer on http://127.0.0.1:{}/ (pid {}, DICOMweb of Orthanc)", args.ohif_port, child.id());
+            Some(child)
+        }
+    };
     let outcome = run_series(&args, &orthanc, &out, &sites, size);
     let all_ok = match &outcome {
         Ok(ok) => *ok,
@@ -188,6 +230,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     // 7. Stop Orthanc, or leave it running for the user.
     if args.stop {
+        if let Some(c) = ohif_child.as_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
         orthanc.shutdown()?;
         println!(
             "demo: Orthanc stopped cleanly; total wall time {:.1} s",
@@ -211,6 +257,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             "  plugin status:    curl http://127.0.0.1:{}/desam/status",
             orthanc.http_port
         );
+        if ohif_child.is_some() {
+            println!(
+                "  OHIF viewer:      http://127.0.0.1:{}/ (each study: the viewer URLs above)",
+                args.ohif_port
+            );
+        }
         println!(
             "  stop it:          curl -X POST http://127.0.0.1:{}/tools/shutdown",
             orthanc.http_port
@@ -383,12 +435,13 @@ fn wait_results(
                     s.finished_at = Some(Instant::now());
                     s.record = v["Result"].clone();
                     println!(
-                        "demo: {} {} after {:.1} s (QA {}, {} mL)",
+                        "demo: {} {} after {:.1} s (QA {}, {} mL){}",
                         s.case.case_id,
                         st,
                         s.sent_at.elapsed().as_secs_f64(),
                         fmt_opt(s.record["QualityScore"].as_f64(), 3),
-                        fmt_opt(s.record["VolumeMl"].as_f64(), 1)
+                        fmt_opt(s.record["VolumeMl"].as_f64(), 1),
+                        v["ViewerUrl"].as_str().map(|u| format!("; viewer: {u}")).unwrap_or_default()
                     );
                     continue;
                 }
@@ -664,6 +717,13 @@ fn stop_previous(out: &Path) {
     let (Some(pid), Some(port)) = (state["pid"].as_u64(), state["http_port"].as_u64()) else {
         return;
     };
+    // The OHIF server of that run holds its port: end it (only if it is still our server).
+    if let Some(ohif_pid) = state["ohif_pid"].as_u64() {
+        let cmdline = std::fs::read(format!("/proc/{ohif_pid}/cmdline")).unwrap_or_default();
+        if String::from_utf8_lossy(&cmdline).contains("ohif-serve") {
+            let _ = Command::new("kill").arg(ohif_pid.to_string()).status();
+        }
+    }
     let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap_or_default();
     if !exe.to_string_lossy().contains("Orthanc") {
         return;
@@ -674,6 +734,37 @@ fn stop_previous(out: &Path) {
     while Path::new(&format!("/proc/{pid}")).exists() && t0.elapsed() < Duration::from_secs(60) {
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// Starts scripts/ohif-serve.py (python3) serving `dist` and proxying DICOMweb to the demo Orthanc;
+/// its pid joins orthanc/state.json so the next run can stop it.
+fn start_ohif(server: &Path, dist: &Path, orthanc_port: u16, port: u16, out: &Path) -> anyhow::Result<Child> {
+    let log = std::fs::File::create(out.join("ohif.log"))?;
+    let mut child = Command::new("python3")
+        .arg(server)
+        .args(["--dist".as_ref(), dist.as_os_str()])
+        .args(["--orthanc", &format!("http://127.0.0.1:{orthanc_port}"), "--port", &port.to_string()])
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .with_context(|| format!("starting python3 {}", server.display()))?;
+    let state_path = out.join("orthanc").join("state.json");
+    let mut state: Value = serde_json::from_str(&std::fs::read_to_string(&state_path)?)?;
+    state["ohif_pid"] = json!(child.id());
+    std::fs::write(&state_path, state.to_string())?;
+    let t0 = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if let Some(status) = child.try_wait()? {
+            bail!("the OHIF server exited ({status}); see {}", out.join("ohif.log").display());
+        }
+        if t0.elapsed() > Duration::from_secs(20) {
+            let _ = child.kill();
+            bail!("the OHIF server did not listen on port {port} within 20 s; see {}", out.join("ohif.log").display());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Ok(child)
 }
 
 fn free_port() -> anyhow::Result<u16> {
@@ -698,6 +789,7 @@ impl DemoOrthanc {
         model: &Path,
         device: &str,
         threads: usize,
+        viewer_url_template: Option<&str>,
     ) -> anyhow::Result<DemoOrthanc> {
         let dir = out.join("orthanc");
         let cfg_dir = dir.join("config");
@@ -705,7 +797,7 @@ impl DemoOrthanc {
         std::fs::create_dir_all(&cfg_dir)?;
         std::fs::create_dir_all(&storage)?;
         let (http_port, dicom_port) = (free_port()?, free_port()?);
-        let cfg = json!({
+        let mut cfg = json!({
             "Name": "desam-demo",
             "HttpPort": http_port,
             "DicomPort": dicom_port,
@@ -726,6 +818,12 @@ impl DemoOrthanc {
                 "Threads": threads,
             },
         });
+        if let Some(t) = viewer_url_template {
+            // OHIF reads the study over DICOMweb; "Full" metadata keeps the SEG's sequences.
+            cfg["Plugins"] = json!([plugin, DICOMWEB_PLUGIN]);
+            cfg["DicomWeb"] = json!({"Enable": true, "Root": "/dicom-web/", "StudiesMetadata": "Full", "SeriesMetadata": "Full"});
+            cfg["DeSAM"]["ViewerUrlTemplate"] = json!(t);
+        }
         let cfg_path = cfg_dir.join("orthanc.json");
         std::fs::write(&cfg_path, serde_json::to_vec_pretty(&cfg)?)?;
         let log = dir.join("orthanc.log");

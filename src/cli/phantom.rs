@@ -30,6 +30,10 @@ pub struct Args {
     /// full (the site's real matrix) or small (quarter matrix, for tests).
     #[arg(long, default_value = "full")]
     pub size: String,
+    /// Crop every slice to its central ROWSxCOLS (e.g. 257x193: 257 rows, 193 columns), for matrices
+    /// no site has.
+    #[arg(long)]
+    pub crop: Option<String>,
     /// Instead of cases, write a PNG montage of one case per site (mid-gland slice) to this file.
     #[arg(long)]
     pub montage: Option<PathBuf>,
@@ -84,8 +88,20 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         size,
         ..Default::default()
     };
+    let crop = match &args.crop {
+        None => None,
+        Some(c) => {
+            let parsed = c.split_once('x').and_then(|(r, c)| Some((r.trim().parse::<usize>().ok()?, c.trim().parse::<usize>().ok()?)));
+            Some(parsed.with_context(|| format!("--crop '{c}' is not ROWSxCOLS (e.g. 250x250)"))?)
+        }
+    };
     for case_index in args.first_case..end {
-        let case = phantom::generate_case_with(site, case_index, args.seed, &opts);
+        let mut case = phantom::generate_case_with(site, case_index, args.seed, &opts);
+        if let Some((rows, cols)) = crop {
+            let [_, ny, nx] = case.image.dims;
+            case.crop_in_plane(rows, cols)
+                .with_context(|| format!("--crop {rows}x{cols} is larger than case {}'s {ny}x{nx} matrix", case.case_id))?;
+        }
         if nifti {
             let f = export::write_case_nifti(&case, out)
                 .with_context(|| format!("writing case {}", case.case_id))?;

@@ -20,4 +20,6 @@ pub mod seg_write;
 pub mod uid;
 
 pub use seg_read::{read_seg, read_seg_standalone, SegFrame, SegObject, SourceRef};
-pub use seg_write::{write_prostate_seg, write_seg, AlgorithmType, SegError, SegOptions, Segment, SegmentInfo};
+pub use seg_write::{
+    write_prostate_seg, write_seg, AlgorithmType, SegEncoding, SegError, SegOptions, Segment, SegmentInfo,
+};

@@ -182,7 +182,7 @@ impl Default for SegOptions {
     }
 }
 
-/// Write a DICOM-SEG (BINARY, one frame per source slice per segment, empty frames kept) on the
+/// Write a DICOM-SEG (BINARY, or FRACTIONAL when Columns is not a multiple of 8: see `SegEncoding`; one frame per source slice per segment, empty frames kept) on the
 /// grid of `source`, which must come from a DICOM series (slice references and `SourceInfo`).
 /// Returns the Part-10 file bytes (preamble, meta, Explicit VR Little Endian data set).
 pub fn write_seg(source: &Volume, segments: &[Segment<'_>], opts: &SegOptions) -> Result<Vec<u8>, SegError> {
@@ -317,7 +317,13 @@ pub fn write_seg(source: &Volume, segments: &[Segment<'_>], opts: &SegOptions) -
     put_str(&mut o, tags::CONTENT_LABEL, VR::CS, &clean_cs(nonempty(&opts.content_label, "PROSTATE")));
     put_str(&mut o, tags::CONTENT_DESCRIPTION, VR::LO, &clean_lo(&content_description(opts, segments.iter().all(|s| s.mask.data.iter().all(|&v| v == 0))), 64));
     put_opt(&mut o, tags::CONTENT_CREATOR_NAME, VR::PN, opts.content_creator.as_deref(), 64 * 5);
-    put_str(&mut o, tags::SEGMENTATION_TYPE, VR::CS, "BINARY");
+    let encoding = SegEncoding::for_columns(nx);
+    put_str(&mut o, tags::SEGMENTATION_TYPE, VR::CS, encoding.segmentation_type());
+    if encoding == SegEncoding::Fractional {
+        // Every pixel is 0 or 255: fully outside or fully inside the segment.
+        put_str(&mut o, tags::SEGMENTATION_FRACTIONAL_TYPE, VR::CS, "OCCUPANCY");
+        put_u16(&mut o, tags::MAXIMUM_FRACTIONAL_VALUE, &[FRACTIONAL_MAX as u16]);
+    }
     // NO unless two segments share a voxel (the gland and its zones do).
     let overlap = (0..segments[0].mask.data.len())
         .any(|i| segments.iter().filter(|s| s.mask.data[i] != 0).count() > 1);
@@ -330,9 +336,10 @@ pub fn write_seg(source: &Volume, segments: &[Segment<'_>], opts: &SegOptions) -
     put_str(&mut o, tags::PHOTOMETRIC_INTERPRETATION, VR::CS, "MONOCHROME2");
     put_u16(&mut o, tags::ROWS, &[ny as u16]);
     put_u16(&mut o, tags::COLUMNS, &[nx as u16]);
-    put_u16(&mut o, tags::BITS_ALLOCATED, &[1]);
-    put_u16(&mut o, tags::BITS_STORED, &[1]);
-    put_u16(&mut o, tags::HIGH_BIT, &[0]);
+    let bits = encoding.bits_allocated();
+    put_u16(&mut o, tags::BITS_ALLOCATED, &[bits]);
+    put_u16(&mut o, tags::BITS_STORED, &[bits]);
+    put_u16(&mut o, tags::HIGH_BIT, &[bits - 1]);
     put_u16(&mut o, tags::PIXEL_REPRESENTATION, &[0]);
     put_str(&mut o, tags::NUMBER_OF_FRAMES, VR::IS, &n_frames.to_string());
 
@@ -441,7 +448,10 @@ pub fn write_seg(source: &Volume, segments: &[Segment<'_>], opts: &SegOptions) -
 
     // Pixel Data
     let masks: Vec<&Mask> = segments.iter().map(|s| s.mask).collect();
-    let pixels = pack_frames(&masks);
+    let pixels = match encoding {
+        SegEncoding::Binary => pack_frames(&masks),
+        SegEncoding::Fractional => byte_frames(&masks),
+    };
     o.put(DataElement::new(tags::PIXEL_DATA, VR::OB, PrimitiveValue::U8(C::from_vec(pixels))));
 
     let file = o
@@ -461,6 +471,56 @@ pub fn write_seg(source: &Volume, segments: &[Segment<'_>], opts: &SegOptions) -
 /// `opts.model_name`.
 pub fn write_prostate_seg(source: &Volume, mask: &Mask, opts: &SegOptions) -> Result<Vec<u8>, SegError> {
     write_seg(source, &[Segment { info: SegmentInfo::prostate(&opts.model_name), mask }], opts)
+}
+
+/// Pixel encoding of a SEG. BINARY packs frames continuously, so a frame starts on a byte boundary
+/// only when Rows × Columns is a multiple of 8; Orthanc 1.10 refuses to decode 1-bit frames whose
+/// Columns is not a multiple of 8 and cornerstone (OHIF) slices BINARY frames at byte offsets. Such
+/// grids get FRACTIONAL (8-bit, OCCUPANCY, values 0 or 255), which every reader decodes per byte.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SegEncoding {
+    Binary,
+    Fractional,
+}
+
+/// MaximumFractionalValue of a FRACTIONAL SEG; a voxel inside the segment has this value.
+pub const FRACTIONAL_MAX: u8 = 255;
+
+impl SegEncoding {
+    /// BINARY when Columns (hence Rows × Columns) is a multiple of 8, else FRACTIONAL.
+    pub fn for_columns(columns: usize) -> SegEncoding {
+        if columns % 8 == 0 { SegEncoding::Binary } else { SegEncoding::Fractional }
+    }
+    pub fn segmentation_type(self) -> &'static str {
+        match self {
+            SegEncoding::Binary => "BINARY",
+            SegEncoding::Fractional => "FRACTIONAL",
+        }
+    }
+    pub fn bits_allocated(self) -> u16 {
+        match self {
+            SegEncoding::Binary => 1,
+            SegEncoding::Fractional => 8,
+        }
+    }
+    /// Pixel Data length in bytes for `n_pixels` pixels (all frames), padded to even.
+    pub fn pixel_data_len(self, n_pixels: usize) -> usize {
+        let n = match self {
+            SegEncoding::Binary => n_pixels.div_ceil(8),
+            SegEncoding::Fractional => n_pixels,
+        };
+        n + n % 2
+    }
+}
+
+/// The masks' slices (segment-major, then z, each frame row-major) as one byte per pixel, 0 or
+/// `FRACTIONAL_MAX`; zero-padded to an even byte count.
+pub fn byte_frames(masks: &[&Mask]) -> Vec<u8> {
+    let mut out: Vec<u8> = masks.iter().flat_map(|m| m.data.iter().map(|&v| if v != 0 { FRACTIONAL_MAX } else { 0 })).collect();
+    if out.len() % 2 == 1 {
+        out.push(0);
+    }
+    out
 }
 
 /// Pack the masks' slices (segment-major, then z, each frame row-major) into 1-bit pixels,

@@ -108,6 +108,10 @@ pub struct PluginConfig {
     /// Orthanc's own `CheckRevisions`: claims are race-free only with it (not a key of "DeSAM").
     #[serde(skip)]
     pub check_revisions: bool,
+    /// URL that opens a study in the site's viewer, e.g.
+    /// `http://pacs:3000/segmentation?StudyInstanceUIDs={StudyInstanceUID}` (OHIF); placeholders:
+    /// `VIEWER_PLACEHOLDERS`. Empty (the default): no viewer link in `GET /desam/series/{id}`.
+    pub viewer_url_template: String,
 }
 
 /// What a node does in a cluster.
@@ -116,6 +120,31 @@ pub struct PluginConfig {
 pub enum Role {
     Worker,
     Ingest,
+}
+
+/// Placeholders `ViewerUrlTemplate` may use (source series identifiers).
+pub const VIEWER_PLACEHOLDERS: &[&str] = &["{StudyInstanceUID}", "{SeriesInstanceUID}", "{OrthancStudyId}", "{OrthancSeriesId}"];
+
+/// The identifiers a viewer URL is made of, in `VIEWER_PLACEHOLDERS` order.
+pub struct ViewerIds<'a> {
+    pub study_instance_uid: &'a str,
+    pub series_instance_uid: &'a str,
+    pub orthanc_study_id: &'a str,
+    pub orthanc_series_id: &'a str,
+}
+
+/// The template with its placeholders filled in; None when the template is empty.
+pub fn viewer_url(template: &str, ids: &ViewerIds<'_>) -> Option<String> {
+    if template.trim().is_empty() {
+        return None;
+    }
+    let values = [ids.study_instance_uid, ids.series_instance_uid, ids.orthanc_study_id, ids.orthanc_series_id];
+    let mut url = template.trim().to_string();
+    for (p, v) in VIEWER_PLACEHOLDERS.iter().zip(values) {
+        // UIDs and Orthanc ids are digits, dots, hex and dashes: nothing to percent-encode.
+        url = url.replace(p, v);
+    }
+    Some(url)
 }
 
 impl Default for PluginConfig {
@@ -144,6 +173,7 @@ impl Default for PluginConfig {
             claim_metadata: 4303,
             http_port: 8042,
             check_revisions: false,
+            viewer_url_template: String::new(),
         }
     }
 }
@@ -232,6 +262,20 @@ impl PluginConfig {
         if self.mode.trim().is_empty() {
             return bad("Mode", "must not be empty".into());
         }
+        if !self.viewer_url_template.trim().is_empty() {
+            let t = &self.viewer_url_template;
+            if !(t.starts_with("http://") || t.starts_with("https://")) {
+                return bad("ViewerUrlTemplate", format!("{t:?} is not an http(s) URL"));
+            }
+            let mut rest = t.clone();
+            for p in VIEWER_PLACEHOLDERS {
+                rest = rest.replace(p, "");
+            }
+            if let Some(i) = rest.find('{') {
+                let unknown: String = rest[i..].chars().take_while(|&c| c != '}').chain(['}']).collect();
+                return bad("ViewerUrlTemplate", format!("unknown placeholder {unknown} (known: {})", VIEWER_PLACEHOLDERS.join(", ")));
+            }
+        }
         self.limits.validate().map_err(|reason| ConfigError::Option { option: "Limits", reason })?;
         self.compiled_filter()?;
         Ok(())
@@ -302,9 +346,23 @@ mod tests {
             (r#"{"DeSAM": {"SeriesFilter": {"DescriptionPattern": "(t2"}}}"#, "DescriptionPattern"),
             (r#"{"DeSAM": {"Enabel": true}}"#, "Enabel"),
             (r#"{"DeSAM": {"EmptyResult": "maybe"}}"#, "maybe"),
+            (r#"{"DeSAM": {"ViewerUrlTemplate": "ohif/{StudyInstanceUID}"}}"#, "ViewerUrlTemplate"),
+            (r#"{"DeSAM": {"ViewerUrlTemplate": "http://v/{StudyUID}"}}"#, "{StudyUID}"),
         ] {
             let err = PluginConfig::from_orthanc_json(json).unwrap_err().to_string();
             assert!(err.contains(needle), "{json}: {err}");
         }
+    }
+
+    #[test]
+    fn viewer_url_is_filled_in_and_empty_by_default() {
+        let ids = ViewerIds { study_instance_uid: "1.2.3", series_instance_uid: "1.2.3.4", orthanc_study_id: "ab-cd", orthanc_series_id: "ef-01" };
+        assert_eq!(viewer_url(&PluginConfig::default().viewer_url_template, &ids), None);
+        let t = "http://h:3000/segmentation?StudyInstanceUIDs={StudyInstanceUID}&s={SeriesInstanceUID}&o={OrthancStudyId}/{OrthancSeriesId}";
+        let cfg = PluginConfig::from_orthanc_json(&format!(r#"{{"DeSAM": {{"ViewerUrlTemplate": "{t}"}}}}"#)).unwrap().unwrap();
+        assert_eq!(
+            viewer_url(&cfg.viewer_url_template, &ids).as_deref(),
+            Some("http://h:3000/segmentation?StudyInstanceUIDs=1.2.3&s=1.2.3.4&o=ab-cd/ef-01")
+        );
     }
 }

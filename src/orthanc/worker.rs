@@ -796,11 +796,12 @@ impl Plugin {
     }
 
     pub fn result_json(&self, series_id: &str) -> Result<Option<Value>, OrthancCallError> {
-        match Orthanc::get(&format!("/series/{series_id}")) {
+        let series = match Orthanc::get(&format!("/series/{series_id}")) {
             Err(e) if e.is_not_found() => return Ok(None),
             Err(e) => return Err(e),
-            Ok(_) => {}
-        }
+            Ok(body) => body,
+        };
+        let viewer_url = self.viewer_url(series_id, &series);
         let record = self.read_record(series_id);
         let review = Orthanc::get(&format!("/series/{series_id}/metadata/{}", self.config.review_metadata))
             .ok()
@@ -813,6 +814,28 @@ impl Plugin {
             "NeedsReview": review.as_deref() == Some("needs-review"),
             "Queued": queued,
             "Running": running,
+            "ViewerUrl": viewer_url,
         })))
+    }
+
+    /// `ViewerUrlTemplate` filled in for this series (its study); None when no template is set or
+    /// the study cannot be read.
+    fn viewer_url(&self, series_id: &str, series_body: &[u8]) -> Option<String> {
+        let template = &self.config.viewer_url_template;
+        if template.trim().is_empty() {
+            return None;
+        }
+        let series: Value = serde_json::from_slice(series_body).ok()?;
+        let study_id = series["ParentStudy"].as_str()?;
+        let study: Value = serde_json::from_slice(&Orthanc::get(&format!("/studies/{study_id}")).ok()?).ok()?;
+        super::config::viewer_url(
+            template,
+            &super::config::ViewerIds {
+                study_instance_uid: study["MainDicomTags"]["StudyInstanceUID"].as_str()?,
+                series_instance_uid: series["MainDicomTags"]["SeriesInstanceUID"].as_str().unwrap_or(""),
+                orthanc_study_id: study_id,
+                orthanc_series_id: series_id,
+            },
+        )
     }
 }

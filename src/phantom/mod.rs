@@ -102,6 +102,35 @@ impl PhantomCase {
             dims: self.labels.dims,
         }
     }
+
+    /// Keep the central `rows` × `cols` of every slice (image and labels), moving the origin so every
+    /// kept voxel stays where it was in patient space. Used to test matrices the sites do not have
+    /// (e.g. 250 × 250, 257 × 193). None when the case is smaller than that.
+    pub fn crop_in_plane(&mut self, rows: usize, cols: usize) -> Option<()> {
+        let [nz, ny, nx] = self.image.dims;
+        if rows == 0 || cols == 0 || rows > ny || cols > nx {
+            return None;
+        }
+        let (y0, x0) = ((ny - rows) / 2, (nx - cols) / 2);
+        let mut voxels = Vec::with_capacity(nz * rows * cols);
+        let mut labels = Vec::with_capacity(nz * rows * cols);
+        for z in 0..nz {
+            for y in y0..y0 + rows {
+                let start = (z * ny + y) * nx + x0;
+                voxels.extend_from_slice(&self.image.voxels[start..start + cols]);
+                labels.extend_from_slice(&self.labels.data[start..start + cols]);
+            }
+        }
+        let [dx, dy] = [self.image.spacing[0] * x0 as f64, self.image.spacing[1] * y0 as f64];
+        let d = self.image.direction;
+        for a in 0..3 {
+            self.image.origin[a] += d[0][a] * dx + d[1][a] * dy;
+        }
+        self.image.voxels = voxels;
+        self.image.dims = [nz, rows, cols];
+        self.labels = Mask { data: labels, dims: [nz, rows, cols] };
+        Some(())
+    }
 }
 
 /// Knobs for tests and tools; `GenerateOptions::default()` is the realistic full-size case.
