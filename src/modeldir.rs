@@ -224,7 +224,10 @@ pub fn validate_values(spec: &ModelSpec) -> Result<(), String> {
         let ok = v.is_finite() && v <= 1.0 && if lo_open { v > 0.0 } else { v >= 0.0 };
         if ok { Ok(()) } else { Err(format!("thresholds.{name} must be within {}0, 1], got {v}", if lo_open { "(" } else { "[" })) }
     };
-    unit("iou", t.iou, false)?;
+    // A negative IoU threshold is legitimate: it keeps every grid prompt.
+    if !(t.iou.is_finite() && t.iou <= 1.0) {
+        return Err(format!("thresholds.iou must be finite and at most 1, got {}", t.iou));
+    }
     unit("nms", t.nms, true)?;
     unit("qa", t.qa, false)?;
     if !(t.min_area.is_finite() && (0.0..=65_536.0).contains(&t.min_area)) {

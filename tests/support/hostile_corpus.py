@@ -188,7 +188,7 @@ def model_cases(model, out, valid_series):
     case("model_bad_clip", "panic", valid_series, "error", model=d)
 
     d, spec = model_copy(model, out, "model_bad_threshold")
-    spec["thresholds"] = {"iou": 7.0, "nms": 0.7, "min_area": 100.0, "qa": 0.5}
+    spec["thresholds"] = {"iou": 7.0, "nms": 0.7, "min_area": 100.0, "qa": 0.5}  # IoU above 1: never met
     write_model(d, spec)
     case("model_bad_threshold", "panic", valid_series, "error", model=d)
 
