@@ -259,16 +259,6 @@ std::unique_ptr<Answer> rest_post(rust::Str uri, rust::Slice<const uint8_t> body
   return answer;
 }
 
-std::unique_ptr<Answer> rest_put(rust::Str uri, rust::Slice<const uint8_t> body) {
-  std::unique_ptr<Answer> answer(new Answer());
-  std::string u = to_std(uri);
-  answer->code_ = OrthancPluginRestApiPut(context(), &answer->buffer_, u.c_str(),
-                                          reinterpret_cast<const char*>(body.data()),
-                                          static_cast<uint32_t>(body.size()));
-  answer->owns_ = (answer->code_ == OrthancPluginErrorCode_Success);
-  return answer;
-}
-
 int32_t rest_delete(rust::Str uri) {
   std::string u = to_std(uri);
   return static_cast<int32_t>(OrthancPluginRestApiDelete(context(), u.c_str()));

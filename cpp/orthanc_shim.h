@@ -59,7 +59,6 @@ rust::String get_configuration();
 
 std::unique_ptr<Answer> rest_get(rust::Str uri);
 std::unique_ptr<Answer> rest_post(rust::Str uri, rust::Slice<const uint8_t> body);
-std::unique_ptr<Answer> rest_put(rust::Str uri, rust::Slice<const uint8_t> body);
 int32_t rest_delete(rust::Str uri);
 // method: 1 GET, 2 POST, 3 PUT, 4 DELETE; `if_match` empty for none.
 std::unique_ptr<FullAnswer> rest_call(uint32_t method, rust::Str uri, rust::Str if_match, rust::Slice<const uint8_t> body);

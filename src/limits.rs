@@ -92,7 +92,9 @@ pub fn get() -> Limits {
     if let Some(l) = *CURRENT.read().unwrap_or_else(|p| p.into_inner()) {
         return l;
     }
-    Limits::from_env().unwrap_or_default()
+    // The environment is read once per process: every reader asks, often per file.
+    static FROM_ENV: std::sync::OnceLock<Limits> = std::sync::OnceLock::new();
+    *FROM_ENV.get_or_init(|| Limits::from_env().unwrap_or_default())
 }
 
 /// Replaces the limits for the whole process (the plugin's `"Limits"` section, CLI flags).

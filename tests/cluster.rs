@@ -6,8 +6,6 @@
 mod harness;
 
 use desam::dicom::{self, MrSeriesAttributes};
-use desam::model::Arch;
-use desam::modeldir::{self, BackboneSource};
 use desam::Volume;
 use harness::{scratch, Orthanc};
 use serde_json::{json, Value};
@@ -91,12 +89,6 @@ impl Drop for Postgres {
     }
 }
 
-fn tiny_model(dir: &Path) -> PathBuf {
-    let d = dir.join("tiny");
-    modeldir::create_untrained_model_dir(Arch::Tiny, &d, 21, &BackboneSource::Random).expect("tiny model dir");
-    d
-}
-
 /// One node's Orthanc configuration on the shared PostgreSQL index and storage.
 fn node_config(pg: &Postgres, model: &Path, node: &str, role: &str, mode: &str) -> Value {
     json!({
@@ -157,7 +149,7 @@ fn seg_count_per_series(o: &Orthanc, ids: &[String]) -> HashMap<String, usize> {
 fn three_nodes_on_postgresql_segment_each_series_once_and_take_over_a_dead_worker() {
     let dir = scratch("cluster");
     let pg = Postgres::start(&dir);
-    let model = tiny_model(&dir);
+    let model = harness::tiny_model(21);
     let start = |name: &str, role: &str, mode: &str| Orthanc::start(&dir.join(name), true, &node_config(&pg, &model, name, role, mode));
     // Grid mode keeps the slow series below running long enough to kill its worker mid-way.
     // DESAM_CLUSTER_WORKERS=1 measures one worker instead (the second node then ingests only).

@@ -54,6 +54,12 @@ fn corpus() -> &'static (PathBuf, Vec<Value>) {
     })
 }
 
+/// The corpus' valid one-slice series (the reference every case is compared with).
+fn valid_one_slice() -> PathBuf {
+    let case = corpus().1.iter().find(|c| c["name"] == "valid_one_slice").expect("reference case");
+    PathBuf::from(case["input"].as_str().unwrap())
+}
+
 struct Run {
     code: Option<i32>,
     stderr: String,
@@ -115,10 +121,9 @@ fn assert_no_leftovers(dir: &Path, keep: &[&str]) {
 #[test]
 fn every_corpus_case_ends_in_one_line_or_success_within_the_memory_margin() {
     let (model, cases) = corpus();
-    let reference = cases.iter().find(|c| c["name"] == "valid_one_slice").expect("reference case");
     let out_dir = work().join("out");
     std::fs::create_dir_all(&out_dir).unwrap();
-    let base = desam_segment(Path::new(reference["input"].as_str().unwrap()), model, &out_dir.join("reference.dcm"), &[], &[]);
+    let base = desam_segment(&valid_one_slice(), model, &out_dir.join("reference.dcm"), &[], &[]);
     assert_eq!(base.code, Some(0), "the valid one-slice series must segment: {}", base.stderr);
     println!("reference: valid one-slice series, peak RSS {} MB, {:.1} s", base.peak_rss_kb / 1024, base.seconds);
     let classes: std::collections::BTreeSet<&str> = cases.iter().filter_map(|c| c["class"].as_str()).collect();
@@ -193,8 +198,7 @@ fn seg_with_2p48_frames_is_refused_by_the_reader() {
 /// Corrupt feature-cache entries (valid safetensors, wrong shapes) are misses, not panics.
 #[test]
 fn a_corrupt_feature_cache_entry_is_a_miss() {
-    let (model, cases) = corpus();
-    let input = PathBuf::from(cases.iter().find(|c| c["name"] == "valid_one_slice").unwrap()["input"].as_str().unwrap());
+    let (model, input) = (&corpus().0, valid_one_slice());
     let cache = work().join("cache");
     let out = work().join("cache-out");
     std::fs::create_dir_all(&out).unwrap();
@@ -223,8 +227,7 @@ fn a_corrupt_feature_cache_entry_is_a_miss() {
 /// temporary one, nor a SEG without its report is left (a real tmpfs of 64 KiB, filled up).
 #[test]
 fn a_full_disk_leaves_no_partial_or_orphan_output() {
-    let (model, cases) = corpus();
-    let input = PathBuf::from(cases.iter().find(|c| c["name"] == "valid_one_slice").unwrap()["input"].as_str().unwrap());
+    let (model, input) = (&corpus().0, valid_one_slice());
     let full = work().join("full");
     let ok = work().join("roomy");
     std::fs::create_dir_all(&full).unwrap();

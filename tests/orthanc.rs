@@ -5,8 +5,6 @@
 mod harness;
 
 use desam::dicom::{self, MrSeriesAttributes};
-use desam::model::Arch;
-use desam::modeldir::{self, BackboneSource};
 use desam::Volume;
 use dicom_core::{DataElement, PrimitiveValue, VR};
 use dicom_dictionary_std::tags;
@@ -14,26 +12,13 @@ use harness::{scratch, Orthanc};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::OnceLock;
 use std::time::Duration;
 
 const TIMEOUT: Duration = Duration::from_secs(240);
 
-/// One clearly untrained tiny model for the whole binary (its masks mean nothing; the plugin's
-/// behaviour, not the segmentation quality, is under test).
-fn tiny_model() -> PathBuf {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let d = scratch("model").join("tiny");
-        modeldir::create_untrained_model_dir(Arch::Tiny, &d, 11, &BackboneSource::Random).expect("tiny model dir");
-        d
-    })
-    .clone()
-}
-
 fn desam_section(extra: Value) -> Value {
     let mut s = json!({
-        "ModelDirectory": tiny_model(),
+        "ModelDirectory": harness::tiny_model(11),
         "Device": "cpu",
         "Threads": 1,
         "Mode": "box",
@@ -244,7 +229,7 @@ fn rest_routes_answer_and_follow_orthanc_authentication() {
 #[test]
 fn invalid_configuration_disables_the_plugin_but_orthanc_keeps_running() {
     let dir = scratch("badcfg");
-    let o = Orthanc::start(&dir, true, &json!({"DeSAM": {"ModelDirectory": tiny_model(), "Device": "tpu"}}));
+    let o = Orthanc::start(&dir, true, &json!({"DeSAM": {"ModelDirectory": harness::tiny_model(11), "Device": "tpu"}}));
     let status = o.get_json("/desam/status");
     assert_eq!(status["Enabled"], false);
     assert!(status["Reason"].as_str().unwrap().contains("Device"), "{status}");

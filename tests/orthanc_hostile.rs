@@ -6,29 +6,16 @@
 mod harness;
 
 use desam::dicom::{self, MrSeriesAttributes};
-use desam::model::Arch;
-use desam::modeldir::{self, BackboneSource};
 use desam::Volume;
 use harness::{scratch, Orthanc};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 const TIMEOUT: Duration = Duration::from_secs(240);
 
-fn tiny_model() -> PathBuf {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let d = scratch("hostile-model").join("tiny");
-        modeldir::create_untrained_model_dir(Arch::Tiny, &d, 5, &BackboneSource::Random).expect("tiny model dir");
-        d
-    })
-    .clone()
-}
-
 fn section(extra: Value) -> Value {
-    let mut s = json!({"ModelDirectory": tiny_model(), "Device": "cpu", "Threads": 1, "Mode": "box", "SeriesFilter": {"MinSlices": 4}});
+    let mut s = json!({"ModelDirectory": harness::tiny_model(5), "Device": "cpu", "Threads": 1, "Mode": "box", "SeriesFilter": {"MinSlices": 4}});
     if let (Value::Object(a), Value::Object(b)) = (&mut s, extra) {
         a.extend(b);
     }

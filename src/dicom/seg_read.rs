@@ -71,7 +71,7 @@ pub fn read_seg_standalone(bytes: &[u8]) -> Result<SegObject, SegError> {
     };
     // The same pre-parse walk as for images: declared lengths at every depth, sizes within limits.
     super::series::precheck_part10(bytes, if preamble == ReadPreamble::Always { 132 } else { 4 })
-        .map_err(|reason| if reason.contains("docs/limits.md") { SegError::Invalid(reason) } else { SegError::Parse(reason) })?;
+        .map_err(|(limit, reason)| if limit { SegError::Invalid(reason) } else { SegError::Parse(reason) })?;
     let file = OpenFileOptions::new()
         .read_preamble(preamble)
         .from_reader(bytes)

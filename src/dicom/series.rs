@@ -154,10 +154,8 @@ fn parse_bytes(name: &str, bytes: &[u8], path: Option<PathBuf>) -> Result<Parsed
     };
     let data_end = match check_element_lengths(bytes, after_magic) {
         Ok(w) => w.data_end,
-        Err(reason) if reason.contains("docs/limits.md") => {
-            return Err(DicomError::LimitExceeded { file: name.to_string(), reason })
-        }
-        Err(reason) => {
+        Err(WalkError::Limit(reason)) => return Err(DicomError::LimitExceeded { file: name.to_string(), reason }),
+        Err(WalkError::Malformed(reason)) => {
             // A transfer syntax we do not know may also be why the walk failed; say so precisely.
             if let Some(uid) = meta_transfer_syntax(bytes, preamble) {
                 if TransferSyntaxRegistry.get(&uid).is_none() {
@@ -256,6 +254,14 @@ fn scan_meta(bytes: &[u8], start: usize) -> Result<(String, usize), String> {
     Ok((ts, pos))
 }
 
+/// Why the pre-parse walk refused a byte stream: a declared size beyond a limit (docs/limits.md), or
+/// a stream that is not well-formed.
+#[derive(Debug, Clone, PartialEq)]
+enum WalkError {
+    Limit(String),
+    Malformed(String),
+}
+
 /// What the pre-parse walk learnt: where the data set ends and the image size its top level declares.
 #[derive(Debug, Default, Clone, Copy)]
 struct Walked {
@@ -265,9 +271,13 @@ struct Walked {
     frames: u64,
 }
 
-/// The pre-parse checks of [`check_element_lengths`] for other readers (the SEG reader).
-pub(crate) fn precheck_part10(bytes: &[u8], start: usize) -> Result<(), String> {
-    check_element_lengths(bytes, start).map(|_| ())
+/// The pre-parse checks of [`check_element_lengths`] for other readers (the SEG reader): Err(true,
+/// reason) when a declared size is beyond a limit, Err(false, reason) when the stream is malformed.
+pub(crate) fn precheck_part10(bytes: &[u8], start: usize) -> Result<(), (bool, String)> {
+    check_element_lengths(bytes, start).map(|_| ()).map_err(|e| match e {
+        WalkError::Limit(r) => (true, r),
+        WalkError::Malformed(r) => (false, r),
+    })
 }
 
 /// Walks the element headers of a Part-10 byte stream and checks that every defined length fits in
@@ -278,9 +288,9 @@ pub(crate) fn precheck_part10(bytes: &[u8], start: usize) -> Result<(), String> 
 /// Frames are checked against the limits here, before anything is decoded.
 /// Returns where the data set ends: the buffer's end, or the start of an all-zero tail (padding that
 /// the parser would otherwise choke on).
-fn check_element_lengths(bytes: &[u8], start: usize) -> Result<Walked, String> {
+fn check_element_lengths(bytes: &[u8], start: usize) -> Result<Walked, WalkError> {
     let limits = crate::limits::get();
-    let (ts, pos) = scan_meta(bytes, start)?;
+    let (ts, pos) = scan_meta(bytes, start).map_err(WalkError::Malformed)?;
     let (explicit, be) = match ts.as_str() {
         "1.2.840.10008.1.2" => (false, false),
         "1.2.840.10008.1.2.2" => (true, true),
@@ -292,21 +302,27 @@ fn check_element_lengths(bytes: &[u8], start: usize) -> Result<Walked, String> {
             flate2::read::DeflateDecoder::new(&bytes[pos..])
                 .take(cap + 1)
                 .read_to_end(&mut inflated)
-                .map_err(|e| format!("the deflated data set does not inflate: {e}"))?;
+                .map_err(|e| WalkError::Malformed(format!("the deflated data set does not inflate: {e}")))?;
             if inflated.len() as u64 > cap {
-                return Err(format!("the deflated data set inflates to more than {cap} bytes (limit max_file_bytes, docs/limits.md)"));
+                return Err(WalkError::Limit(format!("the deflated data set inflates to more than {cap} bytes (limit max_file_bytes, docs/limits.md)")));
             }
             let w = walk_data_set(&inflated, 0, true, false, &limits)?;
             return Ok(Walked { data_end: bytes.len(), ..w });
         }
-        "" => return Err("no transfer syntax in the file meta group".into()),
+        "" => return Err(WalkError::Malformed("no transfer syntax in the file meta group".to_string())),
         _ => (true, false),
     };
     walk_data_set(bytes, pos, explicit, be, &limits)
 }
 
 /// The walk itself over a plain (not deflated) data set starting at `pos`.
-fn walk_data_set(bytes: &[u8], mut pos: usize, explicit: bool, be: bool, limits: &crate::limits::Limits) -> Result<Walked, String> {
+fn walk_data_set(
+    bytes: &[u8],
+    mut pos: usize,
+    explicit: bool,
+    be: bool,
+    limits: &crate::limits::Limits,
+) -> Result<Walked, WalkError> {
     use dicom_core::dictionary::{DataDictionary, DataDictionaryEntry, VirtualVr};
     let end = bytes.len();
     let rd16 = |at: usize| -> u16 {
@@ -334,7 +350,7 @@ fn walk_data_set(bytes: &[u8], mut pos: usize, explicit: bool, be: bool, limits:
             break;
         }
         if pos + 8 > limit {
-            return Err(format!("element header cut short at byte {pos}"));
+            return Err(WalkError::Malformed(format!("element header cut short at byte {pos}")));
         }
         let group = rd16(pos);
         let elem = rd16(pos + 2);
@@ -357,18 +373,18 @@ fn walk_data_set(bytes: &[u8], mut pos: usize, explicit: bool, be: bool, limits:
                 }
                 0xE000 if in_fragments => {
                     if len == u32::MAX || pos + len as usize > limit {
-                        return Err(format!("pixel data fragment at byte {} declares {len} bytes past its end", pos - 8));
+                        return Err(WalkError::Malformed(format!("pixel data fragment at byte {} declares {len} bytes past its end", pos - 8)));
                     }
                     pos += len as usize;
                 }
                 0xE000 => {
                     if containers.len() >= max_depth {
-                        return Err(format!("sequences nested deeper than {max_depth} levels (limit max_nesting, docs/limits.md)"));
+                        return Err(WalkError::Limit(format!("sequences nested deeper than {max_depth} levels (limit max_nesting, docs/limits.md)")));
                     }
                     if len == u32::MAX {
                         containers.push(usize::MAX);
                     } else if pos + len as usize > limit {
-                        return Err(format!("item at byte {} declares {len} bytes past the end of its container", pos - 8));
+                        return Err(WalkError::Malformed(format!("item at byte {} declares {len} bytes past the end of its container", pos - 8)));
                     } else {
                         containers.push(pos + len as usize);
                     }
@@ -380,11 +396,11 @@ fn walk_data_set(bytes: &[u8], mut pos: usize, explicit: bool, be: bool, limits:
         let (len, hdr, vr) = if explicit {
             let vr = [bytes[pos + 4], bytes[pos + 5]];
             if !ALL_VRS.contains(&&vr) {
-                return Err(format!("element ({group:04X},{elem:04X}) has an invalid VR at byte {pos}"));
+                return Err(WalkError::Malformed(format!("element ({group:04X},{elem:04X}) has an invalid VR at byte {pos}")));
             }
             if LONG_VRS.contains(&&vr) {
                 if pos + 12 > limit {
-                    return Err(format!("element header cut short at byte {pos}"));
+                    return Err(WalkError::Malformed(format!("element header cut short at byte {pos}")));
                 }
                 (rd32(pos + 8), 12, Some(vr))
             } else {
@@ -409,21 +425,21 @@ fn walk_data_set(bytes: &[u8], mut pos: usize, explicit: bool, be: bool, limits:
                 return Ok(walked); // implicit-VR content inside explicit VR: leave it to the parser
             } else {
                 if containers.len() >= max_depth {
-                    return Err(format!("sequences nested deeper than {max_depth} levels (limit max_nesting, docs/limits.md)"));
+                    return Err(WalkError::Limit(format!("sequences nested deeper than {max_depth} levels (limit max_nesting, docs/limits.md)")));
                 }
                 containers.push(usize::MAX); // walk into its items; it ends at its delimiter
             }
             continue;
         }
         if pos + len as usize > limit {
-            return Err(format!(
+            return Err(WalkError::Malformed(format!(
                 "element ({group:04X},{elem:04X}) at byte {header_at} declares {len} bytes past the end of {}",
                 if containers.is_empty() { "the file" } else { "its sequence" }
-            ));
+            )));
         }
         if is_sequence {
             if containers.len() >= max_depth {
-                return Err(format!("sequences nested deeper than {max_depth} levels (limit max_nesting, docs/limits.md)"));
+                return Err(WalkError::Limit(format!("sequences nested deeper than {max_depth} levels (limit max_nesting, docs/limits.md)")));
             }
             containers.push(pos + len as usize); // walk into it
             continue;
@@ -441,7 +457,7 @@ fn walk_data_set(bytes: &[u8], mut pos: usize, explicit: bool, be: bool, limits:
         }
         pos += len as usize;
     }
-    check_image_size(walked.rows, walked.cols, walked.frames, limits)?;
+    check_image_size(walked.rows, walked.cols, walked.frames, limits).map_err(WalkError::Limit)?;
     Ok(walked)
 }
 
@@ -534,15 +550,10 @@ fn read_dir_objects(dir: &Path) -> Result<(Vec<Parsed>, Vec<String>), DicomError
 fn read_if_dicom(path: &Path) -> Result<Option<Vec<u8>>, DicomError> {
     use std::io::Read;
     let mut f = std::fs::File::open(path).map_err(|e| DicomError::io(path, e))?;
-    let mut head = [0u8; 132];
-    let mut got = 0;
-    while got < head.len() {
-        match f.read(&mut head[got..]).map_err(|e| DicomError::io(path, e))? {
-            0 => break,
-            n => got += n,
-        }
-    }
-    let looks_dicom = (got == 132 && &head[128..132] == b"DICM") || (got >= 4 && &head[..4] == b"DICM");
+    let mut head = Vec::with_capacity(132);
+    (&mut f).take(132).read_to_end(&mut head).map_err(|e| DicomError::io(path, e))?;
+    let got = head.len();
+    let looks_dicom = (got == 132 && &head[128..132] == b"DICM") || head.starts_with(b"DICM");
     if !looks_dicom {
         return Ok(None);
     }
@@ -554,8 +565,8 @@ fn read_if_dicom(path: &Path) -> Result<Option<Vec<u8>>, DicomError> {
             reason: format!("{size} bytes exceed the limit of {cap} per file (max_file_bytes, docs/limits.md)"),
         });
     }
-    let mut bytes = Vec::with_capacity(size as usize);
-    bytes.extend_from_slice(&head[..got]);
+    let mut bytes = head;
+    bytes.reserve(size as usize);
     f.take(cap - got as u64).read_to_end(&mut bytes).map_err(|e| DicomError::io(path, e))?;
     Ok(Some(bytes))
 }
@@ -1378,7 +1389,7 @@ mod tests {
         // Cut the pixel data short: its declared length now runs past the end.
         let mut cut = enc.files[1].clone();
         cut.truncate(cut.len() - 2);
-        let err = check_element_lengths(&cut, 132).unwrap_err();
+        let WalkError::Malformed(err) = check_element_lengths(&cut, 132).unwrap_err() else { panic!("not a malformed-stream error") };
         assert!(err.contains("(7FE0,0010)"), "{err}");
     }
 

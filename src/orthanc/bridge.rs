@@ -45,7 +45,6 @@ pub mod ffi {
         fn get_configuration() -> Result<String>;
         fn rest_get(uri: &str) -> Result<UniquePtr<Answer>>;
         fn rest_post(uri: &str, body: &[u8]) -> Result<UniquePtr<Answer>>;
-        fn rest_put(uri: &str, body: &[u8]) -> Result<UniquePtr<Answer>>;
         fn rest_delete(uri: &str) -> Result<i32>;
         fn rest_call(method: u32, uri: &str, if_match: &str, body: &[u8]) -> Result<UniquePtr<FullAnswer>>;
         fn get_global_property(property: i32, default_value: &str) -> Result<String>;
@@ -146,9 +145,6 @@ impl Orthanc {
     }
     pub fn post(uri: &str, body: &[u8]) -> Result<Vec<u8>, OrthancCallError> {
         Self::answer(&format!("POST {uri}"), ffi::rest_post(uri, body))
-    }
-    pub fn put(uri: &str, body: &[u8]) -> Result<Vec<u8>, OrthancCallError> {
-        Self::answer(&format!("PUT {uri}"), ffi::rest_put(uri, body))
     }
 
     pub fn delete(uri: &str) -> Result<(), OrthancCallError> {

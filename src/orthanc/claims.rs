@@ -116,16 +116,20 @@ impl Held {
     }
 }
 
-/// Writes a metadata entry whatever Orthanc's `CheckRevisions` says: with revisions on, an existing
-/// entry needs its current revision (`If-Match`); a concurrent writer makes us read and try again.
+/// Writes a metadata entry whatever Orthanc's `CheckRevisions` says. A plain PUT creates the entry
+/// (and, with revisions off, overwrites it) in one call; only when Orthanc asks for the current
+/// revision (409) is it read and the write repeated with `If-Match`, again after a concurrent writer.
 pub fn put_metadata(uri: &str, body: &[u8]) -> Result<(), OrthancCallError> {
-    for _ in 0..5 {
-        let current = Orthanc::call(HTTP_GET, uri, None, &[])?;
-        let etag = match current.status {
-            200 => current.etag,
-            404 => None,
-            s => return Err(http_error(&format!("GET {uri}"), s, &current.body)),
-        };
+    let mut etag: Option<String> = None;
+    for attempt in 0..6 {
+        if attempt > 0 {
+            let current = Orthanc::call(HTTP_GET, uri, None, &[])?;
+            etag = match current.status {
+                200 => current.etag,
+                404 => None,
+                s => return Err(http_error(&format!("GET {uri}"), s, &current.body)),
+            };
+        }
         let put = Orthanc::call(HTTP_PUT, uri, etag.as_deref(), body)?;
         match put.status {
             200 => return Ok(()),
@@ -134,19 +138,6 @@ pub fn put_metadata(uri: &str, body: &[u8]) -> Result<(), OrthancCallError> {
         }
     }
     Err(OrthancCallError { code: 409, message: "five concurrent writers in a row".into(), what: format!("PUT {uri}") })
-}
-
-/// Deletes a metadata entry (at its current revision).
-pub fn delete_metadata(uri: &str) -> Result<(), OrthancCallError> {
-    let current = Orthanc::call(HTTP_GET, uri, None, &[])?;
-    if current.status == 404 {
-        return Ok(());
-    }
-    let del = Orthanc::call(HTTP_DELETE, uri, current.etag.as_deref(), &[])?;
-    match del.status {
-        200 | 404 => Ok(()),
-        s => Err(http_error(&format!("DELETE {uri}"), s, &del.body)),
-    }
 }
 
 /// FNV-1a, for a stable per-node index derived from the node id.

@@ -81,6 +81,15 @@ impl Drop for Unlist<'_> {
     }
 }
 
+const VANISHED: &str = "the series was deleted while it was being segmented";
+
+/// Ends a job that turned out to need no work (a vanished series, a lost claim): done, with why.
+fn skip_job(job: &JobShared, why: &str) -> Outcome {
+    job.set_detail("Skipped", json!(why));
+    job.set_phase(Phase::Done);
+    Outcome::Skipped(if why == VANISHED { format!("{why}; no SEG stored") } else { why.to_string() })
+}
+
 /// Outcome of one series, for logs and tests.
 #[derive(Debug)]
 enum Outcome {
@@ -514,9 +523,8 @@ impl Plugin {
             let mut st = self.state.lock().unwrap();
             st.running_ids = [Some(series_id.to_string()), Some(study_id.clone()), patient_id].into_iter().flatten().collect();
         }
-        let vanished = |e: OrthancCallError| if e.is_not_found() && !self.series_exists(series_id) { RunError::Vanished } else { e.into() };
-        let tags = Orthanc::get_json(&format!("/instances/{first}/simplified-tags")).map_err(vanished)?;
-        let meta = Orthanc::get_json(&format!("/instances/{first}/metadata?expand")).map_err(vanished)?;
+        let tags = Orthanc::get_json(&format!("/instances/{first}/simplified-tags")).map_err(|e| self.vanished_or(series_id, e))?;
+        let meta = Orthanc::get_json(&format!("/instances/{first}/metadata?expand")).map_err(|e| self.vanished_or(series_id, e))?;
         let facts = SeriesFacts::from_orthanc(&series, &tags, &meta);
         if let Some(reason) = selection::hard_rules(&facts, &self.config.series_description) {
             return Ok(Outcome::Skipped(reason));
@@ -656,20 +664,10 @@ impl Plugin {
                     }
                     break Outcome::Done;
                 }
-                Err(RunError::Vanished) => {
-                    job.set_detail("Skipped", json!("the series was deleted while it was being segmented"));
-                    job.set_phase(Phase::Done);
-                    break Outcome::Skipped("the series was deleted while it was being segmented; no SEG stored".into());
-                }
-                Err(RunError::Process(ProcessError::Cancelled)) if lease.lost() => {
-                    job.set_detail("Skipped", json!("another node took the claim over"));
-                    job.set_phase(Phase::Done);
-                    break Outcome::Skipped("another node took the claim over".into());
-                }
+                Err(RunError::Vanished) => break skip_job(&job, VANISHED),
+                Err(RunError::Process(ProcessError::Cancelled)) if lease.lost() => break skip_job(&job, "another node took the claim over"),
                 Err(RunError::Process(ProcessError::Cancelled)) if !self.shutdown.load(Ordering::SeqCst) && !self.series_exists(series_id) => {
-                    job.set_detail("Skipped", json!("the series was deleted while it was being segmented"));
-                    job.set_phase(Phase::Done);
-                    break Outcome::Skipped("the series was deleted while it was being segmented; no SEG stored".into());
+                    break skip_job(&job, VANISHED)
                 }
                 Err(RunError::Process(ProcessError::Cancelled)) if !self.shutdown.load(Ordering::SeqCst) && job.phase() == Phase::Paused => {
                     Orthanc::log_info(&format!("DeSAM: series {series_id}: job paused"));
@@ -713,9 +711,7 @@ impl Plugin {
             if job.cancel.load(Ordering::SeqCst) {
                 return Err(ProcessError::Cancelled.into());
             }
-            files.push(Orthanc::get(&format!("/instances/{id}/file")).map_err(|e| {
-                if e.is_not_found() && !self.series_exists(series_id) { RunError::Vanished } else { e.into() }
-            })?);
+            files.push(Orthanc::get(&format!("/instances/{id}/file")).map_err(|e| self.vanished_or(series_id, e))?);
             job.set_progress(0.1 * (i + 1) as f32 / instance_ids.len() as f32);
         }
         // Test hook (docs/limits.md): a panic in the middle of a unit of work, outside the engine.
@@ -785,6 +781,15 @@ impl Plugin {
     /// The claims list and the status route, minus one series (when its processing ends).
     fn unlist(&self, series_id: &str) {
         self.state.lock().unwrap().held.retain(|s| s != series_id);
+    }
+
+    /// A "not found" while reading a series whose series is gone is a vanished series, not a failure.
+    fn vanished_or(&self, series_id: &str, e: OrthancCallError) -> RunError {
+        if e.is_not_found() && !self.series_exists(series_id) {
+            RunError::Vanished
+        } else {
+            e.into()
+        }
     }
 
     /// Whether the series is still in Orthanc (a failed look-up other than "not found" counts as yes).

@@ -43,6 +43,19 @@ pub fn plugin_path() -> PathBuf {
     .clone()
 }
 
+/// One clearly untrained tiny model per test binary (its masks mean nothing: the plugin's behaviour,
+/// not the segmentation, is under test); `seed` names it and seeds its random decoder.
+pub fn tiny_model(seed: u64) -> PathBuf {
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let d = scratch(&format!("model-{seed}")).join("tiny");
+        desam::modeldir::create_untrained_model_dir(desam::model::Arch::Tiny, &d, seed, &desam::modeldir::BackboneSource::Random)
+            .expect("tiny model dir");
+        d
+    })
+    .clone()
+}
+
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
