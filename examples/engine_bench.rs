@@ -27,7 +27,13 @@ fn synthetic(nz: usize, n: usize) -> Volume {
                     + ((y as f64 - c * 1.1) / (n as f64 * 0.1)).powi(2)
                     + ((z as f64 - nz as f64 / 2.0) / (nz as f64 * 0.35)).powi(2);
                 let i = (z * n + y) * n + x;
-                v[i] = if gland < 1.0 { 700.0 + 80.0 * r } else if body < 1.0 { 300.0 + 80.0 * r } else { 0.0 };
+                v[i] = if gland < 1.0 {
+                    700.0 + 80.0 * r
+                } else if body < 1.0 {
+                    300.0 + 80.0 * r
+                } else {
+                    0.0
+                };
             }
         }
     }
@@ -61,7 +67,10 @@ fn main() -> anyhow::Result<()> {
         Some("compare") => {
             // Shared-context decoding vs the official decoder use (81 full decoder runs per slice) on
             // the same first K slices (the official way is slow); whole-series figures come from the CLI.
-            let seg = Segmenter::from_model_dir(Path::new(&args[2]), EngineOptions { device: desam::engine::DeviceChoice::Cpu, ..Default::default() })?;
+            let seg = Segmenter::from_model_dir(
+                Path::new(&args[2]),
+                EngineOptions { device: desam::engine::DeviceChoice::Cpu, ..Default::default() },
+            )?;
             let vol = desam::nifti::read_nifti(Path::new(&args[3]))?;
             let series_slices = vol.nz();
             let modes: Vec<Mode> = match args.get(4).map(String::as_str) {
@@ -97,9 +106,15 @@ fn main() -> anyhow::Result<()> {
         }
         Some("profile") => {
             // Per-piece CPU cost on 2 slices: encoder, PIMM context, one box decode, 81 point decodes.
-            let seg = Segmenter::from_model_dir(Path::new(&args[2]), EngineOptions { device: desam::engine::DeviceChoice::Cpu, ..Default::default() })?;
+            let seg = Segmenter::from_model_dir(
+                Path::new(&args[2]),
+                EngineOptions { device: desam::engine::DeviceChoice::Cpu, ..Default::default() },
+            )?;
             let vol = synthetic(2, 256);
-            let u8vol = desam::engine::preprocess::normalize_intensity(&vol.voxels, desam::modeldir::default_clip_percentiles());
+            let u8vol = desam::engine::preprocess::normalize_intensity(
+                &vol.voxels,
+                desam::modeldir::default_clip_percentiles(),
+            );
             let cpu = std::time::Instant::now;
             let t = cpu();
             let f = seg.encode_slices(&u8vol, vol.dims, 0, 2);
@@ -114,7 +129,10 @@ fn main() -> anyhow::Result<()> {
                 let b = desam::model::PromptBatch::Boxes(tch::Tensor::from_slice(&[0f32, 0.0, s, s]).view([1, 4]));
                 let _ = seg.model().decode(&f1, &ctx, &b);
                 let dec_s = t.elapsed().as_secs_f64();
-                println!("{}", serde_json::json!({"encode_per_slice_s": enc, "pimm_context_s": ctx_s, "box_decode_s": dec_s}));
+                println!(
+                    "{}",
+                    serde_json::json!({"encode_per_slice_s": enc, "pimm_context_s": ctx_s, "box_decode_s": dec_s})
+                );
             });
             Ok(())
         }

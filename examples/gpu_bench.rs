@@ -76,7 +76,9 @@ fn prim_macs(cfg: &ModelConfig, t: f64) -> f64 {
 
 /// PIMM as src/model/pimm.rs builds it: SRB = 3×3, 3×3 (+1×1 projection), 2×2 stride-2 transposed convs.
 fn pimm_macs(cfg: &ModelConfig, taps: &[(f64, f64)]) -> (f64, f64) {
-    let srb = |cin: f64, cout: f64, s: f64| s * s * (cin * cout * 9.0 + cout * cout * 9.0 + if cin != cout { cin * cout } else { 0.0 });
+    let srb = |cin: f64, cout: f64, s: f64| {
+        s * s * (cin * cout * 9.0 + cout * cout * 9.0 + if cin != cout { cin * cout } else { 0.0 })
+    };
     let up = |cin: f64, cout: f64, s_in: f64| s_in * s_in * cin * cout * 4.0;
     let (c, g, l) = (cfg.pimm_channels[0] as f64, cfg.grid as f64, taps.len());
     let ladder: Vec<f64> = (0..l).map(|d| c / f64::powi(2.0, d as i32)).collect();
@@ -192,7 +194,8 @@ fn main() -> anyhow::Result<()> {
             }
             for b in args[5].split(',') {
                 let batch: i64 = b.parse()?;
-                let base = serde_json::json!({"arch": arch.name(), "device": args[3], "dtype": args[4], "batch": batch});
+                let base =
+                    serde_json::json!({"arch": arch.name(), "device": args[3], "dtype": args[4], "batch": batch});
                 let mut row = base.as_object().cloned().unwrap_or_default();
                 match catch_unwind(AssertUnwindSafe(|| time_batch(&model, device, batch, iters))) {
                     Ok((enc, dec)) => {
@@ -204,7 +207,10 @@ fn main() -> anyhow::Result<()> {
                         let msg = e.downcast_ref::<String>().cloned().unwrap_or_else(|| "panic".into());
                         let oom = msg.contains("out of memory");
                         row.insert("status".into(), if oom { "oom" } else { "failed" }.into());
-                        row.insert("reason".into(), msg.lines().next().unwrap_or("").chars().take(300).collect::<String>().into());
+                        row.insert(
+                            "reason".into(),
+                            msg.lines().next().unwrap_or("").chars().take(300).collect::<String>().into(),
+                        );
                     }
                 }
                 println!("{}", serde_json::Value::Object(row));

@@ -84,7 +84,9 @@ impl Endpoint {
             return Err(bad("no host"));
         }
         let port = match port {
-            Some(p) => p.parse::<u16>().ok().filter(|&p| p != 0).ok_or_else(|| bad("the port must be a number 1–65535"))?,
+            Some(p) => {
+                p.parse::<u16>().ok().filter(|&p| p != 0).ok_or_else(|| bad("the port must be a number 1–65535"))?
+            }
             None => 80,
         };
         if path.contains(['?', '#']) {
@@ -125,7 +127,8 @@ impl Endpoint {
     pub fn request(&self, method: &str, path: &str, body: &[u8]) -> Result<(u16, Vec<u8>), HttpError> {
         let addr = self.addr();
         let connect_err = |message: String| HttpError::Connect { addr: addr.clone(), message };
-        let addrs: Vec<_> = (self.host.as_str(), self.port).to_socket_addrs().map_err(|e| connect_err(e.to_string()))?.collect();
+        let addrs: Vec<_> =
+            (self.host.as_str(), self.port).to_socket_addrs().map_err(|e| connect_err(e.to_string()))?.collect();
         let mut last = String::from("the host name resolved to no address");
         let mut stream = None;
         for a in &addrs {
@@ -138,7 +141,12 @@ impl Endpoint {
             }
         }
         let mut s = stream.ok_or_else(|| connect_err(last))?;
-        let transfer = |message: String| HttpError::Transfer { addr: addr.clone(), method: method.into(), path: path.into(), message };
+        let transfer = |message: String| HttpError::Transfer {
+            addr: addr.clone(),
+            method: method.into(),
+            path: path.into(),
+            message,
+        };
         s.set_read_timeout(Some(READ_TIMEOUT)).map_err(|e| transfer(e.to_string()))?;
         let mut head = format!(
             "{method} {}{path} HTTP/1.0\r\nHost: {addr}\r\nContent-Length: {}\r\nConnection: close\r\n",
@@ -154,9 +162,14 @@ impl Endpoint {
         // hostile or broken server cannot make us hold gigabytes.
         let cap = crate::limits::get().max_http_body_bytes;
         let mut raw = Vec::new();
-        (&mut s).take(cap + 64 * 1024).read_to_end(&mut raw).map_err(|e| transfer(format!("reading the answer: {e}")))?;
+        (&mut s)
+            .take(cap + 64 * 1024)
+            .read_to_end(&mut raw)
+            .map_err(|e| transfer(format!("reading the answer: {e}")))?;
         if raw.len() as u64 > cap {
-            return Err(transfer(format!("the answer is larger than {cap} bytes (max_http_body_bytes, docs/limits.md)")));
+            return Err(transfer(format!(
+                "the answer is larger than {cap} bytes (max_http_body_bytes, docs/limits.md)"
+            )));
         }
         parse_response(&raw).map_err(|e| transfer(format!("malformed HTTP answer: {e}")))
     }
@@ -167,7 +180,8 @@ pub fn parse_response(raw: &[u8]) -> Result<(u16, Vec<u8>), String> {
     let split = raw.windows(4).position(|w| w == b"\r\n\r\n").ok_or("no end of headers")?;
     let head = String::from_utf8_lossy(&raw[..split]);
     let mut lines = head.lines();
-    let status: u16 = lines.next().and_then(|l| l.split_whitespace().nth(1)).and_then(|c| c.parse().ok()).ok_or("no status code")?;
+    let status: u16 =
+        lines.next().and_then(|l| l.split_whitespace().nth(1)).and_then(|c| c.parse().ok()).ok_or("no status code")?;
     let chunked = lines.any(|l| {
         let l = l.to_ascii_lowercase();
         l.starts_with("transfer-encoding:") && l.contains("chunked")
@@ -181,7 +195,8 @@ fn dechunk(mut data: &[u8]) -> Result<Vec<u8>, String> {
     loop {
         let eol = data.windows(2).position(|w| w == b"\r\n").ok_or("bad chunk header")?;
         let size_text = String::from_utf8_lossy(&data[..eol]);
-        let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16).map_err(|_| "bad chunk size")?;
+        let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16)
+            .map_err(|_| "bad chunk size")?;
         data = &data[eol + 2..];
         if size == 0 {
             return Ok(out);
@@ -227,7 +242,15 @@ mod tests {
 
     #[test]
     fn base64_matches_rfc4648() {
-        for (plain, enc) in [("", ""), ("f", "Zg=="), ("fo", "Zm8="), ("foo", "Zm9v"), ("foob", "Zm9vYg=="), ("fooba", "Zm9vYmE="), ("foobar", "Zm9vYmFy")] {
+        for (plain, enc) in [
+            ("", ""),
+            ("f", "Zg=="),
+            ("fo", "Zm8="),
+            ("foo", "Zm9v"),
+            ("foob", "Zm9vYg=="),
+            ("fooba", "Zm9vYmE="),
+            ("foobar", "Zm9vYmFy"),
+        ] {
             assert_eq!(base64(plain.as_bytes()), enc);
         }
         assert_eq!(base64(b"orthanc:orthanc"), "b3J0aGFuYzpvcnRoYW5j");
@@ -246,7 +269,9 @@ mod tests {
         let e = Endpoint::parse("http://h:1").unwrap().with_basic_auth("u", "secret");
         assert!(!format!("{e:?}").contains("secret"));
         assert!(!e.url().contains("secret"));
-        for bad in ["https://h:8042", "h:8042", "http://:8042", "http://h:99999", "http://u:p@h:8042", "http://h:8042/?x=1"] {
+        for bad in
+            ["https://h:8042", "h:8042", "http://:8042", "http://h:99999", "http://u:p@h:8042", "http://h:8042/?x=1"]
+        {
             assert!(Endpoint::parse(bad).is_err(), "{bad} should be refused");
         }
         assert!(Endpoint::parse("https://h").unwrap_err().to_string().contains("https is not supported"));

@@ -216,13 +216,19 @@ pub fn validate_values(spec: &ModelSpec) -> Result<(), String> {
     check_clip_percentiles(spec.preprocessing.clip_percentiles).map_err(|m| format!("preprocessing.{m}"))?;
     if let Normalization::MeanStd { mean, std } = &spec.preprocessing.normalization {
         if mean.iter().chain(std).any(|v| !v.is_finite()) || std.iter().any(|&s| s <= 0.0) {
-            return Err(format!("preprocessing.normalization needs finite means and positive stds, got {mean:?} / {std:?}"));
+            return Err(format!(
+                "preprocessing.normalization needs finite means and positive stds, got {mean:?} / {std:?}"
+            ));
         }
     }
     let t = &spec.thresholds;
     let unit = |name: &str, v: f64, lo_open: bool| {
         let ok = v.is_finite() && v <= 1.0 && if lo_open { v > 0.0 } else { v >= 0.0 };
-        if ok { Ok(()) } else { Err(format!("thresholds.{name} must be within {}0, 1], got {v}", if lo_open { "(" } else { "[" })) }
+        if ok {
+            Ok(())
+        } else {
+            Err(format!("thresholds.{name} must be within {}0, 1], got {v}", if lo_open { "(" } else { "[" }))
+        }
     };
     // A negative IoU threshold is legitimate: it keeps every grid prompt.
     if !(t.iou.is_finite() && t.iou <= 1.0) {
@@ -244,8 +250,13 @@ pub fn validate_values(spec: &ModelSpec) -> Result<(), String> {
     }
     for f in files {
         let p = Path::new(&f.path);
-        if f.path.is_empty() || (p.is_relative() && p.components().any(|c| !matches!(c, std::path::Component::Normal(_)))) {
-            return Err(format!("weights path {:?} must be a plain path inside the model directory (or absolute)", f.path));
+        if f.path.is_empty()
+            || (p.is_relative() && p.components().any(|c| !matches!(c, std::path::Component::Normal(_))))
+        {
+            return Err(format!(
+                "weights path {:?} must be a plain path inside the model directory (or absolute)",
+                f.path
+            ));
         }
     }
     Ok(())
@@ -306,7 +317,8 @@ pub fn derive_with_clip(src: &Path, dst: &Path, clip: [f64; 2]) -> Result<ModelD
         if Path::new(&f.path).is_relative() {
             let (from, to) = (src.join(&f.path), dst.join(&f.path));
             if let Some(parent) = to.parent() {
-                std::fs::create_dir_all(parent).map_err(|source| ModelDirError::Io { path: parent.to_path_buf(), source })?;
+                std::fs::create_dir_all(parent)
+                    .map_err(|source| ModelDirError::Io { path: parent.to_path_buf(), source })?;
             }
             std::fs::copy(&from, &to).map_err(|source| ModelDirError::Io { path: from.clone(), source })?;
         }
@@ -418,7 +430,10 @@ mod tests {
             arch: "tiny".into(),
             backbone: WeightsSet { files: vec![WeightsFile { path: files.0.into(), sha256: files.1.into() }] },
             decoder: WeightsSet { files: vec![WeightsFile { path: files.0.into(), sha256: files.1.into() }] },
-            preprocessing: Preprocessing { normalization: Normalization::MinMax, clip_percentiles: default_clip_percentiles() },
+            preprocessing: Preprocessing {
+                normalization: Normalization::MinMax,
+                clip_percentiles: default_clip_percentiles(),
+            },
             default_mode: "box".into(),
             grid_points: 9,
             thresholds: Thresholds::default(),

@@ -13,19 +13,13 @@ use crate::volume::{Mask, Volume};
 #[derive(Debug, thiserror::Error)]
 pub enum NiftiError {
     #[error("cannot access {path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     #[error("{path}: not a readable NIfTI-1 file ({reason})")]
     Format { path: PathBuf, reason: String },
     #[error("{path}: unsupported NIfTI content ({reason})")]
     Unsupported { path: PathBuf, reason: String },
     #[error("mask grid {mask:?} does not match the volume grid {volume:?}")]
-    GridMismatch {
-        mask: [usize; 3],
-        volume: [usize; 3],
-    },
+    GridMismatch { mask: [usize; 3], volume: [usize; 3] },
     #[error("cannot write this volume as NIfTI: {0}")]
     InvalidVolume(String),
     #[error("{dir}: not an nnU-Net task folder ({reason})")]
@@ -46,10 +40,7 @@ pub fn read_nifti(path: &Path) -> Result<Volume, NiftiError> {
         });
     }
     use nifti::{IntoNdArray, NiftiObject};
-    let fmt = |reason: String| NiftiError::Format {
-        path: path.to_path_buf(),
-        reason,
-    };
+    let fmt = |reason: String| NiftiError::Format { path: path.to_path_buf(), reason };
     // The header's sizes are checked before the parser allocates the data it declares.
     precheck_header(path)?;
     // The nifti crate may panic on malformed headers: never let that cross into callers (FFI).
@@ -73,21 +64,13 @@ pub fn read_nifti(path: &Path) -> Result<Volume, NiftiError> {
     if nx * ny * nz == 0 {
         return Err(fmt("an image dimension is 0".into()));
     }
-    let arr = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        obj.into_volume().into_ndarray::<f32>()
-    }))
-    .map_err(|_| fmt("the NIfTI data decoder panicked".into()))?
-    .map_err(|e| NiftiError::Unsupported {
-        path: path.to_path_buf(),
-        reason: e.to_string(),
-    })?;
+    let arr = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| obj.into_volume().into_ndarray::<f32>()))
+        .map_err(|_| fmt("the NIfTI data decoder panicked".into()))?
+        .map_err(|e| NiftiError::Unsupported { path: path.to_path_buf(), reason: e.to_string() })?;
     // The array is indexed [x, y, z, ...]; reversed axes iterate x fastest, which is Volume's order.
     let voxels: Vec<f32> = arr.t().iter().copied().collect();
     if voxels.len() != nx * ny * nz {
-        return Err(fmt(format!(
-            "{} values for a {nx}x{ny}x{nz} grid",
-            voxels.len()
-        )));
+        return Err(fmt(format!("{} values for a {nx}x{ny}x{nz} grid", voxels.len())));
     }
     // A degenerate sform (all zeros is common in hand-made headers) falls back to the qform.
     let (spacing, direction, origin) = match lps_geometry(&header_affine(&h, true)) {
@@ -127,7 +110,8 @@ fn precheck_header(path: &Path) -> Result<(), NiftiError> {
     if !le && !be {
         return Err(fmt("sizeof_hdr is not 348 (not NIfTI-1)".into()));
     }
-    let i16_at = |at: usize| if le { i16::from_le_bytes([h[at], h[at + 1]]) } else { i16::from_be_bytes([h[at], h[at + 1]]) };
+    let i16_at =
+        |at: usize| if le { i16::from_le_bytes([h[at], h[at + 1]]) } else { i16::from_be_bytes([h[at], h[at + 1]]) };
     let ndim = i16_at(40);
     if !(1..=7).contains(&ndim) {
         return Err(fmt(format!("dim[0] = {ndim}")));
@@ -144,15 +128,24 @@ fn precheck_header(path: &Path) -> Result<(), NiftiError> {
     let limits = crate::limits::get();
     let slice = dims[0].saturating_mul(*dims.get(1).unwrap_or(&1));
     if slice > limits.max_slice_pixels {
-        return Err(refuse(format!("{slice} pixels per slice exceed the limit of {} (max_slice_pixels, docs/limits.md)", limits.max_slice_pixels)));
+        return Err(refuse(format!(
+            "{slice} pixels per slice exceed the limit of {} (max_slice_pixels, docs/limits.md)",
+            limits.max_slice_pixels
+        )));
     }
     let voxels = crate::limits::product(&dims).filter(|&n| n <= limits.max_volume_voxels);
     let Some(voxels) = voxels else {
-        return Err(refuse(format!("the grid {dims:?} exceeds the limit of {} voxels (max_volume_voxels, docs/limits.md)", limits.max_volume_voxels)));
+        return Err(refuse(format!(
+            "the grid {dims:?} exceeds the limit of {} voxels (max_volume_voxels, docs/limits.md)",
+            limits.max_volume_voxels
+        )));
     };
     let bytes = voxels.saturating_mul(bitpix) / 8;
     if bytes > limits.max_file_bytes {
-        return Err(refuse(format!("{bytes} bytes of image data exceed the limit of {} (max_file_bytes, docs/limits.md)", limits.max_file_bytes)));
+        return Err(refuse(format!(
+            "{bytes} bytes of image data exceed the limit of {} (max_file_bytes, docs/limits.md)",
+            limits.max_file_bytes
+        )));
     }
     Ok(())
 }
@@ -161,11 +154,7 @@ fn precheck_header(path: &Path) -> Result<(), NiftiError> {
 /// integer label (negative → 0, above 255 → 255). Returns the mask and its grid (voxels empty).
 pub fn read_nifti_mask(path: &Path) -> Result<(Mask, Volume), NiftiError> {
     let v = read_nifti(path)?;
-    let data = v
-        .voxels
-        .iter()
-        .map(|&x| x.round().clamp(0.0, 255.0) as u8)
-        .collect();
+    let data = v.voxels.iter().map(|&x| x.round().clamp(0.0, 255.0) as u8).collect();
     Ok((Mask { data, dims: v.dims }, v.clone_geometry()))
 }
 
@@ -173,9 +162,7 @@ pub fn read_nifti_mask(path: &Path) -> Result<(Mask, Volume), NiftiError> {
 /// identical sform and qform (code 1, scanner) in RAS.
 pub fn write_nifti(path: &Path, vol: &Volume) -> Result<(), NiftiError> {
     if vol.voxels.len() != vol.dims.iter().product::<usize>() {
-        return Err(NiftiError::InvalidVolume(
-            "voxel count does not match dims".into(),
-        ));
+        return Err(NiftiError::InvalidVolume("voxel count does not match dims".into()));
     }
     let mut data = Vec::with_capacity(vol.voxels.len() * 4);
     for v in &vol.voxels {
@@ -187,15 +174,10 @@ pub fn write_nifti(path: &Path, vol: &Volume) -> Result<(), NiftiError> {
 /// Writes a mask on the grid of `grid` as uint8 NIfTI-1 with the grid's affine.
 pub fn write_nifti_mask(path: &Path, mask: &Mask, grid: &Volume) -> Result<(), NiftiError> {
     if mask.dims != grid.dims {
-        return Err(NiftiError::GridMismatch {
-            mask: mask.dims,
-            volume: grid.dims,
-        });
+        return Err(NiftiError::GridMismatch { mask: mask.dims, volume: grid.dims });
     }
     if mask.data.len() != mask.dims.iter().product::<usize>() {
-        return Err(NiftiError::InvalidVolume(
-            "mask data length does not match dims".into(),
-        ));
+        return Err(NiftiError::InvalidVolume("mask data length does not match dims".into()));
     }
     write_file(path, grid, DT_UINT8, 8, &mask.data)
 }
@@ -217,47 +199,25 @@ pub fn list_nnunet_cases(dir: &Path) -> Result<Vec<NnunetCase>, NiftiError> {
     let images = dir.join("imagesTr");
     let labels = dir.join("labelsTr");
     if !images.is_dir() {
-        return Err(NiftiError::Layout {
-            dir: dir.to_path_buf(),
-            reason: "no imagesTr folder".into(),
-        });
+        return Err(NiftiError::Layout { dir: dir.to_path_buf(), reason: "no imagesTr folder".into() });
     }
-    let rd = std::fs::read_dir(&images).map_err(|e| NiftiError::Io {
-        path: images.clone(),
-        source: e,
-    })?;
+    let rd = std::fs::read_dir(&images).map_err(|e| NiftiError::Io { path: images.clone(), source: e })?;
     let mut cases = Vec::new();
     for entry in rd {
-        let entry = entry.map_err(|e| NiftiError::Io {
-            path: images.clone(),
-            source: e,
-        })?;
+        let entry = entry.map_err(|e| NiftiError::Io { path: images.clone(), source: e })?;
         let name = entry.file_name().to_string_lossy().into_owned();
         if name.starts_with('.') {
             continue; // macOS "._" resource forks and hidden files
         }
-        let id = match name
-            .strip_suffix("_0000.nii.gz")
-            .or_else(|| name.strip_suffix("_0000.nii"))
-        {
+        let id = match name.strip_suffix("_0000.nii.gz").or_else(|| name.strip_suffix("_0000.nii")) {
             Some(id) => id.to_string(),
             None => continue,
         };
-        let label = ["nii.gz", "nii"]
-            .iter()
-            .map(|ext| labels.join(format!("{id}.{ext}")))
-            .find(|p| p.is_file());
-        cases.push(NnunetCase {
-            id,
-            image: entry.path(),
-            label,
-        });
+        let label = ["nii.gz", "nii"].iter().map(|ext| labels.join(format!("{id}.{ext}"))).find(|p| p.is_file());
+        cases.push(NnunetCase { id, image: entry.path(), label });
     }
     if cases.is_empty() {
-        return Err(NiftiError::Layout {
-            dir: dir.to_path_buf(),
-            reason: "no imagesTr/*_0000.nii(.gz) files".into(),
-        });
+        return Err(NiftiError::Layout { dir: dir.to_path_buf(), reason: "no imagesTr/*_0000.nii(.gz) files".into() });
     }
     cases.sort_by(|a, b| a.id.cmp(&b.id));
     Ok(cases)
@@ -298,11 +258,7 @@ fn header_affine(h: &nifti::NiftiHeader, use_sform: bool) -> [[f64; 4]; 3] {
         }
         return a;
     }
-    [
-        [dx, 0.0, 0.0, 0.0],
-        [0.0, dy, 0.0, 0.0],
-        [0.0, 0.0, dz, 0.0],
-    ]
+    [[dx, 0.0, 0.0, 0.0], [0.0, dy, 0.0, 0.0], [0.0, 0.0, dz, 0.0]]
 }
 
 /// Splits a RAS affine into LPS spacing, unit direction columns and origin.
@@ -312,11 +268,7 @@ fn lps_geometry(ras: &[[f64; 4]; 3]) -> Result<([f64; 3], [[f64; 3]; 3], [f64; 3
     let mut spacing = [0.0; 3];
     let mut direction = [[0.0; 3]; 3];
     for c in 0..3 {
-        let col = [
-            flip[0] * ras[0][c],
-            flip[1] * ras[1][c],
-            flip[2] * ras[2][c],
-        ];
+        let col = [flip[0] * ras[0][c], flip[1] * ras[1][c], flip[2] * ras[2][c]];
         let n = (col[0] * col[0] + col[1] * col[1] + col[2] * col[2]).sqrt();
         if !(n.is_finite() && n > 0.0) {
             return Err(format!("affine column {c} is zero or not finite"));
@@ -324,11 +276,7 @@ fn lps_geometry(ras: &[[f64; 4]; 3]) -> Result<([f64; 3], [[f64; 3]; 3], [f64; 3
         spacing[c] = n;
         direction[c] = [col[0] / n, col[1] / n, col[2] / n];
     }
-    let origin = [
-        flip[0] * ras[0][3],
-        flip[1] * ras[1][3],
-        flip[2] * ras[2][3],
-    ];
+    let origin = [flip[0] * ras[0][3], flip[1] * ras[1][3], flip[2] * ras[2][3]];
     if origin.iter().any(|v| !v.is_finite()) {
         return Err("affine offset is not finite".into());
     }
@@ -359,28 +307,15 @@ fn quatern_to_rotation(b: f64, c: f64, d: f64) -> [[f64; 3]; 3] {
         a = a.sqrt();
     }
     [
-        [
-            a * a + b * b - c * c - d * d,
-            2.0 * (b * c - a * d),
-            2.0 * (b * d + a * c),
-        ],
-        [
-            2.0 * (b * c + a * d),
-            a * a + c * c - b * b - d * d,
-            2.0 * (c * d - a * b),
-        ],
-        [
-            2.0 * (b * d - a * c),
-            2.0 * (c * d + a * b),
-            a * a + d * d - c * c - b * b,
-        ],
+        [a * a + b * b - c * c - d * d, 2.0 * (b * c - a * d), 2.0 * (b * d + a * c)],
+        [2.0 * (b * c + a * d), a * a + c * c - b * b - d * d, 2.0 * (c * d - a * b)],
+        [2.0 * (b * d - a * c), 2.0 * (c * d + a * b), a * a + d * d - c * c - b * b],
     ]
 }
 
 /// Quaternion (b, c, d) and qfac of the rotation part of unit direction columns `r` (r[row][col]).
 fn rotation_to_quatern(mut r: [[f64; 3]; 3]) -> (f64, f64, f64, f64) {
-    let det = r[0][0] * (r[1][1] * r[2][2] - r[1][2] * r[2][1])
-        - r[0][1] * (r[1][0] * r[2][2] - r[1][2] * r[2][0])
+    let det = r[0][0] * (r[1][1] * r[2][2] - r[1][2] * r[2][1]) - r[0][1] * (r[1][0] * r[2][2] - r[1][2] * r[2][0])
         + r[0][2] * (r[1][0] * r[2][1] - r[1][1] * r[2][0]);
     let qfac = if det < 0.0 { -1.0 } else { 1.0 };
     if det < 0.0 {
@@ -429,41 +364,18 @@ fn rotation_to_quatern(mut r: [[f64; 3]; 3]) -> (f64, f64, f64, f64) {
     (b, c, d, qfac)
 }
 
-fn write_file(
-    path: &Path,
-    grid: &Volume,
-    datatype: i16,
-    bitpix: i16,
-    data: &[u8],
-) -> Result<(), NiftiError> {
+fn write_file(path: &Path, grid: &Volume, datatype: i16, bitpix: i16, data: &[u8]) -> Result<(), NiftiError> {
     let [nz, ny, nx] = grid.dims;
-    if [nx, ny, nz]
-        .iter()
-        .any(|&n| n == 0 || n > i16::MAX as usize)
-    {
-        return Err(NiftiError::InvalidVolume(format!(
-            "dimensions {:?} do not fit NIfTI-1",
-            grid.dims
-        )));
+    if [nx, ny, nz].iter().any(|&n| n == 0 || n > i16::MAX as usize) {
+        return Err(NiftiError::InvalidVolume(format!("dimensions {:?} do not fit NIfTI-1", grid.dims)));
     }
-    if grid
-        .spacing
-        .iter()
-        .chain(grid.origin.iter())
-        .any(|v| !v.is_finite())
-        || grid.spacing.iter().any(|&s| s <= 0.0)
-    {
-        return Err(NiftiError::InvalidVolume(format!(
-            "spacing {:?} / origin {:?}",
-            grid.spacing, grid.origin
-        )));
+    if grid.spacing.iter().chain(grid.origin.iter()).any(|v| !v.is_finite()) || grid.spacing.iter().any(|&s| s <= 0.0) {
+        return Err(NiftiError::InvalidVolume(format!("spacing {:?} / origin {:?}", grid.spacing, grid.origin)));
     }
     let ras = ras_affine(grid);
     let mut h = vec![0u8; VOX_OFFSET];
-    let put_i16 =
-        |h: &mut Vec<u8>, at: usize, v: i16| h[at..at + 2].copy_from_slice(&v.to_le_bytes());
-    let put_f32 =
-        |h: &mut Vec<u8>, at: usize, v: f32| h[at..at + 4].copy_from_slice(&v.to_le_bytes());
+    let put_i16 = |h: &mut Vec<u8>, at: usize, v: i16| h[at..at + 2].copy_from_slice(&v.to_le_bytes());
+    let put_f32 = |h: &mut Vec<u8>, at: usize, v: f32| h[at..at + 4].copy_from_slice(&v.to_le_bytes());
     h[0..4].copy_from_slice(&(HEADER_LEN as i32).to_le_bytes());
     h[38] = b'r';
     for (i, v) in [3, nx, ny, nz, 1, 1, 1, 1].iter().enumerate() {
@@ -479,16 +391,7 @@ fn write_file(
         }
     }
     let (qb, qc, qd, qfac) = rotation_to_quatern(rot);
-    let pixdim = [
-        qfac,
-        grid.spacing[0],
-        grid.spacing[1],
-        grid.spacing[2],
-        1.0,
-        1.0,
-        1.0,
-        1.0,
-    ];
+    let pixdim = [qfac, grid.spacing[0], grid.spacing[1], grid.spacing[2], 1.0, 1.0, 1.0, 1.0];
     for (i, v) in pixdim.iter().enumerate() {
         put_f32(&mut h, 76 + 4 * i, *v as f32);
     }
@@ -513,14 +416,8 @@ fn write_file(
     // h[348..352] = 0: no extensions.
     h.extend_from_slice(data);
 
-    let io = |e| NiftiError::Io {
-        path: path.to_path_buf(),
-        source: e,
-    };
-    let gz = path
-        .extension()
-        .map(|e| e.eq_ignore_ascii_case("gz"))
-        .unwrap_or(false);
+    let io = |e| NiftiError::Io { path: path.to_path_buf(), source: e };
+    let gz = path.extension().map(|e| e.eq_ignore_ascii_case("gz")).unwrap_or(false);
     let file = std::fs::File::create(path).map_err(io)?;
     let mut w = std::io::BufWriter::new(file);
     if gz {
@@ -548,16 +445,8 @@ mod tests {
     #[test]
     fn quaternion_round_trip_for_proper_and_improper_rotations() {
         let (a, b) = (0.4f64, -1.1f64);
-        let r1 = [
-            [a.cos(), -a.sin(), 0.0],
-            [a.sin(), a.cos(), 0.0],
-            [0.0, 0.0, 1.0],
-        ];
-        let r2 = [
-            [1.0, 0.0, 0.0],
-            [0.0, b.cos(), -b.sin()],
-            [0.0, b.sin(), b.cos()],
-        ];
+        let r1 = [[a.cos(), -a.sin(), 0.0], [a.sin(), a.cos(), 0.0], [0.0, 0.0, 1.0]];
+        let r2 = [[1.0, 0.0, 0.0], [0.0, b.cos(), -b.sin()], [0.0, b.sin(), b.cos()]];
         let mut rot = [[0.0; 3]; 3];
         for i in 0..3 {
             for j in 0..3 {
@@ -577,11 +466,7 @@ mod tests {
             for i in 0..3 {
                 for j in 0..3 {
                     let want = r[i][j] * if j == 2 { qfac } else { 1.0 };
-                    assert!(
-                        (back[i][j] - want).abs() < 1e-9,
-                        "{i}{j}: {} vs {want}",
-                        back[i][j]
-                    );
+                    assert!((back[i][j] - want).abs() < 1e-9, "{i}{j}: {} vs {want}", back[i][j]);
                 }
             }
         }
@@ -602,11 +487,7 @@ mod tests {
         let vals: Vec<f32> = (0..2 * 3 * 4).map(|i| i as f32 * 1.5 - 3.0).collect();
         let mut v = Volume::new(vals, [2, 3, 4], [0.5, 0.75, 3.0], [12.0, -7.0, 30.0]);
         let t = 0.3f64;
-        v.direction = [
-            [t.cos(), t.sin(), 0.0],
-            [0.0, 0.0, -1.0],
-            [-t.sin(), t.cos(), 0.0],
-        ];
+        v.direction = [[t.cos(), t.sin(), 0.0], [0.0, 0.0, -1.0], [-t.sin(), t.cos(), 0.0]];
         for name in ["a.nii", "a.nii.gz"] {
             let p = dir.join(name);
             write_nifti(&p, &v).unwrap();
@@ -632,14 +513,8 @@ mod tests {
             write_nifti_mask(&dir.join("bad.nii"), &Mask::zeros([1, 1, 1]), &v),
             Err(NiftiError::GridMismatch { .. })
         ));
-        assert!(matches!(
-            read_nifti(&dir.join("missing.nii")),
-            Err(NiftiError::Io { .. })
-        ));
+        assert!(matches!(read_nifti(&dir.join("missing.nii")), Err(NiftiError::Io { .. })));
         std::fs::write(dir.join("junk.nii"), b"not a nifti file at all").unwrap();
-        assert!(matches!(
-            read_nifti(&dir.join("junk.nii")),
-            Err(NiftiError::Format { .. })
-        ));
+        assert!(matches!(read_nifti(&dir.join("junk.nii")), Err(NiftiError::Format { .. })));
     }
 }

@@ -15,7 +15,10 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
-const PG_PLUGINS: [&str; 2] = ["/usr/share/orthanc/plugins/libOrthancPostgreSQLIndex.so", "/usr/share/orthanc/plugins/libOrthancPostgreSQLStorage.so"];
+const PG_PLUGINS: [&str; 2] = [
+    "/usr/share/orthanc/plugins/libOrthancPostgreSQLIndex.so",
+    "/usr/share/orthanc/plugins/libOrthancPostgreSQLStorage.so",
+];
 const LEASE_S: u64 = 6;
 const TIMEOUT: Duration = Duration::from_secs(600);
 
@@ -26,25 +29,46 @@ struct Postgres {
 }
 
 fn as_postgres(cmd: &str, args: &[&str]) -> std::process::Output {
-    let out = Command::new("runuser").args(["-u", "postgres", "--"]).arg(format!("{PG_BIN}/{cmd}")).args(args).output().unwrap();
-    assert!(out.status.success(), "{cmd} {args:?}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let out = Command::new("runuser")
+        .args(["-u", "postgres", "--"])
+        .arg(format!("{PG_BIN}/{cmd}"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     out
 }
 
 impl Postgres {
     fn start(dir: &Path) -> Postgres {
-        assert!(Path::new(PG_BIN).join("postgres").is_file(), "PostgreSQL 15 is missing (scripts/setup.sh installs postgresql-15)");
+        assert!(
+            Path::new(PG_BIN).join("postgres").is_file(),
+            "PostgreSQL 15 is missing (scripts/setup.sh installs postgresql-15)"
+        );
         let data = dir.join("pgdata");
         std::fs::create_dir_all(&data).unwrap();
         let pw = dir.join("pgpass");
         std::fs::write(&pw, "orthanc\n").unwrap();
-        let chown = |p: &Path| assert!(Command::new("chown").args(["-R", "postgres:postgres"]).arg(p).status().unwrap().success());
+        let chown = |p: &Path| {
+            assert!(Command::new("chown").args(["-R", "postgres:postgres"]).arg(p).status().unwrap().success())
+        };
         chown(&data);
         chown(&pw);
-        as_postgres("initdb", &["-D", data.to_str().unwrap(), "-A", "md5", "-U", "postgres", &format!("--pwfile={}", pw.display())]);
+        as_postgres(
+            "initdb",
+            &["-D", data.to_str().unwrap(), "-A", "md5", "-U", "postgres", &format!("--pwfile={}", pw.display())],
+        );
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let opts = format!("-p {port} -k {} -c listen_addresses=127.0.0.1", data.display());
-        as_postgres("pg_ctl", &["-D", data.to_str().unwrap(), "-o", &opts, "-l", data.join("log").to_str().unwrap(), "-w", "start"]);
+        as_postgres(
+            "pg_ctl",
+            &["-D", data.to_str().unwrap(), "-o", &opts, "-l", data.join("log").to_str().unwrap(), "-w", "start"],
+        );
         let out = Command::new(format!("{PG_BIN}/createdb"))
             .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres", "orthanc"])
             .env("PGPASSWORD", "orthanc")
@@ -61,9 +85,16 @@ impl Postgres {
             let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
             let status = std::fs::read_to_string(e.path().join("status")).unwrap_or_default();
             let is_ours = String::from_utf8_lossy(&cmdline).contains(self.data.to_str().unwrap())
-                || (status.contains("Name:\tpostgres") && std::fs::read_to_string(e.path().join("environ")).is_ok() && self.owns(&e.path()));
+                || (status.contains("Name:\tpostgres")
+                    && std::fs::read_to_string(e.path().join("environ")).is_ok()
+                    && self.owns(&e.path()));
             if is_ours {
-                total += status.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+                total += status
+                    .lines()
+                    .find(|l| l.starts_with("VmRSS:"))
+                    .and_then(|l| l.split_whitespace().nth(1))
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(0);
             }
         }
         total
@@ -74,7 +105,8 @@ impl Postgres {
         let pid_file = std::fs::read_to_string(self.data.join("postmaster.pid")).unwrap_or_default();
         let master = pid_file.lines().next().unwrap_or("").trim().to_string();
         let status = std::fs::read_to_string(proc_dir.join("status")).unwrap_or_default();
-        let ppid = status.lines().find(|l| l.starts_with("PPid:")).and_then(|l| l.split_whitespace().nth(1)).unwrap_or("");
+        let ppid =
+            status.lines().find(|l| l.starts_with("PPid:")).and_then(|l| l.split_whitespace().nth(1)).unwrap_or("");
         !master.is_empty() && ppid == master
     }
 }
@@ -113,7 +145,11 @@ fn write_series(dir: &Path, seed: u64, slices: usize, side: usize) -> (Vec<PathB
         })
         .collect();
     let vol = Volume::new(voxels, [slices, side, side], [0.7, 0.7, 3.0], [0.0; 3]);
-    let attrs = MrSeriesAttributes { series_description: "t2_tse_tra".into(), patient_id: format!("C{seed}"), ..Default::default() };
+    let attrs = MrSeriesAttributes {
+        series_description: "t2_tse_tra".into(),
+        patient_id: format!("C{seed}"),
+        ..Default::default()
+    };
     let w = dicom::write_mr_series_full(&vol, &attrs, dir).unwrap();
     (w.paths, w.volume.source.as_ref().unwrap().series_instance_uid.clone())
 }
@@ -132,7 +168,10 @@ fn jobs_by_series(o: &Orthanc) -> Vec<String> {
 fn wait_done(o: &Orthanc, ids: &[String]) -> f64 {
     let t0 = Instant::now();
     loop {
-        let done = ids.iter().filter(|id| o.request("GET", &format!("/desam/series/{id}"), None).json()["Result"]["Status"] == "done").count();
+        let done = ids
+            .iter()
+            .filter(|id| o.request("GET", &format!("/desam/series/{id}"), None).json()["Result"]["Status"] == "done")
+            .count();
         if done == ids.len() {
             return t0.elapsed().as_secs_f64();
         }
@@ -150,7 +189,9 @@ fn three_nodes_on_postgresql_segment_each_series_once_and_take_over_a_dead_worke
     let dir = scratch("cluster");
     let pg = Postgres::start(&dir);
     let model = harness::tiny_model(21);
-    let start = |name: &str, role: &str, mode: &str| Orthanc::start(&dir.join(name), true, &node_config(&pg, &model, name, role, mode));
+    let start = |name: &str, role: &str, mode: &str| {
+        Orthanc::start(&dir.join(name), true, &node_config(&pg, &model, name, role, mode))
+    };
     // Grid mode keeps the slow series below running long enough to kill its worker mid-way.
     // DESAM_CLUSTER_WORKERS=1 measures one worker instead (the second node then ingests only).
     let one_worker = std::env::var("DESAM_CLUSTER_WORKERS").is_ok_and(|v| v == "1");
@@ -187,7 +228,12 @@ fn three_nodes_on_postgresql_segment_each_series_once_and_take_over_a_dead_worke
         assert_eq!(per_node[0].len(), 30, "the one worker ran {} series", per_node[0].len());
         return;
     }
-    assert!(!per_node[0].is_empty() && !per_node[1].is_empty(), "both workers should have worked: {} / {}", per_node[0].len(), per_node[1].len());
+    assert!(
+        !per_node[0].is_empty() && !per_node[1].is_empty(),
+        "both workers should have worked: {} / {}",
+        per_node[0].len(),
+        per_node[1].len()
+    );
     let mut all: Vec<&String> = per_node.iter().flatten().collect();
     all.sort();
     all.dedup();
@@ -235,12 +281,19 @@ fn three_nodes_on_postgresql_segment_each_series_once_and_take_over_a_dead_worke
         killed_at.elapsed().as_secs_f64()
     );
     assert!(takeover, "the survivor never took the claim over; log:\n{}", survivor.log_text());
-    assert!(done_after >= LEASE_S as f64 - 1.0, "finished {done_after:.1} s after the kill: before the lease could expire?");
+    assert!(
+        done_after >= LEASE_S as f64 - 1.0,
+        "finished {done_after:.1} s after the kill: before the lease could expire?"
+    );
     assert_eq!(survivor.segs_referencing(&slow).len(), 1);
     drop(killed);
 
     // The killed node restarted with the same id duplicates nothing.
-    let back = Orthanc::start(&dir.join(format!("{victim_name}-again")), true, &node_config(&pg, &model, victim_name, "worker", "box"));
+    let back = Orthanc::start(
+        &dir.join(format!("{victim_name}-again")),
+        true,
+        &node_config(&pg, &model, victim_name, "worker", "box"),
+    );
     std::thread::sleep(Duration::from_secs(8));
     for (id, n) in seg_count_per_series(&back, &ids) {
         assert_eq!(n, 1, "after the restart series {id} has {n} SEGs");

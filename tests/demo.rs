@@ -18,8 +18,7 @@ fn desam() -> Command {
 fn demo_stop_segments_every_series_once_and_writes_the_overlay() {
     let dir = harness::scratch("demo");
     let model = dir.join("tiny");
-    modeldir::create_untrained_model_dir(Arch::Tiny, &model, 3, &BackboneSource::Random)
-        .expect("tiny model dir");
+    modeldir::create_untrained_model_dir(Arch::Tiny, &model, 3, &BackboneSource::Random).expect("tiny model dir");
     let out_dir = dir.join("out");
     // --ohif: a stand-in dist/ is enough here (the real viewer is tested in test_viewer_ohif.py).
     let dist = dir.join("ohif-dist");
@@ -59,26 +58,16 @@ fn demo_stop_segments_every_series_once_and_writes_the_overlay() {
     let out = run();
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();
     let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(
-        out.status.success(),
-        "desam demo failed\nstdout:\n{stdout}\nstderr:\n{stderr}"
-    );
-    assert!(
-        stderr.contains("UNTRAINED"),
-        "an untrained model is announced: {stderr}"
-    );
+    assert!(out.status.success(), "desam demo failed\nstdout:\n{stdout}\nstderr:\n{stderr}");
+    assert!(stderr.contains("UNTRAINED"), "an untrained model is announced: {stderr}");
     assert!(stdout.contains("Orthanc stopped cleanly"), "{stdout}");
     // The viewer link of every result (ViewerUrlTemplate set by --ohif).
     assert!(stdout.contains(&format!("demo: OHIF viewer on http://127.0.0.1:{ohif_port}/")), "{stdout}");
     let links = format!("; viewer: http://127.0.0.1:{ohif_port}/segmentation?StudyInstanceUIDs=");
     assert_eq!(stdout.matches(&links).count(), 2, "one viewer URL per series: {stdout}");
-    assert!(
-        stdout.contains("2 series, 2 SEGs (2/2 with exactly one)"),
-        "{stdout}"
-    );
+    assert!(stdout.contains("2 series, 2 SEGs (2/2 with exactly one)"), "{stdout}");
 
-    let results: Value =
-        serde_json::from_slice(&std::fs::read(out_dir.join("results.json")).unwrap()).unwrap();
+    let results: Value = serde_json::from_slice(&std::fs::read(out_dir.join("results.json")).unwrap()).unwrap();
     let series = results["series"].as_array().unwrap();
     assert_eq!(series.len(), 2);
     for (s, site) in series.iter().zip(["A", "E"]) {
@@ -99,33 +88,21 @@ fn demo_stop_segments_every_series_once_and_writes_the_overlay() {
 
     let png = out_dir.join("overlay.png");
     let (w, h) = png_size(&png);
-    assert_eq!(
-        (w, h),
-        (2 * 256 + 4, 2 * 256 + 4),
-        "two columns of two 256-pixel panels"
-    );
+    assert_eq!((w, h), (2 * 256 + 4, 2 * 256 + 4), "two columns of two 256-pixel panels");
     // The demo stopped its Orthanc: nothing answers on its port any more.
     let port = results["orthanc_http_port"].as_u64().unwrap() as u16;
-    assert!(
-        desam::cli::demo::http_request(port, "GET", "/system", b"").is_err(),
-        "Orthanc still answers on {port}"
-    );
+    assert!(desam::cli::demo::http_request(port, "GET", "/system", b"").is_err(), "Orthanc still answers on {port}");
 
     // A second run reuses (clears) its own output folder.
     let again = run();
-    assert!(
-        again.status.success(),
-        "second run failed: {}",
-        String::from_utf8_lossy(&again.stderr)
-    );
+    assert!(again.status.success(), "second run failed: {}", String::from_utf8_lossy(&again.stderr));
 }
 
 #[test]
 fn demo_refuses_an_untrained_model_when_a_trained_one_is_required_and_foreign_folders() {
     let dir = harness::scratch("demo-refuse");
     let model = dir.join("tiny");
-    modeldir::create_untrained_model_dir(Arch::Tiny, &model, 3, &BackboneSource::Random)
-        .expect("tiny model dir");
+    modeldir::create_untrained_model_dir(Arch::Tiny, &model, 3, &BackboneSource::Random).expect("tiny model dir");
     let out = desam()
         .args(["demo", "--require-trained", "--stop"])
         .arg("--model")
@@ -138,14 +115,8 @@ fn demo_refuses_an_untrained_model_when_a_trained_one_is_required_and_foreign_fo
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(
-        stderr.contains("untrained placeholder: never for the demo"),
-        "{stderr}"
-    );
-    assert!(
-        !dir.join("out").exists(),
-        "nothing written before the checks pass"
-    );
+    assert!(stderr.contains("untrained placeholder: never for the demo"), "{stderr}");
+    assert!(!dir.join("out").exists(), "nothing written before the checks pass");
 
     // A non-empty folder the demo did not write is never cleared.
     let foreign = dir.join("foreign");
@@ -163,10 +134,7 @@ fn demo_refuses_an_untrained_model_when_a_trained_one_is_required_and_foreign_fo
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("was not written by desam demo"));
-    assert_eq!(
-        std::fs::read_to_string(foreign.join("keep.txt")).unwrap(),
-        "mine"
-    );
+    assert_eq!(std::fs::read_to_string(foreign.join("keep.txt")).unwrap(), "mine");
 }
 
 fn png_size(path: &Path) -> (u32, u32) {

@@ -47,11 +47,8 @@ fn source_volume(dims: [usize; 3], spacing: [f64; 3], oblique: bool, multiframe:
         let (a, b) = (20f64.to_radians(), 15f64.to_radians());
         let row = [b.cos(), b.sin(), 0.0];
         let col = [-b.sin() * a.cos(), b.cos() * a.cos(), a.sin()];
-        let normal = [
-            row[1] * col[2] - row[2] * col[1],
-            row[2] * col[0] - row[0] * col[2],
-            row[0] * col[1] - row[1] * col[0],
-        ];
+        let normal =
+            [row[1] * col[2] - row[2] * col[1], row[2] * col[0] - row[0] * col[2], row[0] * col[1] - row[1] * col[0]];
         v.direction = [row, col, normal];
     }
     let enhanced_uid = new_uid();
@@ -320,13 +317,15 @@ fn non_multiple_of_8_matrices_are_fractional() {
         ("m320x320", [3, 320, 320], SegEncoding::Binary),
     ] {
         let src = source_volume(dims, [0.7, 0.7, 3.0], false, false);
-        let mask = ellipsoid(dims, [dims[0] as f64 / 2.0, dims[1] as f64 / 2.0, dims[2] as f64 / 2.0], [1.6, 40.0, 50.0]);
+        let mask =
+            ellipsoid(dims, [dims[0] as f64 / 2.0, dims[1] as f64 / 2.0, dims[2] as f64 / 2.0], [1.6, 40.0, 50.0]);
         let (bytes, _) = write_and_validate(name, &src, &[prostate(&mask)]);
         let obj = dicom_object::OpenFileOptions::new()
             .read_preamble(dicom_object::file::ReadPreamble::Always)
             .from_reader(&bytes[..])
             .unwrap();
-        let seg_type = obj.element(dicom_dictionary_std::tags::SEGMENTATION_TYPE).unwrap().to_str().unwrap().to_string();
+        let seg_type =
+            obj.element(dicom_dictionary_std::tags::SEGMENTATION_TYPE).unwrap().to_str().unwrap().to_string();
         assert_eq!(seg_type.trim(), want.segmentation_type(), "{name}");
     }
 }
@@ -365,7 +364,11 @@ fn prostate_and_zones() {
     for (i, (p, t)) in pz.data.iter_mut().zip(tz.data.iter_mut()).enumerate() {
         let y = (i / 20) % 20;
         // posterior half → PZ, anterior → TZ
-        if y < 10 { *p = 0 } else { *t = 0 }
+        if y < 10 {
+            *p = 0
+        } else {
+            *t = 0
+        }
     }
     let segments = [
         prostate(&gland),

@@ -29,11 +29,7 @@ fn phantom(dims: [usize; 3], spacing: [f64; 3], direction: [[f64; 3]; 3]) -> Vol
                     (z as f64 - nz as f64 / 2.0) / (nz as f64 / 3.0),
                 );
                 let inside = dx * dx + dy * dy + dz * dz < 1.0;
-                vox.push(if inside {
-                    800.0 + z as f32
-                } else {
-                    (x + 2 * y + 3 * z) as f32
-                });
+                vox.push(if inside { 800.0 + z as f32 } else { (x + 2 * y + 3 * z) as f32 });
             }
         }
     }
@@ -46,42 +42,22 @@ fn oblique() -> [[f64; 3]; 3] {
     let (a, b) = (20f64.to_radians(), 10f64.to_radians());
     let row = [a.cos(), a.sin(), 0.0];
     let col = [-a.sin() * b.cos(), a.cos() * b.cos(), b.sin()];
-    let n = [
-        row[1] * col[2] - row[2] * col[1],
-        row[2] * col[0] - row[0] * col[2],
-        row[0] * col[1] - row[1] * col[0],
-    ];
+    let n = [row[1] * col[2] - row[2] * col[1], row[2] * col[0] - row[0] * col[2], row[0] * col[1] - row[1] * col[0]];
     [row, col, n]
 }
 
 fn dciodvfy_errors(path: &Path) -> Vec<String> {
-    let out = Command::new("dciodvfy")
-        .arg(path)
-        .output()
-        .expect("dciodvfy (dicom3tools) must be installed");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    text.lines()
-        .filter(|l| l.starts_with("Error"))
-        .map(str::to_string)
-        .collect()
+    let out = Command::new("dciodvfy").arg(path).output().expect("dciodvfy (dicom3tools) must be installed");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    text.lines().filter(|l| l.starts_with("Error")).map(str::to_string).collect()
 }
 
 #[test]
 fn mr_writer_output_passes_dciodvfy() {
     let dir = scratch("dciodvfy");
     let vol = phantom([3, 12, 10], [0.6, 0.7, 3.3], oblique());
-    for (i, enc) in [StoredPixels::Uint16, StoredPixels::Int16]
-        .into_iter()
-        .enumerate()
-    {
-        let mut attrs = MrSeriesAttributes {
-            stored_pixels: enc,
-            ..Default::default()
-        };
+    for (i, enc) in [StoredPixels::Uint16, StoredPixels::Int16].into_iter().enumerate() {
+        let mut attrs = MrSeriesAttributes { stored_pixels: enc, ..Default::default() };
         if enc == StoredPixels::Int16 {
             attrs.rescale = Some((0.5, -100.0));
         }
@@ -105,16 +81,11 @@ fn python() -> PathBuf {
 
 fn pydicom_test_file(name: &str) -> PathBuf {
     let out = Command::new(python())
-        .args([
-            "-c",
-            "import pydicom, os; print(os.path.dirname(pydicom.__file__))",
-        ])
+        .args(["-c", "import pydicom, os; print(os.path.dirname(pydicom.__file__))"])
         .output()
         .expect("python");
     assert!(out.status.success());
-    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
-        .join("data/test_files")
-        .join(name)
+    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim()).join("data/test_files").join(name)
 }
 
 /// Scratch folders are fixed per test name (cleared before use) so repeated runs do not pile up.
@@ -126,11 +97,7 @@ fn variant(kind: &str, src: &Path, dst: &Path) -> PathBuf {
         .args([kind.as_ref(), src.as_os_str(), dst.as_os_str()])
         .output()
         .expect("python");
-    assert!(
-        out.status.success(),
-        "variant {kind}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "variant {kind}: {}", String::from_utf8_lossy(&out.stderr));
     dst.to_path_buf()
 }
 
@@ -138,18 +105,8 @@ fn variant(kind: &str, src: &Path, dst: &Path) -> PathBuf {
 fn dcmtk(tool: &str, opts: &[&str], src: &Path, dst: &Path) -> PathBuf {
     std::fs::create_dir_all(dst).unwrap();
     for p in dcm_files(src) {
-        let out = Command::new(tool)
-            .args(opts)
-            .arg(&p)
-            .arg(dst.join(p.file_name().unwrap()))
-            .output()
-            .expect(tool);
-        assert!(
-            out.status.success(),
-            "{tool} {}: {}",
-            p.display(),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let out = Command::new(tool).args(opts).arg(&p).arg(dst.join(p.file_name().unwrap())).output().expect(tool);
+        assert!(out.status.success(), "{tool} {}: {}", p.display(), String::from_utf8_lossy(&out.stderr));
     }
     dst.to_path_buf()
 }
@@ -184,18 +141,8 @@ fn written_series(name: &str, attrs: &MrSeriesAttributes) -> (PathBuf, Volume) {
 fn assert_same_geometry(a: &Volume, b: &Volume) {
     assert_eq!(a.dims, b.dims);
     for i in 0..3 {
-        assert!(
-            (a.spacing[i] - b.spacing[i]).abs() < 1e-4,
-            "spacing {:?} vs {:?}",
-            a.spacing,
-            b.spacing
-        );
-        assert!(
-            (a.origin[i] - b.origin[i]).abs() < 1e-4,
-            "origin {:?} vs {:?}",
-            a.origin,
-            b.origin
-        );
+        assert!((a.spacing[i] - b.spacing[i]).abs() < 1e-4, "spacing {:?} vs {:?}", a.spacing, b.spacing);
+        assert!((a.origin[i] - b.origin[i]).abs() < 1e-4, "origin {:?} vs {:?}", a.origin, b.origin);
         for j in 0..3 {
             assert!(
                 (a.direction[i][j] - b.direction[i][j]).abs() < 1e-5,
@@ -209,10 +156,7 @@ fn assert_same_geometry(a: &Volume, b: &Volume) {
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -220,11 +164,8 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 
 #[test]
 fn shuffled_oblique_signed_rescaled_series_reads_back_exactly() {
-    let attrs = MrSeriesAttributes {
-        stored_pixels: StoredPixels::Int16,
-        rescale: Some((0.25, -50.0)),
-        ..Default::default()
-    };
+    let attrs =
+        MrSeriesAttributes { stored_pixels: StoredPixels::Int16, rescale: Some((0.25, -50.0)), ..Default::default() };
     let (dir, written) = written_series("signed", &attrs);
     let files = shuffled(dcm_files(&dir));
     let got = load_series_files(&files).unwrap();
@@ -233,10 +174,7 @@ fn shuffled_oblique_signed_rescaled_series_reads_back_exactly() {
     assert_same_geometry(v, &written);
     // Values were multiples of 1 → representable exactly with slope 0.25.
     assert_eq!(max_abs_diff(&v.voxels, &written.voxels), 0.0);
-    assert_eq!(
-        v.slices, written.slices,
-        "slices sorted along the normal, not by file order"
-    );
+    assert_eq!(v.slices, written.slices, "slices sorted along the normal, not by file order");
     assert_eq!(v.frame_of_reference_uid, written.frame_of_reference_uid);
     let s = v.source.as_ref().unwrap();
     let w = written.source.as_ref().unwrap();
@@ -259,11 +197,7 @@ fn slices_written_against_the_normal_are_reordered_along_it() {
     write_mr_series(&vol, &MrSeriesAttributes::default(), &dir).unwrap();
     let got = load_series_dir(&dir).unwrap().volume;
     let (r, c) = (got.direction[0], got.direction[1]);
-    let rc = [
-        r[1] * c[2] - r[2] * c[1],
-        r[2] * c[0] - r[0] * c[2],
-        r[0] * c[1] - r[1] * c[0],
-    ];
+    let rc = [r[1] * c[2] - r[2] * c[1], r[2] * c[0] - r[0] * c[2], r[0] * c[1] - r[1] * c[0]];
     for a in 0..3 {
         assert!((got.direction[2][a] - d[2][a]).abs() < 1e-6);
         assert!((got.direction[2][a] - rc[a]).abs() < 1e-9);
@@ -277,27 +211,15 @@ fn slices_written_against_the_normal_are_reordered_along_it() {
         assert_eq!(got.slice(z), vol.slice(4 - z));
     }
     // Positions ascend along the normal.
-    let pos: Vec<f64> = got
-        .slices
-        .iter()
-        .map(|s| {
-            s.position
-                .iter()
-                .zip(&got.direction[2])
-                .map(|(p, n)| p * n)
-                .sum()
-        })
-        .collect();
+    let pos: Vec<f64> =
+        got.slices.iter().map(|s| s.position.iter().zip(&got.direction[2]).map(|(p, n)| p * n).sum()).collect();
     assert!(pos.windows(2).all(|w| w[1] > w[0]));
 }
 
 #[test]
 fn orthanc_style_bytes_with_and_without_preamble() {
     let (dir, written) = written_series("bytes", &MrSeriesAttributes::default());
-    let with: Vec<Vec<u8>> = shuffled(dcm_files(&dir))
-        .iter()
-        .map(|p| std::fs::read(p).unwrap())
-        .collect();
+    let with: Vec<Vec<u8>> = shuffled(dcm_files(&dir)).iter().map(|p| std::fs::read(p).unwrap()).collect();
     assert!(with.iter().all(|b| &b[128..132] == b"DICM"));
     let a = load_series_bytes(&with).unwrap().volume;
     let without: Vec<Vec<u8>> = with.iter().map(|b| b[128..].to_vec()).collect();
@@ -310,24 +232,13 @@ fn orthanc_style_bytes_with_and_without_preamble() {
 fn single_slice_spacing_rules() {
     let dir = scratch("single");
     let vol = phantom([1, 6, 5], [0.5, 0.5, 2.5], oblique());
-    write_mr_series(
-        &vol,
-        &MrSeriesAttributes {
-            slice_thickness: Some(3.5),
-            ..Default::default()
-        },
-        &dir.join("src"),
-    )
-    .unwrap();
+    write_mr_series(&vol, &MrSeriesAttributes { slice_thickness: Some(3.5), ..Default::default() }, &dir.join("src"))
+        .unwrap();
     let got = load_series_dir(&dir.join("src")).unwrap();
     assert_eq!(got.volume.dims, [1, 6, 5]);
     assert_eq!(got.volume.spacing[2], 2.5, "SpacingBetweenSlices first");
     let t = variant("thickness_only", &dir.join("src"), &dir.join("t"));
-    assert_eq!(
-        load_series_dir(&t).unwrap().volume.spacing[2],
-        4.0,
-        "then SliceThickness"
-    );
+    assert_eq!(load_series_dir(&t).unwrap().volume.spacing[2], 4.0, "then SliceThickness");
     let n = variant("no_spacing_info", &dir.join("src"), &dir.join("n"));
     let got = load_series_dir(&n).unwrap();
     assert_eq!(got.volume.spacing[2], 1.0, "else 1 mm");
@@ -342,11 +253,7 @@ fn uneven_spacing_is_a_warning_with_the_median() {
     let got = load_series_files(&files).unwrap();
     assert_eq!(got.volume.dims[0], 5);
     assert!((got.volume.spacing[2] - 3.0).abs() < 1e-6);
-    assert!(
-        got.warnings.iter().any(|w| w.contains("uneven")),
-        "{:?}",
-        got.warnings
-    );
+    assert!(got.warnings.iter().any(|w| w.contains("uneven")), "{:?}", got.warnings);
 }
 
 #[test]
@@ -354,46 +261,16 @@ fn eight_and_twelve_bit_and_monochrome1_pixels() {
     let (dir, written) = written_series("bits", &MrSeriesAttributes::default());
     let root = dir.parent().unwrap().to_path_buf();
     let vals: Vec<i32> = written.voxels.iter().map(|&v| v as i32).collect();
-    let u8v = load_series_dir(&variant("8bit_unsigned", &dir, &root.join("u8")))
-        .unwrap()
-        .volume;
-    assert_eq!(
-        u8v.voxels,
-        vals.iter().map(|v| (v % 200) as f32).collect::<Vec<_>>()
-    );
-    let s8v = load_series_dir(&variant("8bit_signed", &dir, &root.join("s8")))
-        .unwrap()
-        .volume;
-    assert_eq!(
-        s8v.voxels,
-        vals.iter()
-            .map(|v| (v % 200 - 100) as f32)
-            .collect::<Vec<_>>()
-    );
-    let s12 = load_series_dir(&variant("12bit_signed", &dir, &root.join("s12")))
-        .unwrap()
-        .volume;
-    assert_eq!(
-        s12.voxels,
-        vals.iter()
-            .map(|v| (v % 2000 - 1000) as f32)
-            .collect::<Vec<_>>()
-    );
+    let u8v = load_series_dir(&variant("8bit_unsigned", &dir, &root.join("u8"))).unwrap().volume;
+    assert_eq!(u8v.voxels, vals.iter().map(|v| (v % 200) as f32).collect::<Vec<_>>());
+    let s8v = load_series_dir(&variant("8bit_signed", &dir, &root.join("s8"))).unwrap().volume;
+    assert_eq!(s8v.voxels, vals.iter().map(|v| (v % 200 - 100) as f32).collect::<Vec<_>>());
+    let s12 = load_series_dir(&variant("12bit_signed", &dir, &root.join("s12"))).unwrap().volume;
+    assert_eq!(s12.voxels, vals.iter().map(|v| (v % 2000 - 1000) as f32).collect::<Vec<_>>());
     let m1 = load_series_dir(&variant("monochrome1", &dir, &root.join("m1"))).unwrap();
     let lo = written.voxels.iter().copied().fold(f32::INFINITY, f32::min);
-    let hi = written
-        .voxels
-        .iter()
-        .copied()
-        .fold(f32::NEG_INFINITY, f32::max);
-    assert_eq!(
-        m1.volume.voxels,
-        written
-            .voxels
-            .iter()
-            .map(|v| lo + hi - v)
-            .collect::<Vec<_>>()
-    );
+    let hi = written.voxels.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    assert_eq!(m1.volume.voxels, written.voxels.iter().map(|v| lo + hi - v).collect::<Vec<_>>());
     assert!(m1.warnings.iter().any(|w| w.contains("MONOCHROME1")));
 }
 
@@ -402,9 +279,7 @@ fn eight_and_twelve_bit_and_monochrome1_pixels() {
 
 #[test]
 fn pydicom_mr_small_in_every_decodable_syntax_matches_the_uncompressed_file() {
-    let reference = load_series_files(&[pydicom_test_file("MR_small.dcm")])
-        .unwrap()
-        .volume;
+    let reference = load_series_files(&[pydicom_test_file("MR_small.dcm")]).unwrap().volume;
     assert_eq!(reference.dims, [1, 64, 64]);
     for name in [
         "MR_small_implicit.dcm",
@@ -414,17 +289,12 @@ fn pydicom_mr_small_in_every_decodable_syntax_matches_the_uncompressed_file() {
         "MR_small_jp2klossless.dcm",
         "MR_small_padded.dcm",
     ] {
-        let v = load_series_files(&[pydicom_test_file(name)])
-            .unwrap_or_else(|e| panic!("{name}: {e}"))
-            .volume;
+        let v = load_series_files(&[pydicom_test_file(name)]).unwrap_or_else(|e| panic!("{name}: {e}")).volume;
         assert_same_geometry(&v, &reference);
         assert_eq!(v.voxels, reference.voxels, "{name}");
     }
     // Signed 16-bit data with real variation (not a constant image).
-    let (lo, hi) = reference
-        .voxels
-        .iter()
-        .fold((f32::MAX, f32::MIN), |(a, b), &v| (a.min(v), b.max(v)));
+    let (lo, hi) = reference.voxels.iter().fold((f32::MAX, f32::MIN), |(a, b), &v| (a.min(v), b.max(v)));
     assert!(hi - lo > 100.0);
 }
 
@@ -441,12 +311,7 @@ if "SeriesInstanceUID" not in ds:
 ds.save_as(sys.argv[2])
 "#;
     std::fs::create_dir_all(out.parent().unwrap()).unwrap();
-    let st = Command::new(python())
-        .args(["-c", script])
-        .arg(pydicom_test_file(name))
-        .arg(out)
-        .status()
-        .unwrap();
+    let st = Command::new(python()).args(["-c", script]).arg(pydicom_test_file(name)).arg(out).status().unwrap();
     assert!(st.success());
     out.to_path_buf()
 }
@@ -459,21 +324,9 @@ ds = pydicom.dcmread(sys.argv[1])
 a = ds.pixel_array.astype(np.float64) * float(ds.get("RescaleSlope", 1)) + float(ds.get("RescaleIntercept", 0))
 sys.stdout.write(" ".join(repr(float(v)) for v in a.ravel()))
 "#;
-    let out = Command::new(python())
-        .args(["-c", script])
-        .arg(path)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .split_whitespace()
-        .map(|t| t.parse().unwrap())
-        .collect()
+    let out = Command::new(python()).args(["-c", script]).arg(path).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap().split_whitespace().map(|t| t.parse().unwrap()).collect()
 }
 
 #[test]
@@ -481,70 +334,34 @@ fn lossy_jpeg2000_files_decode_like_pydicom_and_12bit_jpeg_is_refused() {
     let dir = scratch("j2k-lossy");
     for name in ["693_J2KI.dcm", "JPEG2000.dcm"] {
         let p = with_geometry(name, &dir.join(name));
-        let ours = load_series_files(std::slice::from_ref(&p))
-            .unwrap_or_else(|e| panic!("{name}: {e}"))
-            .volume;
+        let ours = load_series_files(std::slice::from_ref(&p)).unwrap_or_else(|e| panic!("{name}: {e}")).volume;
         let theirs = pydicom_values(&p);
         assert_eq!(ours.voxels.len(), theirs.len());
-        let worst = ours
-            .voxels
-            .iter()
-            .zip(&theirs)
-            .map(|(a, b)| (*a as f64 - b).abs())
-            .fold(0.0, f64::max);
+        let worst = ours.voxels.iter().zip(&theirs).map(|(a, b)| (*a as f64 - b).abs()).fold(0.0, f64::max);
         assert!(worst == 0.0, "{name}: largest difference {worst}");
     }
     let p = with_geometry("JPGExtended.dcm", &dir.join("ext.dcm"));
     let r = load_series_files(&[p]);
-    assert!(
-        matches!(r, Err(DicomError::UnsupportedTransferSyntax { .. })),
-        "{r:?}"
-    );
+    assert!(matches!(r, Err(DicomError::UnsupportedTransferSyntax { .. })), "{r:?}");
 }
 
 #[test]
 fn our_series_compressed_by_independent_encoders_decodes_to_the_same_values() {
-    let attrs = MrSeriesAttributes {
-        stored_pixels: StoredPixels::Int16,
-        ..Default::default()
-    };
+    let attrs = MrSeriesAttributes { stored_pixels: StoredPixels::Int16, ..Default::default() };
     let (dir, written) = written_series("codecs", &attrs);
     let root = dir.parent().unwrap().to_path_buf();
     let cases: Vec<(&str, PathBuf)> = vec![
         ("pydicom RLE", variant("rle", &dir, &root.join("rle"))),
-        (
-            "pydicom/openjpeg JPEG 2000 lossless",
-            variant("j2k", &dir, &root.join("j2k")),
-        ),
-        (
-            "pydicom implicit VR",
-            variant("implicit", &dir, &root.join("implicit")),
-        ),
-        (
-            "pydicom deflated",
-            variant("deflated", &dir, &root.join("deflated")),
-        ),
-        (
-            "dcmtk RLE",
-            dcmtk("dcmcrle", &[], &dir, &root.join("dcmcrle")),
-        ),
-        (
-            "dcmtk JPEG lossless SV1",
-            dcmtk("dcmcjpeg", &["+e1"], &dir, &root.join("jpegll")),
-        ),
-        (
-            "dcmtk JPEG lossless (process 14)",
-            dcmtk("dcmcjpeg", &["+el"], &dir, &root.join("jpegll14")),
-        ),
-        (
-            "dcmtk explicit big endian",
-            dcmtk("dcmconv", &["+tb"], &dir, &root.join("be")),
-        ),
+        ("pydicom/openjpeg JPEG 2000 lossless", variant("j2k", &dir, &root.join("j2k"))),
+        ("pydicom implicit VR", variant("implicit", &dir, &root.join("implicit"))),
+        ("pydicom deflated", variant("deflated", &dir, &root.join("deflated"))),
+        ("dcmtk RLE", dcmtk("dcmcrle", &[], &dir, &root.join("dcmcrle"))),
+        ("dcmtk JPEG lossless SV1", dcmtk("dcmcjpeg", &["+e1"], &dir, &root.join("jpegll"))),
+        ("dcmtk JPEG lossless (process 14)", dcmtk("dcmcjpeg", &["+el"], &dir, &root.join("jpegll14"))),
+        ("dcmtk explicit big endian", dcmtk("dcmconv", &["+tb"], &dir, &root.join("be"))),
     ];
     for (label, d) in cases {
-        let got = load_series_files(&shuffled(dcm_files(&d)))
-            .unwrap_or_else(|e| panic!("{label}: {e}"))
-            .volume;
+        let got = load_series_files(&shuffled(dcm_files(&d))).unwrap_or_else(|e| panic!("{label}: {e}")).volume;
         assert_same_geometry(&got, &written);
         assert_eq!(got.voxels, written.voxels, "{label}");
         assert_eq!(got.slices.len(), 6);
@@ -564,33 +381,21 @@ fn jpeg_baseline_matches_dcmtk_decode() {
     // IDCT implementations may round differently by one grey level.
     assert!(max_abs_diff(&ours.voxels, &theirs.voxels) <= 2.0);
     let original = load_series_dir(&u8dir).unwrap().volume;
-    assert!(
-        max_abs_diff(&ours.voxels, &original.voxels) > 0.0,
-        "baseline is lossy: the test must see compressed data"
-    );
+    assert!(max_abs_diff(&ours.voxels, &original.voxels) > 0.0, "baseline is lossy: the test must see compressed data");
 }
 
 #[test]
 fn jpeg_ls_and_unknown_transfer_syntaxes_are_typed_errors() {
     let r = load_series_files(&[pydicom_test_file("MR_small_jpeg_ls_lossless.dcm")]);
-    assert!(
-        matches!(r, Err(DicomError::UnsupportedTransferSyntax { .. })),
-        "{r:?}"
-    );
+    assert!(matches!(r, Err(DicomError::UnsupportedTransferSyntax { .. })), "{r:?}");
     let (dir, _) = written_series("unknown-ts", &MrSeriesAttributes::default());
     let root = dir.parent().unwrap().to_path_buf();
     let jls = dcmtk("dcmcjpls", &[], &dir, &root.join("jls"));
     let r = load_series_dir(&jls);
-    assert!(
-        matches!(r, Err(DicomError::UnsupportedTransferSyntax { .. })),
-        "{r:?}"
-    );
+    assert!(matches!(r, Err(DicomError::UnsupportedTransferSyntax { .. })), "{r:?}");
     let unk = variant("unknown_ts", &dir, &root.join("unknown"));
     let r = load_series_dir(&unk);
-    assert!(
-        matches!(r, Err(DicomError::UnsupportedTransferSyntax { .. })),
-        "{r:?}"
-    );
+    assert!(matches!(r, Err(DicomError::UnsupportedTransferSyntax { .. })), "{r:?}");
 }
 
 #[test]
@@ -606,14 +411,8 @@ fn enhanced_mr_multiframe_with_per_frame_geometry_and_rescale() {
     let nz = v.dims[0] as u32;
     let frames: Vec<u32> = v.slices.iter().map(|s| s.frame_number.unwrap()).collect();
     assert_eq!(frames, (1..=nz).rev().collect::<Vec<_>>());
-    assert!(v
-        .slices
-        .iter()
-        .all(|s| s.sop_class_uid == "1.2.840.10008.5.1.4.1.1.4.1"));
-    assert!(v
-        .slices
-        .windows(2)
-        .all(|w| w[0].sop_instance_uid == w[1].sop_instance_uid));
+    assert!(v.slices.iter().all(|s| s.sop_class_uid == "1.2.840.10008.5.1.4.1.1.4.1"));
+    assert!(v.slices.windows(2).all(|w| w[0].sop_instance_uid == w[1].sop_instance_uid));
     for (s, w) in v.slices.iter().zip(&written.slices) {
         for a in 0..3 {
             assert!((s.position[a] - w.position[a]).abs() < 1e-4);
@@ -627,15 +426,10 @@ fn highdicom_legacy_converted_enhanced_mr_reads_like_the_single_frame_series() {
     let root = dir.parent().unwrap().to_path_buf();
     for kind in ["legacy_enhanced", "legacy_enhanced_rle"] {
         let d = variant(kind, &dir, &root.join(kind));
-        let v = load_series_dir(&d)
-            .unwrap_or_else(|e| panic!("{kind}: {e}"))
-            .volume;
+        let v = load_series_dir(&d).unwrap_or_else(|e| panic!("{kind}: {e}")).volume;
         assert_same_geometry(&v, &written);
         assert_eq!(v.voxels, written.voxels, "{kind}");
-        assert!(v
-            .slices
-            .iter()
-            .all(|s| s.sop_class_uid == "1.2.840.10008.5.1.4.1.1.4.4" && s.frame_number.is_some()));
+        assert!(v.slices.iter().all(|s| s.sop_class_uid == "1.2.840.10008.5.1.4.1.1.4.4" && s.frame_number.is_some()));
         let mut frames: Vec<u32> = v.slices.iter().map(|s| s.frame_number.unwrap()).collect();
         frames.sort();
         assert_eq!(frames, (1..=v.dims[0] as u32).collect::<Vec<_>>());
@@ -652,50 +446,29 @@ fn rejected_inputs_return_their_typed_errors() {
     let load = |kind: &str| load_series_dir(&variant(kind, &dir, &root.join(kind)));
 
     let r = load("mixed_orientation");
-    assert!(
-        matches!(r, Err(DicomError::MixedOrientation { .. })),
-        "{r:?}"
-    );
+    assert!(matches!(r, Err(DicomError::MixedOrientation { .. })), "{r:?}");
     let r = load("tilted");
-    assert!(
-        matches!(r, Err(DicomError::NonParallelSlices { .. })),
-        "{r:?}"
-    );
+    assert!(matches!(r, Err(DicomError::NonParallelSlices { .. })), "{r:?}");
     let r = load("shifted");
-    assert!(
-        matches!(r, Err(DicomError::NonParallelSlices { .. })),
-        "{r:?}"
-    );
+    assert!(matches!(r, Err(DicomError::NonParallelSlices { .. })), "{r:?}");
     let r = load("duplicate");
-    assert!(
-        matches!(r, Err(DicomError::DuplicatePosition { .. })),
-        "{r:?}"
-    );
+    assert!(matches!(r, Err(DicomError::DuplicatePosition { .. })), "{r:?}");
     let r = load("rows");
-    assert!(
-        matches!(r, Err(DicomError::InconsistentGeometry { ref what, .. }) if what.contains("Rows")),
-        "{r:?}"
-    );
+    assert!(matches!(r, Err(DicomError::InconsistentGeometry { ref what, .. }) if what.contains("Rows")), "{r:?}");
     let r = load("spacing");
     assert!(
         matches!(r, Err(DicomError::InconsistentGeometry { ref what, .. }) if what.contains("PixelSpacing")),
         "{r:?}"
     );
     let r = load("no_pixels");
-    assert!(
-        matches!(r, Err(DicomError::MissingPixelData { .. })),
-        "{r:?}"
-    );
+    assert!(matches!(r, Err(DicomError::MissingPixelData { .. })), "{r:?}");
     let r = load("palette");
     assert!(
         matches!(r, Err(DicomError::UnsupportedPhotometric { ref value, .. }) if value == "PALETTE COLOR"),
         "{r:?}"
     );
     let r = load("mixed_monochrome");
-    assert!(
-        matches!(r, Err(DicomError::UnsupportedPhotometric { ref value, .. }) if value.contains("mixed")),
-        "{r:?}"
-    );
+    assert!(matches!(r, Err(DicomError::UnsupportedPhotometric { ref value, .. }) if value.contains("mixed")), "{r:?}");
 
     // Two series in one folder: named in the error; each can still be loaded by UID.
     let other = variant("other_series", &dir, &root.join("other"));
@@ -713,15 +486,9 @@ fn rejected_inputs_return_their_typed_errors() {
     all_files.push(pydicom_test_file("test-SR.dcm"));
     let by_file = group_series(&all_files).unwrap();
     assert_eq!(by_file.len(), 3);
-    assert_eq!(
-        by_file.iter().filter(|g| g.is_image).count(),
-        2,
-        "image series listed first, the SR after"
-    );
+    assert_eq!(by_file.iter().filter(|g| g.is_image).count(), 2, "image series listed first, the SR after");
     assert!(!by_file[2].is_image && by_file[2].modality == "SR");
-    assert!(by_file[..2]
-        .iter()
-        .all(|g| g.instances == 6 && g.files.len() == 6 && g.modality == "MR"));
+    assert!(by_file[..2].iter().all(|g| g.instances == 6 && g.files.len() == 6 && g.modality == "MR"));
     match load_series_dir(&both) {
         Err(DicomError::MultipleSeries { series }) => {
             assert_eq!(series.len(), 2);
@@ -733,10 +500,7 @@ fn rejected_inputs_return_their_typed_errors() {
         r => panic!("expected MultipleSeries, got {r:?}"),
     }
     let one = load_series_dir_uid(&both, &groups[1].series_instance_uid).unwrap();
-    assert_eq!(
-        one.volume.source.unwrap().series_instance_uid,
-        groups[1].series_instance_uid
-    );
+    assert_eq!(one.volume.source.unwrap().series_instance_uid, groups[1].series_instance_uid);
 
     // Non-image objects only: a structured report; our own SEG (pixel data, but not an image).
     let r = load_series_files(&[pydicom_test_file("test-SR.dcm")]);
@@ -746,23 +510,13 @@ fn rejected_inputs_return_their_typed_errors() {
     mask.data[source.slice_len() * 2 + 40] = 1;
     let seg = write_prostate_seg(&source, &mask, &SegOptions::default()).unwrap();
     let r = load_series_bytes(&[seg.clone()]);
-    assert!(
-        matches!(r, Err(DicomError::NoImages(ref m)) if m.contains("segmentation")),
-        "{r:?}"
-    );
+    assert!(matches!(r, Err(DicomError::NoImages(ref m)) if m.contains("segmentation")), "{r:?}");
     // A SEG stored next to its source series is ignored (with a warning), not a second series.
-    let mut with_seg: Vec<Vec<u8>> = dcm_files(&dir)
-        .iter()
-        .map(|p| std::fs::read(p).unwrap())
-        .collect();
+    let mut with_seg: Vec<Vec<u8>> = dcm_files(&dir).iter().map(|p| std::fs::read(p).unwrap()).collect();
     with_seg.push(seg);
     let got = load_series_bytes(&with_seg).unwrap();
     assert_eq!(got.volume.voxels, source.voxels);
-    assert!(
-        got.warnings.iter().any(|w| w.contains("ignored 1")),
-        "{:?}",
-        got.warnings
-    );
+    assert!(got.warnings.iter().any(|w| w.contains("ignored 1")), "{:?}", got.warnings);
 
     // A truncated file is named in the error.
     let first = dcm_files(&dir)[0].clone();
@@ -777,30 +531,15 @@ fn rejected_inputs_return_their_typed_errors() {
     let short = root.join("short.dcm");
     std::fs::write(&short, &bytes[..bytes.len() - 40]).unwrap();
     let r = load_series_files(&[short]);
-    assert!(
-        matches!(
-            r,
-            Err(DicomError::Corrupt { .. } | DicomError::Decode { .. })
-        ),
-        "{r:?}"
-    );
+    assert!(matches!(r, Err(DicomError::Corrupt { .. } | DicomError::Decode { .. })), "{r:?}");
 
     // Empty inputs.
     let empty = root.join("empty");
     std::fs::create_dir_all(&empty).unwrap();
-    assert!(matches!(
-        load_series_dir(&empty),
-        Err(DicomError::EmptyInput(_))
-    ));
-    assert!(matches!(
-        load_series_files(&[]),
-        Err(DicomError::EmptyInput(_))
-    ));
+    assert!(matches!(load_series_dir(&empty), Err(DicomError::EmptyInput(_))));
+    assert!(matches!(load_series_files(&[]), Err(DicomError::EmptyInput(_))));
     std::fs::write(empty.join("README.txt"), "not dicom").unwrap();
-    assert!(matches!(
-        load_series_dir(&empty),
-        Err(DicomError::EmptyInput(_))
-    ));
+    assert!(matches!(load_series_dir(&empty), Err(DicomError::EmptyInput(_))));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -840,17 +579,10 @@ fn mutated_and_truncated_files_never_panic() {
         let r = r.unwrap_or_else(|_| panic!("reader panicked on mutation {i}"));
         let key = match r {
             Ok(_) => "ok".to_string(),
-            Err(e) => format!("{:?}", e)
-                .split([' ', '{', '('])
-                .next()
-                .unwrap()
-                .to_string(),
+            Err(e) => format!("{:?}", e).split([' ', '{', '(']).next().unwrap().to_string(),
         };
         *outcomes.entry(key).or_insert(0) += 1;
     }
     eprintln!("outcomes: {outcomes:?}");
-    assert!(
-        outcomes.len() > 2,
-        "mutations must exercise several paths: {outcomes:?}"
-    );
+    assert!(outcomes.len() > 2, "mutations must exercise several paths: {outcomes:?}");
 }

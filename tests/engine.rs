@@ -6,9 +6,7 @@ use std::process::Command;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-use desam::engine::{
-    segmenter::DecoderStrategy, EngineError, EngineOptions, Mode, SegmentRequest, Segmenter,
-};
+use desam::engine::{segmenter::DecoderStrategy, EngineError, EngineOptions, Mode, SegmentRequest, Segmenter};
 use desam::model::{Arch, PromptBatch};
 use desam::modeldir::{self, BackboneSource, ModelDirError};
 use desam::{Mask, Volume};
@@ -60,7 +58,8 @@ fn synthetic_volume(nz: usize, ny: usize, nx: usize, seed: u64) -> (Volume, Mask
         for y in 0..ny {
             for x in 0..nx {
                 let (cx, cy, cz) = (nx as f64 / 2.0, ny as f64 * 0.55, nz as f64 / 2.0);
-                let body = ((x as f64 - cx) / (nx as f64 * 0.45)).powi(2) + ((y as f64 - cy) / (ny as f64 * 0.4)).powi(2);
+                let body =
+                    ((x as f64 - cx) / (nx as f64 * 0.45)).powi(2) + ((y as f64 - cy) / (ny as f64 * 0.4)).powi(2);
                 let gland = ((x as f64 - cx) / (nx as f64 * 0.15)).powi(2)
                     + ((y as f64 - cy) / (ny as f64 * 0.12)).powi(2)
                     + ((z as f64 - cz) / (nz as f64 * 0.4)).powi(2);
@@ -102,7 +101,9 @@ fn box_and_grid_end_to_end() {
     let (vol, truth) = synthetic_volume(6, 48, 64, 1);
     for mode in [Mode::Box, Mode::Grid] {
         let mut events = Vec::new();
-        let r = seg.segment(&vol, &SegmentRequest { mode: Some(mode), ..Default::default() }, &mut |p| events.push(p)).unwrap();
+        let r = seg
+            .segment(&vol, &SegmentRequest { mode: Some(mode), ..Default::default() }, &mut |p| events.push(p))
+            .unwrap();
         assert_eq!(r.mask.dims, vol.dims);
         assert_eq!(r.slice_iou.len(), 6);
         assert_eq!(r.slices.len(), 6);
@@ -129,7 +130,11 @@ fn box_and_grid_end_to_end() {
         }
         let json = serde_json::to_value(&r).unwrap();
         assert!(json.get("mask").is_none() && json["model"]["untrained"] == true);
-        println!("{mode:?}: Dice vs synthetic truth {:.3} (random weights: meaningless), quality {:.3}", dice(&r.mask, &truth), r.quality);
+        println!(
+            "{mode:?}: Dice vs synthetic truth {:.3} (random weights: meaningless), quality {:.3}",
+            dice(&r.mask, &truth),
+            r.quality
+        );
     }
 }
 
@@ -147,7 +152,8 @@ fn batch_invariance_of_logits_and_masks() {
     let dir = tiny_model_with_masks("batch");
     let seg = open(&dir, Some(4), None);
     let (vol, _) = synthetic_volume(4, 40, 40, 2);
-    let u8vol = desam::engine::preprocess::normalize_intensity(&vol.voxels, desam::modeldir::default_clip_percentiles());
+    let u8vol =
+        desam::engine::preprocess::normalize_intensity(&vol.voxels, desam::modeldir::default_clip_percentiles());
     let batched = seg.encode_slices(&u8vol, vol.dims, 0, 4);
     let s = seg.config().image_size as f32;
     tch::no_grad(|| {
@@ -162,7 +168,8 @@ fn batch_invariance_of_logits_and_masks() {
         }
     });
     // bf16 (the fast CPU path) runs and stays close to f32.
-    let bf = Segmenter::from_model_dir(&dir, EngineOptions { dtype: Some(tch::Kind::BFloat16), ..Default::default() }).unwrap();
+    let bf = Segmenter::from_model_dir(&dir, EngineOptions { dtype: Some(tch::Kind::BFloat16), ..Default::default() })
+        .unwrap();
     let rb = bf.segment(&vol, &SegmentRequest::default(), &mut |_| {}).unwrap();
     let rf = seg.segment(&vol, &SegmentRequest::default(), &mut |_| {}).unwrap();
     assert_eq!(rb.dtype, "bfloat16");
@@ -180,9 +187,14 @@ fn shared_context_matches_the_official_decoder_use() {
     let seg = open(&dir, None, None);
     let (vol, _) = synthetic_volume(3, 40, 40, 3);
     for mode in [Mode::Box, Mode::Grid] {
-        let shared = seg.segment(&vol, &SegmentRequest { mode: Some(mode), ..Default::default() }, &mut |_| {}).unwrap();
+        let shared =
+            seg.segment(&vol, &SegmentRequest { mode: Some(mode), ..Default::default() }, &mut |_| {}).unwrap();
         let official = seg
-            .segment(&vol, &SegmentRequest { mode: Some(mode), strategy: DecoderStrategy::Official, ..Default::default() }, &mut |_| {})
+            .segment(
+                &vol,
+                &SegmentRequest { mode: Some(mode), strategy: DecoderStrategy::Official, ..Default::default() },
+                &mut |_| {},
+            )
             .unwrap();
         assert_eq!(official.decoder_runs, 3 * 81);
         assert_same_mask(&format!("{mode:?}: shared vs official"), &shared.mask, &official.mask, 0.99);
@@ -225,7 +237,8 @@ fn cancel_and_bad_inputs_give_typed_errors() {
     let tiny = Volume::new(vec![1.0; 4 * 4], [1, 4, 4], [1.0; 3], [0.0; 3]);
     assert!(matches!(seg.segment(&tiny, &SegmentRequest::default(), &mut |_| {}), Err(EngineError::BadVolume(_))));
     // Missing model dir.
-    let missing = Segmenter::from_model_dir(Path::new("/nonexistent/desam-model"), EngineOptions::default()).unwrap_err();
+    let missing =
+        Segmenter::from_model_dir(Path::new("/nonexistent/desam-model"), EngineOptions::default()).unwrap_err();
     assert!(matches!(missing, EngineError::ModelDir(ModelDirError::NotADirectory(_))), "{missing}");
     // Hash mismatch: flip one byte of the decoder weights.
     let broken = tmpdir("bad-hash").join("model");
@@ -273,9 +286,12 @@ fn cli_nifti_in_nifti_out_with_json_progress_and_report() {
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{stderr}");
     assert!(stderr.contains("mL") && stderr.contains("UNTRAINED"), "{stderr}");
-    let lines: Vec<serde_json::Value> =
-        String::from_utf8_lossy(&o.stdout).lines().map(|l| serde_json::from_str(l).expect("one JSON object per line")).collect();
-    let stages: Vec<&str> = lines.iter().filter(|l| l["event"] == "stage").map(|l| l["stage"].as_str().unwrap()).collect();
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
+        .collect();
+    let stages: Vec<&str> =
+        lines.iter().filter(|l| l["event"] == "stage").map(|l| l["stage"].as_str().unwrap()).collect();
     for s in ["load", "preprocess", "encode", "decode", "postprocess", "write"] {
         assert!(stages.contains(&s), "missing stage {s}: {stages:?}");
     }
@@ -306,9 +322,21 @@ fn cli_bad_inputs_fail_with_one_line() {
     let cases: Vec<(Vec<String>, &str)> = vec![
         (vec![nii.display().to_string(), "-o".into(), work.join("x.dcm").display().to_string()], "DICOM-SEG"),
         (vec![empty.display().to_string(), "-o".into(), work.join("x.nii.gz").display().to_string()], "no DICOM files"),
-        (vec![work.join("nope.nii").display().to_string(), "-o".into(), work.join("x.nii.gz").display().to_string()], "does not exist"),
+        (
+            vec![work.join("nope.nii").display().to_string(), "-o".into(), work.join("x.nii.gz").display().to_string()],
+            "does not exist",
+        ),
         (vec![nii.display().to_string(), "-o".into(), work.join("x.png").display().to_string()], ".dcm"),
-        (vec![nii.display().to_string(), "-o".into(), work.join("x.nii.gz").display().to_string(), "--mode".into(), "star".into()], "mode"),
+        (
+            vec![
+                nii.display().to_string(),
+                "-o".into(),
+                work.join("x.nii.gz").display().to_string(),
+                "--mode".into(),
+                "star".into(),
+            ],
+            "mode",
+        ),
         (vec![nii.display().to_string(), "-o".into(), nii.display().to_string()], "overwrite"),
     ];
     for (args, needle) in cases {
@@ -317,10 +345,21 @@ fn cli_bad_inputs_fail_with_one_line() {
         assert!(!o.status.success(), "{args:?} should fail");
         assert_eq!(stderr.trim().lines().count(), 1, "{args:?}: {stderr}");
         assert!(stderr.contains(needle), "{args:?}: {stderr}");
-        let last: serde_json::Value = serde_json::from_str(String::from_utf8_lossy(&o.stdout).lines().last().unwrap()).unwrap();
+        let last: serde_json::Value =
+            serde_json::from_str(String::from_utf8_lossy(&o.stdout).lines().last().unwrap()).unwrap();
         assert_eq!(last["event"], "error");
     }
-    let o = desam().args(["segment", nii.to_str().unwrap(), "-o", work.join("y.nii.gz").to_str().unwrap(), "--model", "/nonexistent"]).output().unwrap();
+    let o = desam()
+        .args([
+            "segment",
+            nii.to_str().unwrap(),
+            "-o",
+            work.join("y.nii.gz").to_str().unwrap(),
+            "--model",
+            "/nonexistent",
+        ])
+        .output()
+        .unwrap();
     assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("/nonexistent"));
     assert!(!work.join("y.nii.gz").exists());
 }
@@ -428,10 +467,15 @@ fn grid_filters_run_when_prompts_pass() {
     }
     assert_eq!(r.decoder_runs, 3 * 81);
     // Both modes: the other mode's agreement enters the quality score; the encoder still runs once per slice.
-    let both = seg.segment(&vol, &SegmentRequest { mode: Some(Mode::Box), compare_modes: true, ..Default::default() }, &mut |_| {}).unwrap();
+    let both = seg
+        .segment(
+            &vol,
+            &SegmentRequest { mode: Some(Mode::Box), compare_modes: true, ..Default::default() },
+            &mut |_| {},
+        )
+        .unwrap();
     assert_eq!(both.encoder_runs, 3);
     assert_eq!(both.mode, Mode::Box);
     let agreement = both.quality_terms.as_ref().expect("a non-empty mask has quality terms").mode_agreement;
     assert!(agreement.is_some_and(|a| (0.0..=1.0).contains(&a)), "{agreement:?}");
 }
-

@@ -24,7 +24,12 @@ fn ensure_example(dir: &Path) {
 }
 
 fn section<'a>(doc: &'a Value, name: &str) -> &'a Value {
-    doc["sections"].as_array().unwrap().iter().find(|s| s["name"] == name).unwrap_or_else(|| panic!("no section {name}"))
+    doc["sections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == name)
+        .unwrap_or_else(|| panic!("no section {name}"))
 }
 
 fn finite(v: &Value, what: &str) -> f64 {
@@ -67,7 +72,10 @@ fn cpu_half_of_the_gpu_bench() {
     let rows = section(&doc, "flops")["figures"]["rows"].as_array().unwrap().clone();
     let gmac = |arch: &str, key: &str| finite(&rows.iter().find(|r| r["arch"] == arch).unwrap()[key], key);
     assert!((gmac("vit_b", "encoder_gmac") / 486.0 - 1.0).abs() < 0.01, "vit_b {}", gmac("vit_b", "encoder_gmac"));
-    assert!(gmac("vit_b", "encoder_gmac") < gmac("vit_l", "encoder_gmac") && gmac("vit_l", "encoder_gmac") < gmac("vit_h", "encoder_gmac"));
+    assert!(
+        gmac("vit_b", "encoder_gmac") < gmac("vit_l", "encoder_gmac")
+            && gmac("vit_l", "encoder_gmac") < gmac("vit_h", "encoder_gmac")
+    );
     for arch in ["vit_b", "vit_l", "vit_h", "lite", "tiny"] {
         assert!(gmac(arch, "encoder_gmac") > 0.0 && gmac(arch, "decoder_box_gmac") > 0.0, "{arch}");
     }

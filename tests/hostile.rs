@@ -69,14 +69,18 @@ struct Run {
 
 /// Runs `bin args` under /usr/bin/time (peak RSS) with extra environment, killing it at the timeout.
 fn run(bin: &str, args: &[&str], env: &[(String, String)]) -> Run {
-    let rss_file = work().join(format!("rss-{}.txt", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()));
+    let rss_file = work().join(format!(
+        "rss-{}.txt",
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
+    ));
     let mut cmd = Command::new("/usr/bin/time");
     cmd.args(["-f", "%M", "-o"]).arg(&rss_file).arg(bin).args(args);
     for (k, v) in env {
         cmd.env(k, v);
     }
     let t0 = Instant::now();
-    let mut child = cmd.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("/usr/bin/time (Debian package time)");
+    let mut child =
+        cmd.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("/usr/bin/time (Debian package time)");
     let status = loop {
         if let Some(s) = child.try_wait().unwrap() {
             break s;
@@ -89,14 +93,20 @@ fn run(bin: &str, args: &[&str], env: &[(String, String)]) -> Run {
     };
     let mut stderr = String::new();
     std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
-    let peak_rss_kb = std::fs::read_to_string(&rss_file).unwrap_or_default().lines().last().and_then(|l| l.trim().parse().ok()).unwrap_or(0);
+    let peak_rss_kb = std::fs::read_to_string(&rss_file)
+        .unwrap_or_default()
+        .lines()
+        .last()
+        .and_then(|l| l.trim().parse().ok())
+        .unwrap_or(0);
     // /usr/bin/time exits with the command's status, or 128 + signal and a note on stderr.
     assert!(!stderr.contains("terminated by signal"), "{bin} {args:?} died of a signal: {stderr}");
     Run { code: status.code(), stderr, peak_rss_kb, seconds: t0.elapsed().as_secs_f64() }
 }
 
 fn desam_segment(input: &Path, model: &Path, out: &Path, env: &[(String, String)], extra: &[&str]) -> Run {
-    let mut args = vec!["segment", input.to_str().unwrap(), "--model", model.to_str().unwrap(), "-o", out.to_str().unwrap()];
+    let mut args =
+        vec!["segment", input.to_str().unwrap(), "--model", model.to_str().unwrap(), "-o", out.to_str().unwrap()];
     args.extend(["--device", "cpu", "--threads", "1", "--progress", "none"]);
     args.extend(extra);
     run(env!("CARGO_BIN_EXE_desam"), &args, env)
@@ -113,7 +123,8 @@ fn assert_one_line_error(name: &str, r: &Run, prefix: &str) {
 
 /// Nothing but `keep` in `dir` (no temporary or partial files).
 fn assert_no_leftovers(dir: &Path, keep: &[&str]) {
-    let names: Vec<String> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    let names: Vec<String> =
+        std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
     let extra: Vec<&String> = names.iter().filter(|n| !keep.contains(&n.as_str())).collect();
     assert!(extra.is_empty(), "left behind in {}: {extra:?}", dir.display());
 }
@@ -134,13 +145,23 @@ fn every_corpus_case_ends_in_one_line_or_success_within_the_memory_margin() {
         let name = c["name"].as_str().unwrap();
         let input = PathBuf::from(c["input"].as_str().unwrap());
         let case_model = c["model"].as_str().map(PathBuf::from).unwrap_or_else(|| model.clone());
-        let env: Vec<(String, String)> =
-            c["env"].as_object().into_iter().flatten().map(|(k, v)| (k.clone(), v.as_str().unwrap().to_string())).collect();
+        let env: Vec<(String, String)> = c["env"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_string()))
+            .collect();
         let nifti = input.to_string_lossy().contains(".nii");
         let case_out = out_dir.join(name);
         std::fs::create_dir_all(&case_out).unwrap();
         let out = case_out.join(if nifti { "mask.nii.gz" } else { "seg.dcm" });
-        let r = desam_segment(&input, &case_model, &out, &env, &["--report", case_out.join("report.json").to_str().unwrap()]);
+        let r = desam_segment(
+            &input,
+            &case_model,
+            &out,
+            &env,
+            &["--report", case_out.join("report.json").to_str().unwrap()],
+        );
         println!(
             "{name:28} [{}] exit {:?}, peak RSS {:5} MB (+{} MB), {:.1} s: {}",
             c["class"].as_str().unwrap(),
@@ -188,7 +209,11 @@ fn seg_with_2p48_frames_is_refused_by_the_reader() {
         .read_preamble(dicom_object::file::ReadPreamble::Auto)
         .from_reader(std::io::Cursor::new(&bytes))
         .unwrap();
-    obj.put(DataElement::new(dicom_dictionary_std::tags::NUMBER_OF_FRAMES, VR::IS, PrimitiveValue::from((1u64 << 48).to_string())));
+    obj.put(DataElement::new(
+        dicom_dictionary_std::tags::NUMBER_OF_FRAMES,
+        VR::IS,
+        PrimitiveValue::from((1u64 << 48).to_string()),
+    ));
     let mut tampered = Vec::new();
     obj.write_all(&mut tampered).unwrap();
     let e = dicom::read_seg_standalone(&tampered).unwrap_err().to_string();
@@ -218,7 +243,12 @@ fn a_corrupt_feature_cache_entry_is_a_miss() {
     let second = desam_segment(&input, model, &out.join("b.dcm"), &[], &["--cache", cache.to_str().unwrap()]);
     assert_eq!(second.code, Some(0), "a corrupt cache entry must not fail the run: {}", second.stderr);
     let pixels = |f: &str| -> Vec<Vec<u8>> {
-        dicom::read_seg_standalone(&std::fs::read(out.join(f)).unwrap()).unwrap().frames.into_iter().map(|fr| fr.pixels).collect()
+        dicom::read_seg_standalone(&std::fs::read(out.join(f)).unwrap())
+            .unwrap()
+            .frames
+            .into_iter()
+            .map(|fr| fr.pixels)
+            .collect()
     };
     assert_eq!(pixels("b.dcm"), pixels("a.dcm"), "a miss recomputes the same mask");
 }
@@ -247,7 +277,13 @@ fn a_full_disk_leaves_no_partial_or_orphan_output() {
     let r = desam_segment(&input, model, &full.join("seg.dcm"), &[], &[]);
     assert_one_line_error("output on a full disk", &r, "desam: error:");
     assert_no_leftovers(&full, &["filler"]);
-    let r = desam_segment(&input, model, &ok.join("seg.dcm"), &[], &["--report", full.join("report.json").to_str().unwrap()]);
+    let r = desam_segment(
+        &input,
+        model,
+        &ok.join("seg.dcm"),
+        &[],
+        &["--report", full.join("report.json").to_str().unwrap()],
+    );
     assert_one_line_error("report on a full disk", &r, "desam: error:");
     assert_no_leftovers(&full, &["filler"]);
     assert_no_leftovers(&ok, &[]);
@@ -276,7 +312,11 @@ fn pull_refuses_an_answer_beyond_the_body_limit() {
     let out = work().join("pull");
     // The same command against a closed port: what the process costs without any answer.
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let base = run(env!("CARGO_BIN_EXE_desam-train"), &["pull", "--orthanc", &format!("http://127.0.0.1:{closed}"), "--out", out.to_str().unwrap()], &[]);
+    let base = run(
+        env!("CARGO_BIN_EXE_desam-train"),
+        &["pull", "--orthanc", &format!("http://127.0.0.1:{closed}"), "--out", out.to_str().unwrap()],
+        &[],
+    );
     assert_eq!(base.code, Some(1), "{}", base.stderr);
     let r = run(
         env!("CARGO_BIN_EXE_desam-train"),
@@ -285,13 +325,22 @@ fn pull_refuses_an_answer_beyond_the_body_limit() {
     );
     assert_one_line_error("pull", &r, "desam-train: error:");
     assert!(r.stderr.contains("max_http_body_bytes"), "{}", r.stderr);
-    assert!(r.peak_rss_kb < base.peak_rss_kb + 64 * 1024, "pull held {} MB ({} MB without an answer)", r.peak_rss_kb / 1024, base.peak_rss_kb / 1024);
+    assert!(
+        r.peak_rss_kb < base.peak_rss_kb + 64 * 1024,
+        "pull held {} MB ({} MB without an answer)",
+        r.peak_rss_kb / 1024,
+        base.peak_rss_kb / 1024
+    );
 }
 
 /// A malformed limit in the environment is a usage error naming the variable, not a silent default.
 #[test]
 fn a_malformed_limit_is_refused() {
-    let r = run(env!("CARGO_BIN_EXE_desam"), &["phantom", "--site", "A"], &[("DESAM_MAX_SLICE_PIXELS".into(), "lots".into())]);
+    let r = run(
+        env!("CARGO_BIN_EXE_desam"),
+        &["phantom", "--site", "A"],
+        &[("DESAM_MAX_SLICE_PIXELS".into(), "lots".into())],
+    );
     assert_one_line_error("bad limit", &r, "desam: error:");
     assert!(r.stderr.contains("DESAM_MAX_SLICE_PIXELS"), "{}", r.stderr);
 }

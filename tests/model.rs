@@ -204,7 +204,8 @@ fn a_sam_only_checkpoint_leaves_pimm_fresh_and_says_so() {
     assert!(report.fresh.iter().all(|n| n.starts_with("mask_decoder.pimm.")));
     assert_eq!(report.loaded, sam_only.len());
     // A missing non-PIMM tensor is an error, not a silent fresh init.
-    let broken: Vec<(String, Tensor)> = sam_only.into_iter().filter(|(n, _)| n != "mask_decoder.iou_token.weight").collect();
+    let broken: Vec<(String, Tensor)> =
+        sam_only.into_iter().filter(|(n, _)| n != "mask_decoder.iou_token.weight").collect();
     save_safetensors(&broken, &path, Kind::Float).unwrap();
     let err = DeSam::load(&cfg, &[path.as_path()], Device::Cpu).unwrap_err().to_string();
     assert!(err.contains("mask_decoder.iou_token.weight"), "{err}");
@@ -319,7 +320,13 @@ fn forward_cli_writes_every_output_and_rejects_bad_input() {
 
     // SAM-only weights: a note on stderr, and the fresh PIMM follows --seed.
     let run_seed = |seed: &str| {
-        let r = desam(&[&base[..], &["--checkpoint", sam_only.to_str().unwrap(), "--box", "0", "0", "128", "128", "--seed", seed]].concat());
+        let r = desam(
+            &[
+                &base[..],
+                &["--checkpoint", sam_only.to_str().unwrap(), "--box", "0", "0", "128", "128", "--seed", seed],
+            ]
+            .concat(),
+        );
         assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
         assert!(String::from_utf8_lossy(&r.stderr).contains("fresh"));
         Tensor::read_safetensors(&out).unwrap().into_iter().find(|(n, _)| n == "logits").unwrap().1
@@ -339,7 +346,10 @@ fn forward_cli_writes_every_output_and_rejects_bad_input() {
         let r = desam(&[&base[..], &bad[..]].concat());
         let err = String::from_utf8_lossy(&r.stderr);
         assert_eq!(r.status.code(), Some(1), "{bad:?}: {err}");
-        assert!(err.starts_with("desam: error:") && err.contains(needle) && err.trim_end().lines().count() == 1, "{err}");
+        assert!(
+            err.starts_with("desam: error:") && err.contains(needle) && err.trim_end().lines().count() == 1,
+            "{err}"
+        );
     }
     // Wrong image size for the architecture.
     write_npy(&img_path, &Tensor::zeros([1, 3, 64, 64], (Kind::Float, Device::Cpu)));
@@ -360,7 +370,8 @@ fn lite_medsam_layout_feeds_tinyvit_stages_into_a_256_pimm() {
     assert_eq!(pimm.len(), 46);
     assert_eq!(pimm.iter().map(|(_, t)| t.numel()).sum::<usize>(), 5_033_664);
     tch::no_grad(|| {
-        let taps: Vec<Tensor> = shapes.iter().map(|&(c, s)| Tensor::randn([1, c, s, s], (Kind::Float, Device::Cpu))).collect();
+        let taps: Vec<Tensor> =
+            shapes.iter().map(|&(c, s)| Tensor::randn([1, c, s, s], (Kind::Float, Device::Cpu))).collect();
         let f = desam::model::Features { taps, neck: Tensor::randn([1, 256, 64, 64], (Kind::Float, Device::Cpu)) };
         let boxes = PromptBatch::Boxes(Tensor::from_slice(&[0f32, 0., 255., 255.]).view([1, 4]));
         let out = m.decode(&f, &m.pimm_context(&f), &boxes);

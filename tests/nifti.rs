@@ -14,17 +14,8 @@ fn python() -> PathBuf {
 }
 
 fn run_py(script: &str, args: &[&Path]) -> String {
-    let out = Command::new(python())
-        .arg("-c")
-        .arg(script)
-        .args(args)
-        .output()
-        .expect("python");
-    assert!(
-        out.status.success(),
-        "python failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = Command::new(python()).arg("-c").arg(script).args(args).output().expect("python");
+    assert!(out.status.success(), "python failed: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8(out.stdout).unwrap()
 }
 
@@ -41,18 +32,12 @@ fn numbers(s: &str) -> Vec<f64> {
 
 fn oblique_volume() -> Volume {
     let [nz, ny, nx] = [3usize, 4, 5];
-    let vox: Vec<f32> = (0..nz * ny * nx)
-        .map(|i| (i * 7 % 23) as f32 - 4.5)
-        .collect();
+    let vox: Vec<f32> = (0..nz * ny * nx).map(|i| (i * 7 % 23) as f32 - 4.5).collect();
     let mut v = Volume::new(vox, [nz, ny, nx], [0.6, 0.8, 2.5], [-31.0, 12.5, 44.0]);
     let (a, b) = (25f64.to_radians(), -15f64.to_radians());
     let row = [a.cos(), a.sin(), 0.0];
     let col = [-a.sin() * b.cos(), a.cos() * b.cos(), b.sin()];
-    let n = [
-        row[1] * col[2] - row[2] * col[1],
-        row[2] * col[0] - row[0] * col[2],
-        row[0] * col[1] - row[1] * col[0],
-    ];
+    let n = [row[1] * col[2] - row[2] * col[1], row[2] * col[0] - row[0] * col[2], row[0] * col[1] - row[1] * col[0]];
     v.direction = [row, col, n];
     v
 }
@@ -85,15 +70,10 @@ fn nibabel_sees_our_affine_and_voxels() {
         for r in 0..3 {
             for c in 0..4 {
                 let want = ras[r][c];
-                for (label, got) in [
-                    ("affine", affine[r * 4 + c]),
-                    ("sform", sform[r * 4 + c]),
-                    ("qform", qform[r * 4 + c]),
-                ] {
-                    assert!(
-                        (got - want).abs() < 1e-4,
-                        "{label}[{r}][{c}] = {got}, want {want}"
-                    );
+                for (label, got) in
+                    [("affine", affine[r * 4 + c]), ("sform", sform[r * 4 + c]), ("qform", qform[r * 4 + c])]
+                {
+                    assert!((got - want).abs() < 1e-4, "{label}[{r}][{c}] = {got}, want {want}");
                 }
             }
         }
@@ -193,10 +173,7 @@ fn we_read_nibabel_written_oblique_files() {
         let (i, j, k) = (3.0, 2.0, 1.0);
         let p = v.index_to_world(i, j, k);
         for r in 0..3 {
-            let ras = affine[r * 4] * i
-                + affine[r * 4 + 1] * j
-                + affine[r * 4 + 2] * k
-                + affine[r * 4 + 3];
+            let ras = affine[r * 4] * i + affine[r * 4 + 1] * j + affine[r * 4 + 2] * k + affine[r * 4 + 3];
             let lps = if r < 2 { -ras } else { ras };
             assert!((p[r] - lps).abs() < 1e-4);
         }
@@ -216,30 +193,12 @@ fn lists_nnunet_v1_cases() {
         write_nifti(&dir.join(format!("imagesTr/{id}_0000.nii.gz")), &v).unwrap();
         write_nifti(&dir.join(format!("imagesTr/{id}_0001.nii.gz")), &v).unwrap();
     }
-    write_nifti_mask(
-        &dir.join("labelsTr/prostate_00.nii.gz"),
-        &Mask::zeros(v.dims),
-        &v,
-    )
-    .unwrap();
-    std::fs::write(
-        dir.join("imagesTr/._prostate_00_0000.nii.gz"),
-        b"resource fork",
-    )
-    .unwrap();
+    write_nifti_mask(&dir.join("labelsTr/prostate_00.nii.gz"), &Mask::zeros(v.dims), &v).unwrap();
+    std::fs::write(dir.join("imagesTr/._prostate_00_0000.nii.gz"), b"resource fork").unwrap();
     let cases = list_nnunet_cases(&dir).unwrap();
-    assert_eq!(
-        cases.iter().map(|c| c.id.as_str()).collect::<Vec<_>>(),
-        ["prostate_00", "prostate_02"]
-    );
-    assert_eq!(
-        cases[0].label.as_deref(),
-        Some(dir.join("labelsTr/prostate_00.nii.gz").as_path())
-    );
+    assert_eq!(cases.iter().map(|c| c.id.as_str()).collect::<Vec<_>>(), ["prostate_00", "prostate_02"]);
+    assert_eq!(cases[0].label.as_deref(), Some(dir.join("labelsTr/prostate_00.nii.gz").as_path()));
     assert_eq!(cases[1].label, None);
     assert_eq!(read_nifti(&cases[1].image).unwrap().dims, v.dims);
-    assert!(matches!(
-        list_nnunet_cases(&dir.join("labelsTr")),
-        Err(NiftiError::Layout { .. })
-    ));
+    assert!(matches!(list_nnunet_cases(&dir.join("labelsTr")), Err(NiftiError::Layout { .. })));
 }

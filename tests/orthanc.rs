@@ -57,10 +57,26 @@ const AXIAL: [[f64; 3]; 3] = [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]
 const CORONAL: [[f64; 3]; 3] = [[1.0, 0.0, 0.0], [0.0, 0.0, -1.0], [0.0, 1.0, 0.0]];
 
 /// Writes an MR series; returns (files, SeriesInstanceUID).
-fn mr_series(dir: &Path, nz: usize, n: usize, seed: u64, direction: [[f64; 3]; 3], description: &str) -> (Vec<PathBuf>, String) {
-    let attrs = MrSeriesAttributes { series_description: description.into(), protocol_name: description.into(), ..Default::default() };
+fn mr_series(
+    dir: &Path,
+    nz: usize,
+    n: usize,
+    seed: u64,
+    direction: [[f64; 3]; 3],
+    description: &str,
+) -> (Vec<PathBuf>, String) {
+    let attrs = MrSeriesAttributes {
+        series_description: description.into(),
+        protocol_name: description.into(),
+        ..Default::default()
+    };
     let written = dicom::write_mr_series_full(&volume(nz, n, seed, direction), &attrs, dir).unwrap();
-    let uid = written.volume.source.as_ref().map(|s| s.series_instance_uid.clone()).unwrap_or_else(|| read_series_uid(&written.paths[0]));
+    let uid = written
+        .volume
+        .source
+        .as_ref()
+        .map(|s| s.series_instance_uid.clone())
+        .unwrap_or_else(|| read_series_uid(&written.paths[0]));
     (written.paths, uid)
 }
 
@@ -124,7 +140,11 @@ fn a_series_gets_exactly_one_valid_seg_and_other_series_are_skipped_with_a_reaso
     let versions = tags["SoftwareVersions"].to_string();
     let short = &record["ModelSha256"].as_str().unwrap()[..16];
     assert!(versions.contains(short), "SoftwareVersions {versions} should name the model hash {short}");
-    assert_eq!(record["SegSopInstanceUid"].as_str().or(record["SegSOPInstanceUID"].as_str()), tags["SOPInstanceUID"].as_str(), "{record}");
+    assert_eq!(
+        record["SegSopInstanceUid"].as_str().or(record["SegSOPInstanceUID"].as_str()),
+        tags["SOPInstanceUID"].as_str(),
+        "{record}"
+    );
     let review = o.get_json(&format!("/series/{id}/metadata?expand"));
     assert!(review["DeSAMReview"] == "ok" || review["DeSAMReview"] == "needs-review", "{review}");
 
@@ -147,7 +167,8 @@ fn a_series_gets_exactly_one_valid_seg_and_other_series_are_skipped_with_a_reaso
     assert_eq!(counters(&o)["Processed"], 1);
 
     // Series the plugin must leave alone: CT, a coronal T2, a DWI, too few slices.
-    let ct = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/lib/python3.11/site-packages/pydicom/data/test_files/CT_small.dcm");
+    let ct = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join(".venv/lib/python3.11/site-packages/pydicom/data/test_files/CT_small.dcm");
     o.storescu(std::slice::from_ref(&ct));
     let (cor, cor_uid) = mr_series(&dir.join("cor"), 8, 32, 2, CORONAL, "t2_tse_cor");
     let (dwi, dwi_uid) = mr_series(&dir.join("dwi"), 8, 32, 3, AXIAL, "ep2d_diff_tra");
@@ -158,12 +179,18 @@ fn a_series_gets_exactly_one_valid_seg_and_other_series_are_skipped_with_a_reaso
     let log = o.log_text();
     for (uid, reason) in [(&cor_uid, "from axial"), (&dwi_uid, "DescriptionPattern"), (&short_uid, "MinSlices")] {
         let sid = o.series_id(uid);
-        assert!(log.lines().any(|l| l.contains(&sid) && l.contains("skipped") && l.contains(reason)), "no skip line with {reason:?} for {sid}");
+        assert!(
+            log.lines().any(|l| l.contains(&sid) && l.contains("skipped") && l.contains(reason)),
+            "no skip line with {reason:?} for {sid}"
+        );
         assert!(o.segs_referencing(&sid).is_empty());
     }
     assert!(log.lines().any(|l| l.contains("skipped") && l.contains("not MR")), "CT not reported as skipped");
     let seg_series = o.get_json(&format!("/instances/{}", segs[0]))["ParentSeries"].as_str().unwrap().to_string();
-    assert!(log.lines().any(|l| l.contains(&seg_series) && l.contains("skipped") && l.contains("our own output")), "own SEG not reported as skipped");
+    assert!(
+        log.lines().any(|l| l.contains(&seg_series) && l.contains("skipped") && l.contains("our own output")),
+        "own SEG not reported as skipped"
+    );
     assert_eq!(counters(&o)["Processed"], 1);
 
     // Metrics reach Prometheus.
@@ -218,7 +245,8 @@ fn rest_routes_answer_and_follow_orthanc_authentication() {
     assert_eq!(result["Result"]["Status"], "done", "{result}");
     assert_eq!(result["Result"]["Mode"], "grid");
     // The link to the study in the configured viewer (ViewerUrlTemplate).
-    let study = o.get_json(&format!("/studies/{}", o.get_json(&format!("/series/{id}"))["ParentStudy"].as_str().unwrap()));
+    let study =
+        o.get_json(&format!("/studies/{}", o.get_json(&format!("/series/{id}"))["ParentStudy"].as_str().unwrap()));
     let study_uid = study["MainDicomTags"]["StudyInstanceUID"].as_str().unwrap();
     assert_eq!(result["ViewerUrl"], format!("http://viewer.example/segmentation?StudyInstanceUIDs={study_uid}&o={id}"));
     assert_eq!(o.get_json("/desam/status")["ModelLoaded"], true);
@@ -236,7 +264,11 @@ fn invalid_configuration_disables_the_plugin_but_orthanc_keeps_running() {
     assert_eq!(o.request("GET", "/desam/models", None).status, 404, "only the status route exists when disabled");
     assert_eq!(o.request("GET", "/system", None).status, 200);
     let log = o.stop();
-    assert!(log.lines().any(|l| l.starts_with('E') && l.contains("DeSAM") && l.contains("Device") && l.contains("disabled")), "{log}");
+    assert!(
+        log.lines()
+            .any(|l| l.starts_with('E') && l.contains("DeSAM") && l.contains("Device") && l.contains("disabled")),
+        "{log}"
+    );
 
     // The shipped sample configuration is accepted by Orthanc and by the plugin (only the model
     // directory, absent on a build machine, stops it).
@@ -244,7 +276,11 @@ fn invalid_configuration_disables_the_plugin_but_orthanc_keeps_running() {
     let o = Orthanc::start_with_files(&scratch("sample"), true, &json!({}), &[sample]);
     let status = o.get_json("/desam/status");
     let reason = status["Reason"].as_str().unwrap_or("");
-    assert!(status["Enabled"] == true || (reason.contains("/usr/share/desam/models/default") && !reason.contains("invalid")), "{status}");
+    assert!(
+        status["Enabled"] == true
+            || (reason.contains("/usr/share/desam/models/default") && !reason.contains("invalid")),
+        "{status}"
+    );
     o.stop();
 
     let missing = scratch("nomodel");
@@ -264,7 +300,9 @@ fn rewrite(path: &Path, edit: impl FnOnce(&mut dicom_object::DefaultDicomObject)
 #[test]
 fn bad_series_fail_their_jobs_cleanly_and_other_series_are_still_processed() {
     let dir = scratch("bad");
-    let section = desam_section(json!({"SeriesFilter": {"MinSlices": 1, "DescriptionPattern": null, "ScanningSequencePattern": null}}));
+    let section = desam_section(
+        json!({"SeriesFilter": {"MinSlices": 1, "DescriptionPattern": null, "ScanningSequencePattern": null}}),
+    );
     let o = Orthanc::start(&dir, true, &json!({"DeSAM": section}));
 
     // Truncated pixel data in one slice.
@@ -286,7 +324,8 @@ fn bad_series_fail_their_jobs_cleanly_and_other_series_are_still_processed() {
         });
     }
     // A transfer syntax the reader cannot decode (JPEG-LS).
-    let jls = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/lib/python3.11/site-packages/pydicom/data/test_files/MR_small_jpeg_ls_lossless.dcm");
+    let jls = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join(".venv/lib/python3.11/site-packages/pydicom/data/test_files/MR_small_jpeg_ls_lossless.dcm");
     let jls_uid = read_series_uid(&jls);
 
     o.storescu(&corrupt);
@@ -318,13 +357,23 @@ fn bad_series_fail_their_jobs_cleanly_and_other_series_are_still_processed() {
     }
     // Failed Orthanc jobs carry the same message.
     let jobs = o.get_json("/jobs?expand");
-    let failed: Vec<&Value> = jobs.as_array().unwrap().iter().filter(|j| j["Type"] == "DeSAMSegmentation" && j["State"] == "Failure").collect();
+    let failed: Vec<&Value> = jobs
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|j| j["Type"] == "DeSAMSegmentation" && j["State"] == "Failure")
+        .collect();
     assert_eq!(failed.len(), 4, "{jobs}");
-    assert!(failed.iter().all(|j| j["Content"]["Error"].as_str().is_some_and(|e| errors.iter().any(|x| x == e))), "{jobs}");
+    assert!(
+        failed.iter().all(|j| j["Content"]["Error"].as_str().is_some_and(|e| errors.iter().any(|x| x == e))),
+        "{jobs}"
+    );
     assert_eq!(counters(&o)["Failed"], 4);
     assert_eq!(o.request("GET", "/system", None).status, 200);
     let log = o.stop();
-    assert!(log.lines().filter(|l| l.starts_with('E') && l.contains("DeSAM: series") && l.contains("failed")).count() >= 4);
+    assert!(
+        log.lines().filter(|l| l.starts_with('E') && l.contains("DeSAM: series") && l.contains("failed")).count() >= 4
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -38,7 +38,11 @@ fn write_series(dir: &Path, s: &Spec) -> (Vec<PathBuf>, String) {
     let voxels: Vec<f32> = (0..nz * n * n)
         .map(|i| {
             state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            let (x, y, z) = ((i % n) as f64 / n as f64 - 0.5, ((i / n) % n) as f64 / n as f64 - 0.5, (i / (n * n)) as f64 / nz as f64 - 0.5);
+            let (x, y, z) = (
+                (i % n) as f64 / n as f64 - 0.5,
+                ((i / n) % n) as f64 / n as f64 - 0.5,
+                (i / (n * n)) as f64 / nz as f64 - 0.5,
+            );
             let inside = (x / 0.2).powi(2) + (y / 0.15).powi(2) + (z / 0.4).powi(2) <= 1.0;
             (if inside { 800.0 } else { 300.0 }) + ((state >> 40) % 50) as f32
         })
@@ -106,7 +110,9 @@ fn a_failing_model_never_takes_the_worker_down() {
     assert_eq!(bad_mode.status, 400, "an unknown Mode is refused: {}", bad_mode.text());
     let rerun = o.request("POST", &format!("/desam/series/{a}/segment"), Some(br#"{"Force": true}"#));
     assert_eq!(rerun.status, 200, "{}", rerun.text());
-    let kept = wait_for(&o, &a, "failed re-run recorded", |v| v["Result"]["FailedRuns"].as_array().is_some_and(|f| !f.is_empty()));
+    let kept = wait_for(&o, &a, "failed re-run recorded", |v| {
+        v["Result"]["FailedRuns"].as_array().is_some_and(|f| !f.is_empty())
+    });
     assert_eq!(kept["Result"]["Status"], "done", "a failed re-run must not replace the good result: {kept}");
     assert!(kept["Result"]["FailedRuns"][0]["Error"].as_str().unwrap().contains("inference failed"), "{kept}");
     let (b, c) = (send(&o, &dir.join("b"), &t2(2)), send(&o, &dir.join("c"), &t2(3)));
@@ -120,7 +126,10 @@ fn a_failing_model_never_takes_the_worker_down() {
     assert_eq!(status["Counters"]["Failed"], 3, "{status}");
     assert_eq!(status["Counters"]["Panics"], 0, "a libtorch error is a typed error, not a panic: {status}");
     let log = o.stop();
-    assert!(log.contains(&format!("DeSAM: series {b} failed")) && log.contains(&format!("DeSAM: series {c} failed")), "{log}");
+    assert!(
+        log.contains(&format!("DeSAM: series {b} failed")) && log.contains(&format!("DeSAM: series {c} failed")),
+        "{log}"
+    );
 
     // A panic in the middle of the worker's unit of work (outside the engine).
     let o = Orthanc::start_with_env(&dir, true, &section(json!({})), &[], &[("DESAM_FAULT_INJECTION", "worker")]);
@@ -132,7 +141,11 @@ fn a_failing_model_never_takes_the_worker_down() {
     let job = r["Result"]["Job"].as_str().expect("the failed record names its job");
     let t0 = Instant::now();
     while o.get_json(&format!("/jobs/{job}"))["State"] != "Failure" {
-        assert!(t0.elapsed() < TIMEOUT, "the job of the panicked run never failed: {}", o.get_json(&format!("/jobs/{job}")));
+        assert!(
+            t0.elapsed() < TIMEOUT,
+            "the job of the panicked run never failed: {}",
+            o.get_json(&format!("/jobs/{job}"))
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
     // The worker is alive: a manual request is taken and answered.
@@ -159,7 +172,11 @@ fn a_restored_record_keeps_its_qa_review_and_a_long_patient_id_keeps_its_study()
     assert_eq!(first["Result"]["Status"], "done", "{first}");
     assert_eq!(first["Review"], "needs-review");
     assert_eq!(o.segs_referencing(&id).len(), 1, "the SEG must sit in the source's own study");
-    assert_eq!(o.get_json("/patients").as_array().unwrap().len(), 1, "a shortened PatientID files the SEG under another patient");
+    assert_eq!(
+        o.get_json("/patients").as_array().unwrap().len(),
+        1,
+        "a shortened PatientID files the SEG under another patient"
+    );
     let qa = first["Result"]["QualityScore"].as_f64().unwrap();
 
     // The SEG stays, its metadata is lost: the plugin finds the SEG and restores the record as it was.
@@ -192,7 +209,10 @@ fn deleting_a_study_during_its_segmentation_leaves_no_seg_and_no_patient() {
         std::thread::sleep(Duration::from_millis(100));
     }
     std::thread::sleep(Duration::from_millis(1500));
-    assert!(o.get_json("/desam/status")["Queue"]["Running"] == id.as_str(), "the job ended before the delete: make it slower");
+    assert!(
+        o.get_json("/desam/status")["Queue"]["Running"] == id.as_str(),
+        "the job ended before the delete: make it slower"
+    );
     assert_eq!(o.request("DELETE", &format!("/studies/{study}"), None).status, 200);
     let t0 = Instant::now();
     loop {
@@ -268,7 +288,11 @@ fn an_idle_plugin_leaves_orthancs_memory_and_a_hostile_instance_stays_within_the
     // One study: its archive is one ~300 MB zip.
     for f in &files {
         let mut obj = dicom_object::open_file(f).unwrap();
-        obj.put(dicom_core::DataElement::new(dicom_dictionary_std::tags::STUDY_INSTANCE_UID, dicom_core::VR::UI, dicom_core::PrimitiveValue::from("1.2.826.0.1.3680043.10.1312.77")));
+        obj.put(dicom_core::DataElement::new(
+            dicom_dictionary_std::tags::STUDY_INSTANCE_UID,
+            dicom_core::VR::UI,
+            dicom_core::PrimitiveValue::from("1.2.826.0.1.3680043.10.1312.77"),
+        ));
         obj.write_to_file(f).unwrap();
     }
     let plain = Orthanc::start(&dir.join("plain"), false, &json!({}));
@@ -297,7 +321,11 @@ fn an_idle_plugin_leaves_orthancs_memory_and_a_hostile_instance_stays_within_the
     let plugin_growth = traffic_growth_kb(&o, &files);
     let counters = counters(&o);
     o.stop();
-    println!("resident growth after ~300 MB of traffic: plain Orthanc {} MiB, with the plugin idle {} MiB", plain_growth / 1024, plugin_growth / 1024);
+    println!(
+        "resident growth after ~300 MB of traffic: plain Orthanc {} MiB, with the plugin idle {} MiB",
+        plain_growth / 1024,
+        plugin_growth / 1024
+    );
     assert!(counters["Processed"] == 1, "the traffic must not have been segmented: {counters}");
     assert!(
         plugin_growth <= plain_growth + 100 * 1024,
@@ -310,7 +338,9 @@ fn an_idle_plugin_leaves_orthancs_memory_and_a_hostile_instance_stays_within_the
 fn huge_deflated_instance(dir: &Path) -> PathBuf {
     let template = write_series(&dir.join("template"), &Spec { slices: 1, side: 32, ..t2(13) }).0[0].clone();
     let out = dir.join("huge.dcm");
-    let python = std::env::var_os("DESAM_PYTHON").map(PathBuf::from).unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python"));
+    let python = std::env::var_os("DESAM_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python"));
     let script = "import sys, pydicom\nfrom pydicom.uid import DeflatedExplicitVRLittleEndian as D\nds = pydicom.dcmread(sys.argv[1])\nds.Rows = ds.Columns = 8192\nds.PixelData = bytes(8192 * 8192 * 2)\nds.file_meta.TransferSyntaxUID = D\nds.save_as(sys.argv[2], enforce_file_format=True)\n";
     let st = std::process::Command::new(python).args(["-c", script]).arg(&template).arg(&out).status().unwrap();
     assert!(st.success());

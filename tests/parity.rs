@@ -44,7 +44,13 @@ fn desam_forward(args: &[&str], out: &Path) -> Result<Vec<(String, Tensor)>, Str
 
 /// Every reference output must be among ours and match; PIMM logits have no PyTorch reference
 /// here (fresh init), so only their shape and finiteness are checked (numerically: the PIMM test).
-fn compare_all(label: &str, ours: &[(String, Tensor)], reference: &[(String, Tensor)], n_taps: usize, logits_side: i64) {
+fn compare_all(
+    label: &str,
+    ours: &[(String, Tensor)],
+    reference: &[(String, Tensor)],
+    n_taps: usize,
+    logits_side: i64,
+) {
     let mut names: Vec<&str> = ours.iter().map(|(k, _)| k.as_str()).collect();
     names.sort();
     let mut want: Vec<String> = (0..n_taps).map(|i| format!("tap.{i}")).collect();
@@ -108,7 +114,8 @@ impl Drop for Scratch {
 fn lite_matches_medsam_lite() {
     let dir = Scratch::new("lite");
     run_script("make_lite_reference.py", &[dir.0.as_os_str()]);
-    let prompt: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.path("prompt.json")).unwrap()).unwrap();
+    let prompt: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path("prompt.json")).unwrap()).unwrap();
     let ckpt = prompt["checkpoint"].as_str().unwrap().to_string();
     let reference = Tensor::read_npz(dir.path("reference.npz")).unwrap();
     let image = Tensor::read_npy(dir.path("image.npy")).unwrap();

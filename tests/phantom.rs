@@ -2,24 +2,15 @@
 //! against shared/design/phantom-sites.md, and (where the writers exist) the files `desam phantom` writes.
 
 use desam::phantom::{
-    generate_case_with, site_and_case_from_source, GenerateOptions, PhantomCase, Site, Size,
-    LABEL_PZ, LABEL_TZ,
+    generate_case_with, site_and_case_from_source, GenerateOptions, PhantomCase, Site, Size, LABEL_PZ, LABEL_TZ,
 };
 
 fn small() -> GenerateOptions {
-    GenerateOptions {
-        size: Size::Small,
-        ..Default::default()
-    }
+    GenerateOptions { size: Size::Small, ..Default::default() }
 }
 
 fn clean(sensitivity: bool) -> GenerateOptions {
-    GenerateOptions {
-        size: Size::Small,
-        noise: false,
-        sensitivity,
-        noise_realisation: 0,
-    }
+    GenerateOptions { size: Size::Small, noise: false, sensitivity, noise_realisation: 0 }
 }
 
 /// Voxels of `label` whose 4 in-plane neighbours carry the same label (away from partial volume).
@@ -31,12 +22,7 @@ fn interior(case: &PhantomCase, label: u8) -> Vec<usize> {
         for y in 1..ny - 1 {
             for x in 1..nx - 1 {
                 let i = (z * ny + y) * nx + x;
-                if l[i] == label
-                    && l[i - 1] == label
-                    && l[i + 1] == label
-                    && l[i - nx] == label
-                    && l[i + nx] == label
-                {
+                if l[i] == label && l[i - 1] == label && l[i + 1] == label && l[i - nx] == label && l[i + nx] == label {
                     out.push(i);
                 }
             }
@@ -87,50 +73,29 @@ fn protocol_and_geometry_follow_the_site_table() {
             let p = &c.protocol;
             let tag = format!("site {site} case {case}");
             assert!(
-                p.full_pixel_spacing >= inplane.0 - 1e-9
-                    && p.full_pixel_spacing <= inplane.1 + 1e-9,
+                p.full_pixel_spacing >= inplane.0 - 1e-9 && p.full_pixel_spacing <= inplane.1 + 1e-9,
                 "{tag}: {p:?}"
             );
-            assert!(
-                p.slice_thickness >= slice.0 - 1e-9 && p.slice_thickness <= slice.1 + 1e-9,
-                "{tag}: {p:?}"
-            );
-            assert!(
-                (256..=512).contains(&p.full_matrix),
-                "{tag}: matrix {}",
-                p.full_matrix
-            );
+            assert!(p.slice_thickness >= slice.0 - 1e-9 && p.slice_thickness <= slice.1 + 1e-9, "{tag}: {p:?}");
+            assert!((256..=512).contains(&p.full_matrix), "{tag}: matrix {}", p.full_matrix);
             let f = p.field_of_view_mm();
             assert!(f >= fov.0 && f <= fov.1, "{tag}: FOV {f}");
-            let slices_ok = if site == Site::C {
-                (56..=64).contains(&p.slices)
-            } else {
-                (15..=30).contains(&p.slices)
-            };
+            let slices_ok = if site == Site::C { (56..=64).contains(&p.slices) } else { (15..=30).contains(&p.slices) };
             assert!(slices_ok, "{tag}: {} slices", p.slices);
             // The generated grid has the site's field of view and slice spacing.
             let v = &c.image;
             assert_eq!(v.dims[0], p.slices);
-            assert!(
-                (v.spacing[0] * v.nx() as f64 - f).abs() < 1e-6,
-                "{tag}: grid FOV"
-            );
+            assert!((v.spacing[0] * v.nx() as f64 - f).abs() < 1e-6, "{tag}: grid FOV");
             assert!((v.spacing[2] - p.slice_thickness).abs() < 1e-9);
             assert_eq!(v.nx(), p.full_matrix / 4);
             // Oblique axial (rotation about left-right) for D and F only.
             let tilt = v.direction[1][2].abs().asin().to_degrees();
             if site.is_oblique() {
-                assert!(
-                    (5.0 - 1e-6..=20.0 + 1e-6).contains(&tilt),
-                    "{tag}: tilt {tilt}"
-                );
+                assert!((5.0 - 1e-6..=20.0 + 1e-6).contains(&tilt), "{tag}: tilt {tilt}");
             } else {
                 assert!(tilt < 1e-9, "{tag}: tilt {tilt}");
             }
-            assert!(
-                (v.direction[0][0] - 1.0).abs() < 1e-12,
-                "row direction stays left-right"
-            );
+            assert!((v.direction[0][0] - 1.0).abs() < 1e-12, "row direction stays left-right");
             // Field strength per site (D mixes 1.5 and 3 T).
             let fs = p.magnetic_field_strength;
             match site {
@@ -143,25 +108,15 @@ fn protocol_and_geometry_follow_the_site_table() {
             let stored = c.stored_voxels();
             let max = *stored.iter().max().unwrap();
             assert!((300..=4000).contains(&max), "{tag}: stored max {max}");
-            assert_eq!(
-                p.rescale.is_some(),
-                site == Site::B,
-                "{tag}: only Philips writes RescaleSlope"
-            );
+            assert_eq!(p.rescale.is_some(), site == Site::B, "{tag}: only Philips writes RescaleSlope");
             let (slope, icpt) = p.rescale.unwrap_or((1.0, 0.0));
             for (s, v) in stored.iter().zip(v.voxels.iter()) {
-                assert!(
-                    (*s as f64 * slope + icpt - *v as f64).abs() < 1e-2,
-                    "{tag}: voxel = stored·slope + intercept"
-                );
+                assert!((*s as f64 * slope + icpt - *v as f64).abs() < 1e-2, "{tag}: voxel = stored·slope + intercept");
             }
             // Headers identify site and case.
             let src = v.source.as_ref().unwrap();
             assert_eq!(site_and_case_from_source(src), Some((site, case)));
-            assert_eq!(
-                src.institution_name.as_deref(),
-                Some(format!("DESAM PHANTOM SITE {site}").as_str())
-            );
+            assert_eq!(src.institution_name.as_deref(), Some(format!("DESAM PHANTOM SITE {site}").as_str()));
             let man = src.manufacturer.as_deref().unwrap();
             let expected = match site {
                 Site::B => "Philips Medical Systems",
@@ -186,32 +141,19 @@ fn gland_volume_zones_and_contrast_are_realistic() {
             let c = generate_case_with(site, case, 11, &clean(false));
             let tag = format!("site {site} case {case}");
             let t = &c.truth;
-            assert!(
-                (15.0..=80.0).contains(&t.gland_ml),
-                "{tag}: gland {} mL",
-                t.gland_ml
-            );
+            assert!((15.0..=80.0).contains(&t.gland_ml), "{tag}: gland {} mL", t.gland_ml);
             // Both zones present; the PZ is a substantial crescent, not a sliver or the whole gland.
             let pz_share = t.pz_ml / t.gland_ml;
-            assert!(
-                (0.3..=0.8).contains(&pz_share),
-                "{tag}: PZ share {pz_share}"
-            );
+            assert!((0.3..=0.8).contains(&pz_share), "{tag}: PZ share {pz_share}");
             assert!((5.0..=15.0).contains(&t.pz_thickness_mm));
             // The gland spans roughly 3-6 cm superior-inferior: 10-15 slices at 3.6 mm.
             let [nz, ny, nx] = c.labels.dims;
-            let slices_with_gland = (0..nz)
-                .filter(|&z| c.labels.slice(z).iter().any(|&l| l > 0))
-                .count();
+            let slices_with_gland = (0..nz).filter(|&z| c.labels.slice(z).iter().any(|&l| l > 0)).count();
             let si_mm = slices_with_gland as f64 * c.image.spacing[2];
-            assert!(
-                (25.0..=70.0).contains(&si_mm),
-                "{tag}: gland SI extent {si_mm} mm"
-            );
+            assert!((25.0..=70.0).contains(&si_mm), "{tag}: gland SI extent {si_mm} mm");
             // No gland on the first or last slice: the stack covers it.
             assert!(
-                c.labels.slice(0).iter().all(|&l| l == 0)
-                    && c.labels.slice(nz - 1).iter().all(|&l| l == 0),
+                c.labels.slice(0).iter().all(|&l| l == 0) && c.labels.slice(nz - 1).iter().all(|&l| l == 0),
                 "{tag}"
             );
             let _ = (ny, nx);
@@ -228,42 +170,21 @@ fn gland_volume_zones_and_contrast_are_realistic() {
 fn noise_matches_the_site_snr() {
     for site in Site::ALL {
         let a = generate_case_with(site, 1, 5, &small());
-        let b = generate_case_with(
-            site,
-            1,
-            5,
-            &GenerateOptions {
-                noise_realisation: 1,
-                ..small()
-            },
-        );
+        let b = generate_case_with(site, 1, 5, &GenerateOptions { noise_realisation: 1, ..small() });
         // Two repeats differ only by noise (NEMA two-acquisition method): sigma = std(diff)/sqrt(2).
         let pz = interior(&a, LABEL_PZ);
-        assert!(
-            pz.len() > 30,
-            "site {site}: {} interior PZ voxels",
-            pz.len()
-        );
-        let diffs: Vec<f64> = pz
-            .iter()
-            .map(|&i| (a.image.voxels[i] - b.image.voxels[i]) as f64)
-            .collect();
+        assert!(pz.len() > 30, "site {site}: {} interior PZ voxels", pz.len());
+        let diffs: Vec<f64> = pz.iter().map(|&i| (a.image.voxels[i] - b.image.voxels[i]) as f64).collect();
         let m = diffs.iter().sum::<f64>() / diffs.len() as f64;
         let var = diffs.iter().map(|d| (d - m) * (d - m)).sum::<f64>() / (diffs.len() - 1) as f64;
         let sigma = (var / 2.0).sqrt();
         let snr = 0.5 * (mean_at(&a.image.voxels, &pz) + mean_at(&b.image.voxels, &pz)) / sigma;
         let spec = site.spec().snr_at(a.protocol.magnetic_field_strength);
-        assert!(
-            snr > spec.0 * 0.75 && snr < spec.1 * 1.35,
-            "site {site}: measured SNR {snr}, range {spec:?}"
-        );
+        assert!(snr > spec.0 * 0.75 && snr < spec.1 * 1.35, "site {site}: measured SNR {snr}, range {spec:?}");
         assert!((10.0 * 0.75..=40.0 * 1.35).contains(&snr));
         // The generator's own sigma agrees with the measurement.
         let rel = sigma / a.truth.noise_sigma;
-        assert!(
-            (0.8..1.25).contains(&rel),
-            "site {site}: sigma measured/designed {rel}"
-        );
+        assert!((0.8..1.25).contains(&rel), "site {site}: sigma measured/designed {rel}");
     }
 }
 
@@ -318,16 +239,10 @@ fn endorectal_hot_spot_only_on_b_e_f() {
         let img = posterior_anterior_ratio(&noisy, &noisy.image.voxels);
         if site.has_endorectal_coil() {
             assert!(g > 1.7, "site {site}: posterior/anterior sensitivity {g}");
-            assert!(
-                img > 2.0,
-                "site {site}: posterior/anterior image ratio {img}"
-            );
+            assert!(img > 2.0, "site {site}: posterior/anterior image ratio {img}");
         } else {
             assert!(g < 1.25, "site {site}: posterior/anterior sensitivity {g}");
-            assert!(
-                img < 1.8,
-                "site {site}: posterior/anterior image ratio {img}"
-            );
+            assert!(img < 1.8, "site {site}: posterior/anterior image ratio {img}");
         }
     }
 }
@@ -341,11 +256,7 @@ fn scratch(name: &str) -> std::path::PathBuf {
 }
 
 fn run_cli(args: &[&str]) -> std::process::Output {
-    std::process::Command::new(env!("CARGO_BIN_EXE_desam"))
-        .arg("phantom")
-        .args(args)
-        .output()
-        .expect("run desam")
+    std::process::Command::new(env!("CARGO_BIN_EXE_desam")).arg("phantom").args(args).output().expect("run desam")
 }
 
 #[test]
@@ -373,48 +284,24 @@ fn dicom_output_reads_back_with_geometry_voxels_and_seg_ground_truth() {
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         let expected = generate_case_with(site, case, 21, &small());
         let case_dir = out.join(&expected.case_id);
-        let loaded = desam::dicom::load_series_dir(&case_dir.join("MR"))
-            .expect("MR series reads back")
-            .volume;
+        let loaded = desam::dicom::load_series_dir(&case_dir.join("MR")).expect("MR series reads back").volume;
         assert_eq!(loaded.dims, expected.image.dims);
         for a in 0..3 {
-            assert!(
-                (loaded.spacing[a] - expected.image.spacing[a]).abs() < 1e-4,
-                "spacing {a}"
-            );
-            assert!(
-                (loaded.origin[a] - expected.image.origin[a]).abs() < 1e-3,
-                "origin {a}"
-            );
+            assert!((loaded.spacing[a] - expected.image.spacing[a]).abs() < 1e-4, "spacing {a}");
+            assert!((loaded.origin[a] - expected.image.origin[a]).abs() < 1e-3, "origin {a}");
             for b in 0..3 {
-                assert!(
-                    (loaded.direction[a][b] - expected.image.direction[a][b]).abs() < 1e-5,
-                    "direction"
-                );
+                assert!((loaded.direction[a][b] - expected.image.direction[a][b]).abs() < 1e-5, "direction");
             }
         }
-        let max_err = loaded
-            .voxels
-            .iter()
-            .zip(expected.image.voxels.iter())
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
+        let max_err =
+            loaded.voxels.iter().zip(expected.image.voxels.iter()).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
         assert!(max_err < 1e-2, "site {site}: voxels differ by {max_err}");
         let src = loaded.source.as_ref().expect("source attributes");
         assert_eq!(site_and_case_from_source(src), Some((site, case)));
-        assert_eq!(
-            src.manufacturer,
-            expected.image.source.as_ref().unwrap().manufacturer
-        );
-        assert_eq!(
-            src.magnetic_field_strength,
-            Some(expected.protocol.magnetic_field_strength)
-        );
+        assert_eq!(src.manufacturer, expected.image.source.as_ref().unwrap().manufacturer);
+        assert_eq!(src.magnetic_field_strength, Some(expected.protocol.magnetic_field_strength));
         if site == Site::D {
-            assert!(
-                loaded.direction[1][2].abs() > (5f64).to_radians().sin() - 1e-6,
-                "oblique IOP survives"
-            );
+            assert!(loaded.direction[1][2].abs() > (5f64).to_radians().sin() - 1e-6, "oblique IOP survives");
         }
 
         // DICOM-SEG ground truth: one MANUAL prostate segment equal to the gland label.
@@ -424,23 +311,13 @@ fn dicom_output_reads_back_with_geometry_voxels_and_seg_ground_truth() {
         let (info, mask) = &segs[0];
         assert_eq!(info.algorithm_type, desam::dicom::AlgorithmType::Manual);
         assert_eq!(info.label, "Prostate");
-        assert_eq!(
-            mask.data,
-            expected.gland_mask().data,
-            "site {site}: SEG equals the ground truth"
-        );
+        assert_eq!(mask.data, expected.gland_mask().data, "site {site}: SEG equals the ground truth");
 
         // Independent validator (dicom3tools): no errors in the SEG or an MR instance.
-        for f in [
-            case_dir.join("SEG/seg.dcm"),
-            case_dir.join("MR/MR_0001.dcm"),
-        ] {
-            let v = std::process::Command::new("dciodvfy")
-                .arg(&f)
-                .output()
-                .expect("dciodvfy (dicom3tools) is installed");
-            let text = String::from_utf8_lossy(&v.stderr).to_string()
-                + &String::from_utf8_lossy(&v.stdout);
+        for f in [case_dir.join("SEG/seg.dcm"), case_dir.join("MR/MR_0001.dcm")] {
+            let v =
+                std::process::Command::new("dciodvfy").arg(&f).output().expect("dciodvfy (dicom3tools) is installed");
+            let text = String::from_utf8_lossy(&v.stderr).to_string() + &String::from_utf8_lossy(&v.stdout);
             assert!(!text.contains("Error"), "dciodvfy {}: {text}", f.display());
         }
 
@@ -451,18 +328,8 @@ fn dicom_output_reads_back_with_geometry_voxels_and_seg_ground_truth() {
         assert_eq!(zones.data, expected.labels.data);
     }
     // Never overwrite: the same case again is refused with a clear message.
-    let o = run_cli(&[
-        "--site",
-        "D",
-        "--cases",
-        "1",
-        "--seed",
-        "21",
-        "--size",
-        "small",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let o =
+        run_cli(&["--site", "D", "--cases", "1", "--seed", "21", "--size", "small", "--out", out.to_str().unwrap()]);
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("already exists"));
     let _ = std::fs::remove_dir_all(&out);
@@ -490,21 +357,10 @@ fn nifti_output_is_an_nnunet_task_with_desam_patient_ids() {
     }
     let cases = desam::nifti::list_nnunet_cases(&out).unwrap();
     let ids: Vec<&str> = cases.iter().map(|c| c.id.as_str()).collect();
-    assert_eq!(
-        ids,
-        [
-            "prostate_000",
-            "prostate_001",
-            "prostate_400",
-            "prostate_401"
-        ]
-    );
+    assert_eq!(ids, ["prostate_000", "prostate_001", "prostate_400", "prostate_401"]);
     assert!(cases.iter().all(|c| c.label.is_some()));
     let csv = std::fs::read_to_string(out.join("prostate_patientid.csv")).unwrap();
-    assert_eq!(
-        csv,
-        "center,patientid\nA-ISBI,0\nA-ISBI,1\nE-BIDMC,400\nE-BIDMC,401\n"
-    );
+    assert_eq!(csv, "center,patientid\nA-ISBI,0\nA-ISBI,1\nE-BIDMC,400\nE-BIDMC,401\n");
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("dataset.json")).unwrap()).unwrap();
     assert_eq!(json["numTraining"], 4);
@@ -524,26 +380,12 @@ fn nifti_output_is_an_nnunet_task_with_desam_patient_ids() {
     for bad in [
         vec!["--site", "G", "--out", "x"],
         vec!["--site", "A", "--format", "png", "--out", "x"],
-        vec![
-            "--site",
-            "A",
-            "--format",
-            "nifti",
-            "--first-case",
-            "99",
-            "--cases",
-            "2",
-            "--out",
-            "x",
-        ],
+        vec!["--site", "A", "--format", "nifti", "--first-case", "99", "--cases", "2", "--out", "x"],
         vec!["--site", "A"],
     ] {
         let o = run_cli(&bad);
         assert!(!o.status.success(), "{bad:?} should fail");
-        assert!(
-            String::from_utf8_lossy(&o.stderr).starts_with("desam: error:"),
-            "{bad:?}"
-        );
+        assert!(String::from_utf8_lossy(&o.stderr).starts_with("desam: error:"), "{bad:?}");
     }
     let _ = std::fs::remove_dir_all(&out);
 }
@@ -553,16 +395,7 @@ fn montage_png_shows_six_sites() {
     let out = scratch("montage");
     std::fs::create_dir_all(&out).unwrap();
     let png_path = out.join("m.png");
-    let o = run_cli(&[
-        "--montage",
-        png_path.to_str().unwrap(),
-        "--seed",
-        "3",
-        "--size",
-        "small",
-        "--panel",
-        "64",
-    ]);
+    let o = run_cli(&["--montage", png_path.to_str().unwrap(), "--seed", "3", "--size", "small", "--panel", "64"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let decoder = png::Decoder::new(std::fs::File::open(&png_path).unwrap());
     let mut reader = decoder.read_info().unwrap();

@@ -64,7 +64,8 @@ fn crop_slices(v: &desam::Volume, m: &desam::Mask, n: usize) -> (desam::Volume, 
     let fg: Vec<usize> = (0..v.nz()).filter(|&z| m.slice(z).iter().any(|&x| x != 0)).collect();
     let mid = (fg[0] + fg[fg.len() - 1]) / 2;
     let z0 = mid.saturating_sub(n / 2).min(v.nz() - n);
-    let mut out = desam::Volume::new(v.voxels[z0 * len..(z0 + n) * len].to_vec(), [n, v.ny(), v.nx()], v.spacing, v.origin);
+    let mut out =
+        desam::Volume::new(v.voxels[z0 * len..(z0 + n) * len].to_vec(), [n, v.ny(), v.nx()], v.spacing, v.origin);
     out.direction = v.direction;
     let mask = desam::Mask { data: m.data[z0 * len..(z0 + n) * len].to_vec(), dims: [n, v.ny(), v.nx()] };
     (out, mask)
@@ -93,28 +94,62 @@ fn precompute_fit_resume_eval_export_promote() {
     assert_eq!(idx["config"]["feature_dtype"], "f16");
     assert!(idx["slices"].as_u64().unwrap() >= 6);
     ok(&["precompute", "--data", d, "--model", m, "--out", e, "--sites", "A", "--device", "cpu"]);
-    let index2: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(emb.join("index.json")).unwrap()).unwrap();
+    let index2: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(emb.join("index.json")).unwrap()).unwrap();
     assert_eq!(idx["cases"], index2["cases"]);
     assert_eq!(index2["encode_seconds"].as_f64().unwrap(), 0.0, "a resumed precompute must skip finished shards");
     // A store built differently refuses to be mixed.
-    let err = fails(&["precompute", "--data", d, "--model", m, "--out", e, "--sites", "A", "--all-slices", "--device", "cpu"]);
+    let err = fails(&[
+        "precompute",
+        "--data",
+        d,
+        "--model",
+        m,
+        "--out",
+        e,
+        "--sites",
+        "A",
+        "--all-slices",
+        "--device",
+        "cpu",
+    ]);
     assert!(err.contains("different"), "{err}");
     // Every 2nd foreground slice plus one augmented copy per case: half the slices (rounded up) per
     // stored case, copies tied to their source, and an evaluation store refuses a stride.
     let emb2 = root.join("emb_stride");
     let e2 = emb2.to_str().unwrap();
     // (with another intensity clip: the store then trains a copy of the model that carries it)
-    let err = fails(&["precompute", "--data", d, "--model", m, "--out", e2, "--clip-percentiles", "99,1", "--device", "cpu"]);
+    let err =
+        fails(&["precompute", "--data", d, "--model", m, "--out", e2, "--clip-percentiles", "99,1", "--device", "cpu"]);
     assert!(err.contains("clip percentiles"), "{err}");
     ok(&[
-        "precompute", "--data", d, "--model", m, "--out", e2, "--sites", "A", "--device", "cpu", "--slice-stride", "2", "--augment", "1",
-        "--clip-percentiles", "0.5,99.9",
+        "precompute",
+        "--data",
+        d,
+        "--model",
+        m,
+        "--out",
+        e2,
+        "--sites",
+        "A",
+        "--device",
+        "cpu",
+        "--slice-stride",
+        "2",
+        "--augment",
+        "1",
+        "--clip-percentiles",
+        "0.5,99.9",
     ]);
     let idx2 = desam::train::precompute::read_index(&emb2).unwrap();
     assert_eq!(idx2.config.slice_stride, 2);
     assert_eq!(idx2.config.model_dir, emb2.join("base_model"));
     assert_eq!(modeldir::read_spec(&emb2.join("base_model")).unwrap().preprocessing.clip_percentiles, [0.5, 99.9]);
-    assert_eq!(modeldir::read_spec(&model).unwrap().preprocessing.clip_percentiles, [0.5, 99.5], "the source model is untouched");
+    assert_eq!(
+        modeldir::read_spec(&model).unwrap().preprocessing.clip_percentiles,
+        [0.5, 99.5],
+        "the source model is untouched"
+    );
     let full = desam::train::precompute::read_index(&emb).unwrap();
     assert_eq!(idx2.cases.len(), 2 * full.cases.len());
     for c in &idx2.cases {
@@ -123,22 +158,58 @@ fn precompute_fit_resume_eval_export_promote() {
         assert_eq!(c.z, f.z.iter().copied().step_by(2).collect::<Vec<_>>(), "{}", c.id);
         assert_eq!(c.augmentation.is_some(), c.augmented_from.is_some());
     }
-    let err = fails(&["precompute", "--data", d, "--model", m, "--out", &format!("{e2}x"), "--all-slices", "--slice-stride", "2", "--device", "cpu"]);
+    let err = fails(&[
+        "precompute",
+        "--data",
+        d,
+        "--model",
+        m,
+        "--out",
+        &format!("{e2}x"),
+        "--all-slices",
+        "--slice-stride",
+        "2",
+        "--device",
+        "cpu",
+    ]);
     assert!(err.contains("slice-stride"), "{err}");
 
     // Fit: the loss decreases over epochs.
     let run_full = root.join("run_full");
     let fit = |out: &Path, extra: &[&str]| {
         let mut a = vec![
-            "fit", "--embeddings", e, "--mode", "grid", "--site", "A", "--epochs", "4", "--batch", "2", "--lr", "1e-3", "--seed", "5",
-            "--out", out.to_str().unwrap(), "--device", "cpu", "--quiet", "--save-every", "0",
+            "fit",
+            "--embeddings",
+            e,
+            "--mode",
+            "grid",
+            "--site",
+            "A",
+            "--epochs",
+            "4",
+            "--batch",
+            "2",
+            "--lr",
+            "1e-3",
+            "--seed",
+            "5",
+            "--out",
+            out.to_str().unwrap(),
+            "--device",
+            "cpu",
+            "--quiet",
+            "--save-every",
+            "0",
         ];
         a.extend_from_slice(extra);
         ok(&a)
     };
     fit(&run_full, &[]);
-    let log: Vec<serde_json::Value> =
-        std::fs::read_to_string(run_full.join("log.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let log: Vec<serde_json::Value> = std::fs::read_to_string(run_full.join("log.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(log.len(), 4);
     let first = log[0]["train_loss"].as_f64().unwrap();
     let last = log[3]["train_loss"].as_f64().unwrap();
@@ -156,13 +227,18 @@ fn precompute_fit_resume_eval_export_promote() {
     // weights exactly.
     let run_cut = root.join("run_cut");
     fit(&run_cut, &["--max-steps", "3"]);
-    let s: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run_cut.join("summary.json")).unwrap()).unwrap();
+    let s: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run_cut.join("summary.json")).unwrap()).unwrap();
     assert_eq!(s["finished"], false);
     assert_eq!(s["global_step"], 3);
     let cut = checkpoint_params(&run_cut.join("checkpoint_latest.safetensors"));
     fit(&run_cut, &["--resume"]);
     let steps = |run: &Path| -> Vec<serde_json::Value> {
-        std::fs::read_to_string(run.join("steps.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+        std::fs::read_to_string(run.join("steps.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
     };
     let (full_steps, cut_steps) = (steps(&run_full), steps(&run_cut));
     assert_eq!(cut_steps, full_steps, "the resumed run's steps differ from the uninterrupted run's");
@@ -184,32 +260,107 @@ fn precompute_fit_resume_eval_export_promote() {
     // The same 3 steps with another seed give other weights, so the equality above is not trivial.
     let run_seed6 = root.join("run_seed6");
     ok(&[
-        "fit", "--embeddings", e, "--mode", "grid", "--site", "A", "--epochs", "4", "--batch", "2", "--lr", "1e-3", "--seed", "6",
-        "--out", run_seed6.to_str().unwrap(), "--device", "cpu", "--quiet", "--save-every", "0", "--max-steps", "3",
+        "fit",
+        "--embeddings",
+        e,
+        "--mode",
+        "grid",
+        "--site",
+        "A",
+        "--epochs",
+        "4",
+        "--batch",
+        "2",
+        "--lr",
+        "1e-3",
+        "--seed",
+        "6",
+        "--out",
+        run_seed6.to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--quiet",
+        "--save-every",
+        "0",
+        "--max-steps",
+        "3",
     ]);
     let other = checkpoint_params(&run_seed6.join("checkpoint_latest.safetensors"));
     assert!(cut.iter().zip(&other).any(|((_, va), (_, vb))| va != vb), "seeds 5 and 6 gave the same weights");
     let run_other = root.join("run_other");
     ok(&[
-        "fit", "--embeddings", e, "--mode", "grid", "--site", "A", "--epochs", "1", "--batch", "2", "--lr", "1e-3", "--seed", "6",
-        "--out", run_other.to_str().unwrap(), "--device", "cpu", "--quiet",
+        "fit",
+        "--embeddings",
+        e,
+        "--mode",
+        "grid",
+        "--site",
+        "A",
+        "--epochs",
+        "1",
+        "--batch",
+        "2",
+        "--lr",
+        "1e-3",
+        "--seed",
+        "6",
+        "--out",
+        run_other.to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--quiet",
     ]);
     // Resume with a changed configuration is refused.
     let err = fails(&[
-        "fit", "--embeddings", e, "--mode", "box", "--site", "A", "--epochs", "4", "--batch", "2", "--lr", "1e-3", "--seed", "5",
-        "--out", run_cut.to_str().unwrap(), "--device", "cpu", "--quiet", "--resume",
+        "fit",
+        "--embeddings",
+        e,
+        "--mode",
+        "box",
+        "--site",
+        "A",
+        "--epochs",
+        "4",
+        "--batch",
+        "2",
+        "--lr",
+        "1e-3",
+        "--seed",
+        "5",
+        "--out",
+        run_cut.to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--quiet",
+        "--resume",
     ]);
     assert!(err.contains("different configuration"), "{err}");
 
     // Scoring a run on stored slices never counts the cases it trained on: of site A's three cases
     // only the validation case is scored, with the grid (DeSAM-P automatic mode) or the box prompt.
-    let rs: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run_full.join("summary.json")).unwrap()).unwrap();
+    let rs: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run_full.join("summary.json")).unwrap()).unwrap();
     let val_ids: Vec<&str> = rs["val_cases"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
     assert_eq!(val_ids.len(), 1);
     for mode in ["grid", "box"] {
         let out = root.join(format!("store_eval_{mode}"));
-        ok(&["eval-run", "--run", run_full.to_str().unwrap(), "--embeddings", e, "--sites", "A", "--mode", mode, "--device", "cpu", "--out", out.to_str().unwrap()]);
-        let sm: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+        ok(&[
+            "eval-run",
+            "--run",
+            run_full.to_str().unwrap(),
+            "--embeddings",
+            e,
+            "--sites",
+            "A",
+            "--mode",
+            mode,
+            "--device",
+            "cpu",
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        let sm: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
         let ids: Vec<&str> = sm["cases"].as_array().unwrap().iter().map(|c| c["id"].as_str().unwrap()).collect();
         assert_eq!(ids, val_ids, "{mode}");
         assert!((0.0..=1.0).contains(&sm["cases"][0]["dice"].as_f64().unwrap()));
@@ -221,11 +372,24 @@ fn precompute_fit_resume_eval_export_promote() {
     let scored = |extra: &[&str]| -> Vec<String> {
         let out = root.join("store_eval_cap");
         let _ = std::fs::remove_dir_all(&out);
-        let mut a = vec!["eval-run", "--run", run_full.to_str().unwrap(), "--embeddings", e2, "--sites", "A", "--mode", "box", "--device", "cpu"];
+        let mut a = vec![
+            "eval-run",
+            "--run",
+            run_full.to_str().unwrap(),
+            "--embeddings",
+            e2,
+            "--sites",
+            "A",
+            "--mode",
+            "box",
+            "--device",
+            "cpu",
+        ];
         a.extend_from_slice(&["--out", out.to_str().unwrap()]);
         a.extend_from_slice(extra);
         ok(&a);
-        let sm: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+        let sm: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
         sm["cases"].as_array().unwrap().iter().map(|c| c["id"].as_str().unwrap().to_string()).collect()
     };
     let all = scored(&[]);
@@ -248,9 +412,22 @@ fn precompute_fit_resume_eval_export_promote() {
 
     // Eval through the engine on the held-out site.
     let ev = root.join("eval");
-    let out = ok(&["eval", "--model", v1.to_str().unwrap(), "--data", d, "--sites", "B", "--out", ev.to_str().unwrap(), "--device", "cpu"]);
+    let out = ok(&[
+        "eval",
+        "--model",
+        v1.to_str().unwrap(),
+        "--data",
+        d,
+        "--sites",
+        "B",
+        "--out",
+        ev.to_str().unwrap(),
+        "--device",
+        "cpu",
+    ]);
     assert!(out.contains("| B | 1 |"), "{out}");
-    let sm: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(ev.join("summary.json")).unwrap()).unwrap();
+    let sm: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(ev.join("summary.json")).unwrap()).unwrap();
     let dice = sm["cases"][0]["dice"].as_f64().unwrap();
     assert!((0.0..=1.0).contains(&dice));
     assert_eq!(sm["model"]["version"], "0.1.0");
@@ -260,9 +437,22 @@ fn precompute_fit_resume_eval_export_promote() {
     // --resume takes logged cases over (a torn last line from a kill is dropped) instead of
     // segmenting them again: the planted Dice proves the record was reused.
     let log = ev.join("cases.jsonl");
-    let logged: serde_json::Value = serde_json::from_str(std::fs::read_to_string(&log).unwrap().lines().next().unwrap()).unwrap();
+    let logged: serde_json::Value =
+        serde_json::from_str(std::fs::read_to_string(&log).unwrap().lines().next().unwrap()).unwrap();
     assert_eq!(logged["id"], sm["cases"][0]["id"]);
-    let eval_b = ["eval", "--model", v1.to_str().unwrap(), "--data", d, "--sites", "B", "--out", ev.to_str().unwrap(), "--device", "cpu"];
+    let eval_b = [
+        "eval",
+        "--model",
+        v1.to_str().unwrap(),
+        "--data",
+        d,
+        "--sites",
+        "B",
+        "--out",
+        ev.to_str().unwrap(),
+        "--device",
+        "cpu",
+    ];
     let err = fails(&eval_b);
     assert!(err.contains("--resume"), "{err}");
     let mut planted = logged.clone();
@@ -270,7 +460,8 @@ fn precompute_fit_resume_eval_export_promote() {
     std::fs::write(&log, format!("{planted}\n{{\"id\":\"torn")).unwrap();
     let out = ok(&[&eval_b[..], &["--resume"]].concat());
     assert!(out.contains("0.1235"), "{out}");
-    let sm2: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(ev.join("summary.json")).unwrap()).unwrap();
+    let sm2: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(ev.join("summary.json")).unwrap()).unwrap();
     assert_eq!(sm2["resumed_cases"], 1);
     assert_eq!(sm2["cases"][0]["dice"], 0.123456);
     assert_eq!(std::fs::read_to_string(&log).unwrap().lines().count(), 1);
@@ -300,13 +491,16 @@ fn bad_data_gives_clear_errors() {
     let model = root.join("tiny");
     modeldir::create_untrained_model_dir(Arch::Tiny, &model, 3, &BackboneSource::Random).unwrap();
     let m = model.to_str().unwrap();
-    let pre = |data: &Path, out: &str| fails(&["precompute", "--data", data.to_str().unwrap(), "--model", m, "--out", out, "--device", "cpu"]);
+    let pre = |data: &Path, out: &str| {
+        fails(&["precompute", "--data", data.to_str().unwrap(), "--model", m, "--out", out, "--device", "cpu"])
+    };
 
     // Image/label shape mismatch.
     let d1 = root.join("shape");
     write_dataset(&d1, &[(Site::A, 0)]);
     let img = desam::nifti::read_nifti(&d1.join("imagesTr/prostate_000_0000.nii.gz")).unwrap();
-    let small = desam::Volume::new(vec![0.0; 2 * img.ny() * img.nx()], [2, img.ny(), img.nx()], img.spacing, img.origin);
+    let small =
+        desam::Volume::new(vec![0.0; 2 * img.ny() * img.nx()], [2, img.ny(), img.nx()], img.spacing, img.origin);
     let lab = desam::Mask { data: vec![1; 2 * img.ny() * img.nx()], dims: small.dims };
     std::fs::remove_file(d1.join("labelsTr/prostate_000.nii.gz")).unwrap();
     desam::nifti::write_nifti_mask(&d1.join("labelsTr/prostate_000.nii.gz"), &lab, &small).unwrap();
@@ -339,9 +533,27 @@ fn bad_data_gives_clear_errors() {
 
     // fit on a store that does not exist; bad loss weights.
     let nothing = root.join("nothing");
-    let err = fails(&["fit", "--embeddings", nothing.to_str().unwrap(), "--site", "A", "--out", root.join("r").to_str().unwrap()]);
+    let err = fails(&[
+        "fit",
+        "--embeddings",
+        nothing.to_str().unwrap(),
+        "--site",
+        "A",
+        "--out",
+        root.join("r").to_str().unwrap(),
+    ]);
     assert!(err.contains(&format!("{}: No such file", nothing.display())), "{err}");
-    let err = fails(&["fit", "--embeddings", root.to_str().unwrap(), "--site", "A", "--out", root.join("r").to_str().unwrap(), "--loss-weights", "1,2"]);
+    let err = fails(&[
+        "fit",
+        "--embeddings",
+        root.to_str().unwrap(),
+        "--site",
+        "A",
+        "--out",
+        root.join("r").to_str().unwrap(),
+        "--loss-weights",
+        "1,2",
+    ]);
     assert!(err.contains("--loss-weights wants three"), "{err}");
     let _ = std::fs::remove_dir_all(&root);
 }
@@ -356,7 +568,18 @@ fn dicom_cases_with_seg_ground_truth_are_a_data_source() {
     let model = root.join("tiny");
     modeldir::create_untrained_model_dir(Arch::Tiny, &model, 3, &BackboneSource::Random).unwrap();
     let emb = root.join("emb");
-    ok(&["precompute", "--data", data.to_str().unwrap(), "--model", model.to_str().unwrap(), "--out", emb.to_str().unwrap(), "--all-slices", "--device", "cpu"]);
+    ok(&[
+        "precompute",
+        "--data",
+        data.to_str().unwrap(),
+        "--model",
+        model.to_str().unwrap(),
+        "--out",
+        emb.to_str().unwrap(),
+        "--all-slices",
+        "--device",
+        "cpu",
+    ]);
     let idx = desam::train::precompute::read_index(&emb).unwrap();
     assert_eq!(idx.cases.len(), 1);
     let case = &idx.cases[0];

@@ -65,7 +65,11 @@ fn cli(o: &Orthanc, out: &Path, extra: &[&str]) -> (bool, String, String) {
         .env("DESAM_TEST_ORTHANC_PASSWORD", PASSWORD)
         .output()
         .expect("desam-train runs");
-    (r.status.success(), String::from_utf8_lossy(&r.stdout).into_owned(), String::from_utf8_lossy(&r.stderr).into_owned())
+    (
+        r.status.success(),
+        String::from_utf8_lossy(&r.stdout).into_owned(),
+        String::from_utf8_lossy(&r.stderr).into_owned(),
+    )
 }
 
 fn files_in(dir: &Path) -> Vec<PathBuf> {
@@ -157,7 +161,10 @@ fn pulls_only_reviewed_segs_into_the_training_layout() {
     // desam-train's data layer reads it: site from InstitutionName, the phantom's ground truth.
     let cases = data::list_cases(&out).unwrap();
     assert_eq!(cases.len(), 1);
-    assert_eq!((cases[0].id.as_str(), cases[0].site.as_str(), cases[0].patient.as_str()), ("case_001", "DESAM_PHANTOM_SITE_A", "1"));
+    assert_eq!(
+        (cases[0].id.as_str(), cases[0].site.as_str(), cases[0].patient.as_str()),
+        ("case_001", "DESAM_PHANTOM_SITE_A", "1")
+    );
     let loaded = data::load_case(&cases[0], true).unwrap();
     assert_eq!(loaded.volume.dims, case_a.labels.dims);
     assert_eq!(loaded.label.count(), case_a.gland_mask().count());
@@ -206,7 +213,10 @@ fn pulls_only_reviewed_segs_into_the_training_layout() {
 
     // Pulling never changed Orthanc.
     assert_eq!(instance_count(&o), instances_before);
-    assert_eq!(o.request("GET", &format!("/series/{}/metadata/4302", o.series_id(&seg_b)), None).text(), "needs-review");
+    assert_eq!(
+        o.request("GET", &format!("/series/{}/metadata/4302", o.series_id(&seg_b)), None).text(),
+        "needs-review"
+    );
 
     // A reviewed SEG whose MR series is not in Orthanc.
     post_instance(&o, &c.seg);

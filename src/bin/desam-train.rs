@@ -78,7 +78,8 @@ struct PrecomputeArgs {
 }
 
 fn parse_clip(s: &str) -> Result<[f64; 2], String> {
-    let v: Vec<f64> = s.split(',').map(|p| p.trim().parse::<f64>().map_err(|e| format!("{p:?}: {e}"))).collect::<Result<_, _>>()?;
+    let v: Vec<f64> =
+        s.split(',').map(|p| p.trim().parse::<f64>().map_err(|e| format!("{p:?}: {e}"))).collect::<Result<_, _>>()?;
     let clip: [f64; 2] = v.try_into().map_err(|_| "expected two percentiles, LOW,HIGH".to_string())?;
     desam::modeldir::check_clip_percentiles(clip)
 }
@@ -248,7 +249,9 @@ struct PullArgs {
 
 fn run_pull(a: PullArgs) -> anyhow::Result<()> {
     let password = match &a.password_env {
-        Some(var) => Some(std::env::var(var).with_context(|| format!("--password-env {var}: the environment variable is not set"))?),
+        Some(var) => Some(
+            std::env::var(var).with_context(|| format!("--password-env {var}: the environment variable is not set"))?,
+        ),
         None => None,
     };
     let mut o = desam::train::pull::PullOptions::new(&a.orthanc, &a.out);
@@ -301,8 +304,13 @@ fn run_precompute(a: PrecomputeArgs) -> anyhow::Result<()> {
             let arch: desam::model::Arch = a.arch.as_deref().context("--checkpoint needs --arch")?.parse()?;
             if !base.join("model.json").is_file() {
                 std::fs::create_dir_all(&a.out)?;
-                desam::modeldir::create_untrained_model_dir(arch, &base, a.seed, &desam::modeldir::BackboneSource::Convert(ckpt.clone()))
-                    .with_context(|| format!("converting {}", ckpt.display()))?;
+                desam::modeldir::create_untrained_model_dir(
+                    arch,
+                    &base,
+                    a.seed,
+                    &desam::modeldir::BackboneSource::Convert(ckpt.clone()),
+                )
+                .with_context(|| format!("converting {}", ckpt.display()))?;
                 if let Some(clip) = a.clip_percentiles {
                     let mut spec = desam::modeldir::read_spec(&base)?;
                     spec.preprocessing.clip_percentiles = clip;
@@ -395,9 +403,20 @@ fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
 
 fn run_eval_run(a: EvalRunArgs) -> anyhow::Result<()> {
     let sites = desam::train::data::parse_sites(&a.sites);
-    let s = desam::train::eval::evaluate_run_on_store(&a.run, &a.embeddings, &sites, device_of(&a.device)?, a.mode, a.max_cases)?;
+    let s = desam::train::eval::evaluate_run_on_store(
+        &a.run,
+        &a.embeddings,
+        &sites,
+        device_of(&a.device)?,
+        a.mode,
+        a.max_cases,
+    )?;
     if let Some(out) = &a.out {
-        desam::train::eval::write_summary(out, &s, &format!("run {} on store {}", a.run.display(), a.embeddings.display()))?;
+        desam::train::eval::write_summary(
+            out,
+            &s,
+            &format!("run {} on store {}", a.run.display(), a.embeddings.display()),
+        )?;
     }
     println!("{}", desam::train::eval::markdown(&s, "evaluation on stored slices"));
     Ok(())
@@ -406,7 +425,8 @@ fn run_eval_run(a: EvalRunArgs) -> anyhow::Result<()> {
 fn run_export(a: ExportArgs) -> anyhow::Result<()> {
     let extra = match &a.eval {
         Some(p) => {
-            let v: serde_json::Value = serde_json::from_slice(&std::fs::read(p).with_context(|| p.display().to_string())?)?;
+            let v: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(p).with_context(|| p.display().to_string())?)?;
             let mut v = v;
             if let Some(o) = v.as_object_mut() {
                 o.remove("cases");

@@ -132,8 +132,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         bail!("--device must be auto, cpu or cuda (got {:?})", args.device);
     }
     let model = absolute(&args.model)?;
-    let spec = crate::modeldir::read_spec(&model)
-        .with_context(|| format!("model directory {}", model.display()))?;
+    let spec = crate::modeldir::read_spec(&model).with_context(|| format!("model directory {}", model.display()))?;
     if spec.untrained {
         if args.require_trained {
             bail!(
@@ -141,27 +140,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 model.display()
             );
         }
-        eprintln!(
-            "demo: WARNING: {} is an UNTRAINED model: its masks and Dice scores mean nothing",
-            model.display()
-        );
+        eprintln!("demo: WARNING: {} is an UNTRAINED model: its masks and Dice scores mean nothing", model.display());
     }
     let plugin = absolute(&args.plugin)?;
     if !plugin.is_file() {
-        bail!(
-            "plugin {} not found (build it with `cargo build --release --lib`)",
-            plugin.display()
-        );
+        bail!("plugin {} not found (build it with `cargo build --release --lib`)", plugin.display());
     }
     if !args.orthanc.is_file() {
-        bail!(
-            "{} not found: install Debian's orthanc package (bash scripts/setup.sh)",
-            args.orthanc.display()
-        );
+        bail!("{} not found: install Debian's orthanc package (bash scripts/setup.sh)", args.orthanc.display());
     }
-    which("storescu").context(
-        "storescu (Debian package dcmtk) is needed to send series: run bash scripts/setup.sh",
-    )?;
+    which("storescu").context("storescu (Debian package dcmtk) is needed to send series: run bash scripts/setup.sh")?;
 
     let ohif = match &args.ohif {
         None => None,
@@ -200,18 +188,18 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         orthanc.dicom_port,
         spec.name,
         spec.version,
-        if spec.untrained {
-            "UNTRAINED"
-        } else {
-            "trained"
-        }
+        if spec.untrained { "UNTRAINED" } else { "trained" }
     );
 
     let mut ohif_child = match &ohif {
         None => None,
         Some((dist, server)) => {
             let child = start_ohif(server, dist, orthanc.http_port, args.ohif_port, &out)?;
-            println!("demo: OHIF viewer on http://127.0.0.1:{}/ (pid {}, DICOMweb of Orthanc)", args.ohif_port, child.id());
+            println!(
+                "demo: OHIF viewer on http://127.0.0.1:{}/ (pid {}, DICOMweb of Orthanc)",
+                args.ohif_port,
+                child.id()
+            );
             Some(child)
         }
     };
@@ -220,11 +208,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         Ok(ok) => *ok,
         Err(e) => {
             eprintln!("demo: error: {e:#}");
-            eprintln!(
-                "demo: last lines of the Orthanc log ({}):\n{}",
-                orthanc.log.display(),
-                orthanc.log_tail(25)
-            );
+            eprintln!("demo: last lines of the Orthanc log ({}):\n{}", orthanc.log.display(), orthanc.log_tail(25));
             false
         }
     };
@@ -235,64 +219,30 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             let _ = c.wait();
         }
         orthanc.shutdown()?;
-        println!(
-            "demo: Orthanc stopped cleanly; total wall time {:.1} s",
-            t_start.elapsed().as_secs_f64()
-        );
+        println!("demo: Orthanc stopped cleanly; total wall time {:.1} s", t_start.elapsed().as_secs_f64());
     } else {
-        println!(
-            "demo: total wall time {:.1} s",
-            t_start.elapsed().as_secs_f64()
-        );
-        println!(
-            "demo: Orthanc keeps running (pid {}, log {}):",
-            orthanc.child.id(),
-            orthanc.log.display()
-        );
-        println!(
-            "  Orthanc Explorer: http://127.0.0.1:{}/app/explorer.html",
-            orthanc.http_port
-        );
-        println!(
-            "  plugin status:    curl http://127.0.0.1:{}/desam/status",
-            orthanc.http_port
-        );
+        println!("demo: total wall time {:.1} s", t_start.elapsed().as_secs_f64());
+        println!("demo: Orthanc keeps running (pid {}, log {}):", orthanc.child.id(), orthanc.log.display());
+        println!("  Orthanc Explorer: http://127.0.0.1:{}/app/explorer.html", orthanc.http_port);
+        println!("  plugin status:    curl http://127.0.0.1:{}/desam/status", orthanc.http_port);
         if ohif_child.is_some() {
-            println!(
-                "  OHIF viewer:      http://127.0.0.1:{}/ (each study: the viewer URLs above)",
-                args.ohif_port
-            );
+            println!("  OHIF viewer:      http://127.0.0.1:{}/ (each study: the viewer URLs above)", args.ohif_port);
         }
-        println!(
-            "  stop it:          curl -X POST http://127.0.0.1:{}/tools/shutdown",
-            orthanc.http_port
-        );
+        println!("  stop it:          curl -X POST http://127.0.0.1:{}/tools/shutdown", orthanc.http_port);
     }
     outcome?;
     if !all_ok {
-        bail!(
-            "not every series got exactly one SEG (see the table above and {})",
-            out.join("results.json").display()
-        );
+        bail!("not every series got exactly one SEG (see the table above and {})", out.join("results.json").display());
     }
     Ok(())
 }
 
 /// Phantom generation, sending, waiting, scoring, table and overlay. Ok(true) when every series got
 /// exactly one SEG.
-fn run_series(
-    args: &Args,
-    orthanc: &DemoOrthanc,
-    out: &Path,
-    sites: &[Site],
-    size: Size,
-) -> anyhow::Result<bool> {
+fn run_series(args: &Args, orthanc: &DemoOrthanc, out: &Path, sites: &[Site], size: Size) -> anyhow::Result<bool> {
     // 2. Phantom series (the ground truth stays in memory and on disk next to the series).
     let phantom_dir = out.join("phantom");
-    let opts = GenerateOptions {
-        size,
-        ..Default::default()
-    };
+    let opts = GenerateOptions { size, ..Default::default() };
     let mut series = Vec::new();
     for &site in sites {
         let t0 = Instant::now();
@@ -355,9 +305,7 @@ fn run_series(
     let results = out.join("results.json");
     std::fs::write(
         &results,
-        serde_json::to_vec_pretty(
-            &json!({"series": reports, "orthanc_http_port": orthanc.http_port}),
-        )?,
+        serde_json::to_vec_pretty(&json!({"series": reports, "orthanc_http_port": orthanc.http_port}))?,
     )
     .with_context(|| format!("writing {}", results.display()))?;
 
@@ -375,23 +323,12 @@ fn run_series(
 fn send(orthanc: &DemoOrthanc, s: &mut DemoSeries) -> anyhow::Result<()> {
     let t0 = Instant::now();
     let out = Command::new("storescu")
-        .args([
-            "-aec",
-            DEMO_AET,
-            "-aet",
-            SCANNER_AET,
-            "127.0.0.1",
-            &orthanc.dicom_port.to_string(),
-        ])
+        .args(["-aec", DEMO_AET, "-aet", SCANNER_AET, "127.0.0.1", &orthanc.dicom_port.to_string()])
         .args(&s.files)
         .output()
         .context("running storescu")?;
     if !out.status.success() {
-        bail!(
-            "storescu failed for {}: {}",
-            s.case.case_id,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+        bail!("storescu failed for {}: {}", s.case.case_id, String::from_utf8_lossy(&out.stderr).trim());
     }
     s.sent_at = Instant::now();
     let uid = s
@@ -413,25 +350,17 @@ fn send(orthanc: &DemoOrthanc, s: &mut DemoSeries) -> anyhow::Result<()> {
 }
 
 /// Polls `GET /desam/series/{id}` until every series has a final result record.
-fn wait_results(
-    orthanc: &DemoOrthanc,
-    series: &mut [DemoSeries],
-    deadline: Instant,
-) -> anyhow::Result<()> {
+fn wait_results(orthanc: &DemoOrthanc, series: &mut [DemoSeries], deadline: Instant) -> anyhow::Result<()> {
     let mut last_note = Instant::now();
     let mut idle_since: Option<Instant> = None;
     loop {
         let mut pending = 0;
         for s in series.iter_mut().filter(|s| s.finished_at.is_none()) {
-            let (status, body) =
-                orthanc.http("GET", &format!("/desam/series/{}", s.orthanc_id), b"")?;
+            let (status, body) = orthanc.http("GET", &format!("/desam/series/{}", s.orthanc_id), b"")?;
             if status == 200 {
-                let v: Value =
-                    serde_json::from_slice(&body).context("GET /desam/series: not JSON")?;
+                let v: Value = serde_json::from_slice(&body).context("GET /desam/series: not JSON")?;
                 let st = v["Result"]["Status"].as_str().unwrap_or("");
-                if ["done", "empty", "failed"].contains(&st)
-                    && !v["Running"].as_bool().unwrap_or(false)
-                {
+                if ["done", "empty", "failed"].contains(&st) && !v["Running"].as_bool().unwrap_or(false) {
                     s.finished_at = Some(Instant::now());
                     s.record = v["Result"].clone();
                     println!(
@@ -446,11 +375,7 @@ fn wait_results(
                     continue;
                 }
             } else if status != 404 {
-                bail!(
-                    "GET /desam/series/{} answered HTTP {status}: {}",
-                    s.orthanc_id,
-                    String::from_utf8_lossy(&body)
-                );
+                bail!("GET /desam/series/{} answered HTTP {status}: {}", s.orthanc_id, String::from_utf8_lossy(&body));
             }
             pending += 1;
         }
@@ -462,11 +387,7 @@ fn wait_results(
         // for until the timeout: once the plugin has been idle for IDLE_GIVE_UP, give up on it.
         let queue = orthanc.get_json("/desam/status")?["Queue"].clone();
         let idle = queue["Length"].as_u64() == Some(0) && queue["Running"].is_null();
-        idle_since = if idle {
-            idle_since.or(Some(Instant::now()))
-        } else {
-            None
-        };
+        idle_since = if idle { idle_since.or(Some(Instant::now())) } else { None };
         let gave_up = idle_since.is_some_and(|t| t.elapsed() > IDLE_GIVE_UP);
         let timed_out = Instant::now() > deadline;
         if gave_up || timed_out {
@@ -528,17 +449,7 @@ fn print_table(reports: &[SeriesReport]) {
     println!();
     println!(
         "{:<4} {:<5} {:<18} {:>6} {:>6} {:>6} {:>9} {:>9} {:>9} {:>8} {:>4}  status",
-        "site",
-        "case",
-        "series",
-        "slices",
-        "Dice",
-        "QA",
-        "vol mL",
-        "truth mL",
-        "latency s",
-        "plugin s",
-        "SEGs"
+        "site", "case", "series", "slices", "Dice", "QA", "vol mL", "truth mL", "latency s", "plugin s", "SEGs"
     );
     for r in reports {
         let status = match (&r.error, r.needs_review) {
@@ -572,10 +483,7 @@ fn print_table(reports: &[SeriesReport]) {
     };
     let dice = mean(reports.iter().filter_map(|r| r.dice).collect());
     let lat: Vec<f64> = reports.iter().filter_map(|r| r.latency_s).collect();
-    let max_lat = lat
-        .iter()
-        .cloned()
-        .fold(None, |m: Option<f64>, x| Some(m.map_or(x, |m| m.max(x))));
+    let max_lat = lat.iter().cloned().fold(None, |m: Option<f64>, x| Some(m.map_or(x, |m| m.max(x))));
     let one_each = reports.iter().filter(|r| r.seg_count == 1).count();
     println!(
         "total: {n} series, {} SEGs ({one_each}/{n} with exactly one), mean Dice {}, mean QA {}, latency mean {} s / max {} s, plugin mean {} s",
@@ -610,13 +518,7 @@ fn write_overlay(
             nx: s.volume.dims[2],
             ny: s.volume.dims[1],
             spacing: [s.volume.spacing[0], s.volume.spacing[1]],
-            label: format!(
-                "{} {}",
-                r.site,
-                r.dice
-                    .map(|d| format!("{d:.2}"))
-                    .unwrap_or_else(|| "-".into())
-            ),
+            label: format!("{} {}", r.site, r.dice.map(|d| format!("{d:.2}")).unwrap_or_else(|| "-".into())),
         });
     }
     let img = overlay::render(&panels, 256);
@@ -635,8 +537,7 @@ fn mask_ml(m: &Mask, grid: &Volume) -> f64 {
 }
 
 fn fmt_opt(v: Option<f64>, decimals: usize) -> String {
-    v.map(|x| format!("{x:.decimals$}"))
-        .unwrap_or_else(|| "-".into())
+    v.map(|x| format!("{x:.decimals$}")).unwrap_or_else(|| "-".into())
 }
 
 fn truncate(s: &str, n: usize) -> String {
@@ -659,11 +560,7 @@ fn parse_sites(s: &str) -> anyhow::Result<Vec<Site>> {
 }
 
 fn absolute(p: &Path) -> anyhow::Result<PathBuf> {
-    Ok(if p.is_absolute() {
-        p.to_path_buf()
-    } else {
-        std::env::current_dir()?.join(p)
-    })
+    Ok(if p.is_absolute() { p.to_path_buf() } else { std::env::current_dir()?.join(p) })
 }
 
 fn which(program: &str) -> anyhow::Result<PathBuf> {
@@ -680,10 +577,7 @@ fn prepare_out_dir(out: &Path) -> anyhow::Result<()> {
     if out.exists() {
         let non_empty = std::fs::read_dir(out)?.next().is_some();
         if non_empty && !out.join(MARKER).is_file() {
-            bail!(
-                "{} is not empty and was not written by desam demo; choose another --out",
-                out.display()
-            );
+            bail!("{} is not empty and was not written by desam demo; choose another --out", out.display());
         }
         stop_previous(out);
         for entry in std::fs::read_dir(out)? {
@@ -699,10 +593,7 @@ fn prepare_out_dir(out: &Path) -> anyhow::Result<()> {
         }
     }
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    std::fs::write(
-        out.join(MARKER),
-        "desam demo output folder: cleared by the next `desam demo` run\n",
-    )?;
+    std::fs::write(out.join(MARKER), "desam demo output folder: cleared by the next `desam demo` run\n")?;
     Ok(())
 }
 
@@ -821,7 +712,8 @@ impl DemoOrthanc {
         if let Some(t) = viewer_url_template {
             // OHIF reads the study over DICOMweb; "Full" metadata keeps the SEG's sequences.
             cfg["Plugins"] = json!([plugin, DICOMWEB_PLUGIN]);
-            cfg["DicomWeb"] = json!({"Enable": true, "Root": "/dicom-web/", "StudiesMetadata": "Full", "SeriesMetadata": "Full"});
+            cfg["DicomWeb"] =
+                json!({"Enable": true, "Root": "/dicom-web/", "StudiesMetadata": "Full", "SeriesMetadata": "Full"});
             cfg["DeSAM"]["ViewerUrlTemplate"] = json!(t);
         }
         let cfg_path = cfg_dir.join("orthanc.json");
@@ -835,26 +727,15 @@ impl DemoOrthanc {
             .stderr(Stdio::null())
             .spawn()
             .with_context(|| format!("starting {}", exe.display()))?;
-        let mut o = DemoOrthanc {
-            child,
-            http_port,
-            dicom_port,
-            log,
-            version: String::new(),
-        };
+        let mut o = DemoOrthanc { child, http_port, dicom_port, log, version: String::new() };
         std::fs::write(
             dir.join("state.json"),
-            json!({"pid": o.child.id(), "http_port": http_port, "dicom_port": dicom_port})
-                .to_string(),
+            json!({"pid": o.child.id(), "http_port": http_port, "dicom_port": dicom_port}).to_string(),
         )?;
         let t0 = Instant::now();
         loop {
             if let Some(status) = o.child.try_wait()? {
-                bail!(
-                    "Orthanc exited at start-up ({status}); log {}:\n{}",
-                    o.log.display(),
-                    o.log_tail(30)
-                );
+                bail!("Orthanc exited at start-up ({status}); log {}:\n{}", o.log.display(), o.log_tail(30));
             }
             if let Ok((200, body)) = o.http("GET", "/system", b"") {
                 let v: Value = serde_json::from_slice(&body).unwrap_or_default();
@@ -863,20 +744,14 @@ impl DemoOrthanc {
             }
             if t0.elapsed() > Duration::from_secs(90) {
                 let _ = o.child.kill();
-                bail!(
-                    "Orthanc did not answer within 90 s; log:\n{}",
-                    o.log_tail(30)
-                );
+                bail!("Orthanc did not answer within 90 s; log:\n{}", o.log_tail(30));
             }
             std::thread::sleep(Duration::from_millis(200));
         }
         let (status, body) = o.http("GET", "/desam/status", b"")?;
         let st: Value = serde_json::from_slice(&body).unwrap_or_default();
         if status != 200 || st["Enabled"] != json!(true) {
-            let reason = st["Reason"]
-                .as_str()
-                .unwrap_or("the plugin did not register /desam/status")
-                .to_string();
+            let reason = st["Reason"].as_str().unwrap_or("the plugin did not register /desam/status").to_string();
             let _ = o.shutdown();
             bail!("the DeSAM plugin is not enabled: {reason}");
         }
@@ -890,10 +765,7 @@ impl DemoOrthanc {
     fn get_json(&self, path: &str) -> anyhow::Result<Value> {
         let (status, body) = self.http("GET", path, b"")?;
         if status != 200 {
-            bail!(
-                "GET {path} answered HTTP {status}: {}",
-                String::from_utf8_lossy(&body)
-            );
+            bail!("GET {path} answered HTTP {status}: {}", String::from_utf8_lossy(&body));
         }
         serde_json::from_slice(&body).with_context(|| format!("GET {path}: not JSON"))
     }
@@ -901,8 +773,8 @@ impl DemoOrthanc {
     /// Orthanc's id of a series from its SeriesInstanceUID.
     pub fn series_id(&self, series_uid: &str) -> anyhow::Result<String> {
         let (status, body) = self.http("POST", "/tools/lookup", series_uid.as_bytes())?;
-        let v: Value = serde_json::from_slice(&body)
-            .with_context(|| format!("/tools/lookup answered HTTP {status}"))?;
+        let v: Value =
+            serde_json::from_slice(&body).with_context(|| format!("/tools/lookup answered HTTP {status}"))?;
         v.as_array()
             .and_then(|a| a.iter().find(|x| x["Type"] == "Series"))
             .and_then(|x| x["ID"].as_str())
@@ -913,31 +785,17 @@ impl DemoOrthanc {
     /// SEG instances in the series' study whose ReferencedSeriesSequence points at the series.
     pub fn segs_referencing(&self, series_id: &str) -> anyhow::Result<Vec<String>> {
         let series = self.get_json(&format!("/series/{series_id}"))?;
-        let uid = series["MainDicomTags"]["SeriesInstanceUID"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string();
-        let study = series["ParentStudy"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string();
+        let uid = series["MainDicomTags"]["SeriesInstanceUID"].as_str().unwrap_or_default().to_string();
+        let study = series["ParentStudy"].as_str().unwrap_or_default().to_string();
         let mut found = Vec::new();
-        for s in self
-            .get_json(&format!("/studies/{study}/series"))?
-            .as_array()
-            .cloned()
-            .unwrap_or_default()
-        {
+        for s in self.get_json(&format!("/studies/{study}/series"))?.as_array().cloned().unwrap_or_default() {
             if s["MainDicomTags"]["Modality"] != "SEG" {
                 continue;
             }
             for inst in s["Instances"].as_array().cloned().unwrap_or_default() {
                 let inst = inst.as_str().unwrap_or_default();
                 let tags = self.get_json(&format!("/instances/{inst}/simplified-tags"))?;
-                let refs = tags["ReferencedSeriesSequence"]
-                    .as_array()
-                    .cloned()
-                    .unwrap_or_default();
+                let refs = tags["ReferencedSeriesSequence"].as_array().cloned().unwrap_or_default();
                 if refs.iter().any(|r| r["SeriesInstanceUID"] == uid.as_str()) {
                     found.push(inst.to_string());
                 }
@@ -997,12 +855,7 @@ impl DemoOrthanc {
 }
 
 /// A request to Orthanc on loopback through the crate's HTTP client (`crate::http`).
-pub fn http_request(
-    port: u16,
-    method: &str,
-    path: &str,
-    body: &[u8],
-) -> anyhow::Result<(u16, Vec<u8>)> {
+pub fn http_request(port: u16, method: &str, path: &str, body: &[u8]) -> anyhow::Result<(u16, Vec<u8>)> {
     Ok(crate::http::Endpoint::loopback(port).request(method, path, body)?)
 }
 
@@ -1012,20 +865,11 @@ mod tests {
 
     #[test]
     fn dice_of_overlapping_masks() {
-        let a = Mask {
-            data: vec![1, 1, 0, 0],
-            dims: [1, 2, 2],
-        };
-        let b = Mask {
-            data: vec![0, 1, 1, 0],
-            dims: [1, 2, 2],
-        };
+        let a = Mask { data: vec![1, 1, 0, 0], dims: [1, 2, 2] };
+        let b = Mask { data: vec![0, 1, 1, 0], dims: [1, 2, 2] };
         assert!((dice_score(&a, &b) - 0.5).abs() < 1e-12);
         assert_eq!(dice_score(&a, &a), 1.0);
-        assert_eq!(
-            dice_score(&Mask::zeros([1, 2, 2]), &Mask::zeros([1, 2, 2])),
-            1.0
-        );
+        assert_eq!(dice_score(&Mask::zeros([1, 2, 2]), &Mask::zeros([1, 2, 2])), 1.0);
     }
 
     #[test]

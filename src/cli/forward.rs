@@ -103,7 +103,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         (named, t_enc, t_dec)
     });
     Tensor::write_safetensors(&outputs, &args.out).with_context(|| format!("cannot write {}", args.out.display()))?;
-    eprintln!("desam: timing: encoder {t_enc:.3} s, decoder {t_dec:.3} s ({} {}, {})", args.arch, args.dtype, args.device);
+    eprintln!(
+        "desam: timing: encoder {t_enc:.3} s, decoder {t_dec:.3} s ({} {}, {})",
+        args.arch, args.dtype, args.device
+    );
     Ok(())
 }
 
@@ -223,8 +226,11 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("desam-npy-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let p = dir.join("a.npy");
-        std::fs::write(&p, npy("{'descr': '<f4', 'fortran_order': False, 'shape': (1, 2, 3), }", &[0., 1., 2., 3., 4., 5.]))
-            .unwrap();
+        std::fs::write(
+            &p,
+            npy("{'descr': '<f4', 'fortran_order': False, 'shape': (1, 2, 3), }", &[0., 1., 2., 3., 4., 5.]),
+        )
+        .unwrap();
         let t = read_npy_f32(&p).unwrap();
         assert_eq!(t.size(), vec![1, 2, 3]);
         assert_eq!(t.double_value(&[0, 1, 2]), 5.0);

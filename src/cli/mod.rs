@@ -3,7 +3,7 @@
 
 pub mod demo;
 pub mod forward;
-pub mod phantom;
-pub mod segment;
 pub mod model;
 pub mod overlay;
+pub mod phantom;
+pub mod segment;

@@ -27,30 +27,16 @@ pub fn render(panels: &[OverlayPanel], size: usize) -> Rgb {
     let gap = 4;
     let width = (panels.len() * size + panels.len().saturating_sub(1) * gap).max(1);
     let height = 2 * size + gap;
-    let mut out = Rgb {
-        width,
-        height,
-        data: vec![0; width * height * 3],
-    };
+    let mut out = Rgb { width, height, data: vec![0; width * height * 3] };
     for (i, p) in panels.iter().enumerate() {
         let x0 = i * (size + gap);
-        let full = View {
-            x0: 0.0,
-            y0: 0.0,
-            sx: p.nx as f64 / size as f64,
-            sy: p.ny as f64 / size as f64,
-        };
+        let full = View { x0: 0.0, y0: 0.0, sx: p.nx as f64 / size as f64, sy: p.ny as f64 / size as f64 };
         draw_view(&mut out, p, &full, size, x0, 0);
         let (cx, cy) = centroid(&p.truth, p.nx, p.ny)
             .or_else(|| centroid(&p.predicted, p.nx, p.ny))
             .unwrap_or((p.nx as f64 / 2.0, p.ny as f64 / 2.0));
         let (hx, hy) = (0.5 * ZOOM_MM / p.spacing[0], 0.5 * ZOOM_MM / p.spacing[1]);
-        let zoom = View {
-            x0: cx - hx,
-            y0: cy - hy,
-            sx: 2.0 * hx / size as f64,
-            sy: 2.0 * hy / size as f64,
-        };
+        let zoom = View { x0: cx - hx, y0: cy - hy, sx: 2.0 * hx / size as f64, sy: 2.0 * hy / size as f64 };
         draw_view(&mut out, p, &zoom, size, x0, size + gap);
         draw_text(&mut out, &p.label, x0 + 6, 6, (size / 96).max(2));
     }
@@ -90,12 +76,7 @@ fn draw_view(out: &mut Rgb, p: &OverlayPanel, v: &View, size: usize, ox: usize, 
     let (nx, ny) = (p.nx, p.ny);
     let mut sorted = p.image.clone();
     sorted.sort_by(|a, b| a.total_cmp(b));
-    let pct = |q: f64| {
-        sorted
-            .get(((sorted.len().max(1) - 1) as f64 * q).round() as usize)
-            .copied()
-            .unwrap_or(0.0)
-    };
+    let pct = |q: f64| sorted.get(((sorted.len().max(1) - 1) as f64 * q).round() as usize).copied().unwrap_or(0.0);
     let lo = pct(0.005);
     let hi = pct(0.995).max(lo + 1e-3);
     // Nearest image pixel under a panel pixel, None outside the image.
@@ -119,9 +100,7 @@ fn draw_view(out: &mut Rgb, p: &OverlayPanel, v: &View, size: usize, ox: usize, 
             };
             for (mask, colour) in [(&p.truth, REFERENCE), (&p.predicted, PREDICTED)] {
                 if inside(mask, px, py)
-                    && [(-1, 0), (1, 0), (0, -1), (0, 1)]
-                        .iter()
-                        .any(|(dx, dy)| !inside(mask, px + dx, py + dy))
+                    && [(-1, 0), (1, 0), (0, -1), (0, 1)].iter().any(|(dx, dy)| !inside(mask, px + dx, py + dy))
                 {
                     c = colour;
                 }
@@ -199,20 +178,10 @@ mod tests {
             }
         }
         let image: Vec<f32> = (0..n * n).map(|i| (i % n) as f32).collect();
-        let p = OverlayPanel {
-            image,
-            truth,
-            predicted,
-            nx: n,
-            ny: n,
-            spacing: [1.0, 1.0],
-            label: String::new(),
-        };
+        let p = OverlayPanel { image, truth, predicted, nx: n, ny: n, spacing: [1.0, 1.0], label: String::new() };
         let img = render(&[p], 32);
         assert_eq!((img.width, img.height), (32, 68));
-        let at = |x: usize, y: usize| -> [u8; 3] {
-            img.data[(y * img.width + x) * 3..][..3].try_into().unwrap()
-        };
+        let at = |x: usize, y: usize| -> [u8; 3] { img.data[(y * img.width + x) * 3..][..3].try_into().unwrap() };
         // Full view is 1:1: reference edge at x = 8, predicted edge at x = 12, inside grey.
         assert_eq!(at(8, 16), REFERENCE);
         assert_eq!(at(12, 16), PREDICTED);

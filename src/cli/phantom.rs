@@ -59,16 +59,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         Some(s) => s.parse()?,
         None => bail!("--site is required (one of A, B, C, D, E, F) unless --montage is given"),
     };
-    let Some(out) = &args.out else {
-        bail!("--out is required unless --montage is given")
-    };
+    let Some(out) = &args.out else { bail!("--out is required unless --montage is given") };
     if args.cases == 0 {
         bail!("--cases must be at least 1");
     }
-    let end = args
-        .first_case
-        .checked_add(args.cases)
-        .context("case range overflows")?;
+    let end = args.first_case.checked_add(args.cases).context("case range overflows")?;
     let nifti = match args.format.as_str() {
         "dicom" => false,
         "nifti" => true,
@@ -77,21 +72,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     // DeSAM's numeric patient ids (site·100 + case) leave 100 cases per site in the nnU-Net layout.
     let limit = if nifti { 100 } else { 1000 };
     if end > limit {
-        bail!(
-            "case indices must stay below {limit} for --format {} (got up to {})",
-            args.format,
-            end - 1
-        );
+        bail!("case indices must stay below {limit} for --format {} (got up to {})", args.format, end - 1);
     }
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    let opts = GenerateOptions {
-        size,
-        ..Default::default()
-    };
+    let opts = GenerateOptions { size, ..Default::default() };
     let crop = match &args.crop {
         None => None,
         Some(c) => {
-            let parsed = c.split_once('x').and_then(|(r, c)| Some((r.trim().parse::<usize>().ok()?, c.trim().parse::<usize>().ok()?)));
+            let parsed = c
+                .split_once('x')
+                .and_then(|(r, c)| Some((r.trim().parse::<usize>().ok()?, c.trim().parse::<usize>().ok()?)));
             Some(parsed.with_context(|| format!("--crop '{c}' is not ROWSxCOLS (e.g. 250x250)"))?)
         }
     };
@@ -99,28 +89,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let mut case = phantom::generate_case_with(site, case_index, args.seed, &opts);
         if let Some((rows, cols)) = crop {
             let [_, ny, nx] = case.image.dims;
-            case.crop_in_plane(rows, cols)
-                .with_context(|| format!("--crop {rows}x{cols} is larger than case {}'s {ny}x{nx} matrix", case.case_id))?;
+            case.crop_in_plane(rows, cols).with_context(|| {
+                format!("--crop {rows}x{cols} is larger than case {}'s {ny}x{nx} matrix", case.case_id)
+            })?;
         }
         if nifti {
-            let f = export::write_case_nifti(&case, out)
-                .with_context(|| format!("writing case {}", case.case_id))?;
-            println!(
-                "{} {} ({:.1} mL)",
-                case.case_id,
-                f.image.display(),
-                case.truth.gland_ml
-            );
+            let f = export::write_case_nifti(&case, out).with_context(|| format!("writing case {}", case.case_id))?;
+            println!("{} {} ({:.1} mL)", case.case_id, f.image.display(), case.truth.gland_ml);
         } else {
-            let f = export::write_case_dicom(&case, out)
-                .with_context(|| format!("writing case {}", case.case_id))?;
-            println!(
-                "{} {} slices, SEG {} ({:.1} mL)",
-                case.case_id,
-                f.mr.len(),
-                f.seg.display(),
-                case.truth.gland_ml
-            );
+            let f = export::write_case_dicom(&case, out).with_context(|| format!("writing case {}", case.case_id))?;
+            println!("{} {} slices, SEG {} ({:.1} mL)", case.case_id, f.mr.len(), f.seg.display(), case.truth.gland_ml);
         }
     }
     Ok(())

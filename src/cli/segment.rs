@@ -173,9 +173,8 @@ impl Reporter {
     fn event(&mut self, p: Progress) {
         match self.kind {
             ProgressKind::None => {}
-            ProgressKind::Json => {
-                self.json(serde_json::json!({"event": "stage", "stage": p.stage.name(), "done": p.done, "total": p.total}))
-            }
+            ProgressKind::Json => self
+                .json(serde_json::json!({"event": "stage", "stage": p.stage.name(), "done": p.done, "total": p.total})),
             ProgressKind::Bar => {
                 if self.stage != Some(p.stage) {
                     if let Some(b) = self.bar.take() {
@@ -224,7 +223,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         None | Some("none") => ProgressKind::None,
         Some("bar") => ProgressKind::Bar,
         Some("json") => ProgressKind::Json,
-        Some(other) => anyhow::bail!(SegmentCliError::BadOption(format!("--progress {other:?}: expected bar, json or none"))),
+        Some(other) => {
+            anyhow::bail!(SegmentCliError::BadOption(format!("--progress {other:?}: expected bar, json or none")))
+        }
     };
     let mut rep = Reporter::new(progress_kind);
     let result = run_inner(&args, &mut rep);
@@ -244,7 +245,11 @@ fn run_inner(args: &Args, rep: &mut Reporter) -> anyhow::Result<()> {
     let device: DeviceChoice = args.device.parse().map_err(SegmentCliError::BadOption)?;
     let dtype = args.dtype.as_deref().map(parse_dtype).transpose().map_err(SegmentCliError::BadOption)?;
     let cleanup = args.cleanup_3d.as_deref().map(parse_cleanup).transpose().map_err(SegmentCliError::BadOption)?;
-    let model_dir = args.model.clone().or_else(|| std::env::var_os("DESAM_MODEL").map(PathBuf::from)).ok_or(SegmentCliError::NoModel)?;
+    let model_dir = args
+        .model
+        .clone()
+        .or_else(|| std::env::var_os("DESAM_MODEL").map(PathBuf::from))
+        .ok_or(SegmentCliError::NoModel)?;
 
     let t = std::time::Instant::now();
     rep.event(Progress { stage: Stage::Load, done: 0, total: 1 });
@@ -333,14 +338,22 @@ fn load_dicom_series(dir: &Path) -> anyhow::Result<(Volume, Vec<String>)> {
 }
 
 /// The output written to a temporary file beside `path` (renamed into place by the caller).
-fn write_output(path: &Path, kind: OutputKind, volume: &Volume, r: &SegmentationResult) -> anyhow::Result<crate::atomic::Pending> {
+fn write_output(
+    path: &Path,
+    kind: OutputKind,
+    volume: &Volume,
+    r: &SegmentationResult,
+) -> anyhow::Result<crate::atomic::Pending> {
     let pending = crate::atomic::Pending::beside(path);
     let written = match kind {
-        OutputKind::Nifti => crate::nifti::write_nifti_mask(pending.path(), &r.mask, volume).map_err(anyhow::Error::from),
+        OutputKind::Nifti => {
+            crate::nifti::write_nifti_mask(pending.path(), &r.mask, volume).map_err(anyhow::Error::from)
+        }
         OutputKind::Seg => {
             use crate::dicom::{write_seg, SegOptions, Segment, SegmentInfo};
             let id = &r.model;
-            let mut opts = SegOptions::new(&id.name, &format!("{} {}", id.version, &id.sha256[..12.min(id.sha256.len())]));
+            let mut opts =
+                SegOptions::new(&id.name, &format!("{} {}", id.version, &id.sha256[..12.min(id.sha256.len())]));
             opts.quality_score = Some(r.quality);
             opts.gland_volume_ml = Some(r.volume_ml);
             let seg = [Segment { info: SegmentInfo::prostate(&id.name), mask: &r.mask }];

@@ -61,7 +61,11 @@ pub const TRANSITION_ZONE_RGB: [u8; 3] = [80, 150, 230];
 pub fn cielab_from_srgb(rgb: [u8; 3]) -> [u16; 3] {
     let lin = |c: u8| {
         let c = c as f64 / 255.0;
-        if c <= 0.04045 { c / 12.92 } else { ((c + 0.055) / 1.055).powf(2.4) }
+        if c <= 0.04045 {
+            c / 12.92
+        } else {
+            ((c + 0.055) / 1.055).powf(2.4)
+        }
     };
     let (r, g, b) = (lin(rgb[0]), lin(rgb[1]), lin(rgb[2]));
     let x = 0.4124564 * r + 0.3575761 * g + 0.1804375 * b;
@@ -69,7 +73,11 @@ pub fn cielab_from_srgb(rgb: [u8; 3]) -> [u16; 3] {
     let z = 0.0193339 * r + 0.1191920 * g + 0.9503041 * b;
     let f = |t: f64| {
         let d = 6.0 / 29.0;
-        if t > d * d * d { t.cbrt() } else { t / (3.0 * d * d) + 4.0 / 29.0 }
+        if t > d * d * d {
+            t.cbrt()
+        } else {
+            t / (3.0 * d * d) + 4.0 / 29.0
+        }
     };
     let (fx, fy, fz) = (f(x / 0.95047), f(y / 1.0), f(z / 1.08883));
     let l = 116.0 * fy - 16.0;

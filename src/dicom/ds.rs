@@ -37,8 +37,11 @@ pub fn format_ds(v: f64) -> Result<String, DsError> {
             candidates.push(trim_fixed(format!("{:.*}", decimals as usize, v)));
         }
         candidates.push(trim_sci(format!("{:.*e}", (digits - 1) as usize, v)));
-        if let Some(c) = candidates.into_iter().filter(|c| c.len() <= DS_MAX_LEN && c.parse::<f64>().is_ok_and(f64::is_finite))
-            .min_by_key(|c| c.len()) {
+        if let Some(c) = candidates
+            .into_iter()
+            .filter(|c| c.len() <= DS_MAX_LEN && c.parse::<f64>().is_ok_and(f64::is_finite))
+            .min_by_key(|c| c.len())
+        {
             return Ok(c);
         }
     }
@@ -59,7 +62,11 @@ pub fn format_ds_vec(values: &[f64]) -> Result<Vec<String>, DsError> {
 fn trim_fixed(s: String) -> String {
     if s.contains('.') {
         let t = s.trim_end_matches('0').trim_end_matches('.');
-        if t == "-0" { "0".to_string() } else { t.to_string() }
+        if t == "-0" {
+            "0".to_string()
+        } else {
+            t.to_string()
+        }
     } else {
         s
     }
@@ -94,7 +101,7 @@ mod tests {
         assert_eq!(check(1e20, 0.0), "1e20");
         let s = check(-123456.789012345, 5e-14);
         assert_eq!(s, "-123456.78901235"); // 14 significant digits, correctly rounded
-        // 0.30000000000000004 needs 19 chars: must be shortened, and shortened to the nearest.
+                                           // 0.30000000000000004 needs 19 chars: must be shortened, and shortened to the nearest.
         assert_eq!(check(0.1 + 0.2, 1e-15), "0.3");
         check(std::f64::consts::PI, 1e-14);
         check(-std::f64::consts::E * 1e-7, 1e-10);

@@ -7,10 +7,7 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum DicomError {
     #[error("cannot read {path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     #[error("cannot write {path}: {reason}")]
     Write { path: String, reason: String },
     #[error("{file}: not a readable DICOM file ({reason})")]
@@ -25,37 +22,18 @@ pub enum DicomError {
     MissingAttribute { instance: String, attribute: String },
     #[error("{instance}: has no pixel data")]
     MissingPixelData { instance: String },
-    #[error(
-        "{instance}: image orientation differs from the rest of the series (mixed orientations)"
-    )]
+    #[error("{instance}: image orientation differs from the rest of the series (mixed orientations)")]
     MixedOrientation { instance: String },
-    #[error(
-        "{instance}: slice is not parallel to the others (its position leaves the slice stack)"
-    )]
+    #[error("{instance}: slice is not parallel to the others (its position leaves the slice stack)")]
     NonParallelSlices { instance: String },
     #[error("{first} and {second}: two slices at the same position ({position_mm:.3} mm along the normal)")]
-    DuplicatePosition {
-        first: String,
-        second: String,
-        position_mm: f64,
-    },
+    DuplicatePosition { first: String, second: String, position_mm: f64 },
     #[error("{instance}: {what} differs from the rest of the series ({found} vs {expected})")]
-    InconsistentGeometry {
-        instance: String,
-        what: String,
-        found: String,
-        expected: String,
-    },
-    #[error(
-        "{instance}: photometric interpretation {value} is not supported (MONOCHROME1/2 only)"
-    )]
+    InconsistentGeometry { instance: String, what: String, found: String, expected: String },
+    #[error("{instance}: photometric interpretation {value} is not supported (MONOCHROME1/2 only)")]
     UnsupportedPhotometric { instance: String, value: String },
     #[error("{instance}: transfer syntax {uid} ({name}) is not supported")]
-    UnsupportedTransferSyntax {
-        instance: String,
-        uid: String,
-        name: String,
-    },
+    UnsupportedTransferSyntax { instance: String, uid: String, name: String },
     #[error("{instance}: unsupported pixel format ({detail})")]
     UnsupportedPixelFormat { instance: String, detail: String },
     #[error("{instance}: pixel data cannot be decoded ({reason})")]
@@ -68,9 +46,6 @@ pub enum DicomError {
 
 impl DicomError {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        DicomError::Io {
-            path: path.into(),
-            source,
-        }
+        DicomError::Io { path: path.into(), source }
     }
 }

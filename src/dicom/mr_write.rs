@@ -166,11 +166,7 @@ pub struct WrittenMrSeries {
 
 /// Writes `vol` as one MR Image Storage file per slice into `out_dir` (created if missing), named
 /// `MR_0001.dcm`…; refuses to overwrite existing files.
-pub fn write_mr_series(
-    vol: &Volume,
-    attrs: &MrSeriesAttributes,
-    out_dir: &Path,
-) -> Result<Vec<PathBuf>, DicomError> {
+pub fn write_mr_series(vol: &Volume, attrs: &MrSeriesAttributes, out_dir: &Path) -> Result<Vec<PathBuf>, DicomError> {
     Ok(write_mr_series_full(vol, attrs, out_dir)?.paths)
 }
 
@@ -193,43 +189,21 @@ pub fn write_mr_series_full(
         std::io::Write::write_all(&mut f, bytes).map_err(|e| DicomError::io(&path, e))?;
         paths.push(path);
     }
-    Ok(WrittenMrSeries {
-        paths,
-        volume: encoded.volume,
-    })
+    Ok(WrittenMrSeries { paths, volume: encoded.volume })
 }
 
 /// Encodes `vol` as Part-10 MR Image Storage files in memory (bytes variant of [`write_mr_series`]).
-pub fn encode_mr_series(
-    vol: &Volume,
-    attrs: &MrSeriesAttributes,
-) -> Result<EncodedMrSeries, DicomError> {
+pub fn encode_mr_series(vol: &Volume, attrs: &MrSeriesAttributes) -> Result<EncodedMrSeries, DicomError> {
     check_volume(vol)?;
-    let numbers = [
-        attrs.magnetic_field_strength,
-        attrs.repetition_time,
-        attrs.echo_time,
-    ];
-    let optional = [
-        attrs.flip_angle,
-        attrs.imaging_frequency,
-        attrs.slice_thickness,
-    ];
-    if numbers
-        .iter()
-        .chain(optional.iter().flatten())
-        .any(|v| !v.is_finite())
-    {
-        return Err(DicomError::InvalidVolume(
-            "an acquisition attribute is NaN or infinite".into(),
-        ));
+    let numbers = [attrs.magnetic_field_strength, attrs.repetition_time, attrs.echo_time];
+    let optional = [attrs.flip_angle, attrs.imaging_frequency, attrs.slice_thickness];
+    if numbers.iter().chain(optional.iter().flatten()).any(|v| !v.is_finite()) {
+        return Err(DicomError::InvalidVolume("an acquisition attribute is NaN or infinite".into()));
     }
     let [nz, ny, nx] = vol.dims;
     let (slope, intercept) = attrs.rescale.unwrap_or((1.0, 0.0));
     if !(slope.is_finite() && slope != 0.0 && intercept.is_finite()) {
-        return Err(DicomError::InvalidVolume(format!(
-            "rescale slope {slope} / intercept {intercept} is not usable"
-        )));
+        return Err(DicomError::InvalidVolume(format!("rescale slope {slope} / intercept {intercept} is not usable")));
     }
     let (smin, smax) = stored_range(attrs.stored_pixels);
     let stored: Vec<i32> = vol
@@ -259,12 +233,9 @@ pub fn encode_mr_series(
     for z in 0..nz {
         let sop_uid = new_uid();
         // Report the position exactly as stored (DS text), so references match what readers see.
-        let ipp = vol.index_to_world(0.0, 0.0, z as f64).map(|v| {
-            format_ds(v)
-                .ok()
-                .and_then(|s| s.parse::<f64>().ok())
-                .unwrap_or(v)
-        });
+        let ipp = vol
+            .index_to_world(0.0, 0.0, z as f64)
+            .map(|v| format_ds(v).ok().and_then(|s| s.parse::<f64>().ok()).unwrap_or(v));
         let slice_location = dot(ipp, normal);
         let mut o = InMemDicomObject::new_empty();
         let mut s = |tag: Tag, vr: VR, v: &str| {
@@ -288,11 +259,7 @@ pub fn encode_mr_series(
         s(tags::STUDY_INSTANCE_UID, VR::UI, &study_uid);
         s(tags::STUDY_DATE, VR::DA, &attrs.study_date);
         s(tags::STUDY_TIME, VR::TM, &attrs.study_time);
-        s(
-            tags::REFERRING_PHYSICIAN_NAME,
-            VR::PN,
-            &attrs.referring_physician_name,
-        );
+        s(tags::REFERRING_PHYSICIAN_NAME, VR::PN, &attrs.referring_physician_name);
         s(tags::STUDY_ID, VR::SH, &attrs.study_id);
         s(tags::ACCESSION_NUMBER, VR::SH, &attrs.accession_number);
         if let Some(d) = &attrs.study_description {
@@ -301,11 +268,7 @@ pub fn encode_mr_series(
         // General Series
         s(tags::MODALITY, VR::CS, "MR");
         s(tags::SERIES_INSTANCE_UID, VR::UI, &series_uid);
-        s(
-            tags::SERIES_NUMBER,
-            VR::IS,
-            &attrs.series_number.to_string(),
-        );
+        s(tags::SERIES_NUMBER, VR::IS, &attrs.series_number.to_string());
         s(tags::SERIES_DATE, VR::DA, &attrs.study_date);
         s(tags::SERIES_TIME, VR::TM, &attrs.study_time);
         s(tags::SERIES_DESCRIPTION, VR::LO, &attrs.series_description);
@@ -317,11 +280,7 @@ pub fn encode_mr_series(
         s(tags::POSITION_REFERENCE_INDICATOR, VR::LO, "");
         // General Equipment
         s(tags::MANUFACTURER, VR::LO, &attrs.manufacturer);
-        s(
-            tags::MANUFACTURER_MODEL_NAME,
-            VR::LO,
-            &attrs.manufacturer_model_name,
-        );
+        s(tags::MANUFACTURER_MODEL_NAME, VR::LO, &attrs.manufacturer_model_name);
         if let Some(v) = &attrs.device_serial_number {
             s(tags::DEVICE_SERIAL_NUMBER, VR::LO, v);
         }
@@ -341,14 +300,8 @@ pub fn encode_mr_series(
         s(tags::CONTENT_TIME, VR::TM, &attrs.study_time);
         s(tags::IMAGE_TYPE, VR::CS, "ORIGINAL\\PRIMARY\\OTHER");
         // Image Plane
-        o.put(ds_multi(
-            tags::PIXEL_SPACING,
-            &[vol.spacing[1], vol.spacing[0]],
-        ));
-        o.put(ds_multi(
-            tags::IMAGE_ORIENTATION_PATIENT,
-            &[row[0], row[1], row[2], col[0], col[1], col[2]],
-        ));
+        o.put(ds_multi(tags::PIXEL_SPACING, &[vol.spacing[1], vol.spacing[0]]));
+        o.put(ds_multi(tags::IMAGE_ORIENTATION_PATIENT, &[row[0], row[1], row[2], col[0], col[1], col[2]]));
         o.put(ds_multi(tags::IMAGE_POSITION_PATIENT, &ipp));
         o.put(ds_multi(tags::SLICE_THICKNESS, &[thickness]));
         o.put(ds_multi(tags::SPACING_BETWEEN_SLICES, &[vol.spacing[2]]));
@@ -360,19 +313,11 @@ pub fn encode_mr_series(
         s(tags::SCANNING_SEQUENCE, VR::CS, &attrs.scanning_sequence);
         s(tags::SEQUENCE_VARIANT, VR::CS, &attrs.sequence_variant);
         s(tags::SCAN_OPTIONS, VR::CS, &attrs.scan_options);
-        s(
-            tags::MR_ACQUISITION_TYPE,
-            VR::CS,
-            &attrs.mr_acquisition_type,
-        );
+        s(tags::MR_ACQUISITION_TYPE, VR::CS, &attrs.mr_acquisition_type);
         if let Some(v) = &attrs.sequence_name {
             s(tags::SEQUENCE_NAME, VR::SH, v);
         }
-        s(
-            tags::ECHO_TRAIN_LENGTH,
-            VR::IS,
-            &attrs.echo_train_length.to_string(),
-        );
+        s(tags::ECHO_TRAIN_LENGTH, VR::IS, &attrs.echo_train_length.to_string());
         s(tags::IMAGED_NUCLEUS, VR::SH, &attrs.imaged_nucleus);
         if let Some(v) = &attrs.receive_coil_name {
             s(tags::RECEIVE_COIL_NAME, VR::SH, v);
@@ -380,10 +325,7 @@ pub fn encode_mr_series(
         s(tags::PHOTOMETRIC_INTERPRETATION, VR::CS, "MONOCHROME2");
         o.put(ds_multi(tags::REPETITION_TIME, &[attrs.repetition_time]));
         o.put(ds_multi(tags::ECHO_TIME, &[attrs.echo_time]));
-        o.put(ds_multi(
-            tags::MAGNETIC_FIELD_STRENGTH,
-            &[attrs.magnetic_field_strength],
-        ));
+        o.put(ds_multi(tags::MAGNETIC_FIELD_STRENGTH, &[attrs.magnetic_field_strength]));
         o.put(ds_multi(tags::NUMBER_OF_AVERAGES, &[1.0]));
         if let Some(v) = attrs.flip_angle {
             o.put(ds_multi(tags::FLIP_ANGLE, &[v]));
@@ -404,18 +346,11 @@ pub fn encode_mr_series(
         if attrs.rescale.is_some() {
             o.put(ds_multi(tags::RESCALE_INTERCEPT, &[intercept]));
             o.put(ds_multi(tags::RESCALE_SLOPE, &[slope]));
-            o.put(DataElement::new(
-                tags::RESCALE_TYPE,
-                VR::LO,
-                PrimitiveValue::from("US"),
-            ));
+            o.put(DataElement::new(tags::RESCALE_TYPE, VR::LO, PrimitiveValue::from("US")));
         }
         // VOI LUT: a window over the whole volume's range (in rescaled units).
         let width = ((vmax - vmin) as f64).max(1.0);
-        o.put(ds_multi(
-            tags::WINDOW_CENTER,
-            &[(vmin as f64 + vmax as f64) / 2.0],
-        ));
+        o.put(ds_multi(tags::WINDOW_CENTER, &[(vmin as f64 + vmax as f64) / 2.0]));
         o.put(ds_multi(tags::WINDOW_WIDTH, &[width]));
         let n = ny * nx;
         let mut bytes = Vec::with_capacity(n * 2);
@@ -426,11 +361,7 @@ pub fn encode_mr_series(
                 bytes.extend_from_slice(&(v as u16).to_le_bytes());
             }
         }
-        o.put(DataElement::new(
-            tags::PIXEL_DATA,
-            VR::OW,
-            PrimitiveValue::from(bytes),
-        ));
+        o.put(DataElement::new(tags::PIXEL_DATA, VR::OW, PrimitiveValue::from(bytes)));
 
         let file = o
             .with_meta(
@@ -439,15 +370,10 @@ pub fn encode_mr_series(
                     .implementation_class_uid(IMPLEMENTATION_CLASS_UID)
                     .implementation_version_name(IMPLEMENTATION_VERSION_NAME),
             )
-            .map_err(|e| DicomError::Write {
-                path: format!("slice {z}"),
-                reason: e.to_string(),
-            })?;
+            .map_err(|e| DicomError::Write { path: format!("slice {z}"), reason: e.to_string() })?;
         let mut out = Vec::new();
-        file.write_all(&mut out).map_err(|e| DicomError::Write {
-            path: format!("slice {z}"),
-            reason: e.to_string(),
-        })?;
+        file.write_all(&mut out)
+            .map_err(|e| DicomError::Write { path: format!("slice {z}"), reason: e.to_string() })?;
         files.push(out);
         slices.push(SliceRef {
             sop_class_uid: uids::MR_IMAGE_STORAGE.to_string(),
@@ -491,46 +417,29 @@ pub fn encode_mr_series(
 fn check_volume(vol: &Volume) -> Result<(), DicomError> {
     let [nz, ny, nx] = vol.dims;
     if nz == 0 || ny == 0 || nx == 0 {
-        return Err(DicomError::InvalidVolume(format!(
-            "empty dimensions {:?}",
-            vol.dims
-        )));
+        return Err(DicomError::InvalidVolume(format!("empty dimensions {:?}", vol.dims)));
     }
     if ny > u16::MAX as usize || nx > u16::MAX as usize {
-        return Err(DicomError::InvalidVolume(format!(
-            "slice size {nx}x{ny} exceeds 65535"
-        )));
+        return Err(DicomError::InvalidVolume(format!("slice size {nx}x{ny} exceeds 65535")));
     }
     if vol.voxels.len() != nz * ny * nx {
-        return Err(DicomError::InvalidVolume(
-            "voxel count does not match dims".into(),
-        ));
+        return Err(DicomError::InvalidVolume("voxel count does not match dims".into()));
     }
     if vol.voxels.iter().any(|v| !v.is_finite()) {
-        return Err(DicomError::InvalidVolume(
-            "volume contains NaN or infinite values".into(),
-        ));
+        return Err(DicomError::InvalidVolume("volume contains NaN or infinite values".into()));
     }
     if vol.spacing.iter().any(|s| !(s.is_finite() && *s > 0.0)) {
-        return Err(DicomError::InvalidVolume(format!(
-            "spacing {:?} must be positive",
-            vol.spacing
-        )));
+        return Err(DicomError::InvalidVolume(format!("spacing {:?} must be positive", vol.spacing)));
     }
     let [r, c, n] = vol.direction;
     let unit = |v: [f64; 3]| (dot(v, v).sqrt() - 1.0).abs() < 1e-4;
     if !(unit(r) && unit(c) && unit(n)) || dot(r, c).abs() > 1e-4 {
-        return Err(DicomError::InvalidVolume(format!(
-            "direction {:?} is not orthonormal",
-            vol.direction
-        )));
+        return Err(DicomError::InvalidVolume(format!("direction {:?} is not orthonormal", vol.direction)));
     }
     // DICOM slices may lie on either side of the row×column normal (readers re-sort them), but they
     // must stack along it: a sheared grid cannot be written as an image stack.
     if dot(cross(r, c), n).abs() < 1.0 - 1e-4 {
-        return Err(DicomError::InvalidVolume(
-            "slice axis is not perpendicular to the slice plane".into(),
-        ));
+        return Err(DicomError::InvalidVolume("slice axis is not perpendicular to the slice plane".into()));
     }
     Ok(())
 }
@@ -569,24 +478,13 @@ pub(crate) fn dot(a: [f64; 3], b: [f64; 3]) -> f64 {
 }
 
 pub(crate) fn cross(a: [f64; 3], b: [f64; 3]) -> [f64; 3] {
-    [
-        a[1] * b[2] - a[2] * b[1],
-        a[2] * b[0] - a[0] * b[2],
-        a[0] * b[1] - a[1] * b[0],
-    ]
+    [a[1] * b[2] - a[2] * b[1], a[2] * b[0] - a[0] * b[2], a[0] * b[1] - a[1] * b[0]]
 }
 
 fn ds_multi(tag: Tag, values: &[f64]) -> DataElement<InMemDicomObject> {
     // Values are checked finite before encoding starts, so formatting cannot fail here.
-    let strs: Vec<String> = values
-        .iter()
-        .map(|&v| format_ds(v).unwrap_or_else(|_| "0".into()))
-        .collect();
-    DataElement::new(
-        tag,
-        VR::DS,
-        PrimitiveValue::Strs(strs.into_iter().collect()),
-    )
+    let strs: Vec<String> = values.iter().map(|&v| format_ds(v).unwrap_or_else(|_| "0".into())).collect();
+    DataElement::new(tag, VR::DS, PrimitiveValue::Strs(strs.into_iter().collect()))
 }
 
 #[cfg(test)]
@@ -597,21 +495,12 @@ mod tests {
     fn rejects_sheared_and_non_finite_volumes() {
         let mut v = Volume::new(vec![0.0; 8], [2, 2, 2], [1.0, 1.0, 1.0], [0.0; 3]);
         v.direction[2] = [0.0, 0.6, 0.8];
-        assert!(matches!(
-            encode_mr_series(&v, &MrSeriesAttributes::default()),
-            Err(DicomError::InvalidVolume(_))
-        ));
+        assert!(matches!(encode_mr_series(&v, &MrSeriesAttributes::default()), Err(DicomError::InvalidVolume(_))));
         let mut v = Volume::new(vec![0.0; 8], [2, 2, 2], [1.0, 1.0, 1.0], [0.0; 3]);
         v.voxels[3] = f32::NAN;
-        assert!(matches!(
-            encode_mr_series(&v, &MrSeriesAttributes::default()),
-            Err(DicomError::InvalidVolume(_))
-        ));
+        assert!(matches!(encode_mr_series(&v, &MrSeriesAttributes::default()), Err(DicomError::InvalidVolume(_))));
         let v = Volume::new(vec![-5.0; 8], [2, 2, 2], [1.0, 1.0, 1.0], [0.0; 3]);
-        assert!(matches!(
-            encode_mr_series(&v, &MrSeriesAttributes::default()),
-            Err(DicomError::InvalidVolume(_))
-        ));
+        assert!(matches!(encode_mr_series(&v, &MrSeriesAttributes::default()), Err(DicomError::InvalidVolume(_))));
     }
 
     #[test]
@@ -619,10 +508,7 @@ mod tests {
         let vals: Vec<f32> = (0..8).map(|i| i as f32 * 0.125 - 0.3).collect();
         let v = Volume::new(vals.clone(), [2, 2, 2], [1.0, 1.0, 2.0], [0.0; 3]);
         for enc in [StoredPixels::Uint16, StoredPixels::Int16] {
-            let mut a = MrSeriesAttributes {
-                stored_pixels: enc,
-                ..Default::default()
-            };
+            let mut a = MrSeriesAttributes { stored_pixels: enc, ..Default::default() };
             a.fit_rescale(&v);
             let (slope, icpt) = a.rescale.unwrap();
             let enc_out = encode_mr_series(&v, &a).unwrap();

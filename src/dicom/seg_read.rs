@@ -163,7 +163,9 @@ pub fn read_seg_standalone(bytes: &[u8]) -> Result<SegObject, SegError> {
             }
             let max = get_uint(o, tags::MAXIMUM_FRACTIONAL_VALUE).unwrap_or(255).max(1) as u32;
             (0..n_frames)
-                .map(|f| data[f * frame_len..(f + 1) * frame_len].iter().map(|&v| (2 * v as u32 >= max) as u8).collect())
+                .map(|f| {
+                    data[f * frame_len..(f + 1) * frame_len].iter().map(|&v| (2 * v as u32 >= max) as u8).collect()
+                })
                 .collect()
         }
         (t, b) => return Err(SegError::Unsupported(format!("SegmentationType {t:?} with BitsAllocated {b}"))),
@@ -290,7 +292,9 @@ pub fn read_seg(bytes: &[u8], source: &Volume) -> Result<Vec<(SegmentInfo, Mask)
         let by_reference = f.source_refs.iter().find_map(|r| {
             let uid = r.sop_instance_uid.as_str();
             match r.frame_numbers.first() {
-                Some(&fno) => by_ref.get(&(uid, Some(fno))).or_else(|| (fno == 1).then(|| by_ref.get(&(uid, None))).flatten()),
+                Some(&fno) => {
+                    by_ref.get(&(uid, Some(fno))).or_else(|| (fno == 1).then(|| by_ref.get(&(uid, None))).flatten())
+                }
                 None => by_ref.get(&(uid, None)),
             }
             .copied()

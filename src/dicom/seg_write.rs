@@ -158,7 +158,11 @@ pub struct SegOptions {
 
 impl SegOptions {
     pub fn new(model_name: &str, model_version: &str) -> SegOptions {
-        SegOptions { model_name: model_name.to_string(), model_version: model_version.to_string(), ..Default::default() }
+        SegOptions {
+            model_name: model_name.to_string(),
+            model_version: model_version.to_string(),
+            ..Default::default()
+        }
     }
 }
 
@@ -281,12 +285,11 @@ pub fn write_seg(source: &Volume, segments: &[Segment<'_>], opts: &SegOptions) -
     // General Series + Segmentation Series
     put_str(&mut o, tags::MODALITY, VR::CS, "SEG");
     put_str(&mut o, tags::SERIES_INSTANCE_UID, VR::UI, &series_uid);
-    let series_number = opts.series_number.unwrap_or_else(|| 1000 + info.series_number.unwrap_or(0).clamp(0, 1_000_000));
+    let series_number =
+        opts.series_number.unwrap_or_else(|| 1000 + info.series_number.unwrap_or(0).clamp(0, 1_000_000));
     put_str(&mut o, tags::SERIES_NUMBER, VR::IS, &series_number.to_string());
-    let description = opts
-        .series_description
-        .clone()
-        .unwrap_or_else(|| format!("DeSAM prostate (auto) {}", opts.model_version));
+    let description =
+        opts.series_description.clone().unwrap_or_else(|| format!("DeSAM prostate (auto) {}", opts.model_version));
     put_str(&mut o, tags::SERIES_DESCRIPTION, VR::LO, &clean_lo(&description, 64));
     put_str(&mut o, tags::SERIES_DATE, VR::DA, &content_date);
     put_str(&mut o, tags::SERIES_TIME, VR::TM, &content_time);
@@ -315,7 +318,12 @@ pub fn write_seg(source: &Volume, segments: &[Segment<'_>], opts: &SegOptions) -
     put_str(&mut o, tags::CONTENT_DATE, VR::DA, &content_date);
     put_str(&mut o, tags::CONTENT_TIME, VR::TM, &content_time);
     put_str(&mut o, tags::CONTENT_LABEL, VR::CS, &clean_cs(nonempty(&opts.content_label, "PROSTATE")));
-    put_str(&mut o, tags::CONTENT_DESCRIPTION, VR::LO, &clean_lo(&content_description(opts, segments.iter().all(|s| s.mask.data.iter().all(|&v| v == 0))), 64));
+    put_str(
+        &mut o,
+        tags::CONTENT_DESCRIPTION,
+        VR::LO,
+        &clean_lo(&content_description(opts, segments.iter().all(|s| s.mask.data.iter().all(|&v| v == 0))), 64),
+    );
     put_opt(&mut o, tags::CONTENT_CREATOR_NAME, VR::PN, opts.content_creator.as_deref(), 64 * 5);
     let encoding = SegEncoding::for_columns(nx);
     put_str(&mut o, tags::SEGMENTATION_TYPE, VR::CS, encoding.segmentation_type());
@@ -325,8 +333,7 @@ pub fn write_seg(source: &Volume, segments: &[Segment<'_>], opts: &SegOptions) -
         put_u16(&mut o, tags::MAXIMUM_FRACTIONAL_VALUE, &[FRACTIONAL_MAX as u16]);
     }
     // NO unless two segments share a voxel (the gland and its zones do).
-    let overlap = (0..segments[0].mask.data.len())
-        .any(|i| segments.iter().filter(|s| s.mask.data[i] != 0).count() > 1);
+    let overlap = (0..segments[0].mask.data.len()).any(|i| segments.iter().filter(|s| s.mask.data[i] != 0).count() > 1);
     put_str(&mut o, tags::SEGMENTS_OVERLAP, VR::CS, if overlap { "YES" } else { "NO" });
     put_str(&mut o, tags::LOSSY_IMAGE_COMPRESSION, VR::CS, "00");
 
@@ -358,7 +365,11 @@ pub fn write_seg(source: &Volume, segments: &[Segment<'_>], opts: &SegOptions) -
     let dim_index = |pointer: Tag, group: Tag, label: &str| {
         let mut d = InMemDicomObject::new_empty();
         put_str(&mut d, tags::DIMENSION_ORGANIZATION_UID, VR::UI, &dim_org_uid);
-        d.put(DataElement::new(tags::DIMENSION_INDEX_POINTER, VR::AT, PrimitiveValue::Tags(C::from_vec(vec![pointer]))));
+        d.put(DataElement::new(
+            tags::DIMENSION_INDEX_POINTER,
+            VR::AT,
+            PrimitiveValue::Tags(C::from_vec(vec![pointer])),
+        ));
         d.put(DataElement::new(tags::FUNCTIONAL_GROUP_POINTER, VR::AT, PrimitiveValue::Tags(C::from_vec(vec![group]))));
         put_str(&mut d, tags::DIMENSION_DESCRIPTION_LABEL, VR::LO, label);
         d
@@ -367,7 +378,11 @@ pub fn write_seg(source: &Volume, segments: &[Segment<'_>], opts: &SegOptions) -
         &mut o,
         tags::DIMENSION_INDEX_SEQUENCE,
         vec![
-            dim_index(tags::REFERENCED_SEGMENT_NUMBER, tags::SEGMENT_IDENTIFICATION_SEQUENCE, "ReferencedSegmentNumber"),
+            dim_index(
+                tags::REFERENCED_SEGMENT_NUMBER,
+                tags::SEGMENT_IDENTIFICATION_SEQUENCE,
+                "ReferencedSegmentNumber",
+            ),
             dim_index(tags::IMAGE_POSITION_PATIENT, tags::PLANE_POSITION_SEQUENCE, "ImagePositionPatient"),
         ],
     );
@@ -402,7 +417,11 @@ pub fn write_seg(source: &Volume, segments: &[Segment<'_>], opts: &SegOptions) -
             if let Some(f) = slice.frame_number {
                 put_str(&mut src, tags::REFERENCED_FRAME_NUMBER, VR::IS, &f.to_string());
             }
-            put_seq(&mut src, tags::PURPOSE_OF_REFERENCE_CODE_SEQUENCE, vec![code_item(&codes::SOURCE_IMAGE_FOR_PROCESSING)]);
+            put_seq(
+                &mut src,
+                tags::PURPOSE_OF_REFERENCE_CODE_SEQUENCE,
+                vec![code_item(&codes::SOURCE_IMAGE_FOR_PROCESSING)],
+            );
             put_str(&mut src, tags::SPATIAL_LOCATIONS_PRESERVED, VR::CS, "YES");
             let mut derivation = InMemDicomObject::new_empty();
             put_seq(&mut derivation, tags::DERIVATION_CODE_SEQUENCE, vec![code_item(&codes::SEGMENTATION_DERIVATION)]);
@@ -489,7 +508,11 @@ pub const FRACTIONAL_MAX: u8 = 255;
 impl SegEncoding {
     /// BINARY when Columns (hence Rows × Columns) is a multiple of 8, else FRACTIONAL.
     pub fn for_columns(columns: usize) -> SegEncoding {
-        if columns % 8 == 0 { SegEncoding::Binary } else { SegEncoding::Fractional }
+        if columns % 8 == 0 {
+            SegEncoding::Binary
+        } else {
+            SegEncoding::Fractional
+        }
     }
     pub fn segmentation_type(self) -> &'static str {
         match self {
@@ -516,7 +539,8 @@ impl SegEncoding {
 /// The masks' slices (segment-major, then z, each frame row-major) as one byte per pixel, 0 or
 /// `FRACTIONAL_MAX`; zero-padded to an even byte count.
 pub fn byte_frames(masks: &[&Mask]) -> Vec<u8> {
-    let mut out: Vec<u8> = masks.iter().flat_map(|m| m.data.iter().map(|&v| if v != 0 { FRACTIONAL_MAX } else { 0 })).collect();
+    let mut out: Vec<u8> =
+        masks.iter().flat_map(|m| m.data.iter().map(|&v| if v != 0 { FRACTIONAL_MAX } else { 0 })).collect();
     if out.len() % 2 == 1 {
         out.push(0);
     }
@@ -633,7 +657,11 @@ fn is_age_string(s: &str) -> bool {
 }
 
 fn nonempty<'a>(s: &'a str, fallback: &'a str) -> &'a str {
-    if s.trim().is_empty() { fallback } else { s }
+    if s.trim().is_empty() {
+        fallback
+    } else {
+        s
+    }
 }
 
 fn truncate_chars(s: &str, max: usize) -> String {

@@ -52,10 +52,7 @@ pub fn load_series_dir(dir: &Path) -> Result<LoadedSeries, DicomError> {
 }
 
 /// Loads the series `series_instance_uid` from the files under `dir` (for folders holding several).
-pub fn load_series_dir_uid(
-    dir: &Path,
-    series_instance_uid: &str,
-) -> Result<LoadedSeries, DicomError> {
+pub fn load_series_dir_uid(dir: &Path, series_instance_uid: &str) -> Result<LoadedSeries, DicomError> {
     let (objects, mut warnings) = read_dir_objects(dir)?;
     let mut loaded = load_objects(objects, Some(series_instance_uid))?;
     warnings.append(&mut loaded.warnings);
@@ -76,11 +73,7 @@ pub fn load_series_files(paths: &[PathBuf]) -> Result<LoadedSeries, DicomError> 
                 reason: "no DICM magic code: not a DICOM Part-10 file".into(),
             });
         };
-        objects.push(parse_bytes(
-            &p.display().to_string(),
-            &bytes,
-            Some(p.clone()),
-        )?);
+        objects.push(parse_bytes(&p.display().to_string(), &bytes, Some(p.clone()))?);
     }
     load_objects(objects, None)
 }
@@ -108,11 +101,7 @@ pub fn group_series(paths: &[PathBuf]) -> Result<Vec<SeriesGroup>, DicomError> {
                 reason: "no DICM magic code: not a DICOM Part-10 file".into(),
             });
         };
-        objects.push(parse_bytes(
-            &p.display().to_string(),
-            &bytes,
-            Some(p.clone()),
-        )?);
+        objects.push(parse_bytes(&p.display().to_string(), &bytes, Some(p.clone()))?);
     }
     Ok(groups_of(&objects))
 }
@@ -134,24 +123,15 @@ struct Parsed {
 }
 
 fn parse_bytes(name: &str, bytes: &[u8], path: Option<PathBuf>) -> Result<Parsed, DicomError> {
-    let corrupt = |reason: String| DicomError::Corrupt {
-        file: name.to_string(),
-        reason,
-    };
+    let corrupt = |reason: String| DicomError::Corrupt { file: name.to_string(), reason };
     let preamble = if bytes.len() >= 132 && &bytes[128..132] == b"DICM" {
         ReadPreamble::Always
     } else if bytes.len() >= 4 && &bytes[0..4] == b"DICM" {
         ReadPreamble::Never
     } else {
-        return Err(corrupt(
-            "no DICM magic code: not a DICOM Part-10 file".into(),
-        ));
+        return Err(corrupt("no DICM magic code: not a DICOM Part-10 file".into()));
     };
-    let after_magic = if preamble == ReadPreamble::Always {
-        132
-    } else {
-        4
-    };
+    let after_magic = if preamble == ReadPreamble::Always { 132 } else { 4 };
     let data_end = match check_element_lengths(bytes, after_magic) {
         Ok(w) => w.data_end,
         Err(WalkError::Limit(reason)) => return Err(DicomError::LimitExceeded { file: name.to_string(), reason }),
@@ -172,23 +152,15 @@ fn parse_bytes(name: &str, bytes: &[u8], path: Option<PathBuf>) -> Result<Parsed
     let bytes = &bytes[..data_end];
     // Unknown transfer syntaxes fail inside the parser; name them precisely.
     let result = catch_unwind(AssertUnwindSafe(|| {
-        OpenFileOptions::new()
-            .read_preamble(preamble)
-            .from_reader(std::io::Cursor::new(bytes))
+        OpenFileOptions::new().read_preamble(preamble).from_reader(std::io::Cursor::new(bytes))
     }))
     .map_err(|_| corrupt("the DICOM parser panicked".into()))?;
     match result {
-        Ok(obj) => Ok(Parsed {
-            name: name.to_string(),
-            path,
-            obj,
-        }),
+        Ok(obj) => Ok(Parsed { name: name.to_string(), path, obj }),
         Err(e) => {
             let msg = e.to_string();
             if let Some(uid) = meta_transfer_syntax(bytes, preamble) {
-                if TransferSyntaxRegistry.get(&uid).is_none()
-                    || msg.to_lowercase().contains("transfer syntax")
-                {
+                if TransferSyntaxRegistry.get(&uid).is_none() || msg.to_lowercase().contains("transfer syntax") {
                     return Err(DicomError::UnsupportedTransferSyntax {
                         instance: name.to_string(),
                         uid,
@@ -202,15 +174,14 @@ fn parse_bytes(name: &str, bytes: &[u8], path: Option<PathBuf>) -> Result<Parsed
 }
 
 /// Value representations with a 4-byte length in explicit VR.
-const LONG_VRS: [&[u8; 2]; 13] = [
-    b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV",
-];
+const LONG_VRS: [&[u8; 2]; 13] =
+    [b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"];
 
 /// All value representations (explicit VR headers must carry one of them).
 const ALL_VRS: [&[u8; 2]; 34] = [
-    b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FL", b"FD", b"IS", b"LO", b"LT", b"OB",
-    b"OD", b"OF", b"OL", b"OV", b"OW", b"PN", b"SH", b"SL", b"SQ", b"SS", b"ST", b"SV", b"TM",
-    b"UC", b"UI", b"UL", b"UN", b"UR", b"US", b"UT", b"UV",
+    b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FL", b"FD", b"IS", b"LO", b"LT", b"OB", b"OD", b"OF", b"OL",
+    b"OV", b"OW", b"PN", b"SH", b"SL", b"SQ", b"SS", b"ST", b"SV", b"TM", b"UC", b"UI", b"UL", b"UN", b"UR", b"US",
+    b"UT", b"UV",
 ];
 
 /// Reads the file meta group (explicit VR little endian, group 0002) by hand, checking its lengths:
@@ -218,8 +189,7 @@ const ALL_VRS: [&[u8; 2]; 34] = [
 fn scan_meta(bytes: &[u8], start: usize) -> Result<(String, usize), String> {
     let end = bytes.len();
     let rd16 = |at: usize| u16::from_le_bytes([bytes[at], bytes[at + 1]]);
-    let rd32 =
-        |at: usize| u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]);
+    let rd32 = |at: usize| u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]);
     let mut pos = start;
     // File meta group: explicit VR little endian, group 0002.
     let mut ts = String::new();
@@ -227,9 +197,7 @@ fn scan_meta(bytes: &[u8], start: usize) -> Result<(String, usize), String> {
         let elem = rd16(pos + 2);
         let vr = [bytes[pos + 4], bytes[pos + 5]];
         if !ALL_VRS.contains(&&vr) {
-            return Err(format!(
-                "file meta element (0002,{elem:04X}) has an invalid VR"
-            ));
+            return Err(format!("file meta element (0002,{elem:04X}) has an invalid VR"));
         }
         let (len, hdr) = if LONG_VRS.contains(&&vr) {
             if pos + 12 > end {
@@ -240,14 +208,10 @@ fn scan_meta(bytes: &[u8], start: usize) -> Result<(String, usize), String> {
             (rd16(pos + 6) as usize, 8)
         };
         if pos + hdr + len > end {
-            return Err(format!(
-                "file meta element (0002,{elem:04X}) declares {len} bytes past the end"
-            ));
+            return Err(format!("file meta element (0002,{elem:04X}) declares {len} bytes past the end"));
         }
         if elem == 0x0010 {
-            ts = String::from_utf8_lossy(&bytes[pos + hdr..pos + hdr + len])
-                .trim_end_matches(['\0', ' '])
-                .to_string();
+            ts = String::from_utf8_lossy(&bytes[pos + hdr..pos + hdr + len]).trim_end_matches(['\0', ' ']).to_string();
         }
         pos += hdr + len;
     }
@@ -304,7 +268,9 @@ fn check_element_lengths(bytes: &[u8], start: usize) -> Result<Walked, WalkError
                 .read_to_end(&mut inflated)
                 .map_err(|e| WalkError::Malformed(format!("the deflated data set does not inflate: {e}")))?;
             if inflated.len() as u64 > cap {
-                return Err(WalkError::Limit(format!("the deflated data set inflates to more than {cap} bytes (limit max_file_bytes, docs/limits.md)")));
+                return Err(WalkError::Limit(format!(
+                    "the deflated data set inflates to more than {cap} bytes (limit max_file_bytes, docs/limits.md)"
+                )));
             }
             let w = walk_data_set(&inflated, 0, true, false, &limits)?;
             return Ok(Walked { data_end: bytes.len(), ..w });
@@ -327,11 +293,19 @@ fn walk_data_set(
     let end = bytes.len();
     let rd16 = |at: usize| -> u16 {
         let b = [bytes[at], bytes[at + 1]];
-        if be { u16::from_be_bytes(b) } else { u16::from_le_bytes(b) }
+        if be {
+            u16::from_be_bytes(b)
+        } else {
+            u16::from_le_bytes(b)
+        }
     };
     let rd32 = |at: usize| -> u32 {
         let b = [bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]];
-        if be { u32::from_be_bytes(b) } else { u32::from_le_bytes(b) }
+        if be {
+            u32::from_be_bytes(b)
+        } else {
+            u32::from_le_bytes(b)
+        }
     };
     let max_depth = limits.max_nesting as usize;
     // Ends of the open defined-length containers (sequences and items); undefined-length ones
@@ -373,18 +347,26 @@ fn walk_data_set(
                 }
                 0xE000 if in_fragments => {
                     if len == u32::MAX || pos + len as usize > limit {
-                        return Err(WalkError::Malformed(format!("pixel data fragment at byte {} declares {len} bytes past its end", pos - 8)));
+                        return Err(WalkError::Malformed(format!(
+                            "pixel data fragment at byte {} declares {len} bytes past its end",
+                            pos - 8
+                        )));
                     }
                     pos += len as usize;
                 }
                 0xE000 => {
                     if containers.len() >= max_depth {
-                        return Err(WalkError::Limit(format!("sequences nested deeper than {max_depth} levels (limit max_nesting, docs/limits.md)")));
+                        return Err(WalkError::Limit(format!(
+                            "sequences nested deeper than {max_depth} levels (limit max_nesting, docs/limits.md)"
+                        )));
                     }
                     if len == u32::MAX {
                         containers.push(usize::MAX);
                     } else if pos + len as usize > limit {
-                        return Err(WalkError::Malformed(format!("item at byte {} declares {len} bytes past the end of its container", pos - 8)));
+                        return Err(WalkError::Malformed(format!(
+                            "item at byte {} declares {len} bytes past the end of its container",
+                            pos - 8
+                        )));
                     } else {
                         containers.push(pos + len as usize);
                     }
@@ -396,7 +378,9 @@ fn walk_data_set(
         let (len, hdr, vr) = if explicit {
             let vr = [bytes[pos + 4], bytes[pos + 5]];
             if !ALL_VRS.contains(&&vr) {
-                return Err(WalkError::Malformed(format!("element ({group:04X},{elem:04X}) has an invalid VR at byte {pos}")));
+                return Err(WalkError::Malformed(format!(
+                    "element ({group:04X},{elem:04X}) has an invalid VR at byte {pos}"
+                )));
             }
             if LONG_VRS.contains(&&vr) {
                 if pos + 12 > limit {
@@ -425,7 +409,9 @@ fn walk_data_set(
                 return Ok(walked); // implicit-VR content inside explicit VR: leave it to the parser
             } else {
                 if containers.len() >= max_depth {
-                    return Err(WalkError::Limit(format!("sequences nested deeper than {max_depth} levels (limit max_nesting, docs/limits.md)")));
+                    return Err(WalkError::Limit(format!(
+                        "sequences nested deeper than {max_depth} levels (limit max_nesting, docs/limits.md)"
+                    )));
                 }
                 containers.push(usize::MAX); // walk into its items; it ends at its delimiter
             }
@@ -439,7 +425,9 @@ fn walk_data_set(
         }
         if is_sequence {
             if containers.len() >= max_depth {
-                return Err(WalkError::Limit(format!("sequences nested deeper than {max_depth} levels (limit max_nesting, docs/limits.md)")));
+                return Err(WalkError::Limit(format!(
+                    "sequences nested deeper than {max_depth} levels (limit max_nesting, docs/limits.md)"
+                )));
             }
             containers.push(pos + len as usize); // walk into it
             continue;
@@ -493,23 +481,13 @@ fn full_error_chain(e: &dyn std::error::Error) -> String {
 
 /// Transfer syntax UID from the file meta group (read alone), if it parses.
 fn meta_transfer_syntax(bytes: &[u8], preamble: ReadPreamble) -> Option<String> {
-    let start = if preamble == ReadPreamble::Always {
-        132
-    } else {
-        4
-    };
-    scan_meta(bytes, start)
-        .ok()
-        .map(|(ts, _)| ts)
-        .filter(|ts| !ts.is_empty())
+    let start = if preamble == ReadPreamble::Always { 132 } else { 4 };
+    scan_meta(bytes, start).ok().map(|(ts, _)| ts).filter(|ts| !ts.is_empty())
 }
 
 fn read_dir_objects(dir: &Path) -> Result<(Vec<Parsed>, Vec<String>), DicomError> {
     if !dir.is_dir() {
-        return Err(DicomError::io(
-            dir,
-            std::io::Error::new(std::io::ErrorKind::NotFound, "not a directory"),
-        ));
+        return Err(DicomError::io(dir, std::io::Error::new(std::io::ErrorKind::NotFound, "not a directory")));
     }
     let mut files = Vec::new();
     collect_files(dir, 0, &mut files)?;
@@ -517,10 +495,7 @@ fn read_dir_objects(dir: &Path) -> Result<(Vec<Parsed>, Vec<String>), DicomError
     let mut warnings = Vec::new();
     let mut objects = Vec::new();
     for p in files {
-        let name = p
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
+        let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         if name.starts_with('.') || name.eq_ignore_ascii_case("DICOMDIR") {
             continue;
         }
@@ -530,17 +505,10 @@ fn read_dir_objects(dir: &Path) -> Result<(Vec<Parsed>, Vec<String>), DicomError
             warnings.push(format!("skipped {}: not a DICOM Part-10 file", p.display()));
             continue;
         };
-        objects.push(parse_bytes(
-            &p.display().to_string(),
-            &bytes,
-            Some(p.clone()),
-        )?);
+        objects.push(parse_bytes(&p.display().to_string(), &bytes, Some(p.clone()))?);
     }
     if objects.is_empty() {
-        return Err(DicomError::EmptyInput(format!(
-            "no DICOM files under {}",
-            dir.display()
-        )));
+        return Err(DicomError::EmptyInput(format!("no DICOM files under {}", dir.display())));
     }
     Ok((objects, warnings))
 }
@@ -610,9 +578,7 @@ fn collect_files_once(
 fn attr_str(o: &InMemDicomObject, tag: Tag) -> Option<String> {
     let e = o.element_opt(tag).ok()??;
     let s = e.to_str().ok()?;
-    let s = s
-        .trim_matches(|c: char| c == '\0' || c.is_whitespace())
-        .to_string();
+    let s = s.trim_matches(|c: char| c == '\0' || c.is_whitespace()).to_string();
     if s.is_empty() {
         None
     } else {
@@ -654,9 +620,7 @@ fn is_non_image_sop_class(uid: &str) -> bool {
         "1.2.840.10008.5.1.4.1.1.9",  // waveforms
         "1.2.840.10008.5.1.4.1.1.4.2", // MR spectroscopy
     ];
-    NON_IMAGE_PREFIXES
-        .iter()
-        .any(|p| uid == *p || uid.starts_with(&format!("{p}.")))
+    NON_IMAGE_PREFIXES.iter().any(|p| uid == *p || uid.starts_with(&format!("{p}.")))
 }
 
 fn kind_of_sop_class(uid: &str) -> &'static str {
@@ -683,21 +647,14 @@ fn summarize(p: &Parsed) -> ObjSummary {
     let o: &InMemDicomObject = &p.obj;
     let sop_class = attr_str(o, tags::SOP_CLASS_UID).unwrap_or_default();
     let has_pixels = o.element_opt(tags::PIXEL_DATA).ok().flatten().is_some()
-        || o.element_opt(tags::FLOAT_PIXEL_DATA)
-            .ok()
-            .flatten()
-            .is_some()
-        || o.element_opt(tags::DOUBLE_FLOAT_PIXEL_DATA)
-            .ok()
-            .flatten()
-            .is_some();
+        || o.element_opt(tags::FLOAT_PIXEL_DATA).ok().flatten().is_some()
+        || o.element_opt(tags::DOUBLE_FLOAT_PIXEL_DATA).ok().flatten().is_some();
     // An image SOP class without pixel data is still an image (reported as missing pixel data).
     let is_image = !is_non_image_sop_class(&sop_class)
         && (has_pixels || attr_int(o, tags::ROWS).is_some())
         && !sop_class.is_empty();
     ObjSummary {
-        series_uid: attr_str(o, tags::SERIES_INSTANCE_UID)
-            .unwrap_or_else(|| "(no SeriesInstanceUID)".into()),
+        series_uid: attr_str(o, tags::SERIES_INSTANCE_UID).unwrap_or_else(|| "(no SeriesInstanceUID)".into()),
         sop_class,
         is_image,
     }
@@ -708,18 +665,16 @@ fn groups_of(objects: &[Parsed]) -> Vec<SeriesGroup> {
     for p in objects {
         let s = summarize(p);
         let o: &InMemDicomObject = &p.obj;
-        let g = map
-            .entry(s.series_uid.clone())
-            .or_insert_with(|| SeriesGroup {
-                series_instance_uid: s.series_uid.clone(),
-                modality: attr_str(o, tags::MODALITY).unwrap_or_default(),
-                series_description: attr_str(o, tags::SERIES_DESCRIPTION),
-                series_number: attr_int(o, tags::SERIES_NUMBER).map(|v| v as i32),
-                sop_class_uids: Vec::new(),
-                is_image: false,
-                instances: 0,
-                files: Vec::new(),
-            });
+        let g = map.entry(s.series_uid.clone()).or_insert_with(|| SeriesGroup {
+            series_instance_uid: s.series_uid.clone(),
+            modality: attr_str(o, tags::MODALITY).unwrap_or_default(),
+            series_description: attr_str(o, tags::SERIES_DESCRIPTION),
+            series_number: attr_int(o, tags::SERIES_NUMBER).map(|v| v as i32),
+            sop_class_uids: Vec::new(),
+            is_image: false,
+            instances: 0,
+            files: Vec::new(),
+        });
         g.is_image |= s.is_image;
         g.instances += 1;
         if !g.sop_class_uids.contains(&s.sop_class) {
@@ -737,7 +692,6 @@ fn groups_of(objects: &[Parsed]) -> Vec<SeriesGroup> {
 
 // ---------------------------------------------------------------------------------------------
 // Assembly
-
 
 /// Geometry and value transform of one frame (a single-frame instance or one frame of a multi-frame).
 #[derive(Debug, Clone)]
@@ -761,10 +715,7 @@ struct Frame {
     between: Option<f64>,
 }
 
-fn load_objects(
-    objects: Vec<Parsed>,
-    want_series: Option<&str>,
-) -> Result<LoadedSeries, DicomError> {
+fn load_objects(objects: Vec<Parsed>, want_series: Option<&str>) -> Result<LoadedSeries, DicomError> {
     if objects.is_empty() {
         return Err(DicomError::EmptyInput("no DICOM instances".into()));
     }
@@ -778,9 +729,7 @@ fn load_objects(
     let chosen = match want_series {
         Some(uid) => {
             if !image_series.iter().any(|s| s == uid) {
-                return Err(DicomError::NoImages(format!(
-                    "no image series with SeriesInstanceUID {uid}"
-                )));
+                return Err(DicomError::NoImages(format!("no image series with SeriesInstanceUID {uid}")));
             }
             uid.to_string()
         }
@@ -799,11 +748,7 @@ fn load_objects(
                 let names = image_series
                     .iter()
                     .map(|uid| {
-                        let o = objects
-                            .iter()
-                            .zip(&summaries)
-                            .find(|(_, s)| &s.series_uid == uid)
-                            .map(|(p, _)| p);
+                        let o = objects.iter().zip(&summaries).find(|(_, s)| &s.series_uid == uid).map(|(p, _)| p);
                         let d = o.and_then(|p| attr_str(&p.obj, tags::SERIES_DESCRIPTION));
                         match d {
                             Some(d) => format!("{uid} \"{d}\""),
@@ -816,14 +761,9 @@ fn load_objects(
         },
     };
     let mut warnings = Vec::new();
-    let skipped = summaries
-        .iter()
-        .filter(|s| s.series_uid != chosen || !s.is_image)
-        .count();
+    let skipped = summaries.iter().filter(|s| s.series_uid != chosen || !s.is_image).count();
     if skipped > 0 {
-        warnings.push(format!(
-            "ignored {skipped} instance(s) of other series or non-image objects"
-        ));
+        warnings.push(format!("ignored {skipped} instance(s) of other series or non-image objects"));
     }
     let objects: Vec<Parsed> = objects
         .into_iter()
@@ -849,32 +789,18 @@ fn load_objects(
         check_consistent(&first, f, normal)?;
     }
     // Sort along the normal; duplicates and in-plane shifts are errors.
-    let mut order: Vec<(f64, usize)> = frames
-        .iter()
-        .enumerate()
-        .map(|(i, f)| (dot(f.ipp, normal), i))
-        .collect();
+    let mut order: Vec<(f64, usize)> = frames.iter().enumerate().map(|(i, f)| (dot(f.ipp, normal), i)).collect();
     order.sort_by(|a, b| a.0.total_cmp(&b.0));
     let frames: Vec<Frame> = order.iter().map(|&(_, i)| frames[i].clone()).collect();
     let dists: Vec<f64> = order.iter().map(|&(d, _)| d).collect();
     let tol_inplane = 0.05 * first.pixel_spacing[0].min(first.pixel_spacing[1]).max(1e-3);
     for (k, f) in frames.iter().enumerate() {
-        let d = [
-            f.ipp[0] - frames[0].ipp[0],
-            f.ipp[1] - frames[0].ipp[1],
-            f.ipp[2] - frames[0].ipp[2],
-        ];
+        let d = [f.ipp[0] - frames[0].ipp[0], f.ipp[1] - frames[0].ipp[1], f.ipp[2] - frames[0].ipp[2]];
         let along = dists[k] - dists[0];
-        let off = [
-            d[0] - along * normal[0],
-            d[1] - along * normal[1],
-            d[2] - along * normal[2],
-        ];
+        let off = [d[0] - along * normal[0], d[1] - along * normal[1], d[2] - along * normal[2]];
         let off_len = dot(off, off).sqrt();
         if off_len > tol_inplane.max(1e-2) {
-            return Err(DicomError::NonParallelSlices {
-                instance: frame_name(f),
-            });
+            return Err(DicomError::NonParallelSlices { instance: frame_name(f) });
         }
         if k > 0 && (dists[k] - dists[k - 1]).abs() < 1e-3 {
             return Err(DicomError::DuplicatePosition {
@@ -885,19 +811,15 @@ fn load_objects(
         }
     }
     let dz = if frames.len() == 1 {
-        let s = first
-            .between
-            .filter(|v| *v > 0.0)
-            .or(first.thickness.filter(|v| *v > 0.0));
+        let s = first.between.filter(|v| *v > 0.0).or(first.thickness.filter(|v| *v > 0.0));
         if s.is_none() {
-            warnings.push("single slice without SpacingBetweenSlices or SliceThickness: slice spacing set to 1 mm".into());
+            warnings
+                .push("single slice without SpacingBetweenSlices or SliceThickness: slice spacing set to 1 mm".into());
         }
         s.unwrap_or(1.0)
     } else {
         let mut gaps: Vec<f64> = dists.windows(2).map(|w| w[1] - w[0]).collect();
-        let (min, max) = gaps
-            .iter()
-            .fold((f64::INFINITY, 0.0f64), |(a, b), &g| (a.min(g), b.max(g)));
+        let (min, max) = gaps.iter().fold((f64::INFINITY, 0.0f64), |(a, b), &g| (a.min(g), b.max(g)));
         gaps.sort_by(|a, b| a.total_cmp(b));
         let median = gaps[gaps.len() / 2];
         if max - min > (0.01 * median).max(1e-3) {
@@ -953,25 +875,20 @@ fn load_objects(
                     reason: format!("decoded {} values, frame needs {}", raw.len(), start + n),
                 });
             }
-            for (dst, &src) in voxels[z * n..(z + 1) * n]
-                .iter_mut()
-                .zip(&raw[start..start + n])
-            {
+            for (dst, &src) in voxels[z * n..(z + 1) * n].iter_mut().zip(&raw[start..start + n]) {
                 *dst = (src * f.slope + f.intercept) as f32;
             }
         }
     }
     let monochrome1 = photometric == Some(true);
     if monochrome1 {
-        let (lo, hi) = voxels
-            .iter()
-            .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &v| {
-                (a.min(v), b.max(v))
-            });
+        let (lo, hi) = voxels.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &v| (a.min(v), b.max(v)));
         for v in &mut voxels {
             *v = lo + hi - *v;
         }
-        warnings.push("MONOCHROME1 image: intensities inverted (min + max − value) so that bright means high signal".into());
+        warnings.push(
+            "MONOCHROME1 image: intensities inverted (min + max − value) so that bright means high signal".into(),
+        );
     }
 
     let o0: &InMemDicomObject = &objects[0].obj;
@@ -980,11 +897,7 @@ fn load_objects(
         .map(|f| SliceRef {
             sop_class_uid: f.sop_class.clone(),
             sop_instance_uid: f.sop_uid.clone(),
-            frame_number: if f.multi_frame {
-                Some(f.index + 1)
-            } else {
-                None
-            },
+            frame_number: if f.multi_frame { Some(f.index + 1) } else { None },
             position: f.ipp,
         })
         .collect();
@@ -998,9 +911,7 @@ fn load_objects(
     volume.slices = slices;
     volume.frame_of_reference_uid = attr_str(o0, tags::FRAME_OF_REFERENCE_UID);
     if volume.frame_of_reference_uid.is_none() {
-        warnings.push(
-            "no FrameOfReferenceUID: derived objects cannot be registered to this series".into(),
-        );
+        warnings.push("no FrameOfReferenceUID: derived objects cannot be registered to this series".into());
     }
     volume.source = Some(source_info(o0, &chosen, first.thickness));
     Ok(LoadedSeries { volume, warnings })
@@ -1030,9 +941,7 @@ fn check_consistent(first: &Frame, f: &Frame, normal: [f64; 3]) -> Result<(), Di
         });
     }
     let ps_close = |a: f64, b: f64| (a - b).abs() <= 1e-3 * a.abs().max(b.abs()).max(1e-3);
-    if !(ps_close(f.pixel_spacing[0], first.pixel_spacing[0])
-        && ps_close(f.pixel_spacing[1], first.pixel_spacing[1]))
-    {
+    if !(ps_close(f.pixel_spacing[0], first.pixel_spacing[0]) && ps_close(f.pixel_spacing[1], first.pixel_spacing[1])) {
         return Err(DicomError::InconsistentGeometry {
             instance: name,
             what: "PixelSpacing".into(),
@@ -1064,29 +973,17 @@ fn frames_of(obj_idx: usize, p: &Parsed) -> Result<Vec<Frame>, DicomError> {
     let o: &InMemDicomObject = &p.obj;
     let sop_uid = attr_str(o, tags::SOP_INSTANCE_UID).unwrap_or_else(|| p.name.clone());
     let sop_class = attr_str(o, tags::SOP_CLASS_UID).unwrap_or_default();
-    let missing = |attribute: &str| DicomError::MissingAttribute {
-        instance: sop_uid.clone(),
-        attribute: attribute.into(),
-    };
+    let missing =
+        |attribute: &str| DicomError::MissingAttribute { instance: sop_uid.clone(), attribute: attribute.into() };
     if o.element_opt(tags::PIXEL_DATA).ok().flatten().is_none() {
-        return Err(DicomError::MissingPixelData {
-            instance: sop_uid.clone(),
-        });
+        return Err(DicomError::MissingPixelData { instance: sop_uid.clone() });
     }
-    let rows = attr_int(o, tags::ROWS)
-        .filter(|v| *v > 0)
-        .ok_or_else(|| missing("Rows"))? as usize;
-    let cols = attr_int(o, tags::COLUMNS)
-        .filter(|v| *v > 0)
-        .ok_or_else(|| missing("Columns"))? as usize;
+    let rows = attr_int(o, tags::ROWS).filter(|v| *v > 0).ok_or_else(|| missing("Rows"))? as usize;
+    let cols = attr_int(o, tags::COLUMNS).filter(|v| *v > 0).ok_or_else(|| missing("Columns"))? as usize;
     let n_frames = attr_int(o, tags::NUMBER_OF_FRAMES).unwrap_or(1).max(1) as usize;
     check_image_size(rows as u64, cols as u64, n_frames as u64, &crate::limits::get())
         .map_err(|reason| DicomError::LimitExceeded { file: sop_uid.clone(), reason })?;
-    let per_frame = o
-        .element_opt(tags::PER_FRAME_FUNCTIONAL_GROUPS_SEQUENCE)
-        .ok()
-        .flatten()
-        .and_then(|e| e.items());
+    let per_frame = o.element_opt(tags::PER_FRAME_FUNCTIONAL_GROUPS_SEQUENCE).ok().flatten().and_then(|e| e.items());
     let shared = first_item(o, tags::SHARED_FUNCTIONAL_GROUPS_SEQUENCE);
     let multi = per_frame.is_some() || shared.is_some() || n_frames > 1;
     if !multi {
@@ -1111,9 +1008,7 @@ fn frames_of(obj_idx: usize, p: &Parsed) -> Result<Vec<Frame>, DicomError> {
             pixel_spacing: [ps[0], ps[1]],
             rows,
             cols,
-            slope: attr_f64(o, tags::RESCALE_SLOPE)
-                .filter(|s| *s != 0.0)
-                .unwrap_or(1.0),
+            slope: attr_f64(o, tags::RESCALE_SLOPE).filter(|s| *s != 0.0).unwrap_or(1.0),
             intercept: attr_f64(o, tags::RESCALE_INTERCEPT).unwrap_or(0.0),
             thickness: attr_f64(o, tags::SLICE_THICKNESS),
             between: attr_f64(o, tags::SPACING_BETWEEN_SLICES),
@@ -1124,11 +1019,7 @@ fn frames_of(obj_idx: usize, p: &Parsed) -> Result<Vec<Frame>, DicomError> {
     if per_frame.len() != n_frames {
         return Err(DicomError::MissingAttribute {
             instance: sop_uid.clone(),
-            attribute: format!(
-                "PerFrameFunctionalGroupsSequence ({} items for {} frames)",
-                per_frame.len(),
-                n_frames
-            ),
+            attribute: format!("PerFrameFunctionalGroupsSequence ({} items for {} frames)", per_frame.len(), n_frames),
         });
     }
     let lookup = |item: &InMemDicomObject, seq: Tag, tag: Tag| -> Option<Vec<f64>> {
@@ -1136,9 +1027,7 @@ fn frames_of(obj_idx: usize, p: &Parsed) -> Result<Vec<Frame>, DicomError> {
     };
     let mut out = Vec::with_capacity(n_frames);
     for (k, item) in per_frame.iter().enumerate() {
-        let get = |seq: Tag, tag: Tag| {
-            lookup(item, seq, tag).or_else(|| shared.and_then(|s| lookup(s, seq, tag)))
-        };
+        let get = |seq: Tag, tag: Tag| lookup(item, seq, tag).or_else(|| shared.and_then(|s| lookup(s, seq, tag)));
         let frame_missing = |attribute: &str| DicomError::MissingAttribute {
             instance: format!("{} frame {}", sop_uid, k + 1),
             attribute: attribute.into(),
@@ -1146,30 +1035,21 @@ fn frames_of(obj_idx: usize, p: &Parsed) -> Result<Vec<Frame>, DicomError> {
         let ipp = get(tags::PLANE_POSITION_SEQUENCE, tags::IMAGE_POSITION_PATIENT)
             .filter(|v| v.len() == 3)
             .ok_or_else(|| frame_missing("PlanePositionSequence/ImagePositionPatient"))?;
-        let iop = get(
-            tags::PLANE_ORIENTATION_SEQUENCE,
-            tags::IMAGE_ORIENTATION_PATIENT,
-        )
-        .filter(|v| v.len() == 6)
-        .ok_or_else(|| frame_missing("PlaneOrientationSequence/ImageOrientationPatient"))?;
+        let iop = get(tags::PLANE_ORIENTATION_SEQUENCE, tags::IMAGE_ORIENTATION_PATIENT)
+            .filter(|v| v.len() == 6)
+            .ok_or_else(|| frame_missing("PlaneOrientationSequence/ImageOrientationPatient"))?;
         let ps = get(tags::PIXEL_MEASURES_SEQUENCE, tags::PIXEL_SPACING)
             .filter(|v| v.len() == 2 && v[0] > 0.0 && v[1] > 0.0)
             .ok_or_else(|| frame_missing("PixelMeasuresSequence/PixelSpacing"))?;
-        let slope = get(
-            tags::PIXEL_VALUE_TRANSFORMATION_SEQUENCE,
-            tags::RESCALE_SLOPE,
-        )
-        .map(|v| v[0])
-        .or_else(|| attr_f64(o, tags::RESCALE_SLOPE))
-        .filter(|s| *s != 0.0)
-        .unwrap_or(1.0);
-        let intercept = get(
-            tags::PIXEL_VALUE_TRANSFORMATION_SEQUENCE,
-            tags::RESCALE_INTERCEPT,
-        )
-        .map(|v| v[0])
-        .or_else(|| attr_f64(o, tags::RESCALE_INTERCEPT))
-        .unwrap_or(0.0);
+        let slope = get(tags::PIXEL_VALUE_TRANSFORMATION_SEQUENCE, tags::RESCALE_SLOPE)
+            .map(|v| v[0])
+            .or_else(|| attr_f64(o, tags::RESCALE_SLOPE))
+            .filter(|s| *s != 0.0)
+            .unwrap_or(1.0);
+        let intercept = get(tags::PIXEL_VALUE_TRANSFORMATION_SEQUENCE, tags::RESCALE_INTERCEPT)
+            .map(|v| v[0])
+            .or_else(|| attr_f64(o, tags::RESCALE_INTERCEPT))
+            .unwrap_or(0.0);
         out.push(Frame {
             obj: obj_idx,
             index: k as u32,
@@ -1203,11 +1083,7 @@ fn decode_object(p: &Parsed, rows: usize, cols: usize) -> Result<(Vec<f64>, bool
         other => {
             return Err(DicomError::UnsupportedPhotometric {
                 instance,
-                value: if other.is_empty() {
-                    "(missing)".into()
-                } else {
-                    other.into()
-                },
+                value: if other.is_empty() { "(missing)".into() } else { other.into() },
             })
         }
     };
@@ -1215,29 +1091,17 @@ fn decode_object(p: &Parsed, rows: usize, cols: usize) -> Result<(Vec<f64>, bool
     let bits_allocated = attr_int(o, tags::BITS_ALLOCATED).unwrap_or(0);
     let bits_stored = attr_int(o, tags::BITS_STORED).unwrap_or(bits_allocated);
     let signed = attr_int(o, tags::PIXEL_REPRESENTATION).unwrap_or(0) == 1;
-    if samples != 1
-        || !(bits_allocated == 8 || bits_allocated == 16)
-        || bits_stored < 1
-        || bits_stored > bits_allocated
+    if samples != 1 || !(bits_allocated == 8 || bits_allocated == 16) || bits_stored < 1 || bits_stored > bits_allocated
     {
         return Err(DicomError::UnsupportedPixelFormat {
             instance,
             detail: format!("SamplesPerPixel {samples}, BitsAllocated {bits_allocated}, BitsStored {bits_stored} (1 sample of 8 or 16 bits expected)"),
         });
     }
-    let ts_uid = p
-        .obj
-        .meta()
-        .transfer_syntax()
-        .trim_end_matches(['\0', ' '])
-        .to_string();
+    let ts_uid = p.obj.meta().transfer_syntax().trim_end_matches(['\0', ' ']).to_string();
     match TransferSyntaxRegistry.get(&ts_uid) {
         None => {
-            return Err(DicomError::UnsupportedTransferSyntax {
-                instance,
-                uid: ts_uid,
-                name: "unknown".into(),
-            });
+            return Err(DicomError::UnsupportedTransferSyntax { instance, uid: ts_uid, name: "unknown".into() });
         }
         Some(ts) if ts.is_unsupported_pixel_encapsulation() || !ts.can_decode_all() => {
             return Err(DicomError::UnsupportedTransferSyntax {
@@ -1251,24 +1115,14 @@ fn decode_object(p: &Parsed, rows: usize, cols: usize) -> Result<(Vec<f64>, bool
             return Err(DicomError::UnsupportedTransferSyntax {
                 instance,
                 uid: ts_uid,
-                name: format!(
-                    "JPEG Extended with {bits_stored}-bit samples: no 12-bit JPEG decoder built in"
-                ),
+                name: format!("JPEG Extended with {bits_stored}-bit samples: no 12-bit JPEG decoder built in"),
             });
         }
         Some(_) => {}
     }
-    let decoded = catch_unwind(AssertUnwindSafe(|| {
-        p.obj.decode_pixel_data().map(|d| d.to_owned())
-    }))
-    .map_err(|_| DicomError::Decode {
-        instance: instance.clone(),
-        reason: "the pixel decoder panicked".into(),
-    })?
-    .map_err(|e| DicomError::Decode {
-        instance: instance.clone(),
-        reason: full_error_chain(&e),
-    })?;
+    let decoded = catch_unwind(AssertUnwindSafe(|| p.obj.decode_pixel_data().map(|d| d.to_owned())))
+        .map_err(|_| DicomError::Decode { instance: instance.clone(), reason: "the pixel decoder panicked".into() })?
+        .map_err(|e| DicomError::Decode { instance: instance.clone(), reason: full_error_chain(&e) })?;
     let data = decoded.data();
     let n_frames = decoded.number_of_frames().max(1) as usize;
     let count = rows * cols * n_frames;
@@ -1276,13 +1130,7 @@ fn decode_object(p: &Parsed, rows: usize, cols: usize) -> Result<(Vec<f64>, bool
     if data.len() < count * bytes_per {
         return Err(DicomError::Decode {
             instance,
-            reason: format!(
-                "{} bytes of pixel data for {} frame(s) of {}x{}",
-                data.len(),
-                n_frames,
-                cols,
-                rows
-            ),
+            reason: format!("{} bytes of pixel data for {} frame(s) of {}x{}", data.len(), n_frames, cols, rows),
         });
     }
     let shift = (bits_allocated - bits_stored) as u32;
@@ -1291,20 +1139,12 @@ fn decode_object(p: &Parsed, rows: usize, cols: usize) -> Result<(Vec<f64>, bool
         for c in data[..count * 2].chunks_exact(2) {
             let raw = u16::from_le_bytes([c[0], c[1]]);
             // Keep only the stored bits; sign-extend from the stored high bit when signed.
-            let v = if signed {
-                (((raw << shift) as i16) >> shift) as f64
-            } else {
-                ((raw << shift) >> shift) as f64
-            };
+            let v = if signed { (((raw << shift) as i16) >> shift) as f64 } else { ((raw << shift) >> shift) as f64 };
             out.push(v);
         }
     } else {
         for &b in &data[..count] {
-            let v = if signed {
-                (((b << shift) as i8) >> shift) as f64
-            } else {
-                ((b << shift) >> shift) as f64
-            };
+            let v = if signed { (((b << shift) as i8) >> shift) as f64 } else { ((b << shift) >> shift) as f64 };
             out.push(v);
         }
     }
@@ -1349,11 +1189,7 @@ mod tests {
         let vals: Vec<f32> = (0..4 * 3 * 5).map(|i| (i * 37 % 101) as f32).collect();
         let mut v = Volume::new(vals.clone(), [4, 3, 5], [0.7, 0.9, 2.5], [10.0, -20.0, 5.0]);
         let t = 0.4f64;
-        v.direction = [
-            [t.cos(), t.sin(), 0.0],
-            [-t.sin(), t.cos(), 0.0],
-            [0.0, 0.0, 1.0],
-        ];
+        v.direction = [[t.cos(), t.sin(), 0.0], [-t.sin(), t.cos(), 0.0], [0.0, 0.0, 1.0]];
         let enc = encode_mr_series(&v, &MrSeriesAttributes::default()).unwrap();
         let mut files = enc.files.clone();
         files.reverse();
@@ -1371,25 +1207,19 @@ mod tests {
 
     #[test]
     fn zero_padding_after_the_data_set_is_tolerated_but_overlong_lengths_are_not() {
-        let v = Volume::new(
-            (0..2 * 4 * 4).map(|i| i as f32).collect(),
-            [2, 4, 4],
-            [1.0, 1.0, 2.0],
-            [0.0; 3],
-        );
+        let v = Volume::new((0..2 * 4 * 4).map(|i| i as f32).collect(), [2, 4, 4], [1.0, 1.0, 2.0], [0.0; 3]);
         let enc = encode_mr_series(&v, &MrSeriesAttributes::default()).unwrap();
         let mut padded = enc.files.clone();
         padded[0].extend_from_slice(&[0u8; 6]);
-        assert_eq!(
-            check_element_lengths(&padded[0], 132).map(|w| w.data_end),
-            Ok(enc.files[0].len())
-        );
+        assert_eq!(check_element_lengths(&padded[0], 132).map(|w| w.data_end), Ok(enc.files[0].len()));
         let got = load_series_bytes(&padded).unwrap();
         assert_eq!(got.volume.voxels, v.voxels);
         // Cut the pixel data short: its declared length now runs past the end.
         let mut cut = enc.files[1].clone();
         cut.truncate(cut.len() - 2);
-        let WalkError::Malformed(err) = check_element_lengths(&cut, 132).unwrap_err() else { panic!("not a malformed-stream error") };
+        let WalkError::Malformed(err) = check_element_lengths(&cut, 132).unwrap_err() else {
+            panic!("not a malformed-stream error")
+        };
         assert!(err.contains("(7FE0,0010)"), "{err}");
     }
 
@@ -1401,9 +1231,6 @@ mod tests {
         b.extend_from_slice(b"DICM\x02\x00\x00\x00garbage");
         let r = load_series_bytes(&[b]);
         assert!(matches!(r, Err(DicomError::Corrupt { .. })), "{r:?}");
-        assert!(matches!(
-            load_series_bytes(&[]),
-            Err(DicomError::EmptyInput(_))
-        ));
+        assert!(matches!(load_series_bytes(&[]), Err(DicomError::EmptyInput(_))));
     }
 }

@@ -18,9 +18,9 @@ pub fn new_uid() -> String {
 pub fn is_valid_uid(uid: &str) -> bool {
     !uid.is_empty()
         && uid.len() <= 64
-        && uid.split('.').all(|c| {
-            !c.is_empty() && c.bytes().all(|b| b.is_ascii_digit()) && !(c.len() > 1 && c.starts_with('0'))
-        })
+        && uid
+            .split('.')
+            .all(|c| !c.is_empty() && c.bytes().all(|b| b.is_ascii_digit()) && !(c.len() > 1 && c.starts_with('0')))
 }
 
 #[cfg(test)]

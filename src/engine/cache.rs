@@ -51,7 +51,10 @@ impl FeatureCache {
         let taps: Option<Vec<Tensor>> = (0..tap_count).map(|i| find(&format!("tap{i}"))).collect();
         let taps = taps?;
         let float = |t: &Tensor| matches!(t.kind(), Kind::Half | Kind::Float | Kind::BFloat16);
-        if neck.size() != neck_shape || !float(&neck) || taps.iter().any(|t| t.dim() != 4 || t.size()[0] != 1 || !float(t)) {
+        if neck.size() != neck_shape
+            || !float(&neck)
+            || taps.iter().any(|t| t.dim() != 4 || t.size()[0] != 1 || !float(t))
+        {
             return None;
         }
         Some(Features { taps, neck })

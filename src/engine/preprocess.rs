@@ -79,7 +79,14 @@ fn resize(t: &Tensor, oh: i64, ow: i64, bicubic: bool) -> Tensor {
 /// skimage step), then to S×S (bilinear, the official ResizeLongestSide on a square image), then the
 /// backbone's normalisation, replicated to 3 channels. Non-square slices are stretched like the
 /// official 256×256 resize (no padding), so the whole S×S input is image.
-pub fn encoder_input(u8_volume: &[u8], dims: [usize; 3], z0: usize, z1: usize, side: i64, norm: &Normalization) -> Tensor {
+pub fn encoder_input(
+    u8_volume: &[u8],
+    dims: [usize; 3],
+    z0: usize,
+    z1: usize,
+    side: i64,
+    norm: &Normalization,
+) -> Tensor {
     let (h, w) = (dims[1] as i64, dims[2] as i64);
     let n = (z1 - z0) as i64;
     let slice_len = dims[1] * dims[2];
@@ -146,7 +153,8 @@ mod tests {
         // At 99.9 the tail sets the top and the tissue is squeezed: 150 → 50/900·255, 199 → 99/900·255.
         assert_eq!((wider[0], wider[150], wider[199]), (255, 14, 28));
         // Older model.json files (no clip field) read as the official clip.
-        let p: crate::modeldir::Preprocessing = serde_json::from_str(r#"{"normalization":{"kind":"min_max"}}"#).unwrap();
+        let p: crate::modeldir::Preprocessing =
+            serde_json::from_str(r#"{"normalization":{"kind":"min_max"}}"#).unwrap();
         assert_eq!(p.clip_percentiles, [0.5, 99.5]);
     }
 

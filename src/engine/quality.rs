@@ -89,12 +89,17 @@ pub fn volume_plausibility(v: f64, [lo, hi]: [f64; 2]) -> f64 {
 /// Compute the terms and the score: the geometric mean of the available terms, 0 for an empty mask.
 pub fn quality(inp: &QualityInput) -> (f64, Option<QualityTerms>) {
     let nz = inp.slice_iou.len();
-    let fg: Vec<bool> = (0..nz).map(|z| inp.mask[z * inp.slice_len..(z + 1) * inp.slice_len].iter().any(|&v| v != 0)).collect();
+    let fg: Vec<bool> =
+        (0..nz).map(|z| inp.mask[z * inp.slice_len..(z + 1) * inp.slice_len].iter().any(|&v| v != 0)).collect();
     let n_fg = fg.iter().filter(|&&f| f).count();
     if n_fg == 0 {
         return (0.0, None);
     }
-    let iou = (0..nz).filter(|&z| fg[z]).map(|z| (inp.slice_iou[z] as f64).clamp(0.0, 1.0)).filter(|v| v.is_finite()).sum::<f64>()
+    let iou = (0..nz)
+        .filter(|&z| fg[z])
+        .map(|z| (inp.slice_iou[z] as f64).clamp(0.0, 1.0))
+        .filter(|v| v.is_finite())
+        .sum::<f64>()
         / n_fg as f64;
     let mut pairs = Vec::new();
     for z in 0..nz.saturating_sub(1) {
@@ -119,7 +124,15 @@ pub fn quality(inp: &QualityInput) -> (f64, Option<QualityTerms>) {
         .collect();
     let stability = if stab.is_empty() { None } else { Some(stab.iter().sum::<f64>() / stab.len() as f64) };
     let volume = inp.plausible_ml.map(|r| volume_plausibility(inp.volume_ml, r));
-    let terms = QualityTerms { iou, iou_counted: inp.iou_informative, neighbour, continuity, mode_agreement, stability, volume };
+    let terms = QualityTerms {
+        iou,
+        iou_counted: inp.iou_informative,
+        neighbour,
+        continuity,
+        mode_agreement,
+        stability,
+        volume,
+    };
     (geometric_mean(&terms), Some(terms))
 }
 
@@ -168,7 +181,20 @@ mod tests {
     #[test]
     fn empty_prediction_scores_zero() {
         let m = vec![0u8; 4 * 16];
-        assert_eq!(quality(&QualityInput { mask: &m, slice_len: 16, slice_iou: &[0.9; 4], other_mode: None, iou_informative: true, slice_stability: &[], volume_ml: 0.0, plausible_ml: None }).0, 0.0);
+        assert_eq!(
+            quality(&QualityInput {
+                mask: &m,
+                slice_len: 16,
+                slice_iou: &[0.9; 4],
+                other_mode: None,
+                iou_informative: true,
+                slice_stability: &[],
+                volume_ml: 0.0,
+                plausible_ml: None
+            })
+            .0,
+            0.0
+        );
     }
 
     #[test]
@@ -177,7 +203,18 @@ mod tests {
         let smooth = disc_stack(8, n, |z| 6.0 + z as f64 * 0.3, |_| 0.0);
         // Same per-slice areas, but the blob jumps around between slices.
         let jumpy = disc_stack(8, n, |z| 6.0 + z as f64 * 0.3, |z| if z % 2 == 0 { -8.0 } else { 8.0 });
-        let q = |m: &[u8], iou: f32| quality(&QualityInput { mask: m, slice_len: n * n, slice_iou: &[iou; 8], other_mode: None, iou_informative: true, slice_stability: &[], volume_ml: 0.0, plausible_ml: None });
+        let q = |m: &[u8], iou: f32| {
+            quality(&QualityInput {
+                mask: m,
+                slice_len: n * n,
+                slice_iou: &[iou; 8],
+                other_mode: None,
+                iou_informative: true,
+                slice_stability: &[],
+                volume_ml: 0.0,
+                plausible_ml: None,
+            })
+        };
         let (q_smooth, t) = q(&smooth, 0.9);
         let t = t.unwrap();
         assert!(t.neighbour.unwrap() > 0.8 && t.continuity == 1.0);
@@ -193,8 +230,26 @@ mod tests {
         let (q_gappy, tg) = q(&gappy, 0.9);
         assert!(tg.unwrap().continuity < 1.0 && q_gappy < q_smooth);
         // Disagreement between modes lowers it too.
-        let (q_agree, _) = quality(&QualityInput { mask: &smooth, slice_len: n * n, slice_iou: &[0.9; 8], other_mode: Some(&smooth), iou_informative: true, slice_stability: &[], volume_ml: 0.0, plausible_ml: None });
-        let (q_disagree, _) = quality(&QualityInput { mask: &smooth, slice_len: n * n, slice_iou: &[0.9; 8], other_mode: Some(&jumpy), iou_informative: true, slice_stability: &[], volume_ml: 0.0, plausible_ml: None });
+        let (q_agree, _) = quality(&QualityInput {
+            mask: &smooth,
+            slice_len: n * n,
+            slice_iou: &[0.9; 8],
+            other_mode: Some(&smooth),
+            iou_informative: true,
+            slice_stability: &[],
+            volume_ml: 0.0,
+            plausible_ml: None,
+        });
+        let (q_disagree, _) = quality(&QualityInput {
+            mask: &smooth,
+            slice_len: n * n,
+            slice_iou: &[0.9; 8],
+            other_mode: Some(&jumpy),
+            iou_informative: true,
+            slice_stability: &[],
+            volume_ml: 0.0,
+            plausible_ml: None,
+        });
         assert!(q_disagree < q_agree);
         assert!((0.0..=1.0).contains(&q_agree));
     }
@@ -209,7 +264,8 @@ mod tests {
                 slice_len: n * n,
                 slice_iou: &[0.9; 8],
                 other_mode: None,
-                iou_informative: true, slice_stability: &[stab; 8],
+                iou_informative: true,
+                slice_stability: &[stab; 8],
                 volume_ml: vol,
                 plausible_ml: Some([10.0, 250.0]),
             })

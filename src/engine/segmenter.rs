@@ -294,15 +294,15 @@ fn device_name(d: Device) -> String {
 impl Segmenter {
     /// Open, verify and load a model directory. A libtorch error while loading is an error, never a panic.
     pub fn from_model_dir(dir: &Path, opts: EngineOptions) -> Result<Segmenter, EngineError> {
-        crate::guard::catch(|| Self::load_unguarded(dir, opts)).unwrap_or_else(|m| {
-            Err(EngineError::ModelLoad { dir: dir.to_path_buf(), message: m })
-        })
+        crate::guard::catch(|| Self::load_unguarded(dir, opts))
+            .unwrap_or_else(|m| Err(EngineError::ModelLoad { dir: dir.to_path_buf(), message: m }))
     }
 
     fn load_unguarded(dir: &Path, opts: EngineOptions) -> Result<Segmenter, EngineError> {
         let md = modeldir::open(dir)?;
         let load_err = |message: String| EngineError::ModelLoad { dir: dir.to_path_buf(), message };
-        let arch: Arch = md.spec.arch.parse().map_err(|e: crate::model::config::UnknownArch| load_err(e.to_string()))?;
+        let arch: Arch =
+            md.spec.arch.parse().map_err(|e: crate::model::config::UnknownArch| load_err(e.to_string()))?;
         let cfg = ModelConfig::for_arch(arch);
         let device = resolve_device(opts.device)?;
         if let Some(n) = opts.threads {
@@ -380,7 +380,8 @@ impl Segmenter {
         req: &SegmentRequest,
         progress: &mut dyn FnMut(Progress),
     ) -> Result<SegmentationResult, EngineError> {
-        crate::guard::catch(|| self.segment_unguarded(volume, req, progress)).unwrap_or_else(|m| Err(EngineError::from_panic(m)))
+        crate::guard::catch(|| self.segment_unguarded(volume, req, progress))
+            .unwrap_or_else(|m| Err(EngineError::from_panic(m)))
     }
 
     fn segment_unguarded(
@@ -415,7 +416,16 @@ impl Segmenter {
                 enc_runs += r;
                 hits.extend(h);
                 dec_runs += self.decode_all(
-                    volume, &feats, z, mode, req.strategy, &mut mask, &mut details, &mut timings, progress, &cancelled,
+                    volume,
+                    &feats,
+                    z,
+                    mode,
+                    req.strategy,
+                    &mut mask,
+                    &mut details,
+                    &mut timings,
+                    progress,
+                    &cancelled,
                 )?;
                 if req.compare_modes {
                     kept.extend(feats);
@@ -427,7 +437,16 @@ impl Segmenter {
                 let mut m2 = Mask::zeros(volume.dims);
                 let mut d2 = Vec::with_capacity(nz);
                 self.decode_all(
-                    volume, &kept, 0, other_mode, req.strategy, &mut m2, &mut d2, &mut timings, &mut |_| {}, &cancelled,
+                    volume,
+                    &kept,
+                    0,
+                    other_mode,
+                    req.strategy,
+                    &mut m2,
+                    &mut d2,
+                    &mut timings,
+                    &mut |_| {},
+                    &cancelled,
                 )?;
                 Some(m2)
             } else {
@@ -520,7 +539,9 @@ impl Segmenter {
             for i in 0..(z1 - z) {
                 let key = self.cache.as_ref().map(|_| FeatureCache::key(&x.narrow(0, i as i64, 1)));
                 if let (Some(c), Some(k)) = (&self.cache, &key) {
-                    if let Some(f) = c.get(k, self.cfg.tap_count, [1, self.cfg.prompt_dim, self.cfg.grid, self.cfg.grid]) {
+                    if let Some(f) =
+                        c.get(k, self.cfg.tap_count, [1, self.cfg.prompt_dim, self.cfg.grid, self.cfg.grid])
+                    {
                         out[z + i - z_start] = Some(f.to_device_kind(self.device, self.kind));
                         hits[z + i - z_start] = true;
                     }
@@ -539,7 +560,8 @@ impl Segmenter {
                     let fi = match (&self.cache, &keys[i as usize]) {
                         (Some(c), Some(k)) => {
                             // Store and use the f16-rounded features so that a later hit gives the same result.
-                            c.put(k, &fi).map_err(|e| EngineError::Cache { dir: PathBuf::new(), message: e.to_string() })?;
+                            c.put(k, &fi)
+                                .map_err(|e| EngineError::Cache { dir: PathBuf::new(), message: e.to_string() })?;
                             cache::round_to_half(&fi)
                         }
                         _ => Features { taps: fi.taps.iter().map(|t| t.copy()).collect(), neck: fi.neck.copy() },
@@ -579,7 +601,8 @@ impl Segmenter {
         let s = self.cfg.image_size;
         let out_side = self.cfg.output_size as usize;
         let th = &self.dir.spec.thresholds;
-        let amg = AmgSettings { iou_threshold: th.iou, nms_threshold: th.nms, min_area: self.min_area(out_side * out_side) };
+        let amg =
+            AmgSettings { iou_threshold: th.iou, nms_threshold: th.nms, min_area: self.min_area(out_side * out_side) };
         let native_min_area = self.min_area(h * w);
         let mut runs = 0;
         for (i, f) in features.iter().enumerate() {
@@ -633,7 +656,8 @@ impl Segmenter {
                     })
                     .collect();
                 // Box mode (official strategy) forces IoU to 1 as the official generator does.
-                let scores: Vec<f64> = if mode == Mode::Box { vec![1.0; n] } else { ious_v.iter().map(|&v| v as f64).collect() };
+                let scores: Vec<f64> =
+                    if mode == Mode::Box { vec![1.0; n] } else { ious_v.iter().map(|&v| v as f64).collect() };
                 prompts::select_mask(&bin, &scores, &amg)
             };
             let mut detail = SliceDetail {

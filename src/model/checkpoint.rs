@@ -117,7 +117,10 @@ pub fn read_safetensors(path: &Path) -> Result<Vec<(String, Tensor)>, Checkpoint
     let len = std::fs::metadata(path).map_err(|source| CheckpointError::Io { path: path.to_path_buf(), source })?.len();
     let cap = crate::limits::get().max_checkpoint_bytes;
     if len > cap {
-        return Err(format_err(path, format!("{len} bytes exceed the limit of {cap} (max_checkpoint_bytes, docs/limits.md)")));
+        return Err(format_err(
+            path,
+            format!("{len} bytes exceed the limit of {cap} (max_checkpoint_bytes, docs/limits.md)"),
+        ));
     }
     let bytes = std::fs::read(path).map_err(|source| CheckpointError::Io { path: path.to_path_buf(), source })?;
     let st = safetensors::SafeTensors::deserialize(&bytes)
@@ -255,9 +258,7 @@ fn read_pth_zip(path: &Path) -> Result<Vec<(String, Tensor)>, CheckpointError> {
         .filter(|n| n.ends_with("/data.pkl") && n.matches('/').count() == 1)
         .min()
         .map(str::to_string)
-        .ok_or_else(|| {
-            format_err(path, "zip archive has no <folder>/data.pkl: not a torch.save checkpoint")
-        })?;
+        .ok_or_else(|| format_err(path, "zip archive has no <folder>/data.pkl: not a torch.save checkpoint"))?;
     let prefix = pkl_name.trim_end_matches("data.pkl").to_string();
     if let Ok(mut f) = zip.by_name(&format!("{prefix}byteorder")) {
         let mut s = String::new();
@@ -272,7 +273,10 @@ fn read_pth_zip(path: &Path) -> Result<Vec<(String, Tensor)>, CheckpointError> {
         .and_then(|f| f.take(limits.max_pickle_bytes + 1).read_to_end(&mut pickle).map_err(Into::into))
         .map_err(|e| format_err(path, format!("cannot read {pkl_name}: {e}")))?;
     if pickle.len() as u64 > limits.max_pickle_bytes {
-        return Err(format_err(path, format!("{pkl_name} is larger than {} bytes (max_pickle_bytes, docs/limits.md)", limits.max_pickle_bytes)));
+        return Err(format_err(
+            path,
+            format!("{pkl_name} is larger than {} bytes (max_pickle_bytes, docs/limits.md)", limits.max_pickle_bytes),
+        ));
     }
     let file_len = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
     let mut budget = limits.max_checkpoint_bytes.min(file_len.saturating_mul(limits.max_zip_ratio));
@@ -312,7 +316,9 @@ fn read_storage<R: Read + std::io::Seek>(
     }
     // Checked before allocating: the whole checkpoint's decoded bytes stay within max_checkpoint_bytes
     // and within max_zip_ratio × the file's size (a zip bomb declares far more than it stores).
-    if nbytes as u64 > *budget || (nbytes as u64) > f.compressed_size().saturating_mul(crate::limits::get().max_zip_ratio) {
+    if nbytes as u64 > *budget
+        || (nbytes as u64) > f.compressed_size().saturating_mul(crate::limits::get().max_zip_ratio)
+    {
         return Err(format!(
             "storage {name} decodes to {nbytes} bytes, beyond the checkpoint limits (max_checkpoint_bytes, max_zip_ratio, docs/limits.md)"
         ));
@@ -675,7 +681,11 @@ impl<'a> Unpickler<'a> {
                 }
                 b'h' | b'j' => {
                     let i = if op == b'h' { self.u8()? as u32 } else { self.u32()? };
-                    let v = self.memo.get(&i).cloned().ok_or_else(|| format!("memo entry {i} read before it was written"))?;
+                    let v = self
+                        .memo
+                        .get(&i)
+                        .cloned()
+                        .ok_or_else(|| format!("memo entry {i} read before it was written"))?;
                     self.push(v)?
                 }
                 b'c' => {

@@ -165,7 +165,7 @@ impl ModelConfig {
                     heads: 4,
                     mlp_ratio: 4,
                     window: 3,
-                        global_indices: vec![1, 3, 5, 7],
+                    global_indices: vec![1, 3, 5, 7],
                     layer_norm_eps: 1e-6,
                 }),
                 prompt_dim: 64,

@@ -98,7 +98,15 @@ impl DeSam {
         let d = cfg.prompt_dim;
         let prompt = PromptEncoder::new(&(&root / "prompt_encoder"), d, cfg.image_size, cfg.grid, cfg.mask_in_chans);
         let md = &root / "mask_decoder";
-        let prim = Prim::new(&md, d, cfg.two_way_depth, cfg.two_way_heads, cfg.two_way_mlp, cfg.iou_hidden, cfg.num_mask_tokens);
+        let prim = Prim::new(
+            &md,
+            d,
+            cfg.two_way_depth,
+            cfg.two_way_heads,
+            cfg.two_way_mlp,
+            cfg.iou_hidden,
+            cfg.num_mask_tokens,
+        );
         let pimm = Pimm::new(&(&md / "pimm"), &backbone.tap_shapes(), cfg.pimm_channels[0], cfg.grid)?;
         Ok(DeSam { cfg: cfg.clone(), vs, backbone, prompt, prim, pimm, channels_last: false })
     }

@@ -87,7 +87,12 @@ pub struct LayerNorm {
 
 impl LayerNorm {
     pub fn new(p: &nn::Path, dim: i64, eps: f64) -> LayerNorm {
-        LayerNorm { weight: p.var("weight", &[dim], Init::Const(1.0)), bias: p.var("bias", &[dim], Init::Const(0.0)), eps, dim }
+        LayerNorm {
+            weight: p.var("weight", &[dim], Init::Const(1.0)),
+            bias: p.var("bias", &[dim], Init::Const(0.0)),
+            eps,
+            dim,
+        }
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {

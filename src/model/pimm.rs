@@ -96,7 +96,10 @@ impl PreUpBlock {
             ups: (0..n)
                 .map(|i| {
                     let ip = &rb / i;
-                    (ConvTranspose2x::new(&(&ip / 0 / "conv"), output, output, false), Srb::new(&(&ip / 1), output, output))
+                    (
+                        ConvTranspose2x::new(&(&ip / 0 / "conv"), output, output, false),
+                        Srb::new(&(&ip / 1), output, output),
+                    )
                 })
                 .collect(),
         }
@@ -206,7 +209,9 @@ impl Pimm {
         let localization = (0..l - 1).map(|i| UpBlock::new(&(&lp / i), ladder[i], ladder[i + 1])).collect();
         let sp = p / "seg_outputs";
         let mut heads: Vec<MonaiConvPlain> = (0..l - 1)
-            .map(|i| MonaiConvPlain { weight: (&sp / i).var("weight", &[1, ladder[i + 1], 1, 1], TORCH_DEFAULT_WEIGHT) })
+            .map(|i| MonaiConvPlain {
+                weight: (&sp / i).var("weight", &[1, ladder[i + 1], 1, 1], TORCH_DEFAULT_WEIGHT),
+            })
             .collect();
         Ok(Pimm {
             context,

@@ -23,7 +23,8 @@ mod tests {
         let shapes: Vec<(i64, i64)> = LITE_TAP_SHAPES.iter().map(|&(c, s)| (c / 8, s / 4)).collect();
         let pimm = Pimm::new(&vs.root(), &shapes, 64, 16).unwrap();
         assert_eq!(pimm.output_size(), 64);
-        let taps: Vec<Tensor> = shapes.iter().map(|&(c, s)| Tensor::randn([1, c, s, s], (Kind::Float, Device::Cpu))).collect();
+        let taps: Vec<Tensor> =
+            shapes.iter().map(|&(c, s)| Tensor::randn([1, c, s, s], (Kind::Float, Device::Cpu))).collect();
         let m = Tensor::randn([2, 64, 16, 16], (Kind::Float, Device::Cpu));
         assert_eq!(pimm.forward(&taps, &m).size(), vec![2, 1, 64, 64]);
         // Branches 1 and 2 have one transposed conv each; branch 0 none.

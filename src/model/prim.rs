@@ -31,13 +31,25 @@ pub struct PrimOutput {
 }
 
 impl Prim {
-    pub fn new(p: &nn::Path, dim: i64, depth: i64, heads: i64, mlp: i64, iou_hidden: i64, num_mask_tokens: i64) -> Prim {
+    pub fn new(
+        p: &nn::Path,
+        dim: i64,
+        depth: i64,
+        heads: i64,
+        mlp: i64,
+        iou_hidden: i64,
+        num_mask_tokens: i64,
+    ) -> Prim {
         let up = p / "output_upscaling";
         let hp = p / "output_hypernetworks_mlps";
         Prim {
             transformer: TwoWayTransformer::new(&(p / "transformer"), depth, dim, heads, mlp),
             iou_token: (p / "iou_token").var("weight", &[1, dim], Init::Randn { mean: 0.0, stdev: 1.0 }),
-            mask_tokens: (p / "mask_tokens").var("weight", &[num_mask_tokens, dim], Init::Randn { mean: 0.0, stdev: 1.0 }),
+            mask_tokens: (p / "mask_tokens").var(
+                "weight",
+                &[num_mask_tokens, dim],
+                Init::Randn { mean: 0.0, stdev: 1.0 },
+            ),
             iou_head: Mlp::new(&(p / "iou_prediction_head"), dim, iou_hidden, num_mask_tokens, 3),
             upscale0: ConvTranspose2x::new(&(&up / 0), dim, dim / 4, true),
             upscale1: LayerNorm2d::new(&(&up / 1), dim / 4, 1e-6),
@@ -51,7 +63,8 @@ impl Prim {
     pub fn forward(&self, image: &Tensor, dense_pe: &Tensor, sparse: &Tensor, dense: &Tensor) -> PrimOutput {
         let b = sparse.size()[0];
         let s = image.size();
-        let output_tokens = Tensor::cat(&[&self.iou_token, &self.mask_tokens], 0).unsqueeze(0).expand([b, -1, -1], false);
+        let output_tokens =
+            Tensor::cat(&[&self.iou_token, &self.mask_tokens], 0).unsqueeze(0).expand([b, -1, -1], false);
         let tokens = Tensor::cat(&[output_tokens, sparse.to_kind(image.kind())], 1);
         let src = image.expand([b, s[1], s[2], s[3]], false) + dense;
         let pos = dense_pe.expand([b, s[1], s[2], s[3]], false);

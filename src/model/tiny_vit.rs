@@ -27,7 +27,10 @@ struct ConvBn {
 impl ConvBn {
     fn new(p: &nn::Path, cin: i64, cout: i64, kernel: i64, stride: i64, padding: i64, groups: i64) -> Self {
         let cfg = nn::ConvConfig { stride, padding, groups, bias: false, ..Default::default() };
-        ConvBn { conv: nn::conv2d(p / "c", cin, cout, kernel, cfg), bn: nn::batch_norm2d(p / "bn", cout, Default::default()) }
+        ConvBn {
+            conv: nn::conv2d(p / "c", cin, cout, kernel, cfg),
+            bn: nn::batch_norm2d(p / "bn", cout, Default::default()),
+        }
     }
     fn forward(&self, x: &Tensor) -> Tensor {
         self.bn.forward_t(&self.conv.forward(x), false)
@@ -199,8 +202,7 @@ impl Block {
             let (ph, pw) = (h + pad_b, w + pad_r);
             let (nh, nw) = (ph / ws, pw / ws);
             let grid = x.view([b, h, w, c]).constant_pad_nd([0, 0, 0, pad_r, 0, pad_b]);
-            let windows =
-                grid.view([b, nh, ws, nw, ws, c]).transpose(2, 3).reshape([b * nh * nw, ws * ws, c]);
+            let windows = grid.view([b, nh, ws, nw, ws, c]).transpose(2, 3).reshape([b * nh * nw, ws * ws, c]);
             let y = self.attn.forward(&windows);
             let y = y.view([b, nh, nw, ws, ws, c]).transpose(2, 3).reshape([b, ph, pw, c]);
             y.narrow(1, 0, h).narrow(2, 0, w).contiguous().view([b, l, c])

@@ -38,11 +38,8 @@ pub fn window_partition(x: &Tensor, ws: i64) -> (Tensor, (i64, i64)) {
     let pw = (ws - w % ws) % ws;
     let x = if ph > 0 || pw > 0 { x.constant_pad_nd([0, 0, 0, pw, 0, ph]) } else { x.shallow_clone() };
     let (hp, wp) = (h + ph, w + pw);
-    let windows = x
-        .view([b, hp / ws, ws, wp / ws, ws, c])
-        .permute([0, 1, 3, 2, 4, 5])
-        .contiguous()
-        .view([-1, ws, ws, c]);
+    let windows =
+        x.view([b, hp / ws, ws, wp / ws, ws, c]).permute([0, 1, 3, 2, 4, 5]).contiguous().view([-1, ws, ws, c]);
     (windows, (hp, wp))
 }
 
@@ -51,11 +48,8 @@ pub fn window_unpartition(windows: &Tensor, ws: i64, pad_hw: (i64, i64), hw: (i6
     let (hp, wp) = pad_hw;
     let (h, w) = hw;
     let b = windows.size()[0] / (hp * wp / ws / ws);
-    let x = windows
-        .view([b, hp / ws, wp / ws, ws, ws, -1])
-        .permute([0, 1, 3, 2, 4, 5])
-        .contiguous()
-        .view([b, hp, wp, -1]);
+    let x =
+        windows.view([b, hp / ws, wp / ws, ws, ws, -1]).permute([0, 1, 3, 2, 4, 5]).contiguous().view([b, hp, wp, -1]);
     if hp > h || wp > w {
         x.narrow(1, 0, h).narrow(2, 0, w).contiguous()
     } else {

@@ -133,7 +133,11 @@ impl Orthanc {
 
     fn answer(what: &str, a: Result<cxx::UniquePtr<ffi::Answer>, cxx::Exception>) -> Result<Vec<u8>, OrthancCallError> {
         let a = a.map_err(|e| OrthancCallError::bridge(what, e))?;
-        let answer = a.as_ref().ok_or_else(|| OrthancCallError { code: -1, message: "null answer".into(), what: what.into() })?;
+        let answer = a.as_ref().ok_or_else(|| OrthancCallError {
+            code: -1,
+            message: "null answer".into(),
+            what: what.into(),
+        })?;
         if answer.code() != 0 {
             return Err(OrthancCallError { code: answer.code(), message: answer.error(), what: what.to_string() });
         }
@@ -161,7 +165,11 @@ impl Orthanc {
         let what = format!("{} {uri}", ["?", "GET", "POST", "PUT", "DELETE"].get(method as usize).unwrap_or(&"?"));
         let a = ffi::rest_call(method, uri, if_match.map(|e| format!("\"{e}\"")).as_deref().unwrap_or(""), body)
             .map_err(|e| OrthancCallError::bridge(&what, e))?;
-        let a = a.as_ref().ok_or_else(|| OrthancCallError { code: -1, message: "null answer".into(), what: what.clone() })?;
+        let a = a.as_ref().ok_or_else(|| OrthancCallError {
+            code: -1,
+            message: "null answer".into(),
+            what: what.clone(),
+        })?;
         let headers: serde_json::Value = serde_json::from_slice(a.headers()).unwrap_or(serde_json::Value::Null);
         let etag = headers
             .as_object()
@@ -181,7 +189,11 @@ impl Orthanc {
     /// Reads one stored file through a callback on the borrowed buffer (no copy of large files).
     pub fn get_json(uri: &str) -> Result<serde_json::Value, OrthancCallError> {
         let bytes = Self::get(uri)?;
-        serde_json::from_slice(&bytes).map_err(|e| OrthancCallError { code: -1, message: format!("invalid JSON: {e}"), what: format!("GET {uri}") })
+        serde_json::from_slice(&bytes).map_err(|e| OrthancCallError {
+            code: -1,
+            message: format!("invalid JSON: {e}"),
+            what: format!("GET {uri}"),
+        })
     }
 
     pub fn log_error(msg: &str) {
@@ -212,7 +224,11 @@ impl Orthanc {
     pub fn set_global_property(id: i32, value: &str) -> Result<(), OrthancCallError> {
         match ffi::set_global_property(id, value) {
             Ok(0) => Ok(()),
-            Ok(code) => Err(OrthancCallError { code, message: "SetGlobalProperty failed".into(), what: format!("global property {id}") }),
+            Ok(code) => Err(OrthancCallError {
+                code,
+                message: "SetGlobalProperty failed".into(),
+                what: format!("global property {id}"),
+            }),
             Err(e) => Err(OrthancCallError::bridge("SetGlobalProperty", e)),
         }
     }

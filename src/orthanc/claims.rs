@@ -66,20 +66,37 @@ pub enum ClaimError {
 }
 
 fn http_error(what: &str, status: u16, body: &[u8]) -> OrthancCallError {
-    OrthancCallError { code: status as i32, message: String::from_utf8_lossy(body).chars().take(300).collect(), what: what.to_string() }
+    OrthancCallError {
+        code: status as i32,
+        message: String::from_utf8_lossy(body).chars().take(300).collect(),
+        what: what.to_string(),
+    }
 }
 
 /// Claims `series_id` for `node` with a lease of `lease_s` seconds.
-pub fn claim(series_id: &str, index: i32, node: &str, model: &str, lease_s: u64) -> Result<(Held, Option<String>), ClaimError> {
+pub fn claim(
+    series_id: &str,
+    index: i32,
+    node: &str,
+    model: &str,
+    lease_s: u64,
+) -> Result<(Held, Option<String>), ClaimError> {
     let uri = format!("/series/{series_id}/metadata/{index}");
     let now = unix_now();
     let current = Orthanc::call(HTTP_GET, &uri, None, &[])?;
     let found = match current.status {
         404 => None,
-        200 => Some((serde_json::from_slice::<ClaimRecord>(&current.body).ok(), current.etag.clone().unwrap_or_default())),
+        200 => {
+            Some((serde_json::from_slice::<ClaimRecord>(&current.body).ok(), current.etag.clone().unwrap_or_default()))
+        }
         s => return Err(http_error(&format!("GET {uri}"), s, &current.body).into()),
     };
-    let record = ClaimRecord { node: node.into(), model: model.into(), expires: now + lease_s as i64, claimed: super::metadata::utc_now() };
+    let record = ClaimRecord {
+        node: node.into(),
+        model: model.into(),
+        expires: now + lease_s as i64,
+        claimed: super::metadata::utc_now(),
+    };
     let body = serde_json::to_vec(&record).expect("a claim serialises");
     let (if_match, previous) = match decide(found, node, now) {
         Decision::HeldBy { node, expires } => return Err(ClaimError::HeldBy { node, expires }),
@@ -99,7 +116,8 @@ impl Held {
     pub fn renew(&mut self, lease_s: u64) -> Result<(), ClaimError> {
         self.record.expires = unix_now() + lease_s as i64;
         let body = serde_json::to_vec(&self.record).expect("a claim serialises");
-        let put = Orthanc::call(HTTP_PUT, &self.uri, Some(&self.etag).filter(|e| !e.is_empty()).map(String::as_str), &body)?;
+        let put =
+            Orthanc::call(HTTP_PUT, &self.uri, Some(&self.etag).filter(|e| !e.is_empty()).map(String::as_str), &body)?;
         match put.status {
             200 => {
                 self.etag = put.etag.unwrap_or_default();
@@ -112,7 +130,8 @@ impl Held {
 
     /// Removes the claim (only if it is still ours).
     pub fn release(self) {
-        let _ = Orthanc::call(HTTP_DELETE, &self.uri, Some(&self.etag).filter(|e| !e.is_empty()).map(String::as_str), &[]);
+        let _ =
+            Orthanc::call(HTTP_DELETE, &self.uri, Some(&self.etag).filter(|e| !e.is_empty()).map(String::as_str), &[]);
     }
 }
 
@@ -150,16 +169,25 @@ mod tests {
     use super::*;
 
     fn rec(node: &str, expires: i64) -> Option<(Option<ClaimRecord>, String)> {
-        Some((Some(ClaimRecord { node: node.into(), model: "m".into(), expires, claimed: String::new() }), "3-x".into()))
+        Some((
+            Some(ClaimRecord { node: node.into(), model: "m".into(), expires, claimed: String::new() }),
+            "3-x".into(),
+        ))
     }
 
     #[test]
     fn claims_are_created_renewed_taken_over_or_respected() {
         assert_eq!(decide(None, "a", 100), Decision::Create);
         assert_eq!(decide(rec("b", 200), "a", 100), Decision::HeldBy { node: "b".into(), expires: 200 });
-        assert_eq!(decide(rec("b", 100), "a", 100), Decision::Replace { etag: "3-x".into(), previous: Some("b".into()) });
+        assert_eq!(
+            decide(rec("b", 100), "a", 100),
+            Decision::Replace { etag: "3-x".into(), previous: Some("b".into()) }
+        );
         assert_eq!(decide(rec("a", 200), "a", 100), Decision::Replace { etag: "3-x".into(), previous: None });
-        assert_eq!(decide(Some((None, "1-y".into())), "a", 100), Decision::Replace { etag: "1-y".into(), previous: None });
+        assert_eq!(
+            decide(Some((None, "1-y".into())), "a", 100),
+            Decision::Replace { etag: "1-y".into(), previous: None }
+        );
         assert_ne!(fnv1a("w1") % 1000, fnv1a("w2") % 1000);
         let back: ClaimRecord = serde_json::from_str(r#"{"Node":"w1","Model":"0.3.0","Expires":5}"#).unwrap();
         assert_eq!(back.node, "w1");
@@ -198,14 +226,18 @@ impl Lease {
                     match held.renew(lease_s) {
                         Ok(()) => {}
                         Err(ClaimError::Lost) => {
-                            Orthanc::log_warning(&format!("DeSAM: series {id}: another node took the claim over; stopping"));
+                            Orthanc::log_warning(&format!(
+                                "DeSAM: series {id}: another node took the claim over; stopping"
+                            ));
                             l.store(true, Ordering::SeqCst);
                             if let Some(flag) = &*c.lock().unwrap_or_else(|p| p.into_inner()) {
                                 flag.store(true, Ordering::SeqCst);
                             }
                             break;
                         }
-                        Err(e) => Orthanc::log_warning(&format!("DeSAM: series {id}: cannot renew the claim ({e}); trying again")),
+                        Err(e) => Orthanc::log_warning(&format!(
+                            "DeSAM: series {id}: cannot renew the claim ({e}); trying again"
+                        )),
                     }
                 }
                 held

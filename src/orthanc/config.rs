@@ -123,7 +123,8 @@ pub enum Role {
 }
 
 /// Placeholders `ViewerUrlTemplate` may use (source series identifiers).
-pub const VIEWER_PLACEHOLDERS: &[&str] = &["{StudyInstanceUID}", "{SeriesInstanceUID}", "{OrthancStudyId}", "{OrthancSeriesId}"];
+pub const VIEWER_PLACEHOLDERS: &[&str] =
+    &["{StudyInstanceUID}", "{SeriesInstanceUID}", "{OrthancStudyId}", "{OrthancSeriesId}"];
 
 /// The identifiers a viewer URL is made of, in `VIEWER_PLACEHOLDERS` order.
 pub struct ViewerIds<'a> {
@@ -201,7 +202,8 @@ impl PluginConfig {
     pub fn from_orthanc_json(text: &str) -> Result<Option<PluginConfig>, ConfigError> {
         let root: serde_json::Value = serde_json::from_str(text).map_err(|e| ConfigError::Json(e.to_string()))?;
         let Some(section) = root.get("DeSAM") else { return Ok(None) };
-        let mut cfg: PluginConfig = serde_json::from_value(section.clone()).map_err(|e| ConfigError::Section(e.to_string()))?;
+        let mut cfg: PluginConfig =
+            serde_json::from_value(section.clone()).map_err(|e| ConfigError::Section(e.to_string()))?;
         cfg.http_port = root.get("HttpPort").and_then(serde_json::Value::as_u64).unwrap_or(8042) as u16;
         cfg.check_revisions = root.get("CheckRevisions").and_then(serde_json::Value::as_bool).unwrap_or(false);
         cfg.validate()?;
@@ -215,7 +217,10 @@ impl PluginConfig {
             return bad("Device", format!("{:?} is not one of \"auto\", \"cpu\", \"cuda\"", self.device));
         }
         if !["auto", "box", "grid"].contains(&self.mode.to_ascii_lowercase().as_str()) {
-            return bad("Mode", format!("{:?} is not one of \"auto\" (the model's default), \"box\", \"grid\"", self.mode));
+            return bad(
+                "Mode",
+                format!("{:?} is not one of \"auto\" (the model's default), \"box\", \"grid\"", self.mode),
+            );
         }
         if self.model_directory.trim().is_empty() {
             return bad("ModelDirectory", "must not be empty".into());
@@ -241,7 +246,10 @@ impl PluginConfig {
             return bad("LeaseSeconds", format!("{} is too short (at least 3)", self.lease_seconds));
         }
         if self.node_id.is_some() && self.cursor_property > 65535 - 1001 {
-            return bad("CursorProperty", "with a NodeId it must leave room for the per-node cursors (at most 64534)".into());
+            return bad(
+                "CursorProperty",
+                "with a NodeId it must leave room for the per-node cursors (at most 64534)".into(),
+            );
         }
         if [self.result_metadata, self.review_metadata].contains(&self.claim_metadata) {
             return bad("ClaimMetadata", "must differ from ResultMetadata and ReviewMetadata".into());
@@ -273,7 +281,10 @@ impl PluginConfig {
             }
             if let Some(i) = rest.find('{') {
                 let unknown: String = rest[i..].chars().take_while(|&c| c != '}').chain(['}']).collect();
-                return bad("ViewerUrlTemplate", format!("unknown placeholder {unknown} (known: {})", VIEWER_PLACEHOLDERS.join(", ")));
+                return bad(
+                    "ViewerUrlTemplate",
+                    format!("unknown placeholder {unknown} (known: {})", VIEWER_PLACEHOLDERS.join(", ")),
+                );
             }
         }
         self.limits.validate().map_err(|reason| ConfigError::Option { option: "Limits", reason })?;
@@ -356,10 +367,17 @@ mod tests {
 
     #[test]
     fn viewer_url_is_filled_in_and_empty_by_default() {
-        let ids = ViewerIds { study_instance_uid: "1.2.3", series_instance_uid: "1.2.3.4", orthanc_study_id: "ab-cd", orthanc_series_id: "ef-01" };
+        let ids = ViewerIds {
+            study_instance_uid: "1.2.3",
+            series_instance_uid: "1.2.3.4",
+            orthanc_study_id: "ab-cd",
+            orthanc_series_id: "ef-01",
+        };
         assert_eq!(viewer_url(&PluginConfig::default().viewer_url_template, &ids), None);
         let t = "http://h:3000/segmentation?StudyInstanceUIDs={StudyInstanceUID}&s={SeriesInstanceUID}&o={OrthancStudyId}/{OrthancSeriesId}";
-        let cfg = PluginConfig::from_orthanc_json(&format!(r#"{{"DeSAM": {{"ViewerUrlTemplate": "{t}"}}}}"#)).unwrap().unwrap();
+        let cfg = PluginConfig::from_orthanc_json(&format!(r#"{{"DeSAM": {{"ViewerUrlTemplate": "{t}"}}}}"#))
+            .unwrap()
+            .unwrap();
         assert_eq!(
             viewer_url(&cfg.viewer_url_template, &ids).as_deref(),
             Some("http://h:3000/segmentation?StudyInstanceUIDs=1.2.3&s=1.2.3.4&o=ab-cd/ef-01")

@@ -5,7 +5,9 @@ use once_cell::sync::Lazy;
 use std::ffi::{c_char, c_void};
 use std::sync::{Arc, Mutex};
 
-use super::bridge::{self, guarded, Orthanc, CHANGE_DELETED, CHANGE_ORTHANC_STARTED, CHANGE_ORTHANC_STOPPED, CHANGE_STABLE_SERIES};
+use super::bridge::{
+    self, guarded, Orthanc, CHANGE_DELETED, CHANGE_ORTHANC_STARTED, CHANGE_ORTHANC_STOPPED, CHANGE_STABLE_SERIES,
+};
 use super::config::PluginConfig;
 use super::pipeline;
 use super::rest;
@@ -44,7 +46,9 @@ fn initialize() -> i32 {
         ));
         return -1;
     }
-    Orthanc::set_description("DeSAM: fully automatic prostate MR segmentation; stores a DICOM-SEG for each new axial T2 series");
+    Orthanc::set_description(
+        "DeSAM: fully automatic prostate MR segmentation; stores a DICOM-SEG for each new axial T2 series",
+    );
     let text = match Orthanc::configuration() {
         Ok(t) => t,
         Err(e) => {

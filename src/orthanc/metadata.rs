@@ -68,14 +68,25 @@ impl ExistingSeg {
             .find_map(|part| part.trim().strip_prefix("quality "))
             .and_then(|q| q.trim().parse::<f64>().ok())
             .filter(|q| q.is_finite());
-        ExistingSeg { sop_instance_uid, instance: instance.to_string(), quality, empty: description.contains("empty result") }
+        ExistingSeg {
+            sop_instance_uid,
+            instance: instance.to_string(),
+            quality,
+            empty: description.contains("empty result"),
+        }
     }
 }
 
 impl ResultRecord {
     /// A record of `status` for one run of `model` in `mode` over `instance_count` instances with
     /// `content_hash`, stamped now; the outcome fields start empty.
-    pub fn new(status: &str, model: &super::pipeline::ModelIdentity, mode: &str, content_hash: &str, instance_count: usize) -> ResultRecord {
+    pub fn new(
+        status: &str,
+        model: &super::pipeline::ModelIdentity,
+        mode: &str,
+        content_hash: &str,
+        instance_count: usize,
+    ) -> ResultRecord {
         ResultRecord {
             status: status.into(),
             model_name: model.name.clone(),
@@ -106,7 +117,9 @@ impl ResultRecord {
 
     /// True if this record already covers (model, content): the series needs no new run.
     pub fn covers(&self, model_sha256: &str, content_hash: &str) -> bool {
-        (self.status == "done" || self.status == "empty") && self.model_sha256 == model_sha256 && self.content_hash == content_hash
+        (self.status == "done" || self.status == "empty")
+            && self.model_sha256 == model_sha256
+            && self.content_hash == content_hash
     }
 }
 
@@ -178,7 +191,10 @@ pub fn matching_seg(seg_tags: &Value, series_uid: &str, version_tag: &str, conte
     if !same_model {
         return None;
     }
-    let refs = seg_tags.get("ReferencedSeriesSequence").map(|r| strings_under(r, "ReferencedSOPInstanceUID")).unwrap_or_default();
+    let refs = seg_tags
+        .get("ReferencedSeriesSequence")
+        .map(|r| strings_under(r, "ReferencedSOPInstanceUID"))
+        .unwrap_or_default();
     if refs.is_empty() || content_hash(&refs) != content_hash_now {
         return None;
     }
@@ -187,7 +203,8 @@ pub fn matching_seg(seg_tags: &Value, series_uid: &str, version_tag: &str, conte
 
 /// UTC now as "YYYY-MM-DDTHH:MM:SSZ" without a date crate.
 pub fn utc_now() -> String {
-    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0) as i64;
+    let secs =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0) as i64;
     let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
     // Civil-from-days (Howard Hinnant's algorithm).
     let z = days + 719_468;
@@ -216,7 +233,12 @@ mod tests {
 
     #[test]
     fn record_covers_only_same_model_and_content() {
-        let r = ResultRecord { status: "done".into(), model_sha256: "abc".into(), content_hash: "h".into(), ..Default::default() };
+        let r = ResultRecord {
+            status: "done".into(),
+            model_sha256: "abc".into(),
+            content_hash: "h".into(),
+            ..Default::default()
+        };
         assert!(r.covers("abc", "h"));
         assert!(!r.covers("abd", "h"));
         assert!(!r.covers("abc", "h2"));
@@ -252,10 +274,18 @@ mod tests {
         assert_eq!(r.quality_score, Some(0.9));
         assert_eq!(r.failed_runs.iter().map(|f| f.error.clone().unwrap()).collect::<Vec<_>>(), ["two", "one"]);
         assert_eq!(failed("old").with_failed_run(failed("new")).error.as_deref(), Some("new"));
-        let seg = ExistingSeg::from_tags("1.2".into(), "abc", &json!({"ContentDescription": "DeSAM prostate segmentation; quality 0.42; gland 30.1 mL"}));
+        let seg = ExistingSeg::from_tags(
+            "1.2".into(),
+            "abc",
+            &json!({"ContentDescription": "DeSAM prostate segmentation; quality 0.42; gland 30.1 mL"}),
+        );
         assert_eq!(seg.quality, Some(0.42));
         assert!(!seg.empty);
-        let e = ExistingSeg::from_tags("1.3".into(), "abd", &json!({"ContentDescription": "DeSAM prostate: empty result; quality 0.10"}));
+        let e = ExistingSeg::from_tags(
+            "1.3".into(),
+            "abd",
+            &json!({"ContentDescription": "DeSAM prostate: empty result; quality 0.10"}),
+        );
         assert!(e.empty && e.quality == Some(0.10));
     }
 

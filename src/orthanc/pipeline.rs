@@ -94,7 +94,13 @@ impl SeriesProcessor for IngestOnly {
     fn loaded_device(&self) -> Option<String> {
         None
     }
-    fn process(&self, _: &[Vec<u8>], _: &ProcessRequest, _: &mut dyn FnMut(f32), _: &Arc<AtomicBool>) -> Result<ProcessOutput, ProcessError> {
+    fn process(
+        &self,
+        _: &[Vec<u8>],
+        _: &ProcessRequest,
+        _: &mut dyn FnMut(f32),
+        _: &Arc<AtomicBool>,
+    ) -> Result<ProcessOutput, ProcessError> {
         Err(ProcessError::Model("this is an ingest node: it segments nothing".into()))
     }
 }
@@ -129,11 +135,20 @@ impl EngineProcessor {
         let dir = PathBuf::from(&config.model_directory);
         let spec = modeldir::read_spec(&dir).map_err(|e| ProcessError::Model(e.to_string()))?;
         let md = ModelDir { dir: dir.clone(), spec, backbone_paths: Vec::new(), decoder_paths: Vec::new() };
-        let identity = ModelIdentity { name: md.spec.name.clone(), version: md.spec.version.clone(), sha256: md.model_sha256() };
+        let identity =
+            ModelIdentity { name: md.spec.name.clone(), version: md.spec.version.clone(), sha256: md.model_sha256() };
         let device: DeviceChoice = config.device.parse().map_err(ProcessError::Model)?;
         let default_mode = parse_mode(&config.mode).map_err(ProcessError::Model)?;
-        let options = EngineOptions { device, threads: (config.threads > 0).then_some(config.threads), ..Default::default() };
-        Ok(EngineProcessor { dir, identity, options, default_mode, segmenter: Mutex::new(None), loaded_device: Mutex::new(None) })
+        let options =
+            EngineOptions { device, threads: (config.threads > 0).then_some(config.threads), ..Default::default() };
+        Ok(EngineProcessor {
+            dir,
+            identity,
+            options,
+            default_mode,
+            segmenter: Mutex::new(None),
+            loaded_device: Mutex::new(None),
+        })
     }
 
     pub fn model_dir(&self) -> &Path {
@@ -141,7 +156,8 @@ impl EngineProcessor {
     }
 
     fn load(&self) -> Result<Segmenter, ProcessError> {
-        let s = Segmenter::from_model_dir(&self.dir, self.options.clone()).map_err(|e| ProcessError::Model(e.to_string()))?;
+        let s = Segmenter::from_model_dir(&self.dir, self.options.clone())
+            .map_err(|e| ProcessError::Model(e.to_string()))?;
         let id = s.model_id();
         if id.sha256 != self.identity.sha256 {
             return Err(ProcessError::Model(format!(
@@ -205,8 +221,11 @@ impl SeriesProcessor for EngineProcessor {
             Err(e @ EngineError::OutOfMemory(_)) if segmenter.device().is_cuda() => {
                 // A GPU that is full (another process, a huge series) should not lose the series.
                 warnings.push(format!("GPU out of memory ({e}); retrying this series on the CPU"));
-                let cpu = Segmenter::from_model_dir(&self.dir, EngineOptions { device: DeviceChoice::Cpu, ..self.options.clone() })
-                    .map_err(|e| ProcessError::Model(e.to_string()))?;
+                let cpu = Segmenter::from_model_dir(
+                    &self.dir,
+                    EngineOptions { device: DeviceChoice::Cpu, ..self.options.clone() },
+                )
+                .map_err(|e| ProcessError::Model(e.to_string()))?;
                 match cpu.segment(&volume, &seg_request, &mut report) {
                     Ok(r) => r,
                     Err(EngineError::Cancelled) => return Err(ProcessError::Cancelled),
@@ -234,12 +253,14 @@ impl SeriesProcessor for EngineProcessor {
             return Ok(ProcessOutput { seg: None, summary });
         }
         let mut opts = SegOptions::new(&self.identity.name, &self.identity.seg_version());
-        opts.series_description = Some(format!("{} {}", request.series_description, self.identity.version).trim().to_string());
+        opts.series_description =
+            Some(format!("{} {}", request.series_description, self.identity.version).trim().to_string());
         opts.quality_score = Some(result.quality);
         opts.gland_volume_ml = Some(result.volume_ml);
         let segment = Segment { info: SegmentInfo::prostate(&self.identity.name), mask: &result.mask };
         let bytes = dicom::write_seg(&volume, &[segment], &opts).map_err(|e| ProcessError::Write(e.to_string()))?;
-        let written = dicom::read_seg_standalone(&bytes).map_err(|e| ProcessError::Write(format!("the written SEG does not read back: {e}")))?;
+        let written = dicom::read_seg_standalone(&bytes)
+            .map_err(|e| ProcessError::Write(format!("the written SEG does not read back: {e}")))?;
         summary.seg_sop_instance_uid = Some(written.sop_instance_uid);
         summary.seg_series_instance_uid = written.series_instance_uid;
         progress(1.0);

@@ -6,7 +6,8 @@ use serde_json::{json, Value};
 use super::bridge::{Orthanc, RestReply, HTTP_GET, HTTP_POST};
 use super::entry;
 
-pub const ROUTES: &[&str] = &["/desam/status", "/desam/models", "/desam/series/([^/]+)", "/desam/series/([^/]+)/segment"];
+pub const ROUTES: &[&str] =
+    &["/desam/status", "/desam/models", "/desam/series/([^/]+)", "/desam/series/([^/]+)/segment"];
 
 pub fn reply_json(status: u16, v: &Value) -> RestReply {
     RestReply {
@@ -64,7 +65,9 @@ pub fn handle(method: u32, url: &str, groups: &[String], body: &[u8]) -> RestRep
                 Ok(v) if v.is_object() => {
                     let mode = match v.get("Mode") {
                         None | Some(Value::Null) => None,
-                        Some(Value::String(m)) if super::pipeline::parse_mode(m).is_ok() => Some(m.to_ascii_lowercase()),
+                        Some(Value::String(m)) if super::pipeline::parse_mode(m).is_ok() => {
+                            Some(m.to_ascii_lowercase())
+                        }
                         Some(Value::String(m)) => {
                             return error(400, &format!("\"Mode\" must be \"auto\", \"box\" or \"grid\", not {m:?}"))
                         }
@@ -81,7 +84,10 @@ pub fn handle(method: u32, url: &str, groups: &[String], body: &[u8]) -> RestRep
             Err(e) => return error(500, &e.to_string()),
         }
         return match plugin.enqueue_manual(id, mode.clone(), force) {
-            Ok(n) => reply_json(200, &json!({"Series": id, "Queued": true, "QueueLength": n, "Mode": mode.unwrap_or_else(|| plugin.config.mode.clone()), "Force": force})),
+            Ok(n) => reply_json(
+                200,
+                &json!({"Series": id, "Queued": true, "QueueLength": n, "Mode": mode.unwrap_or_else(|| plugin.config.mode.clone()), "Force": force}),
+            ),
             Err(msg) => error(503, &msg),
         };
     }
@@ -142,17 +148,21 @@ fn cluster_counts() -> Value {
 /// The active model plus any sibling model directories (each with a readable model.json).
 fn models(active_dir: &str, processor: &dyn super::pipeline::SeriesProcessor) -> Value {
     let active = match processor.identity() {
-        Ok(id) => json!({"Directory": active_dir, "Identity": id, "Loaded": processor.loaded_device().is_some(), "Device": processor.loaded_device()}),
+        Ok(id) => {
+            json!({"Directory": active_dir, "Identity": id, "Loaded": processor.loaded_device().is_some(), "Device": processor.loaded_device()})
+        }
         Err(e) => json!({"Directory": active_dir, "Error": e.to_string()}),
     };
     let mut available = Vec::new();
     let active_path = std::path::Path::new(active_dir);
     if let Some(parent) = active_path.parent() {
         if let Ok(entries) = std::fs::read_dir(parent) {
-            let mut dirs: Vec<_> = entries.flatten().map(|e| e.path()).filter(|p| p.join("model.json").is_file()).collect();
+            let mut dirs: Vec<_> =
+                entries.flatten().map(|e| e.path()).filter(|p| p.join("model.json").is_file()).collect();
             dirs.sort();
             for d in dirs {
-                let card = std::fs::read(d.join("model.json")).ok().and_then(|b| serde_json::from_slice::<Value>(&b).ok());
+                let card =
+                    std::fs::read(d.join("model.json")).ok().and_then(|b| serde_json::from_slice::<Value>(&b).ok());
                 available.push(json!({
                     "Directory": d.display().to_string(),
                     "Name": card.as_ref().and_then(|c| c.get("name").cloned()),

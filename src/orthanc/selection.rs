@@ -54,7 +54,11 @@ impl SeriesFacts {
         let main = series.get("MainDicomTags").cloned().unwrap_or(Value::Null);
         let pick = |key: &str| {
             let t = text(tags, key);
-            if t.is_empty() { text(&main, key) } else { t }
+            if t.is_empty() {
+                text(&main, key)
+            } else {
+                t
+            }
         };
         let orientation = parse_ds(&pick("ImageOrientationPatient"))
             .filter(|v| v.len() == 6)
@@ -122,7 +126,9 @@ pub fn series_rules(f: &SeriesFacts, filter: &CompiledFilter) -> Option<String> 
         if !texts.iter().any(|t| !t.is_empty() && re.is_match(t)) {
             return Some(format!(
                 "SeriesDescription {:?} / ProtocolName {:?} do not match DescriptionPattern {:?}",
-                f.series_description, f.protocol_name, re.as_str()
+                f.series_description,
+                f.protocol_name,
+                re.as_str()
             ));
         }
     }
@@ -140,7 +146,10 @@ pub fn series_rules(f: &SeriesFacts, filter: &CompiledFilter) -> Option<String> 
         Some(iop) => {
             let angle = obliquity_degrees(iop);
             if angle > filter.max_obliquity_degrees {
-                return Some(format!("slices are {angle:.0}° from axial (MaxObliquityDegrees {})", filter.max_obliquity_degrees));
+                return Some(format!(
+                    "slices are {angle:.0}° from axial (MaxObliquityDegrees {})",
+                    filter.max_obliquity_degrees
+                ));
             }
         }
         None if f.frames_per_instance <= 1 => return Some("no ImageOrientationPatient".into()),
@@ -221,8 +230,10 @@ mod tests {
 
     #[test]
     fn facts_come_from_orthanc_json() {
-        let series = json!({"MainDicomTags": {"Modality": "MR", "SeriesDescription": "T2 ax"}, "Instances": ["a", "b"]});
-        let tags = json!({"ImageOrientationPatient": "1\\0\\0\\0\\1\\0", "ScanningSequence": "SE", "Manufacturer": "GE"});
+        let series =
+            json!({"MainDicomTags": {"Modality": "MR", "SeriesDescription": "T2 ax"}, "Instances": ["a", "b"]});
+        let tags =
+            json!({"ImageOrientationPatient": "1\\0\\0\\0\\1\\0", "ScanningSequence": "SE", "Manufacturer": "GE"});
         let meta = json!({"SopClassUid": "1.2.840.10008.5.1.4.1.1.4", "Origin": "DicomProtocol"});
         let f = SeriesFacts::from_orthanc(&series, &tags, &meta);
         assert_eq!(f.modality, "MR");

@@ -36,7 +36,9 @@ pub enum WorkItem {
 impl WorkItem {
     fn series_id(&self) -> &str {
         match self {
-            WorkItem::Change { series_id, .. } | WorkItem::Manual { series_id, .. } | WorkItem::Recheck { series_id } => series_id,
+            WorkItem::Change { series_id, .. }
+            | WorkItem::Manual { series_id, .. }
+            | WorkItem::Recheck { series_id } => series_id,
             WorkItem::Resume(job) => &job.series_id,
         }
     }
@@ -203,7 +205,10 @@ impl Plugin {
     /// Queues a manual request; Err when the queue is full or this is an ingest node.
     pub fn enqueue_manual(&self, series_id: &str, mode: Option<String>, force: bool) -> Result<usize, String> {
         if self.config.role == Role::Ingest {
-            return Err(format!("node {} is an ingest node (\"Role\": \"ingest\"): send the request to a worker node", self.config.node()));
+            return Err(format!(
+                "node {} is an ingest node (\"Role\": \"ingest\"): send the request to a worker node",
+                self.config.node()
+            ));
         }
         let mut st = self.state.lock().unwrap();
         if st.len() >= self.config.max_queue_length {
@@ -218,7 +223,8 @@ impl Plugin {
 
     pub fn queue_json(&self) -> Value {
         let st = self.state.lock().unwrap();
-        let waiting: Vec<&str> = st.manual.iter().map(|i| i.series_id()).chain(st.changes.iter().map(|(s, _)| s.as_str())).collect();
+        let waiting: Vec<&str> =
+            st.manual.iter().map(|i| i.series_id()).chain(st.changes.iter().map(|(s, _)| s.as_str())).collect();
         json!({
             "Length": st.len(),
             "Max": self.config.max_queue_length,
@@ -250,18 +256,24 @@ impl Plugin {
 
     fn run(self: Arc<Self>) {
         if self.config.role == Role::Ingest {
-            Orthanc::log_warning(&format!("DeSAM: node {} is an ingest node: it claims and segments nothing", self.config.node()));
+            Orthanc::log_warning(&format!(
+                "DeSAM: node {} is an ingest node: it claims and segments nothing",
+                self.config.node()
+            ));
         } else if self.config.stable_series_trigger {
             if let Err(e) = self.init_cursor() {
-                Orthanc::log_error(&format!("DeSAM: cannot read the change log ({e}); automatic processing is off until restart"));
+                Orthanc::log_error(&format!(
+                    "DeSAM: cannot read the change log ({e}); automatic processing is off until restart"
+                ));
             }
         }
         while !self.shutdown.load(Ordering::SeqCst) {
             let item = {
                 let mut st = self.state.lock().unwrap();
-                let next = st.manual.pop_front().or_else(|| {
-                    st.changes.pop_front().map(|(series_id, seq)| WorkItem::Change { series_id, seq })
-                });
+                let next = st
+                    .manual
+                    .pop_front()
+                    .or_else(|| st.changes.pop_front().map(|(series_id, seq)| WorkItem::Change { series_id, seq }));
                 if let Some(item) = &next {
                     if let WorkItem::Change { series_id, .. } = item {
                         st.queued.remove(series_id.as_str());
@@ -338,7 +350,9 @@ impl Plugin {
         let cursor = match stored.split_whitespace().next().unwrap_or("").parse::<i64>() {
             Ok(c) if c <= last => c,
             Ok(c) => {
-                Orthanc::log_warning(&format!("DeSAM: stored change cursor {c} is past the log's end {last}; starting from {last}"));
+                Orthanc::log_warning(&format!(
+                    "DeSAM: stored change cursor {c} is past the log's end {last}; starting from {last}"
+                ));
                 last
             }
             Err(_) => {
@@ -356,7 +370,11 @@ impl Plugin {
             st.ready = true;
         }
         if self.config.catch_up && cursor < last {
-            Orthanc::log_warning(&format!("DeSAM: catching up on changes {}..{} that happened while the plugin was not running", cursor + 1, last));
+            Orthanc::log_warning(&format!(
+                "DeSAM: catching up on changes {}..{} that happened while the plugin was not running",
+                cursor + 1,
+                last
+            ));
         }
         self.persist_cursor();
         Ok(())
@@ -426,7 +444,9 @@ impl Plugin {
 
     fn handle(&self, item: WorkItem) {
         let (series_id, mode, force, job, manual) = match item {
-            WorkItem::Change { series_id, .. } | WorkItem::Recheck { series_id } => (series_id, None, false, None, false),
+            WorkItem::Change { series_id, .. } | WorkItem::Recheck { series_id } => {
+                (series_id, None, false, None, false)
+            }
             WorkItem::Manual { series_id, mode, force } => (series_id, mode, force, None, true),
             WorkItem::Resume(job) => (job.series_id.clone(), Some(job.mode.clone()), true, Some(job), true),
         };
@@ -454,15 +474,17 @@ impl Plugin {
                 Orthanc::log_warning(&format!("DeSAM: series {series_id} skipped: {reason}"));
             }
             Outcome::Failed(msg) if self.shutdown.load(Ordering::SeqCst) => {
-                Orthanc::log_warning(&format!("DeSAM: series {series_id} interrupted by the shutdown ({msg}); it runs again at the next start"));
+                Orthanc::log_warning(&format!(
+                    "DeSAM: series {series_id} interrupted by the shutdown ({msg}); it runs again at the next start"
+                ));
             }
             Outcome::Failed(msg) => {
                 self.metrics.record_failure();
                 Orthanc::log_error(&format!("DeSAM: series {series_id} failed: {msg}"));
             }
-            Outcome::Canceled if self.shutdown.load(Ordering::SeqCst) => {
-                Orthanc::log_warning(&format!("DeSAM: series {series_id} interrupted by the shutdown; it runs again at the next start"))
-            }
+            Outcome::Canceled if self.shutdown.load(Ordering::SeqCst) => Orthanc::log_warning(&format!(
+                "DeSAM: series {series_id} interrupted by the shutdown; it runs again at the next start"
+            )),
             Outcome::Canceled => Orthanc::log_warning(&format!("DeSAM: series {series_id}: job canceled")),
             Outcome::Done => {}
         }
@@ -487,15 +509,23 @@ impl Plugin {
 
     /// An existing SEG from this model over exactly this content, searched by StudyInstanceUID across
     /// the whole archive (a SEG whose patient attributes differ may sit under another Orthanc study).
-    fn find_existing_seg(&self, study_uid: &str, series_uid: &str, model: &ModelIdentity, hash: &str) -> Result<Option<metadata::ExistingSeg>, OrthancCallError> {
-        let query = json!({"Level": "Series", "Query": {"StudyInstanceUID": study_uid, "Modality": "SEG"}, "Expand": true});
+    fn find_existing_seg(
+        &self,
+        study_uid: &str,
+        series_uid: &str,
+        model: &ModelIdentity,
+        hash: &str,
+    ) -> Result<Option<metadata::ExistingSeg>, OrthancCallError> {
+        let query =
+            json!({"Level": "Series", "Query": {"StudyInstanceUID": study_uid, "Modality": "SEG"}, "Expand": true});
         let series_list: Value = serde_json::from_slice(&Orthanc::post("/tools/find", query.to_string().as_bytes())?)
             .map_err(|e| OrthancCallError::bridge("/tools/find", e.to_string()))?;
         for s in series_list.as_array().into_iter().flatten() {
             let main = &s["MainDicomTags"];
             let modality = main["Modality"].as_str().unwrap_or("");
             let manufacturer = main["Manufacturer"].as_str().unwrap_or("");
-            if !modality.eq_ignore_ascii_case("SEG") || !manufacturer.eq_ignore_ascii_case(selection::OUR_MANUFACTURER) {
+            if !modality.eq_ignore_ascii_case("SEG") || !manufacturer.eq_ignore_ascii_case(selection::OUR_MANUFACTURER)
+            {
                 continue;
             }
             for inst in s["Instances"].as_array().into_iter().flatten().filter_map(Value::as_str) {
@@ -508,23 +538,38 @@ impl Plugin {
         Ok(None)
     }
 
-    fn process_series(&self, series_id: &str, mode: Option<String>, force: bool, manual: bool, job: Option<Arc<JobShared>>) -> Result<Outcome, RunError> {
+    fn process_series(
+        &self,
+        series_id: &str,
+        mode: Option<String>,
+        force: bool,
+        manual: bool,
+        job: Option<Arc<JobShared>>,
+    ) -> Result<Outcome, RunError> {
         let mode = mode.unwrap_or_else(|| self.config.mode.clone());
         let series = match Orthanc::get_json(&format!("/series/{series_id}")) {
             Ok(s) => s,
             Err(e) if e.is_not_found() => return Ok(Outcome::Skipped("the series no longer exists".into())),
             Err(e) => return Err(e.into()),
         };
-        let instance_ids: Vec<String> = series["Instances"].as_array().into_iter().flatten().filter_map(|v| v.as_str().map(String::from)).collect();
-        let Some(first) = instance_ids.first() else { return Ok(Outcome::Skipped("the series has no instances".into())) };
+        let instance_ids: Vec<String> =
+            series["Instances"].as_array().into_iter().flatten().filter_map(|v| v.as_str().map(String::from)).collect();
+        let Some(first) = instance_ids.first() else {
+            return Ok(Outcome::Skipped("the series has no instances".into()));
+        };
         let study_id = series["ParentStudy"].as_str().unwrap_or("").to_string();
-        let patient_id = Orthanc::get_json(&format!("/studies/{study_id}")).ok().and_then(|s| s["ParentPatient"].as_str().map(String::from));
+        let patient_id = Orthanc::get_json(&format!("/studies/{study_id}"))
+            .ok()
+            .and_then(|s| s["ParentPatient"].as_str().map(String::from));
         {
             let mut st = self.state.lock().unwrap();
-            st.running_ids = [Some(series_id.to_string()), Some(study_id.clone()), patient_id].into_iter().flatten().collect();
+            st.running_ids =
+                [Some(series_id.to_string()), Some(study_id.clone()), patient_id].into_iter().flatten().collect();
         }
-        let tags = Orthanc::get_json(&format!("/instances/{first}/simplified-tags")).map_err(|e| self.vanished_or(series_id, e))?;
-        let meta = Orthanc::get_json(&format!("/instances/{first}/metadata?expand")).map_err(|e| self.vanished_or(series_id, e))?;
+        let tags = Orthanc::get_json(&format!("/instances/{first}/simplified-tags"))
+            .map_err(|e| self.vanished_or(series_id, e))?;
+        let meta = Orthanc::get_json(&format!("/instances/{first}/metadata?expand"))
+            .map_err(|e| self.vanished_or(series_id, e))?;
         let facts = SeriesFacts::from_orthanc(&series, &tags, &meta);
         if let Some(reason) = selection::hard_rules(&facts, &self.config.series_description) {
             return Ok(Outcome::Skipped(reason));
@@ -537,7 +582,12 @@ impl Plugin {
 
         let model = self.processor.identity()?;
         let listing = Orthanc::get_json(&format!("/series/{series_id}/instances"))?;
-        let uids: Vec<String> = listing.as_array().into_iter().flatten().filter_map(|i| i["MainDicomTags"]["SOPInstanceUID"].as_str().map(String::from)).collect();
+        let uids: Vec<String> = listing
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|i| i["MainDicomTags"]["SOPInstanceUID"].as_str().map(String::from))
+            .collect();
         let hash = metadata::content_hash(&uids);
         let series_uid = series["MainDicomTags"]["SeriesInstanceUID"].as_str().unwrap_or("").to_string();
         let study_uid = tags["StudyInstanceUID"].as_str().unwrap_or("").to_string();
@@ -556,10 +606,18 @@ impl Plugin {
         }
         // Cluster: one worker per series. A live claim of another node defers the series; ours (a
         // restart with the same node id) or an expired one is taken; the claim is renewed while we work.
-        let claim = match claims::claim(series_id, self.config.claim_metadata, &self.config.node(), &model.seg_version(), self.config.lease_seconds) {
+        let claim = match claims::claim(
+            series_id,
+            self.config.claim_metadata,
+            &self.config.node(),
+            &model.seg_version(),
+            self.config.lease_seconds,
+        ) {
             Ok((held, previous)) => {
                 if let Some(p) = previous {
-                    Orthanc::log_warning(&format!("DeSAM: series {series_id}: taking over the expired claim of node {p}"));
+                    Orthanc::log_warning(&format!(
+                        "DeSAM: series {series_id}: taking over the expired claim of node {p}"
+                    ));
                 }
                 held
             }
@@ -577,7 +635,10 @@ impl Plugin {
             // Another node may have finished between our first look and the claim.
             if let Some(rec) = self.read_record(series_id) {
                 if rec.covers(&model.sha256, &hash) {
-                    return Ok(Outcome::Skipped(format!("already segmented by {} {} (another node, just now)", rec.model_name, rec.model_version)));
+                    return Ok(Outcome::Skipped(format!(
+                        "already segmented by {} {} (another node, just now)",
+                        rec.model_name, rec.model_version
+                    )));
                 }
             }
             if let Some(found) = self.find_existing_seg(&study_uid, &series_uid, &model, &hash)? {
@@ -592,7 +653,10 @@ impl Plugin {
                     ..ResultRecord::new("done", &model, &mode, &hash, uids.len())
                 };
                 self.write_record(series_id, &record)?;
-                return Ok(Outcome::Skipped(format!("an existing SEG ({seg_uid}) from {} {} covers this series; metadata restored", model.name, model.version)));
+                return Ok(Outcome::Skipped(format!(
+                    "an existing SEG ({seg_uid}) from {} {} covers this series; metadata restored",
+                    model.name, model.version
+                )));
             }
         }
 
@@ -607,7 +671,9 @@ impl Plugin {
                     }
                     Err(e) => {
                         // Without the jobs engine the worker still does the work; status stays visible via /desam.
-                        Orthanc::log_warning(&format!("DeSAM: cannot submit a job ({e}); processing series {series_id} in the worker"));
+                        Orthanc::log_warning(&format!(
+                            "DeSAM: cannot submit a job ({e}); processing series {series_id} in the worker"
+                        ));
                         j.set_phase(Phase::Started);
                     }
                 }
@@ -658,23 +724,36 @@ impl Plugin {
                         record.seg_sop_instance_uid.as_deref().unwrap_or("not stored (empty result)")
                     );
                     if record.needs_review {
-                        Orthanc::log_warning(&format!("{msg}; QA below {} or flagged: needs review", self.config.quality_threshold));
+                        Orthanc::log_warning(&format!(
+                            "{msg}; QA below {} or flagged: needs review",
+                            self.config.quality_threshold
+                        ));
                     } else {
                         Orthanc::log_info(&msg);
                     }
                     break Outcome::Done;
                 }
                 Err(RunError::Vanished) => break skip_job(&job, VANISHED),
-                Err(RunError::Process(ProcessError::Cancelled)) if lease.lost() => break skip_job(&job, "another node took the claim over"),
-                Err(RunError::Process(ProcessError::Cancelled)) if !self.shutdown.load(Ordering::SeqCst) && !self.series_exists(series_id) => {
+                Err(RunError::Process(ProcessError::Cancelled)) if lease.lost() => {
+                    break skip_job(&job, "another node took the claim over")
+                }
+                Err(RunError::Process(ProcessError::Cancelled))
+                    if !self.shutdown.load(Ordering::SeqCst) && !self.series_exists(series_id) =>
+                {
                     break skip_job(&job, VANISHED)
                 }
-                Err(RunError::Process(ProcessError::Cancelled)) if !self.shutdown.load(Ordering::SeqCst) && job.phase() == Phase::Paused => {
+                Err(RunError::Process(ProcessError::Cancelled))
+                    if !self.shutdown.load(Ordering::SeqCst) && job.phase() == Phase::Paused =>
+                {
                     Orthanc::log_info(&format!("DeSAM: series {series_id}: job paused"));
                     continue;
                 }
                 Err(RunError::Process(ProcessError::Cancelled)) => {
-                    job.set_phase(if self.shutdown.load(Ordering::SeqCst) { Phase::Failed("Orthanc is stopping".into()) } else { Phase::Canceled });
+                    job.set_phase(if self.shutdown.load(Ordering::SeqCst) {
+                        Phase::Failed("Orthanc is stopping".into())
+                    } else {
+                        Phase::Canceled
+                    });
                     break Outcome::Canceled;
                 }
                 Err(_) if self.shutdown.load(Ordering::SeqCst) => {
@@ -704,7 +783,16 @@ impl Plugin {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn run_job(&self, series_id: &str, instance_ids: &[String], uids: &[String], hash: &str, model: &ModelIdentity, mode: &str, job: &JobShared) -> Result<ResultRecord, RunError> {
+    fn run_job(
+        &self,
+        series_id: &str,
+        instance_ids: &[String],
+        uids: &[String],
+        hash: &str,
+        model: &ModelIdentity,
+        mode: &str,
+        job: &JobShared,
+    ) -> Result<ResultRecord, RunError> {
         let started = Instant::now();
         let mut files = Vec::with_capacity(instance_ids.len());
         for (i, id) in instance_ids.iter().enumerate() {
@@ -740,8 +828,12 @@ impl Plugin {
         let seg_instance = match &output.seg {
             Some(bytes) => {
                 let answer = Orthanc::post("/instances", bytes)?;
-                let v: Value = serde_json::from_slice(&answer).map_err(|e| RunError::Other(format!("unexpected answer from POST /instances: {e}")))?;
-                let id = v["ID"].as_str().ok_or_else(|| RunError::Other(format!("POST /instances answered {v}")))?.to_string();
+                let v: Value = serde_json::from_slice(&answer)
+                    .map_err(|e| RunError::Other(format!("unexpected answer from POST /instances: {e}")))?;
+                let id = v["ID"]
+                    .as_str()
+                    .ok_or_else(|| RunError::Other(format!("POST /instances answered {v}")))?
+                    .to_string();
                 if !self.series_exists(series_id) {
                     // Deleted between the check and the store: take our own SEG back (Orthanc then
                     // removes the study and patient it re-created). Source instances are never touched.

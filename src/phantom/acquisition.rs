@@ -40,11 +40,7 @@ pub fn place(protocol: &CaseProtocol, rng: &mut ChaCha20Rng) -> Geometry {
     let col = [0.0, th.cos(), th.sin()];
     let normal = [0.0, -th.sin(), th.cos()];
     // Arbitrary but plausible table position of the gland.
-    let gland_centre = [
-        rng.gen_range(-8.0..8.0),
-        rng.gen_range(-40.0..-10.0),
-        rng.gen_range(-90.0..-30.0),
-    ];
+    let gland_centre = [rng.gen_range(-8.0..8.0), rng.gen_range(-40.0..-10.0), rng.gen_range(-90.0..-30.0)];
     let off_r = rng.gen_range(-6.0..6.0);
     let off_c = rng.gen_range(-10.0..4.0);
     let off_n = rng.gen_range(-4.0..4.0);
@@ -54,42 +50,18 @@ pub fn place(protocol: &CaseProtocol, rng: &mut ChaCha20Rng) -> Geometry {
     }
     let n = protocol.matrix;
     let nz = protocol.slices;
-    let spacing = [
-        protocol.pixel_spacing,
-        protocol.pixel_spacing,
-        protocol.slice_spacing,
-    ];
+    let spacing = [protocol.pixel_spacing, protocol.pixel_spacing, protocol.slice_spacing];
     let mut origin = centre;
-    let half = [
-        (n as f64 - 1.0) / 2.0,
-        (n as f64 - 1.0) / 2.0,
-        (nz as f64 - 1.0) / 2.0,
-    ];
+    let half = [(n as f64 - 1.0) / 2.0, (n as f64 - 1.0) / 2.0, (nz as f64 - 1.0) / 2.0];
     for a in 0..3 {
-        origin[a] -= half[0] * spacing[0] * row[a]
-            + half[1] * spacing[1] * col[a]
-            + half[2] * spacing[2] * normal[a];
+        origin[a] -= half[0] * spacing[0] * row[a] + half[1] * spacing[1] * col[a] + half[2] * spacing[2] * normal[a];
     }
-    Geometry {
-        dims: [nz, n, n],
-        spacing,
-        origin,
-        direction: [row, col, normal],
-        gland_centre,
-        centre,
-    }
+    Geometry { dims: [nz, n, n], spacing, origin, direction: [row, col, normal], gland_centre, centre }
 }
 
 /// The noise-free relative image (PZ = 1) and the zone labels (0 bg, 1 PZ, 2 TZ).
-pub fn rasterise(
-    anatomy: &Anatomy,
-    geom: &Geometry,
-    protocol: &CaseProtocol,
-) -> (Vec<f32>, Vec<u8>) {
-    let threads = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
-        .clamp(1, 16);
+pub fn rasterise(anatomy: &Anatomy, geom: &Geometry, protocol: &CaseProtocol) -> (Vec<f32>, Vec<u8>) {
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).clamp(1, 16);
     rasterise_with_threads(anatomy, geom, protocol, threads)
 }
 
@@ -107,10 +79,7 @@ pub fn rasterise_with_threads(
     // Slice profile: average sub-planes ~1.2 mm apart across the slice thickness.
     let n_sub = ((protocol.slice_thickness / 1.2).round() as usize).clamp(1, 4);
     let offsets: Vec<f64> = (0..n_sub)
-        .map(|i| {
-            ((i as f64 + 0.5) / n_sub as f64 - 0.5) * protocol.slice_thickness
-                / protocol.slice_spacing
-        })
+        .map(|i| ((i as f64 + 0.5) / n_sub as f64 - 0.5) * protocol.slice_thickness / protocol.slice_spacing)
         .collect();
     let mut image = vec![0f32; nz * ny * nx];
     let mut labels = vec![0u8; nz * ny * nx];
@@ -139,11 +108,7 @@ pub fn rasterise_with_threads(
     let threads = threads.clamp(1, nz.max(1));
     let per = nz.div_ceil(threads).max(1);
     std::thread::scope(|scope| {
-        for (t, (img, lab)) in image
-            .chunks_mut(per * plane)
-            .zip(labels.chunks_mut(per * plane))
-            .enumerate()
-        {
+        for (t, (img, lab)) in image.chunks_mut(per * plane).zip(labels.chunks_mut(per * plane)).enumerate() {
             let render = &render;
             scope.spawn(move || {
                 for (k, (si, sl)) in img.chunks_mut(plane).zip(lab.chunks_mut(plane)).enumerate() {
@@ -167,12 +132,7 @@ pub struct Sensitivity {
 }
 
 impl Sensitivity {
-    pub fn draw(
-        anatomy: &Anatomy,
-        geom: &Geometry,
-        protocol: &CaseProtocol,
-        rng: &mut ChaCha20Rng,
-    ) -> Self {
+    pub fn draw(anatomy: &Anatomy, geom: &Geometry, protocol: &CaseProtocol, rng: &mut ChaCha20Rng) -> Self {
         let mut coeffs = [0.0f64; 9];
         for c in coeffs.iter_mut() {
             *c = rng.gen_range(-1.0..1.0);
@@ -183,11 +143,8 @@ impl Sensitivity {
         let half_fov = 0.5 * protocol.full_matrix as f64 * protocol.full_pixel_spacing;
         let coil = anatomy.coil.map(|(xy, half_len)| {
             let g = geom.gland_centre;
-            let axis = [
-                g[0] + xy[0],
-                g[1] + xy[1],
-                g[2] + anatomy.balloon.as_ref().map(|b| b.centre[2]).unwrap_or(0.0),
-            ];
+            let axis =
+                [g[0] + xy[0], g[1] + xy[1], g[2] + anatomy.balloon.as_ref().map(|b| b.centre[2]).unwrap_or(0.0)];
             Coil {
                 axis,
                 half_len,
@@ -197,14 +154,7 @@ impl Sensitivity {
                 r0: 10.0,
             }
         });
-        Sensitivity {
-            coeffs,
-            norm,
-            amplitude: protocol.bias_amplitude,
-            centre: geom.centre,
-            half_fov,
-            coil,
-        }
+        Sensitivity { coeffs, norm, amplitude: protocol.bias_amplitude, centre: geom.centre, half_fov, coil }
     }
 
     /// The bias field alone (1 ± amplitude).
@@ -213,23 +163,8 @@ impl Sensitivity {
         let v = (p[1] - self.centre[1]) / self.half_fov;
         let w = (p[2] - self.centre[2]) / self.half_fov;
         let (u, v, w) = (u.clamp(-1.0, 1.0), v.clamp(-1.0, 1.0), w.clamp(-1.0, 1.0));
-        let basis = [
-            u,
-            v,
-            w,
-            u * u * 2.0 - 1.0,
-            v * v * 2.0 - 1.0,
-            w * w * 2.0 - 1.0,
-            u * v,
-            v * w,
-            u * w,
-        ];
-        let g: f64 = self
-            .coeffs
-            .iter()
-            .zip(basis.iter())
-            .map(|(c, b)| c * b)
-            .sum();
+        let basis = [u, v, w, u * u * 2.0 - 1.0, v * v * 2.0 - 1.0, w * w * 2.0 - 1.0, u * v, v * w, u * w];
+        let g: f64 = self.coeffs.iter().zip(basis.iter()).map(|(c, b)| c * b).sum();
         1.0 + self.amplitude * g / self.norm
     }
 
@@ -263,11 +198,7 @@ pub fn add_ghost(image: &mut [f32], dims: [usize; 3], phase_along_rows: bool, am
         let copy = slice.to_vec();
         for y in 0..ny {
             for x in 0..nx {
-                let (sy, sx) = if phase_along_rows {
-                    (y, (x + nx / 2) % nx)
-                } else {
-                    ((y + ny / 2) % ny, x)
-                };
+                let (sy, sx) = if phase_along_rows { (y, (x + nx / 2) % nx) } else { ((y + ny / 2) % ny, x) };
                 slice[y * nx + x] += a * copy[sy * nx + sx];
             }
         }
@@ -295,13 +226,7 @@ fn normal(rng: &mut ChaCha20Rng) -> f64 {
 
 /// Complex Gaussian noise of standard deviation `sigma` per channel, magnitude taken (Rician).
 /// `correlation` > 1 box-filters the noise in-plane (scanner interpolation) keeping its variance.
-pub fn add_rician_noise(
-    image: &mut [f32],
-    dims: [usize; 3],
-    sigma: f64,
-    correlation: usize,
-    seed: [u8; 32],
-) {
+pub fn add_rician_noise(image: &mut [f32], dims: [usize; 3], sigma: f64, correlation: usize, seed: [u8; 32]) {
     let [nz, ny, nx] = dims;
     let mut rng = ChaCha20Rng::from_seed(seed);
     let n = nz * ny * nx;

@@ -22,11 +22,7 @@ fn uni(rng: &mut ChaCha20Rng, lo: f64, hi: f64) -> f64 {
 
 fn unit_vector(rng: &mut ChaCha20Rng) -> V3 {
     loop {
-        let v = [
-            uni(rng, -1.0, 1.0),
-            uni(rng, -1.0, 1.0),
-            uni(rng, -1.0, 1.0),
-        ];
+        let v = [uni(rng, -1.0, 1.0), uni(rng, -1.0, 1.0), uni(rng, -1.0, 1.0)];
         let n = norm(v);
         if n > 0.1 && n <= 1.0 {
             return [v[0] / n, v[1] / n, v[2] / n];
@@ -48,12 +44,7 @@ pub struct Waves {
 
 impl Waves {
     /// `count` waves of wavelength in `wavelength_mm`, total amplitude `amplitude`.
-    pub fn new(
-        rng: &mut ChaCha20Rng,
-        count: usize,
-        wavelength_mm: (f64, f64),
-        amplitude: f64,
-    ) -> Self {
+    pub fn new(rng: &mut ChaCha20Rng, count: usize, wavelength_mm: (f64, f64), amplitude: f64) -> Self {
         let mut waves = Vec::with_capacity(count);
         for _ in 0..count {
             let u = unit_vector(rng);
@@ -65,10 +56,7 @@ impl Waves {
         Waves { waves }
     }
     pub fn at(&self, p: V3) -> f64 {
-        self.waves
-            .iter()
-            .map(|(k, ph, a)| a * (dot(*k, p) + ph).cos())
-            .sum()
+        self.waves.iter().map(|(k, ph, a)| a * (dot(*k, p) + ph).cos()).sum()
     }
 }
 
@@ -113,13 +101,7 @@ impl Blob {
     }
 
     /// Adds `count` smooth radius perturbations of total relative amplitude about `amplitude`.
-    pub fn lumpy(
-        mut self,
-        rng: &mut ChaCha20Rng,
-        count: usize,
-        freq: (f64, f64),
-        amplitude: f64,
-    ) -> Self {
+    pub fn lumpy(mut self, rng: &mut ChaCha20Rng, count: usize, freq: (f64, f64), amplitude: f64) -> Self {
         for _ in 0..count {
             let u = unit_vector(rng);
             let f = uni(rng, freq.0, freq.1);
@@ -134,8 +116,7 @@ impl Blob {
     pub fn update_reach(&mut self) {
         let bump: f64 = self.bumps.iter().map(|b| b.3.abs()).sum();
         let m = self.semi[0].max(self.semi[1]).max(self.semi[2]);
-        self.extent =
-            m * (1.0 + self.taper.abs()) * (1.0 + self.posterior_widen.abs()) * (1.0 + bump);
+        self.extent = m * (1.0 + self.taper.abs()) * (1.0 + self.posterior_widen.abs()) * (1.0 + bump);
         self.reach = self.extent * 1.1 + 4.0;
     }
 
@@ -197,11 +178,7 @@ impl Rod {
         let ab = [self.b[0] - self.a[0], self.b[1] - self.a[1]];
         let ap = [p[0] - self.a[0], p[1] - self.a[1]];
         let len2 = ab[0] * ab[0] + ab[1] * ab[1];
-        let t = if len2 > 0.0 {
-            ((ap[0] * ab[0] + ap[1] * ab[1]) / len2).clamp(0.0, 1.0)
-        } else {
-            0.0
-        };
+        let t = if len2 > 0.0 { ((ap[0] * ab[0] + ap[1] * ab[1]) / len2).clamp(0.0, 1.0) } else { 0.0 };
         let dx = ap[0] - t * ab[0];
         let dy = ap[1] - t * ab[1];
         let radial = (dx * dx + dy * dy).sqrt() - self.radius;
@@ -254,11 +231,7 @@ impl Sling {
         // A squarish (superellipse) U: straight sides along the gland, round behind the rectum.
         let e = ((dx / self.semi[0]).powi(4) + (dy / self.semi[1]).powi(4)).powf(0.25);
         let r = (dx * dx + dy * dy).sqrt();
-        let radial = if e > 1e-9 {
-            (e - 1.0) / e * r
-        } else {
-            -self.semi[0].min(self.semi[1])
-        };
+        let radial = if e > 1e-9 { (e - 1.0) / e * r } else { -self.semi[0].min(self.semi[1]) };
         let band = radial.abs() - 0.5 * self.thickness;
         let zc = 0.5 * (self.z0 + self.z1);
         let hz = 0.5 * (self.z1 - self.z0);
@@ -288,11 +261,7 @@ impl VesselField {
     /// Distance (mm) to the nearest vessel wall around `p`, and its darkness in 0..1.
     fn distance(&self, p: V3) -> (f64, f64) {
         let c = self.cell_mm;
-        let (ci, cj, ck) = (
-            (p[0] / c).floor() as i64,
-            (p[1] / c).floor() as i64,
-            (p[2] / (3.0 * c)).floor() as i64,
-        );
+        let (ci, cj, ck) = ((p[0] / c).floor() as i64, (p[1] / c).floor() as i64, (p[2] / (3.0 * c)).floor() as i64);
         let mut best = (f64::INFINITY, 0.0);
         for di in -1..=1 {
             for dj in -1..=1 {
@@ -432,15 +401,9 @@ impl Anatomy {
 
         // Gland: target volume 18–75 mL, shape ratios about 4 × 3 × 4 cm (LR × AP × SI).
         let target_ml = (uni(rng, (18.0f64).ln(), (75.0f64).ln())).exp();
-        let ratio = [
-            uni(rng, 0.95, 1.12),
-            uni(rng, 0.7, 0.82),
-            uni(rng, 0.85, 1.05),
-        ];
+        let ratio = [uni(rng, 0.95, 1.12), uni(rng, 0.7, 0.82), uni(rng, 0.85, 1.05)];
         // Ellipsoid volume 4/3·π·abc with a = k·ratio; the taper/widen terms change it by a few %.
-        let k = (target_ml * 1000.0
-            / (4.0 / 3.0 * std::f64::consts::PI * ratio[0] * ratio[1] * ratio[2]))
-            .cbrt();
+        let k = (target_ml * 1000.0 / (4.0 / 3.0 * std::f64::consts::PI * ratio[0] * ratio[1] * ratio[2])).cbrt();
         let mut semi = [k * ratio[0], k * ratio[1], k * ratio[2]];
         if endorectal {
             // The balloon squeezes the gland antero-posteriorly and widens it.
@@ -450,16 +413,8 @@ impl Anatomy {
         let mut gland = Blob::ellipsoid([0.0, 0.0, 0.0], semi).lumpy(rng, 6, (1.5, 3.0), 0.06);
         gland.taper = uni(rng, 0.12, 0.25);
         gland.posterior_widen = uni(rng, 0.25, 0.4);
-        gland.posterior_flat = if endorectal {
-            uni(rng, 3.5, 5.0)
-        } else {
-            uni(rng, 2.2, 2.8)
-        };
-        gland.posterior_indent = if endorectal {
-            uni(rng, 0.15, 0.3)
-        } else {
-            uni(rng, 0.05, 0.15)
-        };
+        gland.posterior_flat = if endorectal { uni(rng, 3.5, 5.0) } else { uni(rng, 2.2, 2.8) };
+        gland.posterior_indent = if endorectal { uni(rng, 0.15, 0.3) } else { uni(rng, 0.05, 0.15) };
         gland.update_reach();
 
         // Transition zone: anterior-central, larger in bigger (BPH) glands; the PZ keeps a 5–15 mm
@@ -472,8 +427,7 @@ impl Anatomy {
         let a_tz = semi[0] * uni(rng, 0.7, 0.8) * (0.94 + 0.12 * bph);
         let c_tz = semi[2] * uni(rng, 0.76, 0.86) * (0.94 + 0.12 * bph);
         let z_tz = semi[2] * uni(rng, 0.12, 0.25);
-        let mut tz =
-            Blob::ellipsoid([0.0, y_tz, z_tz], [a_tz, b_tz, c_tz]).lumpy(rng, 8, (2.0, 4.0), 0.07);
+        let mut tz = Blob::ellipsoid([0.0, y_tz, z_tz], [a_tz, b_tz, c_tz]).lumpy(rng, 8, (2.0, 4.0), 0.07);
         tz.taper = uni(rng, 0.0, 0.15);
         tz.update_reach();
         let stroma_y = -semi[1] + uni(rng, 4.0, 7.0);
@@ -488,21 +442,10 @@ impl Anatomy {
                 y_tz + y_tz_offset(rng, b_tz * 0.5),
                 z_tz + y_tz_offset(rng, c_tz * 0.6),
             ];
-            let shape = Blob::ellipsoid(
-                c,
-                [
-                    r * uni(rng, 0.8, 1.2),
-                    r * uni(rng, 0.8, 1.2),
-                    r * uni(rng, 0.8, 1.2),
-                ],
-            )
-            .lumpy(rng, 3, (2.0, 3.0), 0.08);
+            let shape = Blob::ellipsoid(c, [r * uni(rng, 0.8, 1.2), r * uni(rng, 0.8, 1.2), r * uni(rng, 0.8, 1.2)])
+                .lumpy(rng, 3, (2.0, 3.0), 0.08);
             // Stromal nodules are dark, glandular (cystic) nodules bright.
-            let gain = if rng.gen_bool(0.55) {
-                uni(rng, 0.62, 0.85)
-            } else {
-                uni(rng, 1.18, 1.5)
-            };
+            let gain = if rng.gen_bool(0.55) { uni(rng, 0.62, 0.85) } else { uni(rng, 1.18, 1.5) };
             nodules.push(Nodule { shape, gain });
         }
 
@@ -514,41 +457,24 @@ impl Anatomy {
                 // Posterolateral PZ, mid-crescent.
                 let ang = uni(rng, 0.35, 1.2) * if rng.gen_bool(0.5) { 1.0 } else { -1.0 };
                 let rad = semi[1] - 0.5 * pz_post;
-                [
-                    rad * ang.sin() * semi[0] / semi[1],
-                    rad * ang.cos(),
-                    uni(rng, -0.5, 0.4) * semi[2],
-                ]
+                [rad * ang.sin() * semi[0] / semi[1], rad * ang.cos(), uni(rng, -0.5, 0.4) * semi[2]]
             } else {
-                [
-                    y_tz_offset(rng, a_tz * 0.5),
-                    y_tz + y_tz_offset(rng, b_tz * 0.4),
-                    z_tz,
-                ]
+                [y_tz_offset(rng, a_tz * 0.5), y_tz + y_tz_offset(rng, b_tz * 0.4), z_tz]
             };
-            Some(
-                Blob::ellipsoid(c, [r * uni(rng, 0.9, 1.3), r * uni(rng, 0.6, 0.9), r]).lumpy(
-                    rng,
-                    4,
-                    (2.0, 4.0),
-                    0.12,
-                ),
-            )
+            Some(Blob::ellipsoid(c, [r * uni(rng, 0.9, 1.3), r * uni(rng, 0.6, 0.9), r]).lumpy(
+                rng,
+                4,
+                (2.0, 4.0),
+                0.12,
+            ))
         } else {
             None
         };
 
         // Bladder: superior and anterior, bright urine in a thin dark wall.
-        let bl_semi = [
-            uni(rng, 38.0, 52.0),
-            uni(rng, 25.0, 35.0),
-            uni(rng, 25.0, 35.0),
-        ];
-        let bl_c = [
-            uni(rng, -4.0, 4.0),
-            -semi[1] * 0.4 - uni(rng, 2.0, 8.0),
-            semi[2] + bl_semi[2] * uni(rng, 0.55, 0.8),
-        ];
+        let bl_semi = [uni(rng, 38.0, 52.0), uni(rng, 25.0, 35.0), uni(rng, 25.0, 35.0)];
+        let bl_c =
+            [uni(rng, -4.0, 4.0), -semi[1] * 0.4 - uni(rng, 2.0, 8.0), semi[2] + bl_semi[2] * uni(rng, 0.55, 0.8)];
         let mut bladder = Blob::ellipsoid(bl_c, bl_semi).lumpy(rng, 4, (1.5, 2.5), 0.05);
         bladder.taper = -0.2;
         bladder.update_reach();
@@ -557,11 +483,7 @@ impl Anatomy {
         // Seminal vesicles: paired convoluted bright structures behind the bladder, above the base.
         let sv = |rng: &mut ChaCha20Rng, side: f64| {
             let mut b = Blob::ellipsoid(
-                [
-                    side * uni(rng, 14.0, 20.0),
-                    semi[1] * uni(rng, 0.3, 0.7),
-                    semi[2] + uni(rng, 4.0, 9.0),
-                ],
+                [side * uni(rng, 14.0, 20.0), semi[1] * uni(rng, 0.3, 0.7), semi[2] + uni(rng, 4.0, 9.0)],
                 [uni(rng, 14.0, 20.0), uni(rng, 4.5, 7.0), uni(rng, 6.0, 9.0)],
             )
             .lumpy(rng, 6, (3.0, 6.0), 0.15);
@@ -589,17 +511,17 @@ impl Anatomy {
         } else {
             let outer = [uni(rng, 15.0, 20.0), uni(rng, 8.0, 12.0)];
             let yr = semi[1] * 0.95 + uni(rng, 2.0, 5.0) + outer[1];
-            rectum = Blob::ellipsoid([uni(rng, -3.0, 3.0), yr, 0.0], [outer[0], outer[1], 80.0])
-                .lumpy(rng, 3, (2.0, 3.0), 0.06);
+            rectum = Blob::ellipsoid([uni(rng, -3.0, 3.0), yr, 0.0], [outer[0], outer[1], 80.0]).lumpy(
+                rng,
+                3,
+                (2.0, 3.0),
+                0.06,
+            );
             let wall = uni(rng, 3.0, 4.5);
             let gas = uni(rng, 1.5, 4.0);
             rectum_lumen = Blob::ellipsoid(
                 [rectum.centre[0], yr, 0.0],
-                [
-                    (outer[0] - wall).max(4.0),
-                    gas.min(outer[1] - wall).max(1.0),
-                    78.0,
-                ],
+                [(outer[0] - wall).max(4.0), gas.min(outer[1] - wall).max(1.0), 78.0],
             )
             .lumpy(rng, 3, (2.0, 3.0), 0.1);
             balloon = None;
@@ -631,21 +553,13 @@ impl Anatomy {
         for s in [-1.0, 1.0] {
             // Pubic body: an oval running anterolaterally from the symphysis.
             let mut pubis = Blob::ellipsoid(
-                [
-                    s * (pubis_r + uni(rng, 6.0, 9.0)),
-                    pubis_y + 1.0,
-                    -semi[2] * 0.3,
-                ],
+                [s * (pubis_r + uni(rng, 6.0, 9.0)), pubis_y + 1.0, -semi[2] * 0.3],
                 [uni(rng, 14.0, 18.0), pubis_r, semi[2] + 18.0],
             )
             .lumpy(rng, 5, (2.0, 4.0), 0.08);
             pubis.yaw = s * uni(rng, 0.15, 0.4);
             pubis.update_reach();
-            bones.push(Bone {
-                rod: None,
-                ball: Some(pubis),
-                cortex_mm: 1.8,
-            });
+            bones.push(Bone { rod: None, ball: Some(pubis), cortex_mm: 1.8 });
             // Ischium: an oval on the posterolateral wall.
             let mut ischium = Blob::ellipsoid(
                 [s * isch_x, isch_y, 0.0],
@@ -654,19 +568,11 @@ impl Anatomy {
             .lumpy(rng, 5, (2.0, 4.0), 0.08);
             ischium.yaw = s * uni(rng, -0.3, 0.1);
             ischium.update_reach();
-            bones.push(Bone {
-                rod: None,
-                ball: Some(ischium),
-                cortex_mm: 2.0,
-            });
+            bones.push(Bone { rod: None, ball: Some(ischium), cortex_mm: 2.0 });
             bones.push(Bone {
                 rod: None,
                 ball: Some(Blob::ellipsoid(
-                    [
-                        s * (isch_x + uni(rng, 38.0, 44.0)),
-                        pubis_y + uni(rng, 18.0, 28.0),
-                        semi[2] * 0.6 + 10.0,
-                    ],
+                    [s * (isch_x + uni(rng, 38.0, 44.0)), pubis_y + uni(rng, 18.0, 28.0), semi[2] * 0.6 + 10.0],
                     [24.0, 24.0, 24.0],
                 )),
                 cortex_mm: 2.0,
@@ -676,12 +582,7 @@ impl Anatomy {
             let back = [s * (isch_x - obt_r - 3.0), isch_y];
             let mut m = Blob::ellipsoid(
                 [0.5 * (front[0] + back[0]), 0.5 * (front[1] + back[1]), 0.0],
-                [
-                    obt_r,
-                    0.5 * ((back[1] - front[1]).powi(2) + (back[0] - front[0]).powi(2)).sqrt()
-                        + obt_r,
-                    90.0,
-                ],
+                [obt_r, 0.5 * ((back[1] - front[1]).powi(2) + (back[0] - front[0]).powi(2)).sqrt() + obt_r, 90.0],
             )
             .lumpy(rng, 5, (2.0, 4.0), 0.07);
             m.yaw = -((back[0] - front[0]) / (back[1] - front[1])).atan();
@@ -691,23 +592,13 @@ impl Anatomy {
         let obturator = [obturator_rods[0].clone(), obturator_rods[1].clone()];
         // Coccyx, posterior in the midline.
         bones.push(Bone {
-            rod: Some(Rod {
-                a: [0.0, rect_back + 30.0],
-                b: [0.0, rect_back + 36.0],
-                radius: 7.0,
-                z0: -5.0,
-                z1: 90.0,
-            }),
+            rod: Some(Rod { a: [0.0, rect_back + 30.0], b: [0.0, rect_back + 36.0], radius: 7.0, z0: -5.0, z1: 90.0 }),
             ball: None,
             cortex_mm: 2.0,
         });
         let gl = |rng: &mut ChaCha20Rng, s: f64| {
             Blob::ellipsoid(
-                [
-                    s * (isch_x + uni(rng, 5.0, 15.0)),
-                    isch_y + uni(rng, 40.0, 50.0),
-                    0.0,
-                ],
+                [s * (isch_x + uni(rng, 5.0, 15.0)), isch_y + uni(rng, 40.0, 50.0), 0.0],
                 [uni(rng, 45.0, 55.0), uni(rng, 28.0, 36.0), 150.0],
             )
             .lumpy(rng, 3, (2.0, 3.0), 0.05)
@@ -715,20 +606,13 @@ impl Anatomy {
         let gluteus = [gl(rng, -1.0), gl(rng, 1.0)];
         let ad = |rng: &mut ChaCha20Rng, s: f64| {
             Blob::ellipsoid(
-                [
-                    s * uni(rng, 45.0, 60.0),
-                    pubis_y - uni(rng, 28.0, 34.0),
-                    0.0,
-                ],
+                [s * uni(rng, 45.0, 60.0), pubis_y - uni(rng, 28.0, 34.0), 0.0],
                 [uni(rng, 22.0, 28.0), uni(rng, 14.0, 18.0), 150.0],
             )
             .lumpy(rng, 3, (2.0, 3.0), 0.05)
         };
         let adductors = [ad(rng, -1.0), ad(rng, 1.0)];
-        let vessels = VesselField {
-            seed: rng.gen(),
-            cell_mm: uni(rng, 9.0, 13.0),
-        };
+        let vessels = VesselField { seed: rng.gen(), cell_mm: uni(rng, 9.0, 13.0) };
         // Neurovascular bundles: just outside the capsule at 5 and 7 o'clock (found by marching out
         // from the centre along the posterolateral direction on the mid-gland plane).
         let nvb = |s: f64| {
@@ -749,11 +633,9 @@ impl Anatomy {
         let neurovascular = [nvb(-1.0), nvb(1.0)];
 
         // Body outline: skin over subcutaneous fat; the anterior skin sometimes inside a 200 mm FOV.
-        let body = Blob::ellipsoid(
-            [0.0, uni(rng, 5.0, 20.0), 0.0],
-            [uni(rng, 150.0, 185.0), uni(rng, 100.0, 125.0), 400.0],
-        )
-        .lumpy(rng, 4, (1.5, 3.0), 0.03);
+        let body =
+            Blob::ellipsoid([0.0, uni(rng, 5.0, 20.0), 0.0], [uni(rng, 150.0, 185.0), uni(rng, 100.0, 125.0), 400.0])
+                .lumpy(rng, 4, (1.5, 3.0), 0.03);
 
         Anatomy {
             tz_texture: Waves::new(rng, 10, (3.0, 9.0), 0.25),
@@ -928,12 +810,7 @@ impl Anatomy {
                                 // A nodule: a darker pseudo-capsule around a brighter or darker core.
                                 tz = lerp(tz, t.tz * 0.8, cn);
                                 let ci = coverage(dn + 0.7, w);
-                                tz = lerp(
-                                    tz,
-                                    t.tz * n.gain
-                                        * (1.0 + 0.5 * self.tz_texture.at([p[1], p[2], p[0]])),
-                                    ci,
-                                );
+                                tz = lerp(tz, t.tz * n.gain * (1.0 + 0.5 * self.tz_texture.at([p[1], p[2], p[0]])), ci);
                             }
                         }
                         v = lerp(v, tz, cti);
@@ -1005,10 +882,7 @@ mod tests {
             hi = hi.max(ml);
             assert!((15.0..=80.0).contains(&ml), "seed {seed}: {ml} mL");
             let share = pz as f64 / gland as f64;
-            assert!(
-                (0.25..=0.85).contains(&share),
-                "seed {seed}: PZ share {share}"
-            );
+            assert!((0.25..=0.85).contains(&share), "seed {seed}: PZ share {share}");
         }
         // The draw spans the range rather than sitting in one corner of it.
         assert!(lo < 30.0 && hi > 50.0, "volumes {lo}..{hi} mL");

@@ -5,8 +5,7 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use crate::dicom::{
-    write_mr_series_full, write_seg, AlgorithmType, MrSeriesAttributes, SegOptions, Segment,
-    SegmentInfo, StoredPixels,
+    write_mr_series_full, write_seg, AlgorithmType, MrSeriesAttributes, SegOptions, Segment, SegmentInfo, StoredPixels,
 };
 use crate::nifti::{write_nifti, write_nifti_mask};
 use crate::volume::Volume;
@@ -59,11 +58,7 @@ pub fn mr_attributes(case: &PhantomCase) -> MrSeriesAttributes {
         scanning_sequence: "SE".into(),
         sequence_variant: sequence_variant.into(),
         scan_options: String::new(),
-        mr_acquisition_type: if site == Site::C {
-            "3D".into()
-        } else {
-            "2D".into()
-        },
+        mr_acquisition_type: if site == Site::C { "3D".into() } else { "2D".into() },
         sequence_name: Some(sequence_name.into()),
         repetition_time: p.repetition_time_ms,
         echo_time: p.echo_time_ms,
@@ -98,10 +93,7 @@ fn refuse_existing(path: &Path) -> Result<(), PhantomError> {
 }
 
 fn create_dir(path: &Path) -> Result<(), PhantomError> {
-    std::fs::create_dir_all(path).map_err(|e| PhantomError::Io {
-        path: path.display().to_string(),
-        source: e,
-    })
+    std::fs::create_dir_all(path).map_err(|e| PhantomError::Io { path: path.display().to_string(), source: e })
 }
 
 /// `dir/<case id>/MR/MR_0001.dcm…`, `dir/<case id>/SEG/seg.dcm` (the gland, MANUAL, "phantom ground
@@ -130,12 +122,8 @@ pub fn write_case_dicom(case: &PhantomCase, dir: &Path) -> Result<DicomCaseFiles
     opts.device_serial_number = format!("PHANTOM{}", case.site.letter());
     opts.gland_volume_ml = Some(case.truth.gland_ml);
     let src = case.image.source.as_ref();
-    let date = src
-        .and_then(|s| s.study_date.clone())
-        .unwrap_or_else(|| "20120101".into());
-    let time = src
-        .and_then(|s| s.study_time.clone())
-        .unwrap_or_else(|| "120000".into());
+    let date = src.and_then(|s| s.study_date.clone()).unwrap_or_else(|| "20120101".into());
+    let time = src.and_then(|s| s.study_time.clone()).unwrap_or_else(|| "120000".into());
     opts.content_date_time = Some((date, time));
     let bytes = write_seg(&written.volume, &[Segment { info, mask: &gland }], &opts)?;
     create_dir(&seg_dir)?;
@@ -158,33 +146,21 @@ fn write_new(path: &Path, bytes: &[u8]) -> Result<(), PhantomError> {
         .write(true)
         .create_new(true)
         .open(path)
-        .map_err(|e| PhantomError::Io {
-            path: path.display().to_string(),
-            source: e,
-        })?;
-    f.write_all(bytes).map_err(|e| PhantomError::Io {
-        path: path.display().to_string(),
-        source: e,
-    })
+        .map_err(|e| PhantomError::Io { path: path.display().to_string(), source: e })?;
+    f.write_all(bytes).map_err(|e| PhantomError::Io { path: path.display().to_string(), source: e })
 }
 
 /// DeSAM's numeric patient id of a case: site index · 100 + case (A000 → 0, B007 → 107, F011 → 511).
 pub fn official_patient_id(site: Site, case_index: u32) -> Result<u32, PhantomError> {
     if case_index >= 100 {
-        return Err(PhantomError::CaseOutOfRange {
-            case: case_index,
-            max: 99,
-        });
+        return Err(PhantomError::CaseOutOfRange { case: case_index, max: 99 });
     }
     Ok(site.index() as u32 * 100 + case_index)
 }
 
 /// The nnU-Net case identifier: `prostate_<3-digit patient id>` (DeSAM parses `id[9:12]`).
 pub fn nnunet_case_id(site: Site, case_index: u32) -> Result<String, PhantomError> {
-    Ok(format!(
-        "prostate_{:03}",
-        official_patient_id(site, case_index)?
-    ))
+    Ok(format!("prostate_{:03}", official_patient_id(site, case_index)?))
 }
 
 /// Files written for one case in the nnU-Net layout.
@@ -227,10 +203,8 @@ fn update_task_index(dir: &Path, site: Site, case_index: u32) -> Result<(), Phan
     let csv_path = dir.join("prostate_patientid.csv");
     let mut rows: BTreeSet<(u32, String)> = BTreeSet::new();
     if csv_path.exists() {
-        let text = std::fs::read_to_string(&csv_path).map_err(|e| PhantomError::Io {
-            path: csv_path.display().to_string(),
-            source: e,
-        })?;
+        let text = std::fs::read_to_string(&csv_path)
+            .map_err(|e| PhantomError::Io { path: csv_path.display().to_string(), source: e })?;
         for line in text.lines().skip(1) {
             let mut it = line.split(',');
             if let (Some(center), Some(pid)) = (it.next(), it.next()) {
@@ -240,32 +214,18 @@ fn update_task_index(dir: &Path, site: Site, case_index: u32) -> Result<(), Phan
             }
         }
     }
-    rows.insert((
-        official_patient_id(site, case_index)?,
-        site.official_center().to_string(),
-    ));
+    rows.insert((official_patient_id(site, case_index)?, site.official_center().to_string()));
     let mut csv = String::from("center,patientid\n");
     for (pid, center) in &rows {
         csv.push_str(&format!("{center},{pid}\n"));
     }
-    std::fs::write(&csv_path, csv).map_err(|e| PhantomError::Io {
-        path: csv_path.display().to_string(),
-        source: e,
-    })?;
+    std::fs::write(&csv_path, csv).map_err(|e| PhantomError::Io { path: csv_path.display().to_string(), source: e })?;
 
     let images = dir.join("imagesTr");
     let mut ids: Vec<String> = std::fs::read_dir(&images)
-        .map_err(|e| PhantomError::Io {
-            path: images.display().to_string(),
-            source: e,
-        })?
+        .map_err(|e| PhantomError::Io { path: images.display().to_string(), source: e })?
         .filter_map(|e| e.ok())
-        .filter_map(|e| {
-            e.file_name()
-                .to_string_lossy()
-                .strip_suffix("_0000.nii.gz")
-                .map(str::to_string)
-        })
+        .filter_map(|e| e.file_name().to_string_lossy().strip_suffix("_0000.nii.gz").map(str::to_string))
         .collect();
     ids.sort();
     let training: Vec<serde_json::Value> = ids
@@ -286,8 +246,5 @@ fn update_task_index(dir: &Path, site: Site, case_index: u32) -> Result<(), Phan
     });
     let json_path = dir.join("dataset.json");
     let text = serde_json::to_string_pretty(&dataset).expect("JSON of plain values");
-    std::fs::write(&json_path, text).map_err(|e| PhantomError::Io {
-        path: json_path.display().to_string(),
-        source: e,
-    })
+    std::fs::write(&json_path, text).map_err(|e| PhantomError::Io { path: json_path.display().to_string(), source: e })
 }

@@ -39,10 +39,7 @@ pub enum PhantomError {
     #[error(transparent)]
     Nifti(#[from] crate::nifti::NiftiError),
     #[error("cannot write {path}: {source}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
+    Io { path: String, source: std::io::Error },
     #[error("cannot encode PNG {path}: {message}")]
     Png { path: String, message: String },
 }
@@ -70,11 +67,7 @@ impl PhantomCase {
     /// The stored (uint16) values the DICOM files hold.
     pub fn stored_voxels(&self) -> Vec<u16> {
         let (slope, intercept) = self.protocol.rescale.unwrap_or((1.0, 0.0));
-        self.image
-            .voxels
-            .iter()
-            .map(|&v| ((v as f64 - intercept) / slope).round().clamp(0.0, 65535.0) as u16)
-            .collect()
+        self.image.voxels.iter().map(|&v| ((v as f64 - intercept) / slope).round().clamp(0.0, 65535.0) as u16).collect()
     }
 }
 
@@ -97,10 +90,7 @@ pub struct PhantomCase {
 impl PhantomCase {
     /// The binary gland mask (PZ ∪ TZ) as 0/1.
     pub fn gland_mask(&self) -> Mask {
-        Mask {
-            data: self.labels.data.iter().map(|&v| u8::from(v > 0)).collect(),
-            dims: self.labels.dims,
-        }
+        Mask { data: self.labels.data.iter().map(|&v| u8::from(v > 0)).collect(), dims: self.labels.dims }
     }
 
     /// Keep the central `rows` × `cols` of every slice (image and labels), moving the origin so every
@@ -147,12 +137,7 @@ pub struct GenerateOptions {
 
 impl Default for GenerateOptions {
     fn default() -> Self {
-        GenerateOptions {
-            size: Size::Full,
-            noise: true,
-            sensitivity: true,
-            noise_realisation: 0,
-        }
+        GenerateOptions { size: Size::Full, noise: true, sensitivity: true, noise_realisation: 0 }
     }
 }
 
@@ -180,19 +165,8 @@ pub fn site_and_case_from_source(source: &SourceInfo) -> Option<(Site, u32)> {
     let inst = source.institution_name.as_deref()?.trim();
     let letter = inst.strip_prefix("DESAM PHANTOM SITE ")?;
     let site = letter.parse::<Site>().ok()?;
-    let digits: String = source
-        .patient_id
-        .as_deref()?
-        .chars()
-        .rev()
-        .take_while(|c| c.is_ascii_digit())
-        .collect();
-    let case = digits
-        .chars()
-        .rev()
-        .collect::<String>()
-        .parse::<u32>()
-        .ok()?;
+    let digits: String = source.patient_id.as_deref()?.chars().rev().take_while(|c| c.is_ascii_digit()).collect();
+    let case = digits.chars().rev().collect::<String>().parse::<u32>().ok()?;
     Some((site, case))
 }
 
@@ -222,22 +196,12 @@ pub fn generate_case(site: Site, case_index: u32, seed: u64) -> PhantomCase {
 
 /// [`generate_case`] with size/noise/sensitivity switches (anatomy and protocol do not depend on them,
 /// except the matrix for `Size::Small`).
-pub fn generate_case_with(
-    site: Site,
-    case_index: u32,
-    seed: u64,
-    opts: &GenerateOptions,
-) -> PhantomCase {
+pub fn generate_case_with(site: Site, case_index: u32, seed: u64, opts: &GenerateOptions) -> PhantomCase {
     let mut anat_rng = ChaCha20Rng::from_seed(stream_seed(site, case_index, seed, "anatomy"));
     let mut proto_rng = ChaCha20Rng::from_seed(stream_seed(site, case_index, seed, "protocol"));
     let mut place_rng = ChaCha20Rng::from_seed(stream_seed(site, case_index, seed, "placement"));
     let mut coil_rng = ChaCha20Rng::from_seed(stream_seed(site, case_index, seed, "sensitivity"));
-    let noise_seed = stream_seed(
-        site,
-        case_index,
-        seed,
-        &format!("noise-{}", opts.noise_realisation),
-    );
+    let noise_seed = stream_seed(site, case_index, seed, &format!("noise-{}", opts.noise_realisation));
 
     let anatomy = anatomy::Anatomy::draw(&mut anat_rng, site.has_endorectal_coil());
     // The stack covers the gland with room for the bladder base and seminal vesicles.
@@ -258,12 +222,7 @@ pub fn generate_case_with(
                 }
             }
         }
-        acquisition::add_ghost(
-            &mut image,
-            dims,
-            protocol.phase_encoding_rows,
-            protocol.ghost_amplitude,
-        );
+        acquisition::add_ghost(&mut image, dims, protocol.phase_encoding_rows, protocol.ghost_amplitude);
     }
 
     // Noise is set against the mean PZ signal of this image (SNR = mean PZ / sigma).
@@ -279,8 +238,7 @@ pub fn generate_case_with(
     let clean_max = image.iter().cloned().fold(0f32, f32::max) as f64;
     if opts.noise {
         // Scanner interpolation correlates the noise over the interpolated pixels.
-        let correlation = ((protocol.full_pixel_spacing * protocol.interpolation as f64)
-            / protocol.pixel_spacing)
+        let correlation = ((protocol.full_pixel_spacing * protocol.interpolation as f64) / protocol.pixel_spacing)
             .round()
             .max(1.0) as usize;
         acquisition::add_rician_noise(&mut image, dims, sigma, correlation, noise_seed);
@@ -322,14 +280,7 @@ pub fn generate_case_with(
         })
         .collect();
     volume.frame_of_reference_uid = Some(uid_for(&format!("frame/{key}")));
-    volume.source = Some(source_info(
-        site,
-        case_index,
-        &key,
-        &series_uid,
-        &protocol,
-        &mut proto_rng,
-    ));
+    volume.source = Some(source_info(site, case_index, &key, &series_uid, &protocol, &mut proto_rng));
 
     PhantomCase {
         site,
@@ -364,11 +315,7 @@ fn source_info(
         patient_age: Some(format!("{age:03}Y")),
         study_instance_uid: uid_for(&format!("study/{key}")),
         study_date: Some(format!("2012{study_month:02}{study_day:02}")),
-        study_time: Some(format!(
-            "{:02}{:02}00",
-            rng.gen_range(7..18),
-            rng.gen_range(0..60)
-        )),
+        study_time: Some(format!("{:02}{:02}00", rng.gen_range(7..18), rng.gen_range(0..60))),
         study_id: Some("1".into()),
         accession_number: Some(format!("PH{}", case_id(site, case_index))),
         referring_physician_name: None,
@@ -393,10 +340,7 @@ mod tests {
 
     #[test]
     fn site_and_case_round_trip_through_source() {
-        let mut s = SourceInfo {
-            patient_id: Some(patient_id(Site::E, 7)),
-            ..Default::default()
-        };
+        let mut s = SourceInfo { patient_id: Some(patient_id(Site::E, 7)), ..Default::default() };
         assert_eq!(site_and_case_from_source(&s), Some((Site::E, 7)));
         s.patient_id = Some("anonymised 12".into());
         s.institution_name = Some(Site::C.institution_name());
@@ -411,16 +355,12 @@ mod tests {
             for case in 0..40u32 {
                 let mut anat_rng = ChaCha20Rng::from_seed(stream_seed(site, case, 77, "anatomy"));
                 let mut proto_rng = ChaCha20Rng::from_seed(stream_seed(site, case, 77, "protocol"));
-                let mut place_rng =
-                    ChaCha20Rng::from_seed(stream_seed(site, case, 77, "placement"));
+                let mut place_rng = ChaCha20Rng::from_seed(stream_seed(site, case, 77, "placement"));
                 let anatomy = anatomy::Anatomy::draw(&mut anat_rng, site.has_endorectal_coil());
                 let gland_si = 2.0 * anatomy.gland.semi[2] * 1.1;
                 let p = sites::draw_protocol(site, Size::Small, gland_si + 20.0, &mut proto_rng);
                 let spec = site.spec();
-                assert!(
-                    p.slice_thickness >= spec.slice_thickness.0
-                        && p.slice_thickness <= spec.slice_thickness.1
-                );
+                assert!(p.slice_thickness >= spec.slice_thickness.0 && p.slice_thickness <= spec.slice_thickness.1);
                 assert!(p.slices >= spec.slices.0 && p.slices <= spec.slices.1);
                 let g = acquisition::place(&p, &mut place_rng);
                 let [nz, n, _] = g.dims;
@@ -429,16 +369,8 @@ mod tests {
                     for y in (0..n).step_by(2) {
                         for x in (0..n).step_by(2) {
                             let w = g.world(x as f64, y as f64, z);
-                            let a = [
-                                w[0] - g.gland_centre[0],
-                                w[1] - g.gland_centre[1],
-                                w[2] - g.gland_centre[2],
-                            ];
-                            assert_eq!(
-                                anatomy.zone(a),
-                                anatomy::Zone::Outside,
-                                "site {site} case {case} slice {z}"
-                            );
+                            let a = [w[0] - g.gland_centre[0], w[1] - g.gland_centre[1], w[2] - g.gland_centre[2]];
+                            assert_eq!(anatomy.zone(a), anatomy::Zone::Outside, "site {site} case {case} slice {z}");
                         }
                     }
                 }

@@ -14,11 +14,7 @@ pub struct Rgb {
 
 impl Rgb {
     fn new(width: usize, height: usize) -> Self {
-        Rgb {
-            width,
-            height,
-            data: vec![0; width * height * 3],
-        }
+        Rgb { width, height, data: vec![0; width * height * 3] }
     }
     fn put(&mut self, x: usize, y: usize, c: [u8; 3]) {
         if x < self.width && y < self.height {
@@ -33,10 +29,7 @@ pub fn mid_gland_slice(case: &PhantomCase) -> usize {
     let [nz, ny, nx] = case.labels.dims;
     let (mut sum, mut n) = (0usize, 0usize);
     for z in 0..nz {
-        let c = case.labels.data[z * ny * nx..(z + 1) * ny * nx]
-            .iter()
-            .filter(|&&v| v > 0)
-            .count();
+        let c = case.labels.data[z * ny * nx..(z + 1) * ny * nx].iter().filter(|&&v| v > 0).count();
         sum += z * c;
         n += c;
     }
@@ -79,13 +72,7 @@ fn gland_centroid(case: &PhantomCase, z: usize) -> (f64, f64) {
 /// One panel: slice `z` of the case, windowed to the slice's 0.5–99.5 percentiles, resampled to
 /// `size`×`size`; `zoom_mm` crops a square of that side (mm) around the gland; with `contours`, the
 /// gland outline in yellow and the TZ outline in cyan.
-pub fn render_panel(
-    case: &PhantomCase,
-    z: usize,
-    size: usize,
-    contours: bool,
-    zoom_mm: Option<f64>,
-) -> Rgb {
+pub fn render_panel(case: &PhantomCase, z: usize, size: usize, contours: bool, zoom_mm: Option<f64>) -> Rgb {
     let [_, ny, nx] = case.labels.dims;
     let img = case.image.slice(z);
     let lab = case.labels.slice(z);
@@ -101,12 +88,7 @@ pub fn render_panel(
             let (cx, cy) = gland_centroid(case, z);
             let half_x = 0.5 * mm / case.image.spacing[0];
             let half_y = 0.5 * mm / case.image.spacing[1];
-            (
-                cx - half_x,
-                cy - half_y,
-                2.0 * half_x / size as f64,
-                2.0 * half_y / size as f64,
-            )
+            (cx - half_x, cy - half_y, 2.0 * half_x / size as f64, 2.0 * half_y / size as f64)
         }
     };
     let sample = |fx: f64, fy: f64| -> f32 {
@@ -190,13 +172,8 @@ fn draw_letter(img: &mut Rgb, c: char, x0: usize, y0: usize, scale: usize) {
 /// seminal vesicles show.
 pub fn base_slice(case: &PhantomCase) -> usize {
     let [nz, ny, nx] = case.labels.dims;
-    let with_gland: Vec<usize> = (0..nz)
-        .filter(|&z| {
-            case.labels.data[z * ny * nx..(z + 1) * ny * nx]
-                .iter()
-                .any(|&v| v > 0)
-        })
-        .collect();
+    let with_gland: Vec<usize> =
+        (0..nz).filter(|&z| case.labels.data[z * ny * nx..(z + 1) * ny * nx].iter().any(|&v| v > 0)).collect();
     match (with_gland.first(), with_gland.last()) {
         // z runs along the slice normal, which points superior (head) for these stacks.
         (Some(&lo), Some(&hi)) => (lo + (hi - lo) * 9 / 10).min(nz - 1),
@@ -215,11 +192,8 @@ pub fn montage(cases: &[PhantomCase], panel: usize) -> Rgb {
     for (i, case) in cases.iter().enumerate() {
         let mid = mid_gland_slice(case);
         let base = base_slice(case);
-        for (row, z, contours, zoom) in [
-            (0usize, mid, false, None),
-            (1, mid, true, Some(90.0)),
-            (2, base, false, None),
-        ] {
+        for (row, z, contours, zoom) in [(0usize, mid, false, None), (1, mid, true, Some(90.0)), (2, base, false, None)]
+        {
             let p = render_panel(case, z, panel, contours, zoom);
             let x0 = i * (panel + gap);
             let y0 = row * (panel + gap);
@@ -229,30 +203,20 @@ pub fn montage(cases: &[PhantomCase], panel: usize) -> Rgb {
                 out.data[dst..dst + panel * 3].copy_from_slice(src);
             }
         }
-        draw_letter(
-            &mut out,
-            case.site.letter(),
-            i * (panel + gap) + 6,
-            6,
-            (panel / 64).max(2),
-        );
+        draw_letter(&mut out, case.site.letter(), i * (panel + gap) + 6, 6, (panel / 64).max(2));
     }
     out
 }
 
 pub fn write_png(img: &Rgb, path: &Path) -> Result<(), PhantomError> {
-    let file = std::fs::File::create(path).map_err(|e| PhantomError::Io {
-        path: path.display().to_string(),
-        source: e,
-    })?;
+    let file =
+        std::fs::File::create(path).map_err(|e| PhantomError::Io { path: path.display().to_string(), source: e })?;
     let w = std::io::BufWriter::new(file);
     let mut enc = png::Encoder::new(w, img.width as u32, img.height as u32);
     enc.set_color(png::ColorType::Rgb);
     enc.set_depth(png::BitDepth::Eight);
-    let png_err = |e: png::EncodingError| PhantomError::Png {
-        path: path.display().to_string(),
-        message: e.to_string(),
-    };
+    let png_err =
+        |e: png::EncodingError| PhantomError::Png { path: path.display().to_string(), message: e.to_string() };
     let mut writer = enc.write_header().map_err(png_err)?;
     writer.write_image_data(&img.data).map_err(png_err)?;
     writer.finish().map_err(png_err)?;
@@ -267,13 +231,7 @@ pub fn write_site_montage(
     size: Size,
     panel: usize,
 ) -> Result<(), PhantomError> {
-    let opts = GenerateOptions {
-        size,
-        ..Default::default()
-    };
-    let cases: Vec<PhantomCase> = Site::ALL
-        .iter()
-        .map(|&s| generate_case_with(s, case_index, seed, &opts))
-        .collect();
+    let opts = GenerateOptions { size, ..Default::default() };
+    let cases: Vec<PhantomCase> = Site::ALL.iter().map(|&s| generate_case_with(s, case_index, seed, &opts)).collect();
     write_png(&montage(&cases, panel), path)
 }

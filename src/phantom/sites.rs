@@ -213,9 +213,7 @@ impl std::str::FromStr for Site {
         let t = s.trim();
         let mut chars = t.chars();
         match (chars.next(), chars.next()) {
-            (Some(c), None) => {
-                Site::from_letter(c).ok_or_else(|| PhantomError::UnknownSite(s.to_string()))
-            }
+            (Some(c), None) => Site::from_letter(c).ok_or_else(|| PhantomError::UnknownSite(s.to_string())),
             _ => Err(PhantomError::UnknownSite(s.to_string())),
         }
     }
@@ -349,12 +347,7 @@ fn uniform(rng: &mut ChaCha20Rng, r: (f64, f64)) -> f64 {
 
 /// Draws the protocol of one case of `site`. `min_coverage_mm` is the superior–inferior extent the
 /// stack must cover (the gland plus margins); the slice count grows within the site's range to meet it.
-pub(crate) fn draw_protocol(
-    site: Site,
-    size: Size,
-    min_coverage_mm: f64,
-    rng: &mut ChaCha20Rng,
-) -> CaseProtocol {
+pub(crate) fn draw_protocol(site: Site, size: Size, min_coverage_mm: f64, rng: &mut ChaCha20Rng) -> CaseProtocol {
     let spec = site.spec();
     let field = spec.field_strengths[rng.gen_range(0..spec.field_strengths.len())];
     let model = if spec.model_names.len() > 1 {
@@ -395,15 +388,9 @@ pub(crate) fn draw_protocol(
     };
     let snr = uniform(rng, spec.snr_at(field));
     // Bias fields are stronger at 3 T (dielectric effects, surface-coil profiles).
-    let bias = if field > 2.0 {
-        uniform(rng, (0.2, 0.3))
-    } else {
-        uniform(rng, (0.1, 0.2))
-    };
+    let bias = if field > 2.0 { uniform(rng, (0.2, 0.3)) } else { uniform(rng, (0.1, 0.2)) };
     let stored_max = uniform(rng, spec.stored_max).round();
-    let rescale = spec
-        .rescale_slope
-        .map(|r| (((uniform(rng, r)) * 1e4).round() / 1e4, 0.0));
+    let rescale = spec.rescale_slope.map(|r| (((uniform(rng, r)) * 1e4).round() / 1e4, 0.0));
     let factor = size.in_plane_factor();
     let matrix = (full_matrix / factor).max(32);
     let pixel_spacing = full_spacing * full_matrix as f64 / matrix as f64;

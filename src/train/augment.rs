@@ -136,7 +136,13 @@ impl AugmentParams {
 }
 
 /// Applies `params` to a z-major volume of `dims` = [z, y, x] (returns a new buffer).
-pub fn apply(voxels: &[f32], dims: [usize; 3], geom: &GlandGeometry, params: &AugmentParams, noise_seed: u64) -> Vec<f32> {
+pub fn apply(
+    voxels: &[f32],
+    dims: [usize; 3],
+    geom: &GlandGeometry,
+    params: &AugmentParams,
+    noise_seed: u64,
+) -> Vec<f32> {
     let [_, ny, nx] = dims;
     let plane = ny * nx;
     let mut field = vec![0f32; plane];
@@ -144,7 +150,8 @@ pub fn apply(voxels: &[f32], dims: [usize; 3], geom: &GlandGeometry, params: &Au
         let y = if ny > 1 { 2.0 * yy as f64 / (ny - 1) as f64 - 1.0 } else { 0.0 };
         for xx in 0..nx {
             let x = if nx > 1 { 2.0 * xx as f64 / (nx - 1) as f64 - 1.0 } else { 0.0 };
-            field[yy * nx + xx] = (params.log_field(x, y).exp() * params.coil_gain(geom, dims, xx as f64, yy as f64)) as f32;
+            field[yy * nx + xx] =
+                (params.log_field(x, y).exp() * params.coil_gain(geom, dims, xx as f64, yy as f64)) as f32;
         }
     }
     // Gamma first, on the raw volume's [0, p99.5] (values above keep their relative excess): it
@@ -188,28 +195,46 @@ mod tests {
     use super::*;
 
     fn geom() -> GlandGeometry {
-        GlandGeometry { spacing_mm: [1.0, 1.0], centroid: None, radius_mm: 20.0, posterior_angle: std::f64::consts::FRAC_PI_2 }
+        GlandGeometry {
+            spacing_mm: [1.0, 1.0],
+            centroid: None,
+            radius_mm: 20.0,
+            posterior_angle: std::f64::consts::FRAC_PI_2,
+        }
     }
 
     #[test]
     fn coil_sits_next_to_the_gland_and_saturates_its_near_side() {
         // A 60×60 slice of 1 mm pixels, a gland disc of radius 8 around (30, 30); the coil below it.
         let dims = [1, 60, 60];
-        let label: Vec<u8> = (0..3600).map(|i| u8::from(((i % 60) as f64 - 30.0).hypot((i / 60) as f64 - 30.0) <= 8.0)).collect();
+        let label: Vec<u8> =
+            (0..3600).map(|i| u8::from(((i % 60) as f64 - 30.0).hypot((i / 60) as f64 - 30.0) <= 8.0)).collect();
         // Axial LPS orientation: rows run posterior, so the coil goes towards +row.
-        let g = GlandGeometry::from_label(&label, dims, [1.0, 1.0, 3.0], [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]);
+        let g = GlandGeometry::from_label(
+            &label,
+            dims,
+            [1.0, 1.0, 3.0],
+            [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]],
+        );
         assert!((g.posterior_angle - std::f64::consts::FRAC_PI_2).abs() < 1e-9);
         let [cx, cy] = g.centroid.unwrap();
         assert!((cx - 30.0).abs() < 0.5 && (cy - 30.0).abs() < 0.5, "{cx} {cy}");
         assert!((g.radius_mm - 8.0).abs() < 0.5, "{}", g.radius_mm);
-        let p = AugmentParams { poly: [0.0; 6], bump: None, gamma: 1.0, noise_rel: 0.0, coil: Some([0.0, 9.0, 0.5, 4.0, 2.0, 10.0]) };
+        let p = AugmentParams {
+            poly: [0.0; 6],
+            bump: None,
+            gamma: 1.0,
+            noise_rel: 0.0,
+            coil: Some([0.0, 9.0, 0.5, 4.0, 2.0, 10.0]),
+        };
         let v = vec![100.0f32; 3600];
         let out = apply(&v, dims, &g, &p, 0);
         let (near, far) = (out[37 * 60 + 30], out[23 * 60 + 30]); // gland edge towards / away from the coil
         assert!(near > 3.0 * far, "near {near} far {far}");
         assert_eq!(out, apply(&v, dims, &g, &p, 0));
         // Stored parameters of older stores (no coil) still read.
-        let old: AugmentParams = serde_json::from_str(r#"{"poly":[0,0,0,0,0,0],"bump":null,"gamma":1.0,"noise_rel":0.0}"#).unwrap();
+        let old: AugmentParams =
+            serde_json::from_str(r#"{"poly":[0,0,0,0,0,0],"bump":null,"gamma":1.0,"noise_rel":0.0}"#).unwrap();
         assert_eq!(old.coil, None);
     }
 
@@ -228,7 +253,9 @@ mod tests {
 
     fn volume() -> (Vec<f32>, [usize; 3]) {
         let dims = [3, 32, 40];
-        let v = (0..dims.iter().product::<usize>()).map(|i| if i % 7 == 0 { 0.0 } else { 100.0 + (i % 13) as f32 }).collect();
+        let v = (0..dims.iter().product::<usize>())
+            .map(|i| if i % 7 == 0 { 0.0 } else { 100.0 + (i % 13) as f32 })
+            .collect();
         (v, dims)
     }
 
@@ -250,7 +277,8 @@ mod tests {
     #[test]
     fn bump_brightens_its_centre_and_zeros_stay_zero() {
         let (v, dims) = volume();
-        let p = AugmentParams { poly: [0.0; 6], bump: Some([1.5, 0.0, 0.0, 0.2]), gamma: 1.0, noise_rel: 0.0, coil: None };
+        let p =
+            AugmentParams { poly: [0.0; 6], bump: Some([1.5, 0.0, 0.0, 0.2]), gamma: 1.0, noise_rel: 0.0, coil: None };
         let out = apply(&v, dims, &geom(), &p, 0);
         assert_eq!(out.len(), v.len());
         let (ny, nx) = (dims[1], dims[2]);

@@ -13,9 +13,15 @@ pub const SITE_CSV: &str = "prostate_patientid.csv";
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum CaseSource {
-    Nifti { image: PathBuf, label: PathBuf },
+    Nifti {
+        image: PathBuf,
+        label: PathBuf,
+    },
     /// `series` holds the MR instances, `seg` the ground-truth DICOM-SEG file.
-    Dicom { series: PathBuf, seg: PathBuf },
+    Dicom {
+        series: PathBuf,
+        seg: PathBuf,
+    },
 }
 
 /// One case of a dataset, in dataset order (the CSV order for NIfTI, folder-name order for DICOM).
@@ -41,7 +47,8 @@ fn site_code(center: &str) -> String {
 }
 
 fn trailing_number(id: &str) -> Option<u64> {
-    let digits: String = id.chars().rev().take_while(|c| c.is_ascii_digit()).collect::<Vec<_>>().into_iter().rev().collect();
+    let digits: String =
+        id.chars().rev().take_while(|c| c.is_ascii_digit()).collect::<Vec<_>>().into_iter().rev().collect();
     digits.parse().ok()
 }
 
@@ -54,7 +61,10 @@ fn read_site_csv(path: &Path) -> Result<Vec<(u64, String)>, TrainError> {
     let (ci, pi) = match (cols.iter().position(|c| *c == "center"), cols.iter().position(|c| *c == "patientid")) {
         (Some(c), Some(p)) => (c, p),
         _ => {
-            return Err(TrainError::Data { path: path.into(), message: "expected a header with columns center,patientid".into() })
+            return Err(TrainError::Data {
+                path: path.into(),
+                message: "expected a header with columns center,patientid".into(),
+            })
         }
     };
     let mut rows = Vec::new();
@@ -85,10 +95,14 @@ pub fn list_cases(dir: &Path) -> Result<Vec<CaseRef>, TrainError> {
 }
 
 fn list_nifti(dir: &Path) -> Result<Vec<CaseRef>, TrainError> {
-    let cases = crate::nifti::list_nnunet_cases(dir).map_err(|e| TrainError::Data { path: dir.into(), message: e.to_string() })?;
+    let cases = crate::nifti::list_nnunet_cases(dir)
+        .map_err(|e| TrainError::Data { path: dir.into(), message: e.to_string() })?;
     let csv = dir.join(SITE_CSV);
     if !csv.is_file() {
-        return Err(TrainError::Data { path: csv, message: "missing: the patient→site table (columns center,patientid)".into() });
+        return Err(TrainError::Data {
+            path: csv,
+            message: "missing: the patient→site table (columns center,patientid)".into(),
+        });
     }
     let rows = read_site_csv(&csv)?;
     let mut out = Vec::new();
@@ -124,7 +138,11 @@ fn list_nifti(dir: &Path) -> Result<Vec<CaseRef>, TrainError> {
 
 fn list_dicom(dir: &Path) -> Result<Vec<CaseRef>, TrainError> {
     let rd = std::fs::read_dir(dir).map_err(io_err(dir))?;
-    let mut names: Vec<String> = rd.filter_map(|e| e.ok()).filter(|e| e.path().is_dir()).map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    let mut names: Vec<String> = rd
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().is_dir())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
     names.sort();
     let csv = dir.join(SITE_CSV);
     let rows = if csv.is_file() { Some(read_site_csv(&csv)?) } else { None };
@@ -142,7 +160,10 @@ fn list_dicom(dir: &Path) -> Result<Vec<CaseRef>, TrainError> {
                 v.sort();
                 v.into_iter().next()
             })
-            .ok_or_else(|| TrainError::Data { path: seg_dir.clone(), message: format!("case {name}: no DICOM-SEG ground truth file") })?;
+            .ok_or_else(|| TrainError::Data {
+                path: seg_dir.clone(),
+                message: format!("case {name}: no DICOM-SEG ground truth file"),
+            })?;
         // Site: the CSV when present, else the phantom's PatientID convention ("PHANTOM-A-007").
         let (site, patient) = match &rows {
             Some(rows) => {
@@ -165,7 +186,11 @@ fn list_dicom(dir: &Path) -> Result<Vec<CaseRef>, TrainError> {
                     (letter.to_ascii_uppercase().to_string(), name.clone())
                 }
                 _ => {
-                    return Err(TrainError::MissingSite { case: name.clone(), patient: name.clone(), csv: csv.clone() });
+                    return Err(TrainError::MissingSite {
+                        case: name.clone(),
+                        patient: name.clone(),
+                        csv: csv.clone(),
+                    });
                 }
             },
         };
@@ -174,7 +199,8 @@ fn list_dicom(dir: &Path) -> Result<Vec<CaseRef>, TrainError> {
     if out.is_empty() {
         return Err(TrainError::Data {
             path: dir.into(),
-            message: "no cases: expected imagesTr/+labelsTr/+prostate_patientid.csv or <case>/MR + <case>/SEG folders".into(),
+            message: "no cases: expected imagesTr/+labelsTr/+prostate_patientid.csv or <case>/MR + <case>/SEG folders"
+                .into(),
         });
     }
     Ok(out)
@@ -184,9 +210,10 @@ fn list_dicom(dir: &Path) -> Result<Vec<CaseRef>, TrainError> {
 pub fn load_case(case: &CaseRef, require_foreground: bool) -> Result<LoadedCase, TrainError> {
     let (volume, label) = match &case.source {
         CaseSource::Nifti { image, label } => {
-            let v = crate::nifti::read_nifti(image).map_err(|e| TrainError::Data { path: image.clone(), message: e.to_string() })?;
-            let (m, _) =
-                crate::nifti::read_nifti_mask(label).map_err(|e| TrainError::Data { path: label.clone(), message: e.to_string() })?;
+            let v = crate::nifti::read_nifti(image)
+                .map_err(|e| TrainError::Data { path: image.clone(), message: e.to_string() })?;
+            let (m, _) = crate::nifti::read_nifti_mask(label)
+                .map_err(|e| TrainError::Data { path: label.clone(), message: e.to_string() })?;
             (v, m)
         }
         CaseSource::Dicom { series, seg } => {
@@ -196,11 +223,14 @@ pub fn load_case(case: &CaseRef, require_foreground: bool) -> Result<LoadedCase,
             let len = std::fs::metadata(seg).map_err(io_err(seg))?.len();
             let cap = crate::limits::get().max_file_bytes;
             if len > cap {
-                return Err(TrainError::Data { path: seg.clone(), message: format!("{len} bytes exceed the limit of {cap} (max_file_bytes, docs/limits.md)") });
+                return Err(TrainError::Data {
+                    path: seg.clone(),
+                    message: format!("{len} bytes exceed the limit of {cap} (max_file_bytes, docs/limits.md)"),
+                });
             }
             let bytes = std::fs::read(seg).map_err(io_err(seg))?;
-            let segs =
-                crate::dicom::read_seg(&bytes, &v).map_err(|e| TrainError::Data { path: seg.clone(), message: e.to_string() })?;
+            let segs = crate::dicom::read_seg(&bytes, &v)
+                .map_err(|e| TrainError::Data { path: seg.clone(), message: e.to_string() })?;
             let Some((_, m)) = segs.into_iter().next() else {
                 return Err(TrainError::Data { path: seg.clone(), message: "the SEG has no segment".into() });
             };

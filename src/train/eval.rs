@@ -203,7 +203,11 @@ pub fn summarise(cases: &[CaseResult], sites: &[String]) -> (Vec<SiteResult>, f6
 
 /// Markdown table of a summary.
 pub fn markdown(s: &EvalSummary, title: &str) -> String {
-    let mut t = format!("### {title}\n\nmode `{}`, data manifest `{}`\n\n", s.mode, &s.manifest_hash[..12.min(s.manifest_hash.len())]);
+    let mut t = format!(
+        "### {title}\n\nmode `{}`, data manifest `{}`\n\n",
+        s.mode,
+        &s.manifest_hash[..12.min(s.manifest_hash.len())]
+    );
     t.push_str("| site | cases | Dice 3-D mean ± sd | min | HD95 mean (mm) | empty | official Dice |\n|---|---|---|---|---|---|---|\n");
     for r in &s.sites {
         t.push_str(&format!(
@@ -244,8 +248,11 @@ fn select_cases(data_dir: &Path, sites: &[String], max_per_site: Option<usize>) 
 /// Evaluates a model directory with the engine.
 pub fn evaluate(o: &EvalOptions) -> Result<EvalSummary, TrainError> {
     let t0 = Instant::now();
-    let seg = Segmenter::from_model_dir(&o.model, EngineOptions { device: o.device, threads: o.threads, ..Default::default() })
-        .map_err(|e| TrainError::Model(e.to_string()))?;
+    let seg = Segmenter::from_model_dir(
+        &o.model,
+        EngineOptions { device: o.device, threads: o.threads, ..Default::default() },
+    )
+    .map_err(|e| TrainError::Model(e.to_string()))?;
     let cases = select_cases(&o.data, &o.sites, o.max_cases_per_site)?;
     let manifest_hash = data::manifest_hash(&cases)?;
     let mode = o.mode.unwrap_or_else(|| seg.default_mode());
@@ -263,8 +270,13 @@ pub fn evaluate(o: &EvalOptions) -> Result<EvalSummary, TrainError> {
         }
         None => (None, Vec::new()),
     };
-    let bar = if o.progress { indicatif::ProgressBar::new(cases.len() as u64) } else { indicatif::ProgressBar::hidden() };
-    bar.set_style(indicatif::ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} cases ETA {eta} {msg}").unwrap().progress_chars("=> "));
+    let bar =
+        if o.progress { indicatif::ProgressBar::new(cases.len() as u64) } else { indicatif::ProgressBar::hidden() };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} cases ETA {eta} {msg}")
+            .unwrap()
+            .progress_chars("=> "),
+    );
     let mut results = Vec::new();
     let (mut resumed, mut resumed_seconds) = (0, 0.0);
     for c in &cases {
@@ -278,7 +290,8 @@ pub fn evaluate(o: &EvalOptions) -> Result<EvalSummary, TrainError> {
         let t = Instant::now();
         let lc = data::load_case(c, true)?;
         let req = SegmentRequest { mode: Some(mode), ..Default::default() };
-        let r = seg.segment(&lc.volume, &req, &mut |_| {}).map_err(|e| TrainError::Model(format!("case {}: {e}", c.id)))?;
+        let r =
+            seg.segment(&lc.volume, &req, &mut |_| {}).map_err(|e| TrainError::Model(format!("case {}: {e}", c.id)))?;
         let dims = lc.volume.dims;
         let (od, on) = metrics::official_dice(&r.mask.data, &lc.label.data, dims);
         let ml = lc.volume.voxel_ml();
@@ -349,15 +362,20 @@ pub fn evaluate_run_on_store(
     max_cases_per_site: Option<usize>,
 ) -> Result<EvalSummary, TrainError> {
     let t0 = Instant::now();
-    let cfg: super::fit::FitConfig = serde_json::from_slice(&std::fs::read(run.join(super::fit::CONFIG_JSON)).map_err(io_err(run))?)
-        .map_err(|e| TrainError::Run { dir: run.into(), message: e.to_string() })?;
+    let cfg: super::fit::FitConfig =
+        serde_json::from_slice(&std::fs::read(run.join(super::fit::CONFIG_JSON)).map_err(io_err(run))?)
+            .map_err(|e| TrainError::Run { dir: run.into(), message: e.to_string() })?;
     let index = precompute::read_index(store)?;
     let train_index = precompute::read_index(&cfg.embeddings)?;
     if index.config.backbone_sha256 != train_index.config.backbone_sha256 {
-        return Err(TrainError::Store { dir: store.into(), message: "built with a different encoder than the run's training store".into() });
+        return Err(TrainError::Store {
+            dir: store.into(),
+            message: "built with a different encoder than the run's training store".into(),
+        });
     }
     let model = super::fit::load_base_model(&train_index, device)?;
-    let spec = crate::modeldir::read_spec(&train_index.config.model_dir).map_err(|e| TrainError::Model(e.to_string()))?;
+    let spec =
+        crate::modeldir::read_spec(&train_index.config.model_dir).map_err(|e| TrainError::Model(e.to_string()))?;
     let mode = mode.unwrap_or(match cfg.mode {
         super::fit::PromptMode::Box => crate::engine::Mode::Box,
         super::fit::PromptMode::Grid => crate::engine::Mode::Grid,
@@ -368,7 +386,9 @@ pub fn evaluate_run_on_store(
     let trained_on: Vec<String> = std::fs::read(run.join("summary.json"))
         .ok()
         .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-        .and_then(|v| v["train_cases"].as_array().map(|a| a.iter().filter_map(|x| x.as_str().map(String::from)).collect()))
+        .and_then(|v| {
+            v["train_cases"].as_array().map(|a| a.iter().filter_map(|x| x.as_str().map(String::from)).collect())
+        })
         .unwrap_or_default();
     let (p, _, _, _) = super::fit::read_checkpoint(&run.join(super::fit::BEST))?;
     let vars = model.decoder_variables();
@@ -389,9 +409,8 @@ pub fn evaluate_run_on_store(
         min_area: spec.thresholds.min_area_px(out_side * out_side),
     };
     let grid = crate::engine::prompts::grid_points(spec.grid_points, mcfg.image_size as f64);
-    let scored = |c: &&precompute::StoredCase| {
-        !trained_on.iter().any(|t| *t == c.id || Some(t) == c.augmented_from.as_ref())
-    };
+    let scored =
+        |c: &&precompute::StoredCase| !trained_on.iter().any(|t| *t == c.id || Some(t) == c.augmented_from.as_ref());
     let limit = max_cases_per_site.unwrap_or(usize::MAX);
     let chosen = sites.iter().flat_map(|s| index.cases.iter().filter(move |c| &c.site == s).filter(scored).take(limit));
     for case in chosen {
@@ -473,7 +492,8 @@ fn grid_mask(
         let coords = Tensor::from_slice(&flat).view([b, 1, 2]).to_device(f.neck.device());
         let labels = Tensor::ones([b, 1], (Kind::Float, f.neck.device()));
         let o = model.decode(f, &ctx, &crate::model::PromptBatch::Points { coords, labels });
-        let iou: Vec<f32> = Vec::try_from(o.iou.to_device(Device::Cpu).to_kind(Kind::Float).view([-1])).map_err(TrainError::Torch)?;
+        let iou: Vec<f32> =
+            Vec::try_from(o.iou.to_device(Device::Cpu).to_kind(Kind::Float).view([-1])).map_err(TrainError::Torch)?;
         let logits = o.logits.to_device(Device::Cpu).to_kind(Kind::Float);
         for (i, v) in iou.iter().enumerate() {
             let l: Vec<f32> = Vec::try_from(logits.get(i as i64).view([-1])).map_err(TrainError::Torch)?;
@@ -488,4 +508,3 @@ fn grid_mask(
         (None, None) => vec![0; side * side],
     })
 }
-

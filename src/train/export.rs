@@ -52,7 +52,10 @@ pub fn export(o: &ExportOptions) -> Result<modeldir::ModelDir, TrainError> {
     let model = fit::load_base_model(&index, tch::Device::Cpu)?;
     let vars = model.decoder_variables();
     if vars.len() != params.len() || vars.iter().zip(&params).any(|(a, b)| a.0 != b.0) {
-        return Err(TrainError::Run { dir: o.run.clone(), message: "checkpoint does not match the model's decoder".into() });
+        return Err(TrainError::Run {
+            dir: o.run.clone(),
+            message: "checkpoint does not match the model's decoder".into(),
+        });
     }
     tch::no_grad(|| {
         for ((_, v), (_, p)) in vars.iter().zip(&params) {
@@ -70,13 +73,17 @@ pub fn export(o: &ExportOptions) -> Result<modeldir::ModelDir, TrainError> {
         if Path::new(&f.path).is_absolute() {
             backbone.push(f.clone());
         } else {
-            let name = Path::new(&f.path).file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "encoder.safetensors".into());
+            let name = Path::new(&f.path)
+                .file_name()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "encoder.safetensors".into());
             let dst = tmp.join(&name);
             std::fs::copy(abs, &dst).map_err(io_err(&dst))?;
             backbone.push(WeightsFile { path: name, sha256: f.sha256.clone() });
         }
     }
-    let decoder: Vec<(String, tch::Tensor)> = model.state_dict().into_iter().filter(|(n, _)| !n.starts_with("image_encoder.")).collect();
+    let decoder: Vec<(String, tch::Tensor)> =
+        model.state_dict().into_iter().filter(|(n, _)| !n.starts_with("image_encoder.")).collect();
     let dec_path = tmp.join("decoder.safetensors");
     checkpoint::save_safetensors(&decoder, &dec_path, tch::Kind::Half).map_err(|e| TrainError::Model(e.to_string()))?;
     let dec_sha = modeldir::sha256_file(&dec_path).map_err(io_err(&dec_path))?;
@@ -161,7 +168,8 @@ fn read_current(reg: &Path) -> Result<Current, TrainError> {
     if !p.is_file() {
         return Ok(Current::default());
     }
-    serde_json::from_slice(&std::fs::read(&p).map_err(io_err(&p))?).map_err(|e| TrainError::Data { path: p, message: e.to_string() })
+    serde_json::from_slice(&std::fs::read(&p).map_err(io_err(&p))?)
+        .map_err(|e| TrainError::Data { path: p, message: e.to_string() })
 }
 
 fn write_current(reg: &Path, c: &Current) -> Result<(), TrainError> {
@@ -199,8 +207,10 @@ pub fn promote(reg: &Path, version: &str) -> Result<Current, TrainError> {
 /// Goes back to the previously current version.
 pub fn rollback(reg: &Path) -> Result<Current, TrainError> {
     let mut c = read_current(reg)?;
-    let prev = c.history.pop().ok_or_else(|| TrainError::Invalid(format!("{}: nothing to roll back to", reg.display())))?;
-    modeldir::open(&reg.join("versions").join(&prev)).map_err(|e| TrainError::Model(format!("cannot roll back to {prev}: {e}")))?;
+    let prev =
+        c.history.pop().ok_or_else(|| TrainError::Invalid(format!("{}: nothing to roll back to", reg.display())))?;
+    modeldir::open(&reg.join("versions").join(&prev))
+        .map_err(|e| TrainError::Model(format!("cannot roll back to {prev}: {e}")))?;
     c.version = Some(prev);
     write_current(reg, &c)?;
     Ok(c)
@@ -209,6 +219,7 @@ pub fn rollback(reg: &Path) -> Result<Current, TrainError> {
 /// The model directory a registry's current.json points to.
 pub fn current_dir(reg: &Path) -> Result<PathBuf, TrainError> {
     let c = read_current(reg)?;
-    let v = c.version.ok_or_else(|| TrainError::Invalid(format!("{}: no current version (promote one)", reg.display())))?;
+    let v =
+        c.version.ok_or_else(|| TrainError::Invalid(format!("{}: no current version (promote one)", reg.display())))?;
     Ok(reg.join("versions").join(v))
 }

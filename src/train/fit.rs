@@ -185,13 +185,26 @@ fn shuffled<T: Clone>(v: &[T], seed: u64) -> Vec<T> {
 }
 
 /// Patient-level split of a site's cases (indices into `index.cases`).
-pub fn split_cases(index: &StoreIndex, site: &str, split: Split, seed: u64) -> Result<(Vec<usize>, Vec<usize>), TrainError> {
+pub fn split_cases(
+    index: &StoreIndex,
+    site: &str,
+    split: Split,
+    seed: u64,
+) -> Result<(Vec<usize>, Vec<usize>), TrainError> {
     // Split the real cases; augmented copies follow their source case into training and never
     // validate.
-    let ids: Vec<usize> =
-        index.cases.iter().enumerate().filter(|(_, c)| c.site == site && c.augmented_from.is_none()).map(|(i, _)| i).collect();
+    let ids: Vec<usize> = index
+        .cases
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| c.site == site && c.augmented_from.is_none())
+        .map(|(i, _)| i)
+        .collect();
     if ids.len() < 2 {
-        return Err(TrainError::Invalid(format!("site {site} has {} case(s) in the store; need at least 2 for a train/validation split", ids.len())));
+        return Err(TrainError::Invalid(format!(
+            "site {site} has {} case(s) in the store; need at least 2 for a train/validation split",
+            ids.len()
+        )));
     }
     let ids = match split {
         Split::Official => ids,
@@ -201,7 +214,9 @@ pub fn split_cases(index: &StoreIndex, site: &str, split: Split, seed: u64) -> R
     let mut train = ids[..n_train].to_vec();
     for &i in &ids[..n_train] {
         let id = &index.cases[i].id;
-        train.extend(index.cases.iter().enumerate().filter(|(_, c)| c.augmented_from.as_ref() == Some(id)).map(|(j, _)| j));
+        train.extend(
+            index.cases.iter().enumerate().filter(|(_, c)| c.augmented_from.as_ref() == Some(id)).map(|(j, _)| j),
+        );
     }
     Ok((train, ids[n_train..].to_vec()))
 }
@@ -209,7 +224,8 @@ pub fn split_cases(index: &StoreIndex, site: &str, split: Split, seed: u64) -> R
 fn samples_of(index: &StoreIndex, cases: &[usize], stride: usize) -> Vec<Sample> {
     let mut v = Vec::new();
     for &c in cases {
-        let fg: Vec<usize> = index.cases[c].foreground.iter().enumerate().filter(|(_, f)| **f).map(|(r, _)| r).collect();
+        let fg: Vec<usize> =
+            index.cases[c].foreground.iter().enumerate().filter(|(_, f)| **f).map(|(r, _)| r).collect();
         v.extend(fg.into_iter().step_by(stride.max(1)).map(|r| (c, r)));
     }
     v
@@ -219,7 +235,9 @@ fn samples_of(index: &StoreIndex, cases: &[usize], stride: usize) -> Vec<Sample>
 pub fn peak_rss_mb() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok()))
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
         .map(|kb| kb / 1024.0)
         .unwrap_or(0.0)
 }
@@ -227,9 +245,11 @@ pub fn peak_rss_mb() -> f64 {
 /// The model a store was built for: its encoder (unused here) + its decoder as the starting point.
 pub fn load_base_model(index: &StoreIndex, device: Device) -> Result<DeSam, TrainError> {
     let md = crate::modeldir::open(&index.config.model_dir).map_err(|e| TrainError::Model(e.to_string()))?;
-    let arch: Arch = index.config.arch.parse().map_err(|e: crate::model::config::UnknownArch| TrainError::Model(e.to_string()))?;
+    let arch: Arch =
+        index.config.arch.parse().map_err(|e: crate::model::config::UnknownArch| TrainError::Model(e.to_string()))?;
     let files: Vec<&Path> = md.backbone_paths.iter().chain(&md.decoder_paths).map(|p| p.as_path()).collect();
-    let (model, _) = DeSam::load(&ModelConfig::for_arch(arch), &files, device).map_err(|e| TrainError::Model(e.to_string()))?;
+    let (model, _) =
+        DeSam::load(&ModelConfig::for_arch(arch), &files, device).map_err(|e| TrainError::Model(e.to_string()))?;
     model.freeze_encoders();
     Ok(model)
 }
@@ -242,7 +262,10 @@ fn make_prompts(mode: PromptMode, labels: &[Tensor], cfg: &ModelConfig, seeds: &
     match mode {
         PromptMode::Box => {
             let flat: Vec<f32> = (0..b).flat_map(|_| [0.0, 0.0, s, s]).collect();
-            (PromptBatch::Boxes(Tensor::from_slice(&flat).view([b, 4])), Tensor::ones([b, 1], (Kind::Float, Device::Cpu)))
+            (
+                PromptBatch::Boxes(Tensor::from_slice(&flat).view([b, 4])),
+                Tensor::ones([b, 1], (Kind::Float, Device::Cpu)),
+            )
         }
         PromptMode::Grid => {
             let scale = (cfg.image_size as f32) / (cfg.output_size as f32);
@@ -253,16 +276,21 @@ fn make_prompts(mode: PromptMode, labels: &[Tensor], cfg: &ModelConfig, seeds: &
                 let flat: Vec<u8> = Vec::try_from(lab.view([-1])).expect("u8 label");
                 let side = cfg.output_size as usize;
                 let want_bg = rng.gen_bool(0.5);
-                let pool: Vec<usize> = flat.iter().enumerate().filter(|(_, v)| (**v == 0) == want_bg).map(|(i, _)| i).collect();
+                let pool: Vec<usize> =
+                    flat.iter().enumerate().filter(|(_, v)| (**v == 0) == want_bg).map(|(i, _)| i).collect();
                 // A label without background (or foreground) falls back to any pixel.
-                let idx = if pool.is_empty() { rng.gen_range(0..flat.len()) } else { pool[rng.gen_range(0..pool.len())] };
+                let idx =
+                    if pool.is_empty() { rng.gen_range(0..flat.len()) } else { pool[rng.gen_range(0..pool.len())] };
                 let (y, x) = (idx / side, idx % side);
                 coords.extend([x as f32 * scale, y as f32 * scale]);
                 // IoU target: 1 for a point on the gland, 0 for a background point.
                 targets.push(if flat[idx] != 0 { 1.0f32 } else { 0.0 });
             }
             (
-                PromptBatch::Points { coords: Tensor::from_slice(&coords).view([b, 1, 2]), labels: Tensor::ones([b, 1], (Kind::Float, Device::Cpu)) },
+                PromptBatch::Points {
+                    coords: Tensor::from_slice(&coords).view([b, 1, 2]),
+                    labels: Tensor::ones([b, 1], (Kind::Float, Device::Cpu)),
+                },
                 Tensor::from_slice(&targets).view([b, 1]),
             )
         }
@@ -275,7 +303,13 @@ struct Batch {
     label_list: Vec<Tensor>,
 }
 
-fn load_batch(reader: &mut ShardReader, store: &Path, index: &StoreIndex, samples: &[Sample], device: Device) -> Result<Batch, TrainError> {
+fn load_batch(
+    reader: &mut ShardReader,
+    store: &Path,
+    index: &StoreIndex,
+    samples: &[Sample],
+    device: Device,
+) -> Result<Batch, TrainError> {
     let mut taps: Vec<Vec<Tensor>> = (0..index.config.tap_count).map(|_| Vec::new()).collect();
     let mut necks = Vec::new();
     let mut labels = Vec::new();
@@ -345,7 +379,11 @@ struct Adam {
 
 impl Adam {
     fn new(params: &[(String, Tensor)]) -> Adam {
-        Adam { m: params.iter().map(|(_, p)| p.zeros_like()).collect(), v: params.iter().map(|(_, p)| p.zeros_like()).collect(), t: 0 }
+        Adam {
+            m: params.iter().map(|(_, p)| p.zeros_like()).collect(),
+            v: params.iter().map(|(_, p)| p.zeros_like()).collect(),
+            t: 0,
+        }
     }
 
     /// One step; `inv_scale` undoes loss scaling. Parameters without a gradient are left alone.
@@ -392,7 +430,12 @@ pub fn poly_lr(base: f64, epoch: usize, epochs: usize) -> f64 {
     base * (1.0 - epoch as f64 / epochs as f64).max(0.0).powf(0.9)
 }
 
-fn save_checkpoint(path: &Path, params: &[(String, Tensor)], adam: &Adam, state: &TrainState) -> Result<(), TrainError> {
+fn save_checkpoint(
+    path: &Path,
+    params: &[(String, Tensor)],
+    adam: &Adam,
+    state: &TrainState,
+) -> Result<(), TrainError> {
     let mut named: Vec<(String, Tensor)> = Vec::new();
     for (i, (n, p)) in params.iter().enumerate() {
         named.push((format!("param.{n}"), p.detach().to_device(Device::Cpu)));
@@ -408,8 +451,11 @@ fn save_checkpoint(path: &Path, params: &[(String, Tensor)], adam: &Adam, state:
 
 /// Reads a checkpoint: (parameters by name, Adam m, Adam v, state).
 #[allow(clippy::type_complexity)]
-pub fn read_checkpoint(path: &Path) -> Result<(Vec<(String, Tensor)>, Vec<(String, Tensor)>, Vec<(String, Tensor)>, TrainState), TrainError> {
-    let all = Tensor::read_safetensors(path).map_err(|e| TrainError::Run { dir: path.to_path_buf(), message: format!("cannot read checkpoint: {e}") })?;
+pub fn read_checkpoint(
+    path: &Path,
+) -> Result<(Vec<(String, Tensor)>, Vec<(String, Tensor)>, Vec<(String, Tensor)>, TrainState), TrainError> {
+    let all = Tensor::read_safetensors(path)
+        .map_err(|e| TrainError::Run { dir: path.to_path_buf(), message: format!("cannot read checkpoint: {e}") })?;
     let (mut p, mut m, mut v, mut state) = (Vec::new(), Vec::new(), Vec::new(), None);
     for (n, t) in all {
         if let Some(k) = n.strip_prefix("param.") {
@@ -467,7 +513,8 @@ fn validate(
     tch::no_grad(|| -> Result<(), TrainError> {
         for (bi, chunk) in samples.chunks(cfg.batch.max(1)).enumerate() {
             let b = load_batch(reader, &store, index, chunk, model.device())?;
-            let seeds: Vec<u64> = (0..chunk.len()).map(|i| derive_seed(cfg.seed, "val", bi as u64, i as u64, 0)).collect();
+            let seeds: Vec<u64> =
+                (0..chunk.len()).map(|i| derive_seed(cfg.seed, "val", bi as u64, i as u64, 0)).collect();
             let (prompts, iou_t) = make_prompts(cfg.mode, &b.label_list, &mcfg, &seeds);
             let (logits, iou) = forward(model, cfg.coupled, &b.features, &prompts);
             let l = losses(cfg, &logits, &iou, &b.labels, &iou_t);
@@ -566,7 +613,9 @@ pub fn fit(cfg_in: &FitConfig, opts: &RunOptions) -> Result<FitSummary, TrainErr
         indicatif::ProgressBar::hidden()
     };
     bar.set_style(
-        indicatif::ProgressStyle::with_template("{elapsed_precise} [{bar:30}] step {pos}/{len} ETA {eta} {msg}").unwrap().progress_chars("=> "),
+        indicatif::ProgressStyle::with_template("{elapsed_precise} [{bar:30}] step {pos}/{len} ETA {eta} {msg}")
+            .unwrap()
+            .progress_chars("=> "),
     );
     bar.set_position(state.global_step);
     let log_path = out.join(LOG_JSONL);
@@ -604,7 +653,8 @@ pub fn fit(cfg_in: &FitConfig, opts: &RunOptions) -> Result<FitSummary, TrainErr
             let s = state.step_in_epoch;
             let chunk = &order[s * cfg.batch..((s + 1) * cfg.batch).min(order.len())];
             let b = load_batch(&mut reader, &store, &index, chunk, device)?;
-            let seeds: Vec<u64> = (0..chunk.len()).map(|i| derive_seed(cfg.seed, "prompt", epoch as u64, s as u64, i as u64)).collect();
+            let seeds: Vec<u64> =
+                (0..chunk.len()).map(|i| derive_seed(cfg.seed, "prompt", epoch as u64, s as u64, i as u64)).collect();
             let (prompts, iou_t) = make_prompts(cfg.mode, &b.label_list, &mcfg, &seeds);
             zero_grads(&params);
             let (logits, iou) = if cfg.amp {
@@ -674,7 +724,12 @@ pub fn fit(cfg_in: &FitConfig, opts: &RunOptions) -> Result<FitSummary, TrainErr
         append_line(&log_path, &serde_json::to_string(&entry).unwrap())?;
         append_line(
             &text_log,
-            &format!("{} epoch {epoch} train_loss {:.4} val_loss {val_loss:.4} val_dice {val_dice:.4} lr {lr:.2e}{}", utc_now(), entry.train_loss, if is_best { " (best)" } else { "" }),
+            &format!(
+                "{} epoch {epoch} train_loss {:.4} val_loss {val_loss:.4} val_dice {val_dice:.4} lr {lr:.2e}{}",
+                utc_now(),
+                entry.train_loss,
+                if is_best { " (best)" } else { "" }
+            ),
         )?;
         state.epoch += 1;
         state.step_in_epoch = 0;
@@ -685,7 +740,8 @@ pub fn fit(cfg_in: &FitConfig, opts: &RunOptions) -> Result<FitSummary, TrainErr
             std::fs::copy(&latest, out.join(BEST)).map_err(io_err(out))?;
         }
         let logs = read_log(out)?;
-        super::plot::write_progress_png(&out.join("progress.png"), &logs).map_err(|e| run_err(out, format!("progress.png: {e}")))?;
+        super::plot::write_progress_png(&out.join("progress.png"), &logs)
+            .map_err(|e| run_err(out, format!("progress.png: {e}")))?;
     }
     if stopped {
         save_checkpoint(&latest, &params, &adam, &state)?;
@@ -701,7 +757,11 @@ pub fn fit(cfg_in: &FitConfig, opts: &RunOptions) -> Result<FitSummary, TrainErr
         best_val_loss: state.best_val_loss,
         best_val_dice: state.best_epoch.and_then(|e| logs.iter().find(|l| l.epoch == e).map(|l| l.val_dice)),
         train_seconds: state.train_seconds,
-        seconds_per_step: if session_steps > 0 { session_start.elapsed().as_secs_f64() / session_steps as f64 } else { 0.0 },
+        seconds_per_step: if session_steps > 0 {
+            session_start.elapsed().as_secs_f64() / session_steps as f64
+        } else {
+            0.0
+        },
         peak_rss_mb: peak_rss_mb(),
         train_cases: train_cases.iter().map(|&i| index.cases[i].id.clone()).collect(),
         val_cases: val_cases.iter().map(|&i| index.cases[i].id.clone()).collect(),
@@ -711,7 +771,16 @@ pub fn fit(cfg_in: &FitConfig, opts: &RunOptions) -> Result<FitSummary, TrainErr
     };
     let p = out.join(SUMMARY_JSON);
     std::fs::write(&p, serde_json::to_string_pretty(&summary).unwrap()).map_err(io_err(&p))?;
-    append_line(&text_log, &format!("{} stop at epoch {} step {} (finished: {})", utc_now(), state.epoch, state.global_step, summary.finished))?;
+    append_line(
+        &text_log,
+        &format!(
+            "{} stop at epoch {} step {} (finished: {})",
+            utc_now(),
+            state.epoch,
+            state.global_step,
+            summary.finished
+        ),
+    )?;
     Ok(summary)
 }
 
@@ -722,7 +791,10 @@ pub fn read_log(run: &Path) -> Result<Vec<EpochLog>, TrainError> {
         return Ok(Vec::new());
     }
     let text = std::fs::read_to_string(&p).map_err(io_err(&p))?;
-    text.lines().filter(|l| !l.trim().is_empty()).map(|l| serde_json::from_str(l).map_err(|e| run_err(run, format!("log.jsonl: {e}")))).collect()
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).map_err(|e| run_err(run, format!("log.jsonl: {e}"))))
+        .collect()
 }
 
 #[cfg(test)]

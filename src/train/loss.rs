@@ -37,7 +37,11 @@ pub struct LossWeights {
 impl std::str::FromStr for LossWeights {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let v: Vec<f64> = s.split(',').map(|x| x.trim().parse::<f64>()).collect::<Result<_, _>>().map_err(|e| format!("{s:?}: {e}"))?;
+        let v: Vec<f64> = s
+            .split(',')
+            .map(|x| x.trim().parse::<f64>())
+            .collect::<Result<_, _>>()
+            .map_err(|e| format!("{s:?}: {e}"))?;
         match v.as_slice() {
             [d, b, i] if v.iter().all(|x| x.is_finite() && *x >= 0.0) => Ok(LossWeights { dice: *d, bce: *b, iou: *i }),
             _ => Err(format!("--loss-weights wants three non-negative numbers dice,bce,iou (got {s:?})")),
@@ -57,7 +61,12 @@ pub fn soft_dice(logits: &Tensor, target: &Tensor) -> Tensor {
 }
 
 pub fn bce(logits: &Tensor, target: &Tensor) -> Tensor {
-    logits.to_kind(Kind::Float).binary_cross_entropy_with_logits::<Tensor>(&target.to_kind(Kind::Float), None, None, Reduction::Mean)
+    logits.to_kind(Kind::Float).binary_cross_entropy_with_logits::<Tensor>(
+        &target.to_kind(Kind::Float),
+        None,
+        None,
+        Reduction::Mean,
+    )
 }
 
 pub fn iou_loss(pred: &Tensor, target: &Tensor, which: IouLoss) -> Tensor {

@@ -10,7 +10,13 @@ pub use crate::engine::quality::dice;
 fn surface(m: &[u8], dims: [usize; 3], spacing: [f64; 3]) -> Vec<[f64; 3]> {
     let [nz, ny, nx] = dims;
     let at = |z: i64, y: i64, x: i64| -> bool {
-        z >= 0 && y >= 0 && x >= 0 && (z as usize) < nz && (y as usize) < ny && (x as usize) < nx && m[(z as usize * ny + y as usize) * nx + x as usize] != 0
+        z >= 0
+            && y >= 0
+            && x >= 0
+            && (z as usize) < nz
+            && (y as usize) < ny
+            && (x as usize) < nx
+            && m[(z as usize * ny + y as usize) * nx + x as usize] != 0
     };
     let mut out = Vec::new();
     for z in 0..nz as i64 {
@@ -19,7 +25,12 @@ fn surface(m: &[u8], dims: [usize; 3], spacing: [f64; 3]) -> Vec<[f64; 3]> {
                 if !at(z, y, x) {
                     continue;
                 }
-                let border = !(at(z - 1, y, x) && at(z + 1, y, x) && at(z, y - 1, x) && at(z, y + 1, x) && at(z, y, x - 1) && at(z, y, x + 1));
+                let border = !(at(z - 1, y, x)
+                    && at(z + 1, y, x)
+                    && at(z, y - 1, x)
+                    && at(z, y + 1, x)
+                    && at(z, y, x - 1)
+                    && at(z, y, x + 1));
                 if border {
                     out.push([x as f64 * spacing[0], y as f64 * spacing[1], z as f64 * spacing[2]]);
                 }
@@ -32,7 +43,12 @@ fn surface(m: &[u8], dims: [usize; 3], spacing: [f64; 3]) -> Vec<[f64; 3]> {
 fn directed(a: &[[f64; 3]], b: &[[f64; 3]]) -> Vec<f64> {
     // Brute force: prostate surfaces have a few thousand voxels.
     a.iter()
-        .map(|p| b.iter().map(|q| (p[0] - q[0]).powi(2) + (p[1] - q[1]).powi(2) + (p[2] - q[2]).powi(2)).fold(f64::INFINITY, f64::min).sqrt())
+        .map(|p| {
+            b.iter()
+                .map(|q| (p[0] - q[0]).powi(2) + (p[1] - q[1]).powi(2) + (p[2] - q[2]).powi(2))
+                .fold(f64::INFINITY, f64::min)
+                .sqrt()
+        })
         .collect()
 }
 

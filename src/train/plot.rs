@@ -72,13 +72,17 @@ pub fn write_progress_png(path: &Path, logs: &[EpochLog]) -> std::io::Result<()>
         c.rect(x, 10, x + 20, 20, *col);
     }
     if !logs.is_empty() {
-        let max_loss = logs.iter().flat_map(|l| [l.train_loss, l.val_loss]).filter(|v| v.is_finite()).fold(1e-6f64, f64::max);
+        let max_loss =
+            logs.iter().flat_map(|l| [l.train_loss, l.val_loss]).filter(|v| v.is_finite()).fold(1e-6f64, f64::max);
         let n = logs.len().max(2) - 1;
         let xp = |i: usize| x0 + ((x1 - x0) as f64 * i as f64 / n as f64) as i64;
         let yp = |v: f64, top: f64| y1 - ((y1 - y0) as f64 * (v / top).clamp(0.0, 1.0)) as i64;
         #[allow(clippy::type_complexity)]
-        let series: [(Box<dyn Fn(&EpochLog) -> f64>, f64); 3] =
-            [(Box::new(|l| l.train_loss), max_loss), (Box::new(|l| l.val_loss), max_loss), (Box::new(|l| l.val_dice), 1.0)];
+        let series: [(Box<dyn Fn(&EpochLog) -> f64>, f64); 3] = [
+            (Box::new(|l| l.train_loss), max_loss),
+            (Box::new(|l| l.val_loss), max_loss),
+            (Box::new(|l| l.val_dice), 1.0),
+        ];
         for ((f, top), col) in series.iter().zip(colours) {
             let pts: Vec<(i64, i64)> = logs.iter().enumerate().map(|(i, l)| (xp(i), yp(f(l), *top))).collect();
             for w in pts.windows(2) {

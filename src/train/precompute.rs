@@ -117,7 +117,11 @@ pub fn labels_at(mask: &[u8], dims: [usize; 3], zs: &[usize], side: i64) -> Tens
         buf.extend_from_slice(&mask[z * h * w..(z + 1) * h * w]);
     }
     let t = Tensor::from_slice(&buf).view([zs.len() as i64, 1, h as i64, w as i64]).to_kind(Kind::Float);
-    t.internal_upsample_nearest_exact2d([side, side], None, None).gt(0.5).to_kind(Kind::Uint8).view([zs.len() as i64, side, side])
+    t.internal_upsample_nearest_exact2d([side, side], None, None).gt(0.5).to_kind(Kind::Uint8).view([
+        zs.len() as i64,
+        side,
+        side,
+    ])
 }
 
 /// Runs the precompute. Cases with a finished shard (its `.json` sidecar exists) are skipped.
@@ -134,7 +138,13 @@ pub fn precompute(opts: &PrecomputeOptions) -> Result<StoreIndex, TrainError> {
     let manifest_hash = data::manifest_hash(&cases)?;
     let engine = Segmenter::from_model_dir(
         &opts.model_dir,
-        EngineOptions { device: opts.device, threads: opts.threads, dtype: Some(Kind::Float), batch_size: Some(opts.batch), cache_dir: None },
+        EngineOptions {
+            device: opts.device,
+            threads: opts.threads,
+            dtype: Some(Kind::Float),
+            batch_size: Some(opts.batch),
+            cache_dir: None,
+        },
     )
     .map_err(|e| TrainError::Model(e.to_string()))?;
     let cfg = engine.config().clone();
@@ -155,23 +165,31 @@ pub fn precompute(opts: &PrecomputeOptions) -> Result<StoreIndex, TrainError> {
         slice_stride: opts.slice_stride.max(1),
     };
     if opts.slice_stride > 1 && opts.all_slices {
-        return Err(TrainError::Invalid("--slice-stride is for training stores; an --all-slices (evaluation) store holds every slice".into()));
+        return Err(TrainError::Invalid(
+            "--slice-stride is for training stores; an --all-slices (evaluation) store holds every slice".into(),
+        ));
     }
     if opts.augment > 0 && opts.all_slices {
-        return Err(TrainError::Invalid("--augment is for training stores; an --all-slices (evaluation) store must hold the real images".into()));
+        return Err(TrainError::Invalid(
+            "--augment is for training stores; an --all-slices (evaluation) store must hold the real images".into(),
+        ));
     }
     let store_json = out.join(STORE_JSON);
     if store_json.is_file() {
         let old: StoreConfig = serde_json::from_slice(&std::fs::read(&store_json).map_err(io_err(&store_json))?)
             .map_err(|e| store_err(out, format!("store.json: {e}")))?;
         if old != config {
-            return Err(store_err(out, "was built with a different model, data folder or slice selection; use a new --out"));
+            return Err(store_err(
+                out,
+                "was built with a different model, data folder or slice selection; use a new --out",
+            ));
         }
     } else {
         std::fs::write(&store_json, serde_json::to_string_pretty(&config).unwrap()).map_err(io_err(&store_json))?;
     }
 
-    let bar = if opts.progress { indicatif::ProgressBar::new(cases.len() as u64) } else { indicatif::ProgressBar::hidden() };
+    let bar =
+        if opts.progress { indicatif::ProgressBar::new(cases.len() as u64) } else { indicatif::ProgressBar::hidden() };
     bar.set_style(
         indicatif::ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} cases, ETA {eta} {msg}")
             .unwrap()
@@ -261,16 +279,21 @@ fn precompute_case(
 ) -> Result<StoredCase, TrainError> {
     let mut lc = data::load_case(case, true)?;
     if let Some((params, noise_seed)) = aug {
-        let geom = augment::GlandGeometry::from_label(&lc.label.data, lc.label.dims, lc.volume.spacing, lc.volume.direction);
+        let geom =
+            augment::GlandGeometry::from_label(&lc.label.data, lc.label.dims, lc.volume.spacing, lc.volume.direction);
         lc.volume.voxels = augment::apply(&lc.volume.voxels, lc.volume.dims, &geom, params, *noise_seed);
     }
     let cfg = engine.config();
     let dims = lc.volume.dims;
     let all: Vec<usize> = (0..dims[0]).collect();
     let labels_all = labels_at(&lc.label.data, dims, &all, cfg.output_size);
-    let fg_all: Vec<bool> = (0..dims[0]).map(|z| labels_all.get(z as i64).sum(Kind::Int64).int64_value(&[]) > 0).collect();
-    let zs: Vec<usize> =
-        if all_slices { all.clone() } else { all.iter().copied().filter(|&z| fg_all[z]).step_by(slice_stride.max(1)).collect() };
+    let fg_all: Vec<bool> =
+        (0..dims[0]).map(|z| labels_all.get(z as i64).sum(Kind::Int64).int64_value(&[]) > 0).collect();
+    let zs: Vec<usize> = if all_slices {
+        all.clone()
+    } else {
+        all.iter().copied().filter(|&z| fg_all[z]).step_by(slice_stride.max(1)).collect()
+    };
     if zs.is_empty() {
         return Err(TrainError::EmptyLabel { case: case.id.clone() });
     }
@@ -293,7 +316,8 @@ fn precompute_case(
         i = j;
     }
     let idx = Tensor::from_slice(&zs.iter().map(|&z| z as i64).collect::<Vec<_>>());
-    let mut named: Vec<(String, Tensor)> = taps.iter().enumerate().map(|(k, v)| (format!("tap{k}"), Tensor::cat(v, 0).contiguous())).collect();
+    let mut named: Vec<(String, Tensor)> =
+        taps.iter().enumerate().map(|(k, v)| (format!("tap{k}"), Tensor::cat(v, 0).contiguous())).collect();
     named.push(("neck".into(), Tensor::cat(&necks, 0).contiguous()));
     named.push(("label".into(), labels_all.index_select(0, &idx).contiguous()));
     named.push(("z".into(), idx));
@@ -321,7 +345,8 @@ fn precompute_case(
 /// Reads `index.json`.
 pub fn read_index(dir: &Path) -> Result<StoreIndex, TrainError> {
     let p = dir.join(INDEX_JSON);
-    let bytes = std::fs::read(&p).map_err(|e| store_err(dir, format!("cannot read {INDEX_JSON} ({e}); run `desam-train precompute` first")))?;
+    let bytes = std::fs::read(&p)
+        .map_err(|e| store_err(dir, format!("cannot read {INDEX_JSON} ({e}); run `desam-train precompute` first")))?;
     serde_json::from_slice(&bytes).map_err(|e| store_err(dir, format!("{INDEX_JSON}: {e}")))
 }
 
@@ -372,7 +397,8 @@ impl ShardReader {
                 }
                 let dtype = e["dtype"].as_str().unwrap_or("");
                 let (kind, size) = kind_of(dtype).ok_or_else(|| bad(format!("{name}: unsupported dtype {dtype}")))?;
-                let shape: Vec<i64> = e["shape"].as_array().map(|a| a.iter().filter_map(|x| x.as_i64()).collect()).unwrap_or_default();
+                let shape: Vec<i64> =
+                    e["shape"].as_array().map(|a| a.iter().filter_map(|x| x.as_i64()).collect()).unwrap_or_default();
                 if shape.is_empty() || shape.len() > 8 || shape.iter().any(|&d| d < 0) {
                     return Err(bad(format!("{name}: shape {shape:?} is not a stack of rows")));
                 }
@@ -404,7 +430,10 @@ impl ShardReader {
             .cloned()
             .ok_or_else(|| TrainError::Data { path: path.to_path_buf(), message: format!("no tensor {name}") })?;
         if row as i64 >= e.shape[0] {
-            return Err(TrainError::Data { path: path.to_path_buf(), message: format!("{name}: row {row} out of range") });
+            return Err(TrainError::Data {
+                path: path.to_path_buf(),
+                message: format!("{name}: row {row} out of range"),
+            });
         }
         let mut f = File::open(path).map_err(io_err(path))?;
         f.seek(SeekFrom::Start(e.start + row as u64 * e.row_bytes)).map_err(io_err(path))?;
@@ -455,7 +484,10 @@ mod tests {
         let mut r = ShardReader::default();
         assert_eq!(r.row(&good, "neck", 1).unwrap().size(), vec![3]);
         for (name, header) in [
-            ("overflow", r#"{"neck":{"dtype":"F16","shape":[4294967296,4294967296,4294967296],"data_offsets":[0,12]}}"#),
+            (
+                "overflow",
+                r#"{"neck":{"dtype":"F16","shape":[4294967296,4294967296,4294967296],"data_offsets":[0,12]}}"#,
+            ),
             ("negative", r#"{"neck":{"dtype":"F16","shape":[2,-3],"data_offsets":[0,12]}}"#),
             ("scalar", r#"{"neck":{"dtype":"F16","shape":[],"data_offsets":[0,2]}}"#),
             ("past_end", r#"{"neck":{"dtype":"F16","shape":[1000000,3],"data_offsets":[0,6000000]}}"#),

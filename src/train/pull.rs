@@ -153,8 +153,10 @@ impl Client {
     }
 
     fn json(&self, path: &str, body: &[u8]) -> Result<Value, TrainError> {
-        serde_json::from_slice(body)
-            .map_err(|e| TrainError::OrthancAnswer { url: self.url.clone(), message: format!("{path}: not JSON ({e})") })
+        serde_json::from_slice(body).map_err(|e| TrainError::OrthancAnswer {
+            url: self.url.clone(),
+            message: format!("{path}: not JSON ({e})"),
+        })
     }
 
     fn get_json(&self, path: &str) -> Result<Value, TrainError> {
@@ -206,7 +208,9 @@ pub fn sanitize_site(s: &str) -> String {
 
 /// A file name from a UID (digits and dots); anything else falls back to `fallback`.
 fn file_stem(uid: &str, fallback: &str) -> String {
-    let ok = !uid.is_empty() && uid.chars().all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-' || c == '_') && !uid.starts_with('.');
+    let ok = !uid.is_empty()
+        && uid.chars().all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-' || c == '_')
+        && !uid.starts_with('.');
     if ok {
         uid.to_string()
     } else {
@@ -234,9 +238,10 @@ fn read_manifest(out: &Path) -> Result<Option<PullManifest>, TrainError> {
         return Ok(None);
     }
     let bytes = std::fs::read(&path).map_err(io_err(&path))?;
-    serde_json::from_slice(&bytes)
-        .map(Some)
-        .map_err(|e| TrainError::Data { path, message: format!("not a pull manifest ({e}); move the folder aside or choose another --out") })
+    serde_json::from_slice(&bytes).map(Some).map_err(|e| TrainError::Data {
+        path,
+        message: format!("not a pull manifest ({e}); move the folder aside or choose another --out"),
+    })
 }
 
 /// Writes `pull.json` and the site table from the manifest (the table has a row for every case).
@@ -247,15 +252,20 @@ fn write_manifest(out: &Path, m: &PullManifest) -> Result<(), TrainError> {
         csv.push_str(&format!("{},{pid}\n", c.site));
     }
     write_atomic(&out.join(SITE_CSV), csv.as_bytes())?;
-    let json = serde_json::to_vec_pretty(m).map_err(|e| TrainError::Invalid(format!("serialising the manifest: {e}")))?;
+    let json =
+        serde_json::to_vec_pretty(m).map_err(|e| TrainError::Invalid(format!("serialising the manifest: {e}")))?;
     write_atomic(&out.join(MANIFEST), &json)
 }
 
 /// A case folder holds exactly what the manifest says: `mr_instances` MR files and the SEG file.
 fn is_complete(out: &Path, c: &PulledCase) -> bool {
     let dir = out.join(&c.case);
-    let mr = std::fs::read_dir(dir.join("MR")).map(|rd| rd.filter_map(|e| e.ok()).filter(|e| e.path().is_file()).count()).unwrap_or(0);
-    mr == c.mr_instances && mr > 0 && dir.join("SEG").join(format!("{}.dcm", file_stem(&c.seg_sop_instance_uid, "seg"))).is_file()
+    let mr = std::fs::read_dir(dir.join("MR"))
+        .map(|rd| rd.filter_map(|e| e.ok()).filter(|e| e.path().is_file()).count())
+        .unwrap_or(0);
+    mr == c.mr_instances
+        && mr > 0
+        && dir.join("SEG").join(format!("{}.dcm", file_stem(&c.seg_sop_instance_uid, "seg"))).is_file()
 }
 
 fn utc_now() -> String {
@@ -374,7 +384,10 @@ pub fn pull(opts: &PullOptions) -> Result<PullReport, TrainError> {
                 continue;
             }
             if p.seg_sop_instance_uid != c.sop_uid {
-                note(&mut notes, format!("{}: a newer reviewed SEG ({}) replaces {}", p.case, c.series_uid, p.seg_series_uid));
+                note(
+                    &mut notes,
+                    format!("{}: a newer reviewed SEG ({}) replaces {}", p.case, c.series_uid, p.seg_series_uid),
+                );
             }
         }
         let name = match existing {
@@ -451,19 +464,28 @@ fn reviewed_segs(client: &Client, opts: &PullOptions, notes: &mut Vec<String>) -
                 continue;
             }
             let Some(id) = s["ID"].as_str() else { continue };
-            let Some(value) = client.get_optional(&format!("/series/{id}/metadata/{}", opts.review_metadata))? else { continue };
+            let Some(value) = client.get_optional(&format!("/series/{id}/metadata/{}", opts.review_metadata))? else {
+                continue;
+            };
             if String::from_utf8_lossy(&value).trim() != opts.reviewed_value.trim() {
                 continue;
             }
             let series_uid = s["MainDicomTags"]["SeriesInstanceUID"].as_str().unwrap_or_default().to_string();
-            let instances: Vec<String> =
-                s["Instances"].as_array().into_iter().flatten().filter_map(|x| x.as_str().map(str::to_string)).collect();
+            let instances: Vec<String> = s["Instances"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|x| x.as_str().map(str::to_string))
+                .collect();
             let Some(instance) = instances.first().cloned() else {
                 notes.push(format!("reviewed SEG series {series_uid} (Orthanc {id}) has no instance; skipped"));
                 continue;
             };
             if instances.len() > 1 {
-                let text = format!("reviewed SEG series {series_uid} has {} instances; using the first, {instance}", instances.len());
+                let text = format!(
+                    "reviewed SEG series {series_uid} has {} instances; using the first, {instance}",
+                    instances.len()
+                );
                 if opts.progress {
                     eprintln!("pull: {text}");
                 }
@@ -475,7 +497,10 @@ fn reviewed_segs(client: &Client, opts: &PullOptions, notes: &mut Vec<String>) -
                 .and_then(|a| a.iter().find_map(|r| r["SeriesInstanceUID"].as_str()))
                 .map(str::trim)
                 .filter(|u| !u.is_empty())
-                .ok_or_else(|| TrainError::SegWithoutReference { seg_series: series_uid.clone(), orthanc_id: id.to_string() })?
+                .ok_or_else(|| TrainError::SegWithoutReference {
+                    seg_series: series_uid.clone(),
+                    orthanc_id: id.to_string(),
+                })?
                 .to_string();
             let text = |k: &str| tags[k].as_str().unwrap_or("").trim().to_string();
             let created = format!("{:0<8}{:0<6}", text("InstanceCreationDate"), text("InstanceCreationTime"));
@@ -528,7 +553,10 @@ fn pull_case(
         written += 1;
     }
     let Some(first) = first else {
-        return Err(TrainError::OrthancAnswer { url: client.url.clone(), message: format!("MR series {} (Orthanc {mr_orthanc}) has no instance", c.mr_series_uid) });
+        return Err(TrainError::OrthancAnswer {
+            url: client.url.clone(),
+            message: format!("MR series {} (Orthanc {mr_orthanc}) has no instance", c.mr_series_uid),
+        });
     };
     let seg_bytes = client.get(&format!("/instances/{}/file", c.instance))?;
     let seg_path = seg_dir.join(format!("{}.dcm", file_stem(&c.sop_uid, "seg")));

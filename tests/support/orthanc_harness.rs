@@ -49,8 +49,13 @@ pub fn tiny_model(seed: u64) -> PathBuf {
     static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     DIR.get_or_init(|| {
         let d = scratch(&format!("model-{seed}")).join("tiny");
-        desam::modeldir::create_untrained_model_dir(desam::model::Arch::Tiny, &d, seed, &desam::modeldir::BackboneSource::Random)
-            .expect("tiny model dir");
+        desam::modeldir::create_untrained_model_dir(
+            desam::model::Arch::Tiny,
+            &d,
+            seed,
+            &desam::modeldir::BackboneSource::Random,
+        )
+        .expect("tiny model dir");
         d
     })
     .clone()
@@ -76,7 +81,8 @@ pub struct Reply {
 
 impl Reply {
     pub fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
     }
     pub fn text(&self) -> String {
         String::from_utf8_lossy(&self.body).to_string()
@@ -122,10 +128,20 @@ impl Orthanc {
     }
 
     /// As `start_with_files`, with environment variables for the Orthanc process (otherwise empty).
-    pub fn start_with_env(dir: &Path, with_plugin: bool, extra: &Value, more: &[PathBuf], env: &[(&str, &str)]) -> Orthanc {
+    pub fn start_with_env(
+        dir: &Path,
+        with_plugin: bool,
+        extra: &Value,
+        more: &[PathBuf],
+        env: &[(&str, &str)],
+    ) -> Orthanc {
         let (http_port, dicom_port) = (free_port(), free_port());
         let cfg = config(dir, http_port, dicom_port, with_plugin, extra);
-        let auth = extra.get("RegisteredUsers").and_then(Value::as_object).and_then(|m| m.iter().next()).map(|(u, p)| format!("{u}:{}", p.as_str().unwrap()));
+        let auth = extra
+            .get("RegisteredUsers")
+            .and_then(Value::as_object)
+            .and_then(|m| m.iter().next())
+            .map(|(u, p)| format!("{u}:{}", p.as_str().unwrap()));
         let cfg_dir = dir.join("config");
         let _ = std::fs::remove_dir_all(&cfg_dir);
         std::fs::create_dir_all(&cfg_dir).unwrap();
@@ -134,7 +150,10 @@ impl Orthanc {
             std::fs::copy(f, cfg_dir.join(f.file_name().unwrap())).unwrap();
         }
         let cfg_path = cfg_dir;
-        let n = std::fs::read_dir(dir).unwrap().filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with("orthanc-")).count();
+        let n = std::fs::read_dir(dir)
+            .unwrap()
+            .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with("orthanc-"))
+            .count();
         let log = dir.join(format!("orthanc-{n}.log"));
         let child = Command::new(ORTHANC)
             .arg(format!("--logfile={}", log.display()))
@@ -156,7 +175,11 @@ impl Orthanc {
                     break;
                 }
             }
-            assert!(t0.elapsed() < Duration::from_secs(90), "Orthanc did not answer within 90 s; log:\n{}", o.log_text());
+            assert!(
+                t0.elapsed() < Duration::from_secs(90),
+                "Orthanc did not answer within 90 s; log:\n{}",
+                o.log_text()
+            );
             std::thread::sleep(Duration::from_millis(200));
         }
         o
@@ -253,7 +276,12 @@ impl Orthanc {
                 }
             }
             assert!(self.child_alive(), "Orthanc died; log:\n{}", self.log_text());
-            assert!(t0.elapsed() < timeout, "series {series_id} not processed within {timeout:?}; status {}; log:\n{}", self.request("GET", "/desam/status", None).text(), self.log_text());
+            assert!(
+                t0.elapsed() < timeout,
+                "series {series_id} not processed within {timeout:?}; status {}; log:\n{}",
+                self.request("GET", "/desam/status", None).text(),
+                self.log_text()
+            );
             std::thread::sleep(Duration::from_millis(300));
         }
     }
@@ -288,7 +316,12 @@ impl Orthanc {
     pub fn rss_kb(&self) -> (u64, u64) {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
         let field = |name: &str| {
-            status.lines().find(|l| l.starts_with(name)).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse().ok()).unwrap_or(0)
+            status
+                .lines()
+                .find(|l| l.starts_with(name))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
         };
         (field("VmRSS:"), field("VmHWM:"))
     }
