@@ -4,6 +4,7 @@
 
 pub mod atomic;
 pub mod cli;
+pub mod clock;
 pub mod dicom;
 pub mod engine;
 pub mod guard;

@@ -1,8 +1,6 @@
 //! DICOM-SEG writer: binary masks on a DICOM-sourced `Volume` → one Segmentation Storage instance
 //! (Part-10 bytes, Explicit VR Little Endian). Owns the SEG IOD layout; never resamples the grid.
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use dicom_core::value::{DataSetSequence, PrimitiveValue, C};
 use dicom_core::{DataElement, Tag, VR};
 use dicom_dictionary_std::{tags, uids};
@@ -221,7 +219,8 @@ pub fn write_seg(source: &Volume, segments: &[Segment<'_>], opts: &SegOptions) -
         return Err(SegError::Encode(format!("frame size {ny}×{nx} exceeds 65535")));
     }
 
-    let (content_date, content_time) = opts.content_date_time.clone().unwrap_or_else(utc_now_date_time);
+    let (content_date, content_time) =
+        opts.content_date_time.clone().unwrap_or_else(|| crate::clock::UtcTime::now().dicom_date_time());
     let series_uid = new_uid();
     let sop_uid = new_uid();
     let mut o = InMemDicomObject::new_empty();
@@ -691,42 +690,9 @@ fn clean_cs(s: &str) -> String {
     truncate_chars(&t, 16)
 }
 
-/// Current UTC date (YYYYMMDD) and time (HHMMSS.FFFFFF).
-fn utc_now_date_time() -> (String, String) {
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
-    let secs = now.as_secs() as i64;
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    let (y, m, d) = civil_from_days(days);
-    (
-        format!("{y:04}{m:02}{d:02}"),
-        format!("{:02}{:02}{:02}.{:06}", rem / 3600, (rem / 60) % 60, rem % 60, now.subsec_micros()),
-    )
-}
-
-/// Days since 1970-01-01 → (year, month, day) in the proleptic Gregorian calendar.
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let y = yoe + era * 400 + if m <= 2 { 1 } else { 0 };
-    (y, m, d)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn civil_dates() {
-        assert_eq!(civil_from_days(0), (1970, 1, 1));
-        assert_eq!(civil_from_days(19_782), (2024, 2, 29));
-        assert_eq!(civil_from_days(20_786), (2026, 11, 29));
-    }
 
     #[test]
     fn packing_is_lsb_first_and_continuous() {

@@ -95,7 +95,7 @@ pub fn claim(
         node: node.into(),
         model: model.into(),
         expires: now + lease_s as i64,
-        claimed: super::metadata::utc_now(),
+        claimed: crate::clock::utc_now(),
     };
     let body = serde_json::to_vec(&record).expect("a claim serialises");
     let (if_match, previous) = match decide(found, node, now) {

@@ -95,7 +95,7 @@ impl ResultRecord {
             mode: mode.into(),
             content_hash: content_hash.into(),
             instance_count,
-            processed_at: utc_now(),
+            processed_at: crate::clock::utc_now(),
             ..Default::default()
         }
     }
@@ -201,24 +201,6 @@ pub fn matching_seg(seg_tags: &Value, series_uid: &str, version_tag: &str, conte
     seg_tags.get("SOPInstanceUID").and_then(Value::as_str).map(str::to_string)
 }
 
-/// UTC now as "YYYY-MM-DDTHH:MM:SSZ" without a date crate.
-pub fn utc_now() -> String {
-    let secs =
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0) as i64;
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    // Civil-from-days (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + if m <= 2 { 1 } else { 0 };
-    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -287,12 +269,5 @@ mod tests {
             &json!({"ContentDescription": "DeSAM prostate: empty result; quality 0.10"}),
         );
         assert!(e.empty && e.quality == Some(0.10));
-    }
-
-    #[test]
-    fn utc_now_is_well_formed() {
-        let s = utc_now();
-        assert_eq!(s.len(), 20);
-        assert!(s.starts_with("20") && s.ends_with('Z'));
     }
 }

@@ -482,23 +482,6 @@ fn append_line(path: &Path, line: &str) -> Result<(), TrainError> {
     writeln!(f, "{line}").map_err(io_err(path))
 }
 
-fn utc_now() -> String {
-    let s = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-    let (days, rem) = (s / 86400, s % 86400);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days as i64 + 719468;
-    let era = z.div_euclid(146097);
-    let doe = z - era * 146097;
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = if m <= 2 { y + 1 } else { y };
-    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
-}
-
 /// Validation loss and mean per-slice Dice (deterministic prompts).
 fn validate(
     model: &DeSam,
@@ -625,7 +608,7 @@ pub fn fit(cfg_in: &FitConfig, opts: &RunOptions) -> Result<FitSummary, TrainErr
         &text_log,
         &format!(
             "{} start epoch {} step {} ({} train slices from {} cases, {} val slices from {} cases, {} steps/epoch, device {:?})",
-            utc_now(),
+            crate::clock::utc_now(),
             state.epoch,
             state.step_in_epoch,
             train.len(),
@@ -726,7 +709,7 @@ pub fn fit(cfg_in: &FitConfig, opts: &RunOptions) -> Result<FitSummary, TrainErr
             &text_log,
             &format!(
                 "{} epoch {epoch} train_loss {:.4} val_loss {val_loss:.4} val_dice {val_dice:.4} lr {lr:.2e}{}",
-                utc_now(),
+                crate::clock::utc_now(),
                 entry.train_loss,
                 if is_best { " (best)" } else { "" }
             ),
@@ -775,7 +758,7 @@ pub fn fit(cfg_in: &FitConfig, opts: &RunOptions) -> Result<FitSummary, TrainErr
         &text_log,
         &format!(
             "{} stop at epoch {} step {} (finished: {})",
-            utc_now(),
+            crate::clock::utc_now(),
             state.epoch,
             state.global_step,
             summary.finished

@@ -268,10 +268,6 @@ fn is_complete(out: &Path, c: &PulledCase) -> bool {
         && dir.join("SEG").join(format!("{}.dcm", file_stem(&c.seg_sop_instance_uid, "seg"))).is_file()
 }
 
-fn utc_now() -> String {
-    crate::orthanc::metadata::utc_now()
-}
-
 /// Pulls every reviewed SEG (and its MR series) from Orthanc into `opts.out`.
 pub fn pull(opts: &PullOptions) -> Result<PullReport, TrainError> {
     let mut endpoint = Endpoint::parse(&opts.orthanc).map_err(|e| TrainError::Invalid(format!("--orthanc: {e}")))?;
@@ -371,7 +367,7 @@ pub fn pull(opts: &PullOptions) -> Result<PullReport, TrainError> {
         user: opts.user.clone(),
         review_metadata: opts.review_metadata,
         reviewed_value: opts.reviewed_value.clone(),
-        updated_at: utc_now(),
+        updated_at: crate::clock::utc_now(),
         cases: Vec::new(),
     });
     let (mut pulled, mut up_to_date) = (Vec::new(), Vec::new());
@@ -418,7 +414,7 @@ pub fn pull(opts: &PullOptions) -> Result<PullReport, TrainError> {
         manifest.user = opts.user.clone();
         manifest.review_metadata = opts.review_metadata;
         manifest.reviewed_value = opts.reviewed_value.clone();
-        manifest.updated_at = utc_now();
+        manifest.updated_at = crate::clock::utc_now();
         write_manifest(out, &manifest)?;
         let staged = out.join(TMP).join(&name);
         let target = out.join(&name);
@@ -589,7 +585,7 @@ fn pull_case(
         orthanc_seg_series: c.orthanc_series.clone(),
         mr_instances: written,
         seg_instances: c.instances,
-        pulled_at: utc_now(),
+        pulled_at: crate::clock::utc_now(),
     })
 }
 
