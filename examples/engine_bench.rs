@@ -6,9 +6,9 @@
 
 use std::path::{Path, PathBuf};
 
+use desam::engine::{create_untrained_model_dir, BackboneSource};
 use desam::engine::{segmenter::DecoderStrategy, EngineOptions, Mode, SegmentRequest, Segmenter};
 use desam::model::Arch;
-use desam::modeldir::{create_untrained_model_dir, BackboneSource};
 use desam::Volume;
 
 /// A prostate-like series: bright ellipsoid gland in a noisy pelvis (the phantom generator's job; a

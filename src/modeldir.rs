@@ -6,8 +6,7 @@ use sha2::{Digest, Sha256};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use crate::engine::postprocess::Cleanup3d;
-use crate::engine::preprocess::Normalization;
+use crate::model::Arch;
 
 pub const MODEL_JSON: &str = "model.json";
 pub const FORMAT_VERSION: u32 = 1;
@@ -26,6 +25,60 @@ pub enum ModelDirError {
     MissingWeights { path: PathBuf },
     #[error("weights file {path} has SHA-256 {actual}, model.json says {expected}")]
     HashMismatch { path: PathBuf, expected: String, actual: String },
+}
+
+/// How an RGB 0–255 image becomes encoder input.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum Normalization {
+    /// SAM ViT: (x − mean) / std per channel.
+    MeanStd { mean: [f64; 3], std: [f64; 3] },
+    /// LiteMedSAM: per-slice min-max to [0, 1].
+    MinMax,
+}
+
+/// 3-D clean-up applied to the stacked slice masks.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum Cleanup3d {
+    /// The official pipeline: none.
+    #[default]
+    None,
+    /// Keep only the largest 3-D component (26-connectivity).
+    KeepLargest,
+    /// Drop 3-D components smaller than this many mL.
+    MinVolume { ml: f64 },
+}
+
+/// How prompts are drawn on each slice (model.json `default_mode`; the engine runs either).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// One whole-image box per slice (DeSAM-B).
+    #[default]
+    Box,
+    /// N×N point grid with the automatic mask generator's filters (DeSAM-P).
+    Grid,
+}
+
+impl std::str::FromStr for Mode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "box" => Ok(Mode::Box),
+            "grid" => Ok(Mode::Grid),
+            other => Err(format!("unknown mode {other:?} (box or grid)")),
+        }
+    }
+}
+
+impl Mode {
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Box => "box",
+            Mode::Grid => "grid",
+        }
+    }
 }
 
 /// One weights file: relative to the model directory, or an absolute path (a user-supplied SAM `.pth`).
@@ -89,14 +142,12 @@ pub struct ModelSpec {
     pub format: u32,
     pub name: String,
     pub version: String,
-    /// vit_b | vit_l | vit_h | lite | tiny
-    pub arch: String,
+    pub arch: Arch,
     pub backbone: WeightsSet,
     pub decoder: WeightsSet,
     pub preprocessing: Preprocessing,
-    /// box | grid
-    #[serde(default = "default_mode")]
-    pub default_mode: String,
+    #[serde(default)]
+    pub default_mode: Mode,
     #[serde(default = "default_grid")]
     pub grid_points: usize,
     #[serde(default)]
@@ -110,9 +161,6 @@ pub struct ModelSpec {
     pub untrained: bool,
 }
 
-fn default_mode() -> String {
-    "box".into()
-}
 fn default_grid() -> usize {
     9
 }
@@ -181,12 +229,6 @@ pub fn read_spec(dir: &Path) -> Result<ModelSpec, ModelDirError> {
         serde_json::from_str(&text).map_err(|e| ModelDirError::Json { path: path.clone(), message: e.to_string() })?;
     if spec.format != FORMAT_VERSION {
         return Err(invalid(&path, format!("format {} is not supported (expected {FORMAT_VERSION})", spec.format)));
-    }
-    if !["vit_b", "vit_l", "vit_h", "lite", "tiny"].contains(&spec.arch.as_str()) {
-        return Err(invalid(&path, format!("unknown arch {:?}", spec.arch)));
-    }
-    if !["box", "grid"].contains(&spec.default_mode.as_str()) {
-        return Err(invalid(&path, format!("default_mode must be box or grid, not {:?}", spec.default_mode)));
     }
     if spec.backbone.files.is_empty() || spec.decoder.files.is_empty() {
         return Err(invalid(&path, "backbone and decoder each need at least one weights file"));
@@ -328,89 +370,6 @@ pub fn derive_with_clip(src: &Path, dst: &Path, clip: [f64; 2]) -> Result<ModelD
     open(dst)
 }
 
-/// Where an untrained model's backbone (and PRIM) weights come from.
-#[derive(Debug, Clone)]
-pub enum BackboneSource {
-    /// Random initialisation (seeded): for tests only.
-    Random,
-    /// Converted from an official checkpoint (`lite_medsam.pth`, SAM `.pth`) and stored in the
-    /// directory as f16 safetensors (`encoder.safetensors`); PRIM and the prompt encoder come from
-    /// it too, PIMM is random.
-    Convert(PathBuf),
-    /// Referenced by absolute path (a large user-supplied SAM `.pth`), not copied.
-    Reference(PathBuf),
-}
-
-/// Create a CLEARLY LABELLED untrained model directory (`"untrained": true`): backbone weights as
-/// `source` says, decoder (prompt encoder + PRIM + PIMM) in `decoder.safetensors`, random PIMM
-/// from `seed`. Its masks mean nothing; it exists for tests, benchmarks and as a training start.
-pub fn create_untrained_model_dir(
-    arch: crate::model::Arch,
-    out: &Path,
-    seed: u64,
-    source: &BackboneSource,
-) -> Result<ModelDir, ModelDirError> {
-    use crate::model::{checkpoint, Arch, DeSam, ModelConfig};
-    let fail = |message: String| ModelDirError::Invalid { path: out.to_path_buf(), message };
-    std::fs::create_dir_all(out).map_err(|source| ModelDirError::Io { path: out.to_path_buf(), source })?;
-    let cfg = ModelConfig::for_arch(arch);
-    tch::manual_seed(seed as i64);
-    let model = match source {
-        BackboneSource::Random => DeSam::new(&cfg, tch::Device::Cpu),
-        BackboneSource::Convert(p) | BackboneSource::Reference(p) => {
-            DeSam::load(&cfg, &[p.as_path()], tch::Device::Cpu).map_err(|e| fail(e.to_string()))?.0
-        }
-    };
-    let sd = model.state_dict();
-    let (enc, dec): (Vec<_>, Vec<_>) = sd.into_iter().partition(|(n, _)| n.starts_with("image_encoder."));
-    let save = |name: &str, tensors: &[(String, tch::Tensor)], kind: tch::Kind| -> Result<WeightsFile, ModelDirError> {
-        let path = out.join(name);
-        checkpoint::save_safetensors(tensors, &path, kind).map_err(|e| fail(e.to_string()))?;
-        let sha256 = sha256_file(&path).map_err(|source| ModelDirError::Io { path: path.clone(), source })?;
-        Ok(WeightsFile { path: name.into(), sha256 })
-    };
-    let backbone = match source {
-        BackboneSource::Reference(p) => {
-            let abs = std::fs::canonicalize(p).map_err(|source| ModelDirError::Io { path: p.clone(), source })?;
-            let sha256 = sha256_file(&abs).map_err(|source| ModelDirError::Io { path: abs.clone(), source })?;
-            WeightsFile { path: abs.to_string_lossy().into_owned(), sha256 }
-        }
-        // Real backbones are stored as f16 (LiteMedSAM ≈ 12 MB); the tiny test model stays f32.
-        _ => save("encoder.safetensors", &enc, if arch == Arch::Tiny { tch::Kind::Float } else { tch::Kind::Half })?,
-    };
-    let decoder = save("decoder.safetensors", &dec, tch::Kind::Float)?;
-    let normalization = if arch == Arch::Lite {
-        Normalization::MinMax
-    } else {
-        Normalization::MeanStd { mean: cfg.pixel_mean, std: cfg.pixel_std }
-    };
-    let origin = match source {
-        BackboneSource::Random => "random".to_string(),
-        BackboneSource::Convert(p) | BackboneSource::Reference(p) => p.display().to_string(),
-    };
-    let spec = ModelSpec {
-        format: FORMAT_VERSION,
-        name: format!("desam-{}-UNTRAINED", arch.name()),
-        version: "0.0.0-untrained".into(),
-        arch: arch.name().into(),
-        backbone: WeightsSet { files: vec![backbone] },
-        decoder: WeightsSet { files: vec![decoder] },
-        preprocessing: Preprocessing { normalization, clip_percentiles: default_clip_percentiles() },
-        default_mode: "box".into(),
-        grid_points: 9,
-        thresholds: Thresholds::default(),
-        cleanup_3d: Cleanup3d::None,
-        training: serde_json::json!({
-            "note": "UNTRAINED placeholder: decoder (PIMM) randomly initialised; masks are meaningless",
-            "seed": seed,
-            "backbone_from": origin,
-        }),
-        untrained: true,
-    };
-    write_spec(out, &spec)?;
-    open(out)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -427,14 +386,14 @@ mod tests {
             format: 1,
             name: "t".into(),
             version: "0".into(),
-            arch: "tiny".into(),
+            arch: Arch::Tiny,
             backbone: WeightsSet { files: vec![WeightsFile { path: files.0.into(), sha256: files.1.into() }] },
             decoder: WeightsSet { files: vec![WeightsFile { path: files.0.into(), sha256: files.1.into() }] },
             preprocessing: Preprocessing {
                 normalization: Normalization::MinMax,
                 clip_percentiles: default_clip_percentiles(),
             },
-            default_mode: "box".into(),
+            default_mode: Mode::Box,
             grid_points: 9,
             thresholds: Thresholds::default(),
             cleanup_3d: Cleanup3d::None,
@@ -462,10 +421,10 @@ mod tests {
         let e = open(&d).unwrap_err();
         assert!(matches!(e, ModelDirError::Json { .. }) && !e.to_string().contains('\n'), "{e}");
         assert!(matches!(open(&d.join("absent")), Err(ModelDirError::NotADirectory(_))));
-        let mut s = spec_with(("w.bin", good));
-        s.arch = "resnet".into();
-        write_spec(&d, &s).unwrap();
-        assert!(matches!(open(&d), Err(ModelDirError::Invalid { .. })));
+        let json = serde_json::to_string(&spec_with(("w.bin", good))).unwrap().replace("\"tiny\"", "\"resnet\"");
+        std::fs::write(d.join(MODEL_JSON), json).unwrap();
+        let e = open(&d).unwrap_err();
+        assert!(matches!(e, ModelDirError::Json { .. }) && e.to_string().contains("resnet"), "{e}");
         std::fs::remove_dir_all(&d).unwrap();
     }
 }

@@ -4,8 +4,8 @@
 #[path = "support/orthanc_harness.rs"]
 mod harness;
 
+use desam::engine::{create_untrained_model_dir, BackboneSource};
 use desam::model::Arch;
-use desam::modeldir::{self, BackboneSource};
 use serde_json::Value;
 use std::path::Path;
 use std::process::Command;
@@ -18,7 +18,7 @@ fn desam() -> Command {
 fn demo_stop_segments_every_series_once_and_writes_the_overlay() {
     let dir = harness::scratch("demo");
     let model = dir.join("tiny");
-    modeldir::create_untrained_model_dir(Arch::Tiny, &model, 3, &BackboneSource::Random).expect("tiny model dir");
+    create_untrained_model_dir(Arch::Tiny, &model, 3, &BackboneSource::Random).expect("tiny model dir");
     let out_dir = dir.join("out");
     // --ohif: a stand-in dist/ is enough here (the real viewer is tested in test_viewer_ohif.py).
     let dist = dir.join("ohif-dist");
@@ -102,7 +102,7 @@ fn demo_stop_segments_every_series_once_and_writes_the_overlay() {
 fn demo_refuses_an_untrained_model_when_a_trained_one_is_required_and_foreign_folders() {
     let dir = harness::scratch("demo-refuse");
     let model = dir.join("tiny");
-    modeldir::create_untrained_model_dir(Arch::Tiny, &model, 3, &BackboneSource::Random).expect("tiny model dir");
+    create_untrained_model_dir(Arch::Tiny, &model, 3, &BackboneSource::Random).expect("tiny model dir");
     let out = desam()
         .args(["demo", "--require-trained", "--stop"])
         .arg("--model")

@@ -6,9 +6,10 @@ use std::process::Command;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
+use desam::engine::{create_untrained_model_dir, BackboneSource};
 use desam::engine::{segmenter::DecoderStrategy, EngineError, EngineOptions, Mode, SegmentRequest, Segmenter};
 use desam::model::{Arch, PromptBatch};
-use desam::modeldir::{self, BackboneSource, ModelDirError};
+use desam::modeldir::{self, ModelDirError};
 use desam::{Mask, Volume};
 use tch::Tensor;
 
@@ -21,7 +22,7 @@ fn tmpdir(tag: &str) -> PathBuf {
 
 fn tiny_model(tag: &str) -> PathBuf {
     let d = tmpdir(tag).join("model");
-    modeldir::create_untrained_model_dir(Arch::Tiny, &d, 7, &BackboneSource::Random).unwrap();
+    create_untrained_model_dir(Arch::Tiny, &d, 7, &BackboneSource::Random).unwrap();
     d
 }
 
@@ -30,7 +31,7 @@ fn tiny_model(tag: &str) -> PathBuf {
 /// masks cover about a sixth of the synthetic volumes (seed 7's: a few dozen voxels).
 fn tiny_model_with_masks(tag: &str) -> PathBuf {
     let d = tmpdir(tag).join("model");
-    modeldir::create_untrained_model_dir(Arch::Tiny, &d, 5, &BackboneSource::Random).unwrap();
+    create_untrained_model_dir(Arch::Tiny, &d, 5, &BackboneSource::Random).unwrap();
     let mut spec = modeldir::read_spec(&d).unwrap();
     spec.thresholds.iou = -1e9;
     modeldir::write_spec(&d, &spec).unwrap();
@@ -242,7 +243,7 @@ fn cancel_and_bad_inputs_give_typed_errors() {
     assert!(matches!(missing, EngineError::ModelDir(ModelDirError::NotADirectory(_))), "{missing}");
     // Hash mismatch: flip one byte of the decoder weights.
     let broken = tmpdir("bad-hash").join("model");
-    modeldir::create_untrained_model_dir(Arch::Tiny, &broken, 1, &BackboneSource::Random).unwrap();
+    create_untrained_model_dir(Arch::Tiny, &broken, 1, &BackboneSource::Random).unwrap();
     let f = broken.join("decoder.safetensors");
     let mut bytes = std::fs::read(&f).unwrap();
     let n = bytes.len();
@@ -257,7 +258,7 @@ fn cancel_and_bad_inputs_give_typed_errors() {
     for f in ["encoder.safetensors", "decoder.safetensors"] {
         std::fs::copy(dir.join(f), shapes.join(f)).unwrap();
     }
-    spec.arch = "vit_b".into();
+    spec.arch = Arch::VitB;
     modeldir::write_spec(&shapes, &spec).unwrap();
     let e = Segmenter::from_model_dir(&shapes, EngineOptions::default()).unwrap_err();
     assert!(matches!(e, EngineError::ModelLoad { .. }), "{e}");

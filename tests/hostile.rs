@@ -3,8 +3,8 @@
 //! never a signal, a panic or a timeout, with peak RSS within 300 MB of a valid one-slice series.
 
 use desam::dicom::{self, MrSeriesAttributes};
+use desam::engine::{create_untrained_model_dir, BackboneSource};
 use desam::model::Arch;
-use desam::modeldir::{self, BackboneSource};
 use desam::Volume;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -37,7 +37,7 @@ fn corpus() -> &'static (PathBuf, Vec<Value>) {
     static C: OnceLock<(PathBuf, Vec<Value>)> = OnceLock::new();
     C.get_or_init(|| {
         let model = work().join("tiny");
-        modeldir::create_untrained_model_dir(Arch::Tiny, &model, 3, &BackboneSource::Random).unwrap();
+        create_untrained_model_dir(Arch::Tiny, &model, 3, &BackboneSource::Random).unwrap();
         let voxels: Vec<f32> = (0..64 * 64).map(|i| ((i * 7919) % 1000) as f32).collect();
         let vol = Volume::new(voxels, [1, 64, 64], [0.8, 0.8, 3.0], [0.0, 0.0, 0.0]);
         let attrs = MrSeriesAttributes { series_description: "t2_tse_tra".into(), ..Default::default() };

@@ -5,8 +5,9 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use desam::engine::{create_untrained_model_dir, BackboneSource};
 use desam::model::Arch;
-use desam::modeldir::{self, BackboneSource};
+use desam::modeldir;
 use desam::phantom::{self, GenerateOptions, Site, Size};
 
 fn tmpdir(tag: &str) -> PathBuf {
@@ -82,7 +83,7 @@ fn precompute_fit_resume_eval_export_promote() {
     let data = root.join("data");
     write_dataset(&data, &[(Site::A, 0), (Site::A, 1), (Site::A, 2), (Site::B, 0)]);
     let model = root.join("tiny");
-    modeldir::create_untrained_model_dir(Arch::Tiny, &model, 3, &BackboneSource::Random).unwrap();
+    create_untrained_model_dir(Arch::Tiny, &model, 3, &BackboneSource::Random).unwrap();
     let emb = root.join("emb");
     let (d, m, e) = (data.to_str().unwrap(), model.to_str().unwrap(), emb.to_str().unwrap());
 
@@ -403,7 +404,7 @@ fn precompute_fit_resume_eval_export_promote() {
     ok(&["export", "--run", run_full.to_str().unwrap(), "--out", v1.to_str().unwrap(), "--version", "0.1.0"]);
     let md = modeldir::open(&v1).unwrap();
     assert!(!md.spec.untrained);
-    assert_eq!(md.spec.default_mode, "grid");
+    assert_eq!(md.spec.default_mode, desam::engine::Mode::Grid);
     assert_eq!(md.spec.training["data_manifest_sha256"], idx["manifest_hash"]);
     let err = fails(&["export", "--run", run_full.to_str().unwrap(), "--out", v1.to_str().unwrap()]);
     assert!(err.contains("already exists"), "{err}");
@@ -489,7 +490,7 @@ fn precompute_fit_resume_eval_export_promote() {
 fn bad_data_gives_clear_errors() {
     let root = tmpdir("bad");
     let model = root.join("tiny");
-    modeldir::create_untrained_model_dir(Arch::Tiny, &model, 3, &BackboneSource::Random).unwrap();
+    create_untrained_model_dir(Arch::Tiny, &model, 3, &BackboneSource::Random).unwrap();
     let m = model.to_str().unwrap();
     let pre = |data: &Path, out: &str| {
         fails(&["precompute", "--data", data.to_str().unwrap(), "--model", m, "--out", out, "--device", "cpu"])
@@ -566,7 +567,7 @@ fn dicom_cases_with_seg_ground_truth_are_a_data_source() {
     let c = phantom::generate_case_with(Site::C, 0, 0, &GenerateOptions { size: Size::Small, ..Default::default() });
     let files = phantom::export::write_case_dicom(&c, &data).unwrap();
     let model = root.join("tiny");
-    modeldir::create_untrained_model_dir(Arch::Tiny, &model, 3, &BackboneSource::Random).unwrap();
+    create_untrained_model_dir(Arch::Tiny, &model, 3, &BackboneSource::Random).unwrap();
     let emb = root.join("emb");
     ok(&[
         "precompute",

@@ -304,11 +304,11 @@ fn run_precompute(a: PrecomputeArgs) -> anyhow::Result<()> {
             let arch: desam::model::Arch = a.arch.as_deref().context("--checkpoint needs --arch")?.parse()?;
             if !base.join("model.json").is_file() {
                 std::fs::create_dir_all(&a.out)?;
-                desam::modeldir::create_untrained_model_dir(
+                desam::engine::create_untrained_model_dir(
                     arch,
                     &base,
                     a.seed,
-                    &desam::modeldir::BackboneSource::Convert(ckpt.clone()),
+                    &desam::engine::BackboneSource::Convert(ckpt.clone()),
                 )
                 .with_context(|| format!("converting {}", ckpt.display()))?;
                 if let Some(clip) = a.clip_percentiles {

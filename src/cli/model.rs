@@ -3,8 +3,8 @@
 
 use std::path::PathBuf;
 
+use crate::engine::{create_untrained_model_dir, BackboneSource};
 use crate::model::Arch;
-use crate::modeldir::{create_untrained_model_dir, BackboneSource};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {

@@ -7,9 +7,11 @@ pub mod preprocess;
 pub mod prompts;
 pub mod quality;
 pub mod segmenter;
+pub mod untrained;
 
 pub use postprocess::Cleanup3d;
 pub use segmenter::{
     DeviceChoice, EngineError, EngineOptions, Mode, ModelId, Progress, SegmentRequest, SegmentationResult, Segmenter,
     SliceDetail, Stage, StageTimings,
 };
+pub use untrained::{create_untrained_model_dir, BackboneSource};

@@ -3,6 +3,8 @@
 
 use tch::{Kind, Tensor};
 
+pub use crate::modeldir::Cleanup3d;
+
 /// Map 4g×4g logits (1×1×4g×4g, any device/kind) to the native slice grid h×w, as SAM's
 /// `postprocess_masks`: bilinear (align_corners = false) to the input side S, crop the padded
 /// input region (`valid` = rows×cols of S that hold image; S×S for the stretch resize), bilinear to h×w.
@@ -18,19 +20,6 @@ pub fn logits_to_native(logits: &Tensor, input_side: i64, valid: (i64, i64), h: 
 /// Threshold logits at 0 (sigmoid > 0.5).
 pub fn threshold(logits: &[f32]) -> Vec<bool> {
     logits.iter().map(|&v| v > 0.0).collect()
-}
-
-/// 3-D clean-up applied to the stacked slice masks.
-#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize, Default)]
-#[serde(rename_all = "snake_case", tag = "kind")]
-pub enum Cleanup3d {
-    /// The official pipeline: none.
-    #[default]
-    None,
-    /// Keep only the largest 3-D component (26-connectivity).
-    KeepLargest,
-    /// Drop 3-D components smaller than this many mL.
-    MinVolume { ml: f64 },
 }
 
 /// Label 3-D components (26-connectivity) of a z-major mask. Returns (labels, sizes), label 0 background.

@@ -2,21 +2,11 @@
 //! (spec §9): per-volume percentile clip to 0–255, per-slice resize to 256 then to the backbone input.
 //! Pure arrays and CPU tensors; no model, no files.
 
-use serde::{Deserialize, Serialize};
+pub use crate::modeldir::Normalization;
 use tch::{Kind, Tensor};
 
 /// Side of the intermediate "stored slice" of the official pipeline (spec §9: everything runs at 256).
 pub const STORED_SIDE: i64 = 256;
-
-/// How an RGB 0–255 image becomes encoder input.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case", tag = "kind")]
-pub enum Normalization {
-    /// SAM ViT: (x − mean) / std per channel.
-    MeanStd { mean: [f64; 3], std: [f64; 3] },
-    /// LiteMedSAM: per-slice min-max to [0, 1].
-    MinMax,
-}
 
 /// Value at percentile `p` (0–100) with numpy's default linear interpolation. `values` is reordered.
 pub fn percentile(values: &mut [f32], p: f64) -> f32 {

@@ -14,6 +14,7 @@ use super::preprocess::{self, Normalization};
 use super::prompts::{self, AmgSettings, BinMask};
 use super::quality::{self, QualityTerms};
 use crate::model::{Arch, DeSam, Features, ModelConfig, PromptBatch};
+pub use crate::modeldir::Mode;
 use crate::modeldir::{self, ModelDir, ModelDirError};
 use crate::volume::{Mask, Volume};
 
@@ -91,35 +92,6 @@ pub struct EngineOptions {
     pub batch_size: Option<usize>,
     /// Directory of the on-disk feature cache (None: no cache).
     pub cache_dir: Option<PathBuf>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Mode {
-    /// One whole-image box per slice (DeSAM-B).
-    Box,
-    /// N×N point grid with the automatic mask generator's filters (DeSAM-P).
-    Grid,
-}
-
-impl std::str::FromStr for Mode {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s.to_ascii_lowercase().as_str() {
-            "box" => Ok(Mode::Box),
-            "grid" => Ok(Mode::Grid),
-            other => Err(format!("unknown mode {other:?} (box or grid)")),
-        }
-    }
-}
-
-impl Mode {
-    pub fn name(self) -> &'static str {
-        match self {
-            Mode::Box => "box",
-            Mode::Grid => "grid",
-        }
-    }
 }
 
 /// How the decoder is driven (the official way exists only to measure the shared-context speed-up).
@@ -301,8 +273,7 @@ impl Segmenter {
     fn load_unguarded(dir: &Path, opts: EngineOptions) -> Result<Segmenter, EngineError> {
         let md = modeldir::open(dir)?;
         let load_err = |message: String| EngineError::ModelLoad { dir: dir.to_path_buf(), message };
-        let arch: Arch =
-            md.spec.arch.parse().map_err(|e: crate::model::config::UnknownArch| load_err(e.to_string()))?;
+        let arch: Arch = md.spec.arch;
         let cfg = ModelConfig::for_arch(arch);
         let device = resolve_device(opts.device)?;
         if let Some(n) = opts.threads {
@@ -359,14 +330,14 @@ impl Segmenter {
         self.device
     }
     pub fn default_mode(&self) -> Mode {
-        self.dir.spec.default_mode.parse().unwrap_or(Mode::Box)
+        self.dir.spec.default_mode
     }
     pub fn model_id(&self) -> ModelId {
         let s = &self.dir.spec;
         ModelId {
             name: s.name.clone(),
             version: s.version.clone(),
-            arch: s.arch.clone(),
+            arch: s.arch.name().into(),
             sha256: self.dir.model_sha256(),
             untrained: s.untrained,
         }

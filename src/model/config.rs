@@ -4,8 +4,9 @@
 use std::fmt;
 use std::str::FromStr;
 
-/// The supported image encoders.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+/// The supported image encoders (model.json spells them as `name()` does).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Arch {
     VitB,
     VitL,

@@ -49,11 +49,11 @@ pub fn tiny_model(seed: u64) -> PathBuf {
     static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     DIR.get_or_init(|| {
         let d = scratch(&format!("model-{seed}")).join("tiny");
-        desam::modeldir::create_untrained_model_dir(
+        desam::engine::create_untrained_model_dir(
             desam::model::Arch::Tiny,
             &d,
             seed,
-            &desam::modeldir::BackboneSource::Random,
+            &desam::engine::BackboneSource::Random,
         )
         .expect("tiny model dir");
         d
