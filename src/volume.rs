@@ -179,6 +179,16 @@ impl Mask {
     }
 }
 
+/// Dot product of two 3-vectors (patient coordinates).
+pub fn dot(a: [f64; 3], b: [f64; 3]) -> f64 {
+    a[0] * b[0] + a[1] * b[1] + a[2] * b[2]
+}
+
+/// Cross product of two 3-vectors (a slice normal from its row and column directions).
+pub fn cross(a: [f64; 3], b: [f64; 3]) -> [f64; 3] {
+    [a[1] * b[2] - a[2] * b[1], a[2] * b[0] - a[0] * b[2], a[0] * b[1] - a[1] * b[0]]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 /// Floors, bottom up. A room may import rooms on its own floor or below; the doors (top floor) never
 /// import each other. Keep in step with docs/architecture.md.
 const FLOORS: &[&[&str]] = &[
-    &["limits", "guard", "atomic", "clock", "runtime", "http"],
+    &["limits", "guard", "atomic", "clock", "runtime", "http", "raster"],
     &["model", "volume"],
     &["dicom", "nifti", "modeldir"],
     &["engine", "phantom"],

@@ -1,7 +1,6 @@
 //! `desam demo`: starts Debian's Orthanc with the plugin, sends phantom series like a scanner, waits for
 //! the plugin's SEGs and scores them against the phantom truth. Writes only under --out; never edits sent data.
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -11,6 +10,7 @@ use serde_json::{json, Value};
 
 use crate::cli::overlay;
 use crate::dicom::read_seg;
+use crate::harness::{free_port, OrthancProcess};
 use crate::phantom::{self, export, montage, GenerateOptions, PhantomCase, Site, Size};
 use crate::volume::{Mask, Volume};
 
@@ -229,6 +229,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             println!("  OHIF viewer:      http://127.0.0.1:{}/ (each study: the viewer URLs above)", args.ohif_port);
         }
         println!("  stop it:          curl -X POST http://127.0.0.1:{}/tools/shutdown", orthanc.http_port);
+        orthanc.keep_running();
     }
     outcome?;
     if !all_ok {
@@ -658,21 +659,23 @@ fn start_ohif(server: &Path, dist: &Path, orthanc_port: u16, port: u16, out: &Pa
     Ok(child)
 }
 
-fn free_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-/// An Orthanc process started by the demo.
+/// The demo's Orthanc: the shared process harness (`crate::harness`) plus the server's version; fields
+/// and queries through `Deref`.
 pub struct DemoOrthanc {
-    pub child: Child,
-    pub http_port: u16,
-    pub dicom_port: u16,
-    pub log: PathBuf,
+    process: OrthancProcess,
     pub version: String,
 }
 
+impl std::ops::Deref for DemoOrthanc {
+    type Target = OrthancProcess;
+    fn deref(&self) -> &OrthancProcess {
+        &self.process
+    }
+}
+
 impl DemoOrthanc {
-    /// Writes the configuration under `out/orthanc/`, starts Orthanc and waits for `/system`.
+    /// Writes the configuration under `out/orthanc/`, starts Orthanc, waits for `/system` and checks
+    /// that the plugin is enabled; the pid and ports go to `orthanc/state.json` for the next run.
     pub fn start(
         exe: &Path,
         out: &Path,
@@ -683,9 +686,7 @@ impl DemoOrthanc {
         viewer_url_template: Option<&str>,
     ) -> anyhow::Result<DemoOrthanc> {
         let dir = out.join("orthanc");
-        let cfg_dir = dir.join("config");
         let storage = dir.join("storage");
-        std::fs::create_dir_all(&cfg_dir)?;
         std::fs::create_dir_all(&storage)?;
         let (http_port, dicom_port) = (free_port()?, free_port()?);
         let mut cfg = json!({
@@ -716,38 +717,14 @@ impl DemoOrthanc {
                 json!({"Enable": true, "Root": "/dicom-web/", "StudiesMetadata": "Full", "SeriesMetadata": "Full"});
             cfg["DeSAM"]["ViewerUrlTemplate"] = json!(t);
         }
-        let cfg_path = cfg_dir.join("orthanc.json");
-        std::fs::write(&cfg_path, serde_json::to_vec_pretty(&cfg)?)?;
-        let log = dir.join("orthanc.log");
-        let child = Command::new(exe)
-            .arg(format!("--logfile={}", log.display()))
-            .arg(&cfg_dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .with_context(|| format!("starting {}", exe.display()))?;
-        let mut o = DemoOrthanc { child, http_port, dicom_port, log, version: String::new() };
+        let process = OrthancProcess::start(exe, &dir, &cfg, &[], None)?;
         std::fs::write(
             dir.join("state.json"),
-            json!({"pid": o.child.id(), "http_port": http_port, "dicom_port": dicom_port}).to_string(),
+            json!({"pid": process.child.id(), "http_port": http_port, "dicom_port": dicom_port}).to_string(),
         )?;
-        let t0 = Instant::now();
-        loop {
-            if let Some(status) = o.child.try_wait()? {
-                bail!("Orthanc exited at start-up ({status}); log {}:\n{}", o.log.display(), o.log_tail(30));
-            }
-            if let Ok((200, body)) = o.http("GET", "/system", b"") {
-                let v: Value = serde_json::from_slice(&body).unwrap_or_default();
-                o.version = v["Version"].as_str().unwrap_or("?").to_string();
-                break;
-            }
-            if t0.elapsed() > Duration::from_secs(90) {
-                let _ = o.child.kill();
-                bail!("Orthanc did not answer within 90 s; log:\n{}", o.log_tail(30));
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        let system = process.get_json("/system")?;
+        let version = system["Version"].as_str().unwrap_or("?").to_string();
+        let o = DemoOrthanc { process, version };
         let (status, body) = o.http("GET", "/desam/status", b"")?;
         let st: Value = serde_json::from_slice(&body).unwrap_or_default();
         if status != 200 || st["Enabled"] != json!(true) {
@@ -759,49 +736,7 @@ impl DemoOrthanc {
     }
 
     pub fn http(&self, method: &str, path: &str, body: &[u8]) -> anyhow::Result<(u16, Vec<u8>)> {
-        http_request(self.http_port, method, path, body)
-    }
-
-    fn get_json(&self, path: &str) -> anyhow::Result<Value> {
-        let (status, body) = self.http("GET", path, b"")?;
-        if status != 200 {
-            bail!("GET {path} answered HTTP {status}: {}", String::from_utf8_lossy(&body));
-        }
-        serde_json::from_slice(&body).with_context(|| format!("GET {path}: not JSON"))
-    }
-
-    /// Orthanc's id of a series from its SeriesInstanceUID.
-    pub fn series_id(&self, series_uid: &str) -> anyhow::Result<String> {
-        let (status, body) = self.http("POST", "/tools/lookup", series_uid.as_bytes())?;
-        let v: Value =
-            serde_json::from_slice(&body).with_context(|| format!("/tools/lookup answered HTTP {status}"))?;
-        v.as_array()
-            .and_then(|a| a.iter().find(|x| x["Type"] == "Series"))
-            .and_then(|x| x["ID"].as_str())
-            .map(str::to_string)
-            .with_context(|| format!("series {series_uid} is not in Orthanc after storescu"))
-    }
-
-    /// SEG instances in the series' study whose ReferencedSeriesSequence points at the series.
-    pub fn segs_referencing(&self, series_id: &str) -> anyhow::Result<Vec<String>> {
-        let series = self.get_json(&format!("/series/{series_id}"))?;
-        let uid = series["MainDicomTags"]["SeriesInstanceUID"].as_str().unwrap_or_default().to_string();
-        let study = series["ParentStudy"].as_str().unwrap_or_default().to_string();
-        let mut found = Vec::new();
-        for s in self.get_json(&format!("/studies/{study}/series"))?.as_array().cloned().unwrap_or_default() {
-            if s["MainDicomTags"]["Modality"] != "SEG" {
-                continue;
-            }
-            for inst in s["Instances"].as_array().cloned().unwrap_or_default() {
-                let inst = inst.as_str().unwrap_or_default();
-                let tags = self.get_json(&format!("/instances/{inst}/simplified-tags"))?;
-                let refs = tags["ReferencedSeriesSequence"].as_array().cloned().unwrap_or_default();
-                if refs.iter().any(|r| r["SeriesInstanceUID"] == uid.as_str()) {
-                    found.push(inst.to_string());
-                }
-            }
-        }
-        Ok(found)
+        Ok(self.process.request(method, path, body)?)
     }
 
     /// The SEG instance's segments, read onto `grid` and merged into one binary mask.
@@ -821,36 +756,21 @@ impl DemoOrthanc {
     }
 
     fn check_alive(&self) -> anyhow::Result<()> {
-        if !Path::new(&format!("/proc/{}", self.child.id())).exists() {
+        if !self.process.alive() {
             bail!("Orthanc exited unexpectedly");
         }
         Ok(())
     }
 
-    pub fn log_tail(&self, lines: usize) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let all: Vec<&str> = text.lines().collect();
-        all[all.len().saturating_sub(lines)..].join("\n")
+    /// `POST /tools/shutdown` and wait for a clean exit (code 0).
+    pub fn shutdown(self) -> anyhow::Result<()> {
+        self.process.shutdown()?;
+        Ok(())
     }
 
-    /// `POST /tools/shutdown` and wait for a clean exit (code 0).
-    pub fn shutdown(mut self) -> anyhow::Result<()> {
-        let _ = self.http("POST", "/tools/shutdown", b"");
-        let t0 = Instant::now();
-        loop {
-            if let Some(status) = self.child.try_wait()? {
-                if !status.success() {
-                    bail!("Orthanc exited with {status}; log:\n{}", self.log_tail(30));
-                }
-                return Ok(());
-            }
-            if t0.elapsed() > Duration::from_secs(60) {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-                bail!("Orthanc did not stop within 60 s of POST /tools/shutdown (killed)");
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+    /// Leaves Orthanc running after the demo exits (the user stops it, or the next run does).
+    pub fn keep_running(self) {
+        self.process.detach();
     }
 }
 

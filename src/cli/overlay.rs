@@ -1,7 +1,7 @@
 //! Overlay montage for the demo: one column per series (whole field of view over a zoom on the gland),
-//! MR in grey with a predicted (red) and a reference (green) contour. Renders pixels only; PNG encoding is phantom::montage's.
+//! MR in grey with a predicted (red) and a reference (green) contour. Renders pixels only (crate::raster draws text and encodes PNG).
 
-use crate::phantom::montage::Rgb;
+use crate::raster::Rgb;
 
 /// Contour colours.
 pub const PREDICTED: [u8; 3] = [255, 40, 40];
@@ -27,7 +27,7 @@ pub fn render(panels: &[OverlayPanel], size: usize) -> Rgb {
     let gap = 4;
     let width = (panels.len() * size + panels.len().saturating_sub(1) * gap).max(1);
     let height = 2 * size + gap;
-    let mut out = Rgb { width, height, data: vec![0; width * height * 3] };
+    let mut out = Rgb::new(width, height);
     for (i, p) in panels.iter().enumerate() {
         let x0 = i * (size + gap);
         let full = View { x0: 0.0, y0: 0.0, sx: p.nx as f64 / size as f64, sy: p.ny as f64 / size as f64 };
@@ -38,7 +38,7 @@ pub fn render(panels: &[OverlayPanel], size: usize) -> Rgb {
         let (hx, hy) = (0.5 * ZOOM_MM / p.spacing[0], 0.5 * ZOOM_MM / p.spacing[1]);
         let zoom = View { x0: cx - hx, y0: cy - hy, sx: 2.0 * hx / size as f64, sy: 2.0 * hy / size as f64 };
         draw_view(&mut out, p, &zoom, size, x0, size + gap);
-        draw_text(&mut out, &p.label, x0 + 6, 6, (size / 96).max(2));
+        out.draw_text(&p.label, x0 + 6, 6, (size / 96).max(2), [255, 255, 0]);
     }
     out
 }
@@ -49,13 +49,6 @@ struct View {
     y0: f64,
     sx: f64,
     sy: f64,
-}
-
-fn put(img: &mut Rgb, x: usize, y: usize, c: [u8; 3]) {
-    if x < img.width && y < img.height {
-        let i = (y * img.width + x) * 3;
-        img.data[i..i + 3].copy_from_slice(&c);
-    }
 }
 
 fn centroid(mask: &[u8], nx: usize, ny: usize) -> Option<(f64, f64)> {
@@ -105,55 +98,7 @@ fn draw_view(out: &mut Rgb, p: &OverlayPanel, v: &View, size: usize, ox: usize, 
                     c = colour;
                 }
             }
-            put(out, ox + px as usize, oy + py as usize, c);
-        }
-    }
-}
-
-/// 5×7 glyphs, one row per byte (bit 4 = leftmost column).
-fn glyph(c: char) -> Option<[u8; 7]> {
-    Some(match c {
-        '0' => [0x0E, 0x11, 0x13, 0x15, 0x19, 0x11, 0x0E],
-        '1' => [0x04, 0x0C, 0x04, 0x04, 0x04, 0x04, 0x0E],
-        '2' => [0x0E, 0x11, 0x01, 0x02, 0x04, 0x08, 0x1F],
-        '3' => [0x1F, 0x02, 0x04, 0x02, 0x01, 0x11, 0x0E],
-        '4' => [0x02, 0x06, 0x0A, 0x12, 0x1F, 0x02, 0x02],
-        '5' => [0x1F, 0x10, 0x1E, 0x01, 0x01, 0x11, 0x0E],
-        '6' => [0x06, 0x08, 0x10, 0x1E, 0x11, 0x11, 0x0E],
-        '7' => [0x1F, 0x01, 0x02, 0x04, 0x08, 0x08, 0x08],
-        '8' => [0x0E, 0x11, 0x11, 0x0E, 0x11, 0x11, 0x0E],
-        '9' => [0x0E, 0x11, 0x11, 0x0F, 0x01, 0x02, 0x0C],
-        'A' => [0x0E, 0x11, 0x11, 0x1F, 0x11, 0x11, 0x11],
-        'B' => [0x1E, 0x11, 0x11, 0x1E, 0x11, 0x11, 0x1E],
-        'C' => [0x0E, 0x11, 0x10, 0x10, 0x10, 0x11, 0x0E],
-        'D' => [0x1E, 0x11, 0x11, 0x11, 0x11, 0x11, 0x1E],
-        'E' => [0x1F, 0x10, 0x10, 0x1E, 0x10, 0x10, 0x1F],
-        'F' => [0x1F, 0x10, 0x10, 0x1E, 0x10, 0x10, 0x10],
-        '.' => [0x00, 0x00, 0x00, 0x00, 0x00, 0x0C, 0x0C],
-        '-' => [0x00, 0x00, 0x00, 0x1F, 0x00, 0x00, 0x00],
-        ' ' => [0; 7],
-        _ => return None,
-    })
-}
-
-fn draw_text(img: &mut Rgb, text: &str, x0: usize, y0: usize, scale: usize) {
-    for (k, c) in text.chars().enumerate() {
-        let Some(g) = glyph(c.to_ascii_uppercase()) else {
-            continue;
-        };
-        let cx = x0 + k * 6 * scale;
-        for (row, bits) in g.iter().enumerate() {
-            for col in 0..5 {
-                if bits & (0x10 >> col) != 0 {
-                    for dy in 0..scale {
-                        for dx in 0..scale {
-                            let (x, y) = (cx + col * scale + dx, y0 + row * scale + dy);
-                            put(img, x + 1, y + 1, [0, 0, 0]);
-                            put(img, x, y, [255, 255, 0]);
-                        }
-                    }
-                }
-            }
+            out.put(ox + px as usize, oy + py as usize, c);
         }
     }
 }

@@ -13,6 +13,7 @@ pub use series::{
     LoadedSeries, SeriesGroup,
 };
 
+pub mod attrs;
 pub mod codes;
 pub mod ds;
 pub mod seg_read;

@@ -8,10 +8,11 @@ use dicom_core::{DataElement, Tag, VR};
 use dicom_dictionary_std::{tags, uids};
 use dicom_object::{FileMetaTableBuilder, InMemDicomObject};
 
+use super::attrs::put_patient_study;
 use super::ds::format_ds;
 use super::error::DicomError;
 use super::uid::{new_uid, IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME};
-use crate::volume::{SliceRef, SourceInfo, Volume};
+use crate::volume::{cross, dot, SliceRef, SourceInfo, Volume};
 
 /// How pixel values are stored in the written files.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -247,24 +248,28 @@ pub fn encode_mr_series(vol: &Volume, attrs: &MrSeriesAttributes) -> Result<Enco
         s(tags::SOP_INSTANCE_UID, VR::UI, &sop_uid);
         s(tags::INSTANCE_CREATION_DATE, VR::DA, &attrs.study_date);
         s(tags::INSTANCE_CREATION_TIME, VR::TM, &attrs.study_time);
-        // Patient
-        s(tags::PATIENT_NAME, VR::PN, &attrs.patient_name);
-        s(tags::PATIENT_ID, VR::LO, &attrs.patient_id);
-        s(tags::PATIENT_BIRTH_DATE, VR::DA, &attrs.patient_birth_date);
-        s(tags::PATIENT_SEX, VR::CS, &attrs.patient_sex);
-        if let Some(age) = &attrs.patient_age {
-            s(tags::PATIENT_AGE, VR::AS, age);
-        }
-        // General Study
-        s(tags::STUDY_INSTANCE_UID, VR::UI, &study_uid);
-        s(tags::STUDY_DATE, VR::DA, &attrs.study_date);
-        s(tags::STUDY_TIME, VR::TM, &attrs.study_time);
-        s(tags::REFERRING_PHYSICIAN_NAME, VR::PN, &attrs.referring_physician_name);
-        s(tags::STUDY_ID, VR::SH, &attrs.study_id);
-        s(tags::ACCESSION_NUMBER, VR::SH, &attrs.accession_number);
-        if let Some(d) = &attrs.study_description {
-            s(tags::STUDY_DESCRIPTION, VR::LO, d);
-        }
+        // Patient, General Study: the same module writer as the SEG's.
+        put_patient_study(
+            &mut o,
+            &SourceInfo {
+                patient_name: Some(attrs.patient_name.clone()),
+                patient_id: Some(attrs.patient_id.clone()),
+                patient_birth_date: Some(attrs.patient_birth_date.clone()),
+                patient_sex: Some(attrs.patient_sex.clone()),
+                patient_age: attrs.patient_age.clone(),
+                study_instance_uid: study_uid.clone(),
+                study_date: Some(attrs.study_date.clone()),
+                study_time: Some(attrs.study_time.clone()),
+                study_id: Some(attrs.study_id.clone()),
+                accession_number: Some(attrs.accession_number.clone()),
+                referring_physician_name: Some(attrs.referring_physician_name.clone()),
+                study_description: attrs.study_description.clone(),
+                ..SourceInfo::default()
+            },
+        );
+        let mut s = |tag: Tag, vr: VR, v: &str| {
+            o.put(DataElement::new(tag, vr, PrimitiveValue::from(v)));
+        };
         // General Series
         s(tags::MODALITY, VR::CS, "MR");
         s(tags::SERIES_INSTANCE_UID, VR::UI, &series_uid);
@@ -471,14 +476,6 @@ fn non_empty(s: &str) -> Option<String> {
     } else {
         Some(s.to_string())
     }
-}
-
-pub(crate) fn dot(a: [f64; 3], b: [f64; 3]) -> f64 {
-    a[0] * b[0] + a[1] * b[1] + a[2] * b[2]
-}
-
-pub(crate) fn cross(a: [f64; 3], b: [f64; 3]) -> [f64; 3] {
-    [a[1] * b[2] - a[2] * b[1], a[2] * b[0] - a[0] * b[2], a[0] * b[1] - a[1] * b[0]]
 }
 
 fn ds_multi(tag: Tag, values: &[f64]) -> DataElement<InMemDicomObject> {

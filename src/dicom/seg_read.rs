@@ -9,6 +9,7 @@ use dicom_dictionary_std::tags;
 use dicom_object::file::ReadPreamble;
 use dicom_object::{InMemDicomObject, OpenFileOptions};
 
+use super::attrs::{attr_f64s, attr_str, attr_uint, items};
 use super::codes::Code;
 use super::seg_write::{AlgorithmType, SegError, SegmentInfo, SEGMENTATION_STORAGE};
 use crate::volume::{Mask, Volume};
@@ -78,14 +79,14 @@ pub fn read_seg_standalone(bytes: &[u8]) -> Result<SegObject, SegError> {
         .map_err(|e| SegError::Parse(e.to_string()))?;
     let o: &InMemDicomObject = &file;
 
-    let sop_class = get_str(o, tags::SOP_CLASS_UID).unwrap_or_default();
+    let sop_class = attr_str(o, tags::SOP_CLASS_UID).unwrap_or_default();
     if sop_class != SEGMENTATION_STORAGE {
         return Err(SegError::NotSegmentation(sop_class));
     }
-    let segmentation_type = get_str(o, tags::SEGMENTATION_TYPE).unwrap_or_default().to_ascii_uppercase();
-    let rows = get_uint(o, tags::ROWS).ok_or_else(|| SegError::Invalid("missing Rows".into()))? as usize;
-    let columns = get_uint(o, tags::COLUMNS).ok_or_else(|| SegError::Invalid("missing Columns".into()))? as usize;
-    let n_frames = match get_str(o, tags::NUMBER_OF_FRAMES) {
+    let segmentation_type = attr_str(o, tags::SEGMENTATION_TYPE).unwrap_or_default().to_ascii_uppercase();
+    let rows = attr_uint(o, tags::ROWS).ok_or_else(|| SegError::Invalid("missing Rows".into()))? as usize;
+    let columns = attr_uint(o, tags::COLUMNS).ok_or_else(|| SegError::Invalid("missing Columns".into()))? as usize;
+    let n_frames = match attr_str(o, tags::NUMBER_OF_FRAMES) {
         Some(s) => s.parse::<usize>().map_err(|_| SegError::Invalid(format!("NumberOfFrames {s:?}")))?,
         None => 1,
     };
@@ -109,12 +110,12 @@ pub fn read_seg_standalone(bytes: &[u8]) -> Result<SegObject, SegError> {
             "{columns}×{rows}×{n_frames} pixels exceed the limits (max_slice_pixels, max_volume_voxels, docs/limits.md)"
         )));
     }
-    let bits_allocated = get_uint(o, tags::BITS_ALLOCATED).unwrap_or(0);
+    let bits_allocated = attr_uint(o, tags::BITS_ALLOCATED).unwrap_or(0);
 
     // Segments
     let mut segments = Vec::new();
     for item in items(o, tags::SEGMENT_SEQUENCE) {
-        let number = get_uint(item, tags::SEGMENT_NUMBER)
+        let number = attr_uint(item, tags::SEGMENT_NUMBER)
             .ok_or_else(|| SegError::Invalid("segment without SegmentNumber".into()))? as u16;
         segments.push((number, parse_segment_info(item)?));
     }
@@ -138,7 +139,7 @@ pub fn read_seg_standalone(bytes: &[u8]) -> Result<SegObject, SegError> {
         )));
     }
     let pixel_spacing = fg_item(None, shared, tags::PIXEL_MEASURES_SEQUENCE)
-        .and_then(|m| get_f64s(m, tags::PIXEL_SPACING))
+        .and_then(|m| attr_f64s(m, tags::PIXEL_SPACING))
         .filter(|v| v.len() == 2)
         .map(|v| [v[0], v[1]]);
 
@@ -161,7 +162,7 @@ pub fn read_seg_standalone(bytes: &[u8]) -> Result<SegObject, SegError> {
             if data.len() < n_frames * frame_len {
                 return Err(SegError::Invalid("Pixel Data too short".into()));
             }
-            let max = get_uint(o, tags::MAXIMUM_FRACTIONAL_VALUE).unwrap_or(255).max(1) as u32;
+            let max = attr_uint(o, tags::MAXIMUM_FRACTIONAL_VALUE).unwrap_or(255).max(1) as u32;
             (0..n_frames)
                 .map(|f| {
                     data[f * frame_len..(f + 1) * frame_len].iter().map(|&v| (2 * v as u32 >= max) as u8).collect()
@@ -175,7 +176,7 @@ pub fn read_seg_standalone(bytes: &[u8]) -> Result<SegObject, SegError> {
     for (i, pixels) in all_pixels.into_iter().enumerate() {
         let pf = per_frame.get(i).copied();
         let segment_number = match fg_item(pf, shared, tags::SEGMENT_IDENTIFICATION_SEQUENCE)
-            .and_then(|s| get_uint(s, tags::REFERENCED_SEGMENT_NUMBER))
+            .and_then(|s| attr_uint(s, tags::REFERENCED_SEGMENT_NUMBER))
         {
             Some(n) => n as u16,
             None if segments.len() == 1 => segments[0].0,
@@ -185,11 +186,11 @@ pub fn read_seg_standalone(bytes: &[u8]) -> Result<SegObject, SegError> {
             return Err(SegError::Invalid(format!("frame {} refers to unknown segment {segment_number}", i + 1)));
         }
         let position = fg_item(pf, shared, tags::PLANE_POSITION_SEQUENCE)
-            .and_then(|p| get_f64s(p, tags::IMAGE_POSITION_PATIENT))
+            .and_then(|p| attr_f64s(p, tags::IMAGE_POSITION_PATIENT))
             .filter(|v| v.len() == 3)
             .map(|v| [v[0], v[1], v[2]]);
         let orientation = fg_item(pf, shared, tags::PLANE_ORIENTATION_SEQUENCE)
-            .and_then(|p| get_f64s(p, tags::IMAGE_ORIENTATION_PATIENT))
+            .and_then(|p| attr_f64s(p, tags::IMAGE_ORIENTATION_PATIENT))
             .filter(|v| v.len() == 6)
             .map(|v| [v[0], v[1], v[2], v[3], v[4], v[5]]);
         let dimension_index_values = fg_item(pf, None, tags::FRAME_CONTENT_SEQUENCE)
@@ -209,19 +210,19 @@ pub fn read_seg_standalone(bytes: &[u8]) -> Result<SegObject, SegError> {
 
     let mut referenced_series = Vec::new();
     for s in items(o, tags::REFERENCED_SERIES_SEQUENCE) {
-        let uid = get_str(s, tags::SERIES_INSTANCE_UID).unwrap_or_default();
+        let uid = attr_str(s, tags::SERIES_INSTANCE_UID).unwrap_or_default();
         let refs = items(s, tags::REFERENCED_INSTANCE_SEQUENCE).into_iter().filter_map(parse_ref).collect();
         referenced_series.push((uid, refs));
     }
 
     Ok(SegObject {
-        sop_instance_uid: get_str(o, tags::SOP_INSTANCE_UID).unwrap_or_default(),
-        series_instance_uid: get_str(o, tags::SERIES_INSTANCE_UID),
-        study_instance_uid: get_str(o, tags::STUDY_INSTANCE_UID),
-        frame_of_reference_uid: get_str(o, tags::FRAME_OF_REFERENCE_UID),
-        series_description: get_str(o, tags::SERIES_DESCRIPTION),
-        content_label: get_str(o, tags::CONTENT_LABEL),
-        content_description: get_str(o, tags::CONTENT_DESCRIPTION),
+        sop_instance_uid: attr_str(o, tags::SOP_INSTANCE_UID).unwrap_or_default(),
+        series_instance_uid: attr_str(o, tags::SERIES_INSTANCE_UID),
+        study_instance_uid: attr_str(o, tags::STUDY_INSTANCE_UID),
+        frame_of_reference_uid: attr_str(o, tags::FRAME_OF_REFERENCE_UID),
+        series_description: attr_str(o, tags::SERIES_DESCRIPTION),
+        content_label: attr_str(o, tags::CONTENT_LABEL),
+        content_description: attr_str(o, tags::CONTENT_DESCRIPTION),
         segmentation_type,
         rows,
         columns,
@@ -344,7 +345,7 @@ pub fn unpack_bits(data: &[u8], start: usize, len: usize) -> Vec<u8> {
 }
 
 fn parse_segment_info(item: &InMemDicomObject) -> Result<SegmentInfo, SegError> {
-    let label = get_str(item, tags::SEGMENT_LABEL).unwrap_or_default();
+    let label = attr_str(item, tags::SEGMENT_LABEL).unwrap_or_default();
     let code = |tag: Tag, what: &str| {
         items(item, tag)
             .first()
@@ -353,7 +354,7 @@ fn parse_segment_info(item: &InMemDicomObject) -> Result<SegmentInfo, SegError> 
     };
     let category = code(tags::SEGMENTED_PROPERTY_CATEGORY_CODE_SEQUENCE, "Segmented Property Category")?;
     let property_type = code(tags::SEGMENTED_PROPERTY_TYPE_CODE_SEQUENCE, "Segmented Property Type")?;
-    let algorithm_type_text = get_str(item, tags::SEGMENT_ALGORITHM_TYPE).unwrap_or_default();
+    let algorithm_type_text = attr_str(item, tags::SEGMENT_ALGORITHM_TYPE).unwrap_or_default();
     let algorithm_type = AlgorithmType::from_dicom(&algorithm_type_text)
         .ok_or_else(|| SegError::Invalid(format!("segment {label:?}: SegmentAlgorithmType {algorithm_type_text:?}")))?;
     let cielab = item
@@ -363,28 +364,28 @@ fn parse_segment_info(item: &InMemDicomObject) -> Result<SegmentInfo, SegError> 
         .map(|v| [v[0], v[1], v[2]]);
     Ok(SegmentInfo {
         label,
-        description: get_str(item, tags::SEGMENT_DESCRIPTION),
+        description: attr_str(item, tags::SEGMENT_DESCRIPTION),
         category,
         property_type,
         algorithm_type,
-        algorithm_name: get_str(item, tags::SEGMENT_ALGORITHM_NAME),
+        algorithm_name: attr_str(item, tags::SEGMENT_ALGORITHM_NAME),
         cielab,
     })
 }
 
 fn parse_code(item: &InMemDicomObject) -> Option<Code> {
-    let value = get_str(item, tags::CODE_VALUE)
-        .or_else(|| get_str(item, tags::LONG_CODE_VALUE))
-        .or_else(|| get_str(item, tags::URN_CODE_VALUE))?;
-    let scheme = get_str(item, tags::CODING_SCHEME_DESIGNATOR).unwrap_or_default();
-    let meaning = get_str(item, tags::CODE_MEANING).unwrap_or_default();
+    let value = attr_str(item, tags::CODE_VALUE)
+        .or_else(|| attr_str(item, tags::LONG_CODE_VALUE))
+        .or_else(|| attr_str(item, tags::URN_CODE_VALUE))?;
+    let scheme = attr_str(item, tags::CODING_SCHEME_DESIGNATOR).unwrap_or_default();
+    let meaning = attr_str(item, tags::CODE_MEANING).unwrap_or_default();
     Some(Code::new(value, scheme, meaning))
 }
 
 fn parse_ref(item: &InMemDicomObject) -> Option<SourceRef> {
     Some(SourceRef {
-        sop_class_uid: get_str(item, tags::REFERENCED_SOP_CLASS_UID),
-        sop_instance_uid: get_str(item, tags::REFERENCED_SOP_INSTANCE_UID)?,
+        sop_class_uid: attr_str(item, tags::REFERENCED_SOP_CLASS_UID),
+        sop_instance_uid: attr_str(item, tags::REFERENCED_SOP_INSTANCE_UID)?,
         frame_numbers: item
             .get(tags::REFERENCED_FRAME_NUMBER)
             .and_then(|e| e.to_multi_int::<u32>().ok())
@@ -401,24 +402,6 @@ fn fg_item<'a>(
     per_frame
         .and_then(|p| items(p, tag).first().copied())
         .or_else(|| shared.and_then(|s| items(s, tag).first().copied()))
-}
-
-fn items(o: &InMemDicomObject, tag: Tag) -> Vec<&InMemDicomObject> {
-    o.get(tag).and_then(|e| e.items()).map(|i| i.iter().collect()).unwrap_or_default()
-}
-
-fn get_str(o: &InMemDicomObject, tag: Tag) -> Option<String> {
-    let s = o.get(tag)?.to_str().ok()?;
-    let s = s.trim_matches(|c: char| c == ' ' || c == '\0').to_string();
-    (!s.is_empty()).then_some(s)
-}
-
-fn get_uint(o: &InMemDicomObject, tag: Tag) -> Option<u64> {
-    o.get(tag)?.to_int::<u64>().ok()
-}
-
-fn get_f64s(o: &InMemDicomObject, tag: Tag) -> Option<Vec<f64>> {
-    o.get(tag)?.to_multi_float64().ok()
 }
 
 #[cfg(test)]

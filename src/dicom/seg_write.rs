@@ -1,12 +1,16 @@
 //! DICOM-SEG writer: binary masks on a DICOM-sourced `Volume` → one Segmentation Storage instance
 //! (Part-10 bytes, Explicit VR Little Endian). Owns the SEG IOD layout; never resamples the grid.
 
-use dicom_core::value::{DataSetSequence, PrimitiveValue, C};
+use dicom_core::value::{PrimitiveValue, C};
 use dicom_core::{DataElement, Tag, VR};
 use dicom_dictionary_std::{tags, uids};
 use dicom_object::{FileMetaTableBuilder, InMemDicomObject};
 use thiserror::Error;
 
+use super::attrs::{
+    clean_cs, clean_lo, clean_text, nonempty, put_empty, put_opt, put_patient_study, put_seq, put_str, put_strs,
+    put_u16,
+};
 use super::codes::{self, Code};
 use super::ds::{format_ds_vec, DsError};
 use super::uid::{new_uid, IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME};
@@ -257,29 +261,7 @@ pub fn write_seg(source: &Volume, segments: &[Segment<'_>], opts: &SegOptions) -
     put_seq(&mut o, tags::CONTRIBUTING_EQUIPMENT_SEQUENCE, contributing);
 
     // Patient, General Study, Patient Study (copied from the source)
-    put_opt(&mut o, tags::PATIENT_NAME, VR::PN, info.patient_name.as_deref(), 64 * 5);
-    // PatientID is copied as it is, even beyond LO's 64 characters: archives (Orthanc) file a SEG
-    // under the patient whose ID matches byte for byte, so a shortened ID would land it elsewhere.
-    match info.patient_id.as_deref().map(str::trim).filter(|s| !s.is_empty()) {
-        Some(id) => put_str(&mut o, tags::PATIENT_ID, VR::LO, id),
-        None => put_empty(&mut o, tags::PATIENT_ID, VR::LO),
-    }
-    put_opt(&mut o, tags::PATIENT_BIRTH_DATE, VR::DA, info.patient_birth_date.as_deref(), 8);
-    // Enumerated values only (M, F, O); anything else is written as unknown (empty).
-    let sex = info.patient_sex.as_deref().map(str::trim).filter(|s| matches!(*s, "M" | "F" | "O"));
-    put_opt(&mut o, tags::PATIENT_SEX, VR::CS, sex, 16);
-    if let Some(age) = info.patient_age.as_deref().map(str::trim).filter(|s| is_age_string(s)) {
-        put_str(&mut o, tags::PATIENT_AGE, VR::AS, age);
-    }
-    put_str(&mut o, tags::STUDY_INSTANCE_UID, VR::UI, &info.study_instance_uid);
-    put_opt(&mut o, tags::STUDY_DATE, VR::DA, info.study_date.as_deref(), 8);
-    put_opt(&mut o, tags::STUDY_TIME, VR::TM, info.study_time.as_deref(), 16);
-    put_opt(&mut o, tags::STUDY_ID, VR::SH, info.study_id.as_deref(), 16);
-    put_opt(&mut o, tags::ACCESSION_NUMBER, VR::SH, info.accession_number.as_deref(), 16);
-    put_opt(&mut o, tags::REFERRING_PHYSICIAN_NAME, VR::PN, info.referring_physician_name.as_deref(), 64 * 5);
-    if let Some(d) = info.study_description.as_deref().filter(|s| !s.is_empty()) {
-        put_str(&mut o, tags::STUDY_DESCRIPTION, VR::LO, &clean_lo(d, 64));
-    }
+    put_patient_study(&mut o, info);
 
     // General Series + Segmentation Series
     put_str(&mut o, tags::MODALITY, VR::CS, "SEG");
@@ -616,78 +598,9 @@ pub(crate) fn code_item(c: &Code) -> InMemDicomObject {
     o
 }
 
-fn put_str(o: &mut InMemDicomObject, tag: Tag, vr: VR, s: &str) {
-    o.put(DataElement::new(tag, vr, PrimitiveValue::from(s)));
-}
-
-fn put_strs(o: &mut InMemDicomObject, tag: Tag, vr: VR, v: Vec<String>) {
-    o.put(DataElement::new(tag, vr, PrimitiveValue::Strs(C::from_vec(v))));
-}
-
-fn put_empty(o: &mut InMemDicomObject, tag: Tag, vr: VR) {
-    o.put(DataElement::new(tag, vr, PrimitiveValue::Empty));
-}
-
-/// A type-2 attribute: the value when present and non-empty, else an empty element.
-fn put_opt(o: &mut InMemDicomObject, tag: Tag, vr: VR, v: Option<&str>, max_len: usize) {
-    match v.map(str::trim).filter(|s| !s.is_empty()) {
-        Some(s) => put_str(o, tag, vr, &clean_lo(s, max_len)),
-        None => put_empty(o, tag, vr),
-    }
-}
-
-fn put_u16(o: &mut InMemDicomObject, tag: Tag, v: &[u16]) {
-    o.put(DataElement::new(tag, VR::US, PrimitiveValue::U16(C::from_vec(v.to_vec()))));
-}
-
 fn put_ds(o: &mut InMemDicomObject, tag: Tag, v: &[f64]) -> Result<(), SegError> {
     put_strs(o, tag, VR::DS, format_ds_vec(v)?);
     Ok(())
-}
-
-fn put_seq(o: &mut InMemDicomObject, tag: Tag, items: Vec<InMemDicomObject>) {
-    o.put(DataElement::new(tag, VR::SQ, DataSetSequence::from(items)));
-}
-
-/// AS: three digits and D, W, M or Y (e.g. `065Y`).
-fn is_age_string(s: &str) -> bool {
-    let b = s.as_bytes();
-    b.len() == 4 && b[..3].iter().all(u8::is_ascii_digit) && matches!(b[3], b'D' | b'W' | b'M' | b'Y')
-}
-
-fn nonempty<'a>(s: &'a str, fallback: &'a str) -> &'a str {
-    if s.trim().is_empty() {
-        fallback
-    } else {
-        s
-    }
-}
-
-fn truncate_chars(s: &str, max: usize) -> String {
-    s.chars().take(max).collect()
-}
-
-/// LO/SH-safe text: no backslash (value delimiter) or control characters, at most `max` characters.
-fn clean_lo(s: &str, max: usize) -> String {
-    let t: String = s.trim().chars().map(|c| if c == '\\' || c.is_control() { ' ' } else { c }).collect();
-    truncate_chars(&t, max)
-}
-
-/// ST-safe text: backslash allowed, control characters other than CR/LF/TAB removed.
-fn clean_text(s: &str, max: usize) -> String {
-    let t: String = s.chars().filter(|c| !c.is_control() || matches!(c, '\n' | '\r' | '\t')).collect();
-    truncate_chars(&t, max)
-}
-
-/// CS-safe text: upper-case letters, digits, space and underscore, at most 16 characters.
-fn clean_cs(s: &str) -> String {
-    let t: String = s
-        .trim()
-        .to_ascii_uppercase()
-        .chars()
-        .map(|c| if c.is_ascii_uppercase() || c.is_ascii_digit() || c == ' ' || c == '_' { c } else { '_' })
-        .collect();
-    truncate_chars(&t, 16)
 }
 
 #[cfg(test)]
@@ -713,6 +626,10 @@ mod tests {
         assert_eq!(clean_cs("prostate-1 gland long label"), "PROSTATE_1 GLAND");
         assert_eq!(clean_lo("a\\b", 64), "a b");
         assert_eq!(clean_lo(&"x".repeat(80), 64).len(), 64);
-        assert!(is_age_string("065Y") && !is_age_string("65Y") && !is_age_string("065y"));
+        assert!(
+            crate::dicom::attrs::is_age_string("065Y")
+                && !crate::dicom::attrs::is_age_string("65Y")
+                && !crate::dicom::attrs::is_age_string("065y")
+        );
     }
 }

@@ -13,9 +13,9 @@ use dicom_object::{DefaultDicomObject, InMemDicomObject, OpenFileOptions};
 use dicom_pixeldata::PixelDecoder;
 use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
 
+use super::attrs::{attr_f64, attr_f64s, attr_int, attr_str, first_item};
 use super::error::DicomError;
-use super::mr_write::{cross, dot};
-use crate::volume::{SliceRef, SourceInfo, Volume};
+use crate::volume::{cross, dot, SliceRef, SourceInfo, Volume};
 
 /// A volume read from one series plus the non-fatal findings (uneven spacing, skipped files…).
 #[derive(Debug, Clone)]
@@ -570,43 +570,6 @@ fn collect_files_once(
         }
     }
     Ok(())
-}
-
-// ---------------------------------------------------------------------------------------------
-// Attribute access (trimmed strings, numbers; None when absent or unparsable)
-
-fn attr_str(o: &InMemDicomObject, tag: Tag) -> Option<String> {
-    let e = o.element_opt(tag).ok()??;
-    let s = e.to_str().ok()?;
-    let s = s.trim_matches(|c: char| c == '\0' || c.is_whitespace()).to_string();
-    if s.is_empty() {
-        None
-    } else {
-        Some(s)
-    }
-}
-
-fn attr_f64s(o: &InMemDicomObject, tag: Tag) -> Option<Vec<f64>> {
-    let e = o.element_opt(tag).ok()??;
-    let v = e.to_multi_float64().ok()?;
-    if v.is_empty() || v.iter().any(|x| !x.is_finite()) {
-        None
-    } else {
-        Some(v)
-    }
-}
-
-fn attr_f64(o: &InMemDicomObject, tag: Tag) -> Option<f64> {
-    attr_f64s(o, tag).map(|v| v[0])
-}
-
-fn attr_int(o: &InMemDicomObject, tag: Tag) -> Option<i64> {
-    let e = o.element_opt(tag).ok()??;
-    e.to_int::<i64>().ok()
-}
-
-fn first_item(o: &InMemDicomObject, tag: Tag) -> Option<&InMemDicomObject> {
-    o.element_opt(tag).ok()??.items()?.first()
 }
 
 /// SOP classes that carry pixel data or references but are not images to segment.

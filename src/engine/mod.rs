@@ -2,6 +2,7 @@
 //! QA. No I/O in the core (apart from the optional feature cache); every front door calls `Segmenter`.
 
 pub mod cache;
+pub mod components;
 pub mod postprocess;
 pub mod preprocess;
 pub mod prompts;

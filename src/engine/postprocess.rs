@@ -3,6 +3,7 @@
 
 use tch::{Kind, Tensor};
 
+use super::components::label_components;
 pub use crate::modeldir::Cleanup3d;
 
 /// Map 4g×4g logits (1×1×4g×4g, any device/kind) to the native slice grid h×w, as SAM's
@@ -22,51 +23,12 @@ pub fn threshold(logits: &[f32]) -> Vec<bool> {
     logits.iter().map(|&v| v > 0.0).collect()
 }
 
-/// Label 3-D components (26-connectivity) of a z-major mask. Returns (labels, sizes), label 0 background.
-pub fn label_components_3d(dims: [usize; 3], fg: &[u8]) -> (Vec<u32>, Vec<usize>) {
-    let [nz, ny, nx] = dims;
-    let mut labels = vec![0u32; fg.len()];
-    let mut sizes = vec![0usize];
-    let mut stack = Vec::new();
-    for start in 0..fg.len() {
-        if fg[start] == 0 || labels[start] != 0 {
-            continue;
-        }
-        let l = sizes.len() as u32;
-        sizes.push(0);
-        labels[start] = l;
-        stack.push(start);
-        while let Some(p) = stack.pop() {
-            sizes[l as usize] += 1;
-            let z = (p / (ny * nx)) as isize;
-            let y = ((p / nx) % ny) as isize;
-            let x = (p % nx) as isize;
-            for dz in -1..=1isize {
-                for dy in -1..=1isize {
-                    for dx in -1..=1isize {
-                        let (zz, yy, xx) = (z + dz, y + dy, x + dx);
-                        if zz < 0 || yy < 0 || xx < 0 || zz >= nz as isize || yy >= ny as isize || xx >= nx as isize {
-                            continue;
-                        }
-                        let q = (zz as usize * ny + yy as usize) * nx + xx as usize;
-                        if fg[q] != 0 && labels[q] == 0 {
-                            labels[q] = l;
-                            stack.push(q);
-                        }
-                    }
-                }
-            }
-        }
-    }
-    (labels, sizes)
-}
-
 /// Apply a 3-D clean-up in place; returns the number of voxels removed.
 pub fn cleanup_3d(dims: [usize; 3], mask: &mut [u8], voxel_ml: f64, how: Cleanup3d) -> usize {
     if how == Cleanup3d::None {
         return 0;
     }
-    let (labels, sizes) = label_components_3d(dims, mask);
+    let (labels, sizes) = label_components(dims, |i| mask[i] != 0);
     if sizes.len() <= 1 {
         return 0;
     }

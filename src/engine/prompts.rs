@@ -1,6 +1,8 @@
 //! Automatic prompts and the mask selection of SAM's automatic mask generator as DeSAM runs it:
 //! grid points, the whole-image box, IoU filter, box-NMS, small-region clean-up. Pure arrays, no model.
 
+use super::components::label_components;
+
 /// N×N point prompts in the input-pixel frame of side `s`: ((k + 0.5) / N) · S on each axis,
 /// row-major (y outer, x inner), each as (x, y).
 pub fn grid_points(n: usize, s: f64) -> Vec<[f64; 2]> {
@@ -84,41 +86,6 @@ pub fn box_nms(boxes: &[[f64; 4]], scores: &[f64], iou_threshold: f64) -> Vec<us
     keep
 }
 
-/// Label the connected components of `fg` (8-connectivity). Returns (labels, sizes): label 0 is
-/// background, components are numbered from 1 and `sizes[l]` is the pixel count of label l.
-pub fn label_components_2d(h: usize, w: usize, fg: &[bool]) -> (Vec<u32>, Vec<usize>) {
-    let mut labels = vec![0u32; h * w];
-    let mut sizes = vec![0usize];
-    let mut stack = Vec::new();
-    for start in 0..h * w {
-        if !fg[start] || labels[start] != 0 {
-            continue;
-        }
-        let l = sizes.len() as u32;
-        sizes.push(0);
-        labels[start] = l;
-        stack.push(start);
-        while let Some(p) = stack.pop() {
-            sizes[l as usize] += 1;
-            let (y, x) = ((p / w) as isize, (p % w) as isize);
-            for dy in -1..=1isize {
-                for dx in -1..=1isize {
-                    let (ny, nx) = (y + dy, x + dx);
-                    if ny < 0 || nx < 0 || ny >= h as isize || nx >= w as isize {
-                        continue;
-                    }
-                    let q = ny as usize * w + nx as usize;
-                    if fg[q] && labels[q] == 0 {
-                        labels[q] = l;
-                        stack.push(q);
-                    }
-                }
-            }
-        }
-    }
-    (labels, sizes)
-}
-
 /// Which of SAM's two clean-up passes to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RegionMode {
@@ -134,7 +101,7 @@ pub enum RegionMode {
 pub fn remove_small_regions(mask: &BinMask, area_thresh: usize, mode: RegionMode) -> (BinMask, bool) {
     let holes = mode == RegionMode::Holes;
     let working: Vec<bool> = mask.data.iter().map(|&b| b != holes).collect();
-    let (labels, sizes) = label_components_2d(mask.h, mask.w, &working);
+    let (labels, sizes) = label_components([1, mask.h, mask.w], |i| working[i]);
     let n = sizes.len() - 1;
     let small: Vec<usize> = (1..=n).filter(|&l| sizes[l] < area_thresh).collect();
     if small.is_empty() {
@@ -261,7 +228,7 @@ mod tests {
     #[test]
     fn components_use_eight_connectivity() {
         let m = rect(6, 6, &[(0, 0, 1, 1), (1, 1, 2, 2), (4, 4, 6, 6)]);
-        let (_, sizes) = label_components_2d(6, 6, &m.data);
+        let (_, sizes) = label_components([1, 6, 6], |i| m.data[i]);
         assert_eq!(sizes.len() - 1, 2);
         let mut s = sizes[1..].to_vec();
         s.sort();

@@ -4,6 +4,8 @@
 use rand::Rng;
 use rand_chacha::ChaCha20Rng;
 
+use crate::volume::dot;
+
 pub type V3 = [f64; 3];
 
 fn sub(a: V3, b: V3) -> V3 {
@@ -11,9 +13,6 @@ fn sub(a: V3, b: V3) -> V3 {
 }
 fn norm(a: V3) -> f64 {
     (a[0] * a[0] + a[1] * a[1] + a[2] * a[2]).sqrt()
-}
-fn dot(a: V3, b: V3) -> f64 {
-    a[0] * b[0] + a[1] * b[1] + a[2] * b[2]
 }
 
 fn uni(rng: &mut ChaCha20Rng, lo: f64, hi: f64) -> f64 {

@@ -1,28 +1,11 @@
 //! A PNG contact sheet of the six sites (mid-gland slice, percentile window, gland contour) for eyes,
-//! not for analysis. Owns only PNG encoding and a tiny bitmap font; generates no anatomy itself.
+//! not for analysis. Draws through crate::raster; generates no anatomy itself.
 
 use std::path::Path;
 
 use super::{generate_case_with, GenerateOptions, PhantomCase, PhantomError, Site, Size, LABEL_TZ};
 
-/// An RGB8 image, row-major.
-pub struct Rgb {
-    pub width: usize,
-    pub height: usize,
-    pub data: Vec<u8>,
-}
-
-impl Rgb {
-    fn new(width: usize, height: usize) -> Self {
-        Rgb { width, height, data: vec![0; width * height * 3] }
-    }
-    fn put(&mut self, x: usize, y: usize, c: [u8; 3]) {
-        if x < self.width && y < self.height {
-            let i = (y * self.width + x) * 3;
-            self.data[i..i + 3].copy_from_slice(&c);
-        }
-    }
-}
+pub use crate::raster::Rgb;
 
 /// The slice index through the gland's centroid (the middle slice of the volume when there is no gland).
 pub fn mid_gland_slice(case: &PhantomCase) -> usize {
@@ -137,37 +120,6 @@ pub fn render_panel(case: &PhantomCase, z: usize, size: usize, contours: bool, z
     out
 }
 
-/// 5×7 glyphs for the site letters, one row per byte (bit 4 = leftmost column).
-fn glyph(c: char) -> Option<[u8; 7]> {
-    Some(match c {
-        'A' => [0x0E, 0x11, 0x11, 0x1F, 0x11, 0x11, 0x11],
-        'B' => [0x1E, 0x11, 0x11, 0x1E, 0x11, 0x11, 0x1E],
-        'C' => [0x0E, 0x11, 0x10, 0x10, 0x10, 0x11, 0x0E],
-        'D' => [0x1E, 0x11, 0x11, 0x11, 0x11, 0x11, 0x1E],
-        'E' => [0x1F, 0x10, 0x10, 0x1E, 0x10, 0x10, 0x1F],
-        'F' => [0x1F, 0x10, 0x10, 0x1E, 0x10, 0x10, 0x10],
-        _ => return None,
-    })
-}
-
-fn draw_letter(img: &mut Rgb, c: char, x0: usize, y0: usize, scale: usize) {
-    let Some(g) = glyph(c) else { return };
-    for (row, bits) in g.iter().enumerate() {
-        for col in 0..5 {
-            if bits & (0x10 >> col) != 0 {
-                for dy in 0..scale {
-                    for dx in 0..scale {
-                        let (x, y) = (x0 + col * scale + dx, y0 + row * scale + dy);
-                        // Dark shadow first so the letter reads on bright fat.
-                        img.put(x + 1, y + 1, [0, 0, 0]);
-                        img.put(x, y, [255, 80, 80]);
-                    }
-                }
-            }
-        }
-    }
-}
-
 /// The slice through the upper third of the gland (towards the base), where the bladder and the
 /// seminal vesicles show.
 pub fn base_slice(case: &PhantomCase) -> usize {
@@ -203,24 +155,13 @@ pub fn montage(cases: &[PhantomCase], panel: usize) -> Rgb {
                 out.data[dst..dst + panel * 3].copy_from_slice(src);
             }
         }
-        draw_letter(&mut out, case.site.letter(), i * (panel + gap) + 6, 6, (panel / 64).max(2));
+        out.draw_text(&case.site.letter().to_string(), i * (panel + gap) + 6, 6, (panel / 64).max(2), [255, 80, 80]);
     }
     out
 }
 
 pub fn write_png(img: &Rgb, path: &Path) -> Result<(), PhantomError> {
-    let file =
-        std::fs::File::create(path).map_err(|e| PhantomError::Io { path: path.display().to_string(), source: e })?;
-    let w = std::io::BufWriter::new(file);
-    let mut enc = png::Encoder::new(w, img.width as u32, img.height as u32);
-    enc.set_color(png::ColorType::Rgb);
-    enc.set_depth(png::BitDepth::Eight);
-    let png_err =
-        |e: png::EncodingError| PhantomError::Png { path: path.display().to_string(), message: e.to_string() };
-    let mut writer = enc.write_header().map_err(png_err)?;
-    writer.write_image_data(&img.data).map_err(png_err)?;
-    writer.finish().map_err(png_err)?;
-    Ok(())
+    img.write_png(path).map_err(|e| PhantomError::Png { path: e.path, message: e.message })
 }
 
 /// Generates case `case_index` of every site and writes the contact sheet to `path`.

@@ -1,15 +1,16 @@
-//! Test support: a real Orthanc (Debian's /usr/sbin/Orthanc) on free loopback ports with a temporary
-//! storage folder and the freshly built plugin; HTTP through curl, DICOM through dcmtk's storescu.
+//! Test support over `desam::harness::OrthancProcess` (the demo's harness too): a real Orthanc on free
+//! loopback ports with a temporary storage folder and the freshly built plugin; DICOM through dcmtk's storescu.
 #![allow(dead_code)]
 
+use desam::harness::OrthancProcess;
+use desam::http::Endpoint;
 use serde_json::{json, Value};
-use std::io::Write;
-use std::net::TcpListener;
+use std::ops::{Deref, DerefMut};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-pub const ORTHANC: &str = "/usr/sbin/Orthanc";
+pub const ORTHANC: &str = desam::harness::ORTHANC_EXE;
 pub const AET: &str = "DESAMTEST";
 
 pub fn scratch(name: &str) -> PathBuf {
@@ -62,16 +63,26 @@ pub fn tiny_model(seed: u64) -> PathBuf {
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    desam::harness::free_port().unwrap()
 }
 
+/// A test's Orthanc: the shared process harness (fields and queries through `Deref`), with answers
+/// that panic with the log on failure, as a test wants.
 pub struct Orthanc {
-    pub dir: PathBuf,
-    pub http_port: u16,
-    pub dicom_port: u16,
-    pub child: Child,
-    pub log: PathBuf,
-    pub auth: Option<String>,
+    process: OrthancProcess,
+}
+
+impl Deref for Orthanc {
+    type Target = OrthancProcess;
+    fn deref(&self) -> &OrthancProcess {
+        &self.process
+    }
+}
+
+impl DerefMut for Orthanc {
+    fn deref_mut(&mut self) -> &mut OrthancProcess {
+        &mut self.process
+    }
 }
 
 pub struct Reply {
@@ -137,92 +148,24 @@ impl Orthanc {
     ) -> Orthanc {
         let (http_port, dicom_port) = (free_port(), free_port());
         let cfg = config(dir, http_port, dicom_port, with_plugin, extra);
-        let auth = extra
-            .get("RegisteredUsers")
-            .and_then(Value::as_object)
-            .and_then(|m| m.iter().next())
-            .map(|(u, p)| format!("{u}:{}", p.as_str().unwrap()));
-        let cfg_dir = dir.join("config");
-        let _ = std::fs::remove_dir_all(&cfg_dir);
-        std::fs::create_dir_all(&cfg_dir).unwrap();
-        std::fs::write(cfg_dir.join("orthanc.json"), serde_json::to_vec_pretty(&cfg).unwrap()).unwrap();
-        for f in more {
-            std::fs::copy(f, cfg_dir.join(f.file_name().unwrap())).unwrap();
-        }
-        let cfg_path = cfg_dir;
-        let n = std::fs::read_dir(dir)
-            .unwrap()
-            .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with("orthanc-"))
-            .count();
-        let log = dir.join(format!("orthanc-{n}.log"));
-        let child = Command::new(ORTHANC)
-            .arg(format!("--logfile={}", log.display()))
-            .arg(&cfg_path)
-            .env_clear()
-            .envs(env.iter().copied())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("cannot start /usr/sbin/Orthanc (Debian package orthanc)");
-        let mut o = Orthanc { dir: dir.to_path_buf(), http_port, dicom_port, child, log, auth };
-        let t0 = Instant::now();
-        loop {
-            if let Ok(Some(status)) = o.child.try_wait() {
-                panic!("Orthanc exited at start-up ({status}); log:\n{}", o.log_text());
-            }
-            if let Some(r) = o.try_request("GET", "/system", None) {
-                if r.status == 200 {
-                    break;
-                }
-            }
-            assert!(
-                t0.elapsed() < Duration::from_secs(90),
-                "Orthanc did not answer within 90 s; log:\n{}",
-                o.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        o
+        let process = OrthancProcess::start(Path::new(ORTHANC), dir, &cfg, more, Some(env))
+            .unwrap_or_else(|e| panic!("cannot start Orthanc: {e}"));
+        Orthanc { process }
     }
 
-    pub fn url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{}", self.http_port, path)
+    /// `user:password` → an endpoint with those credentials; None → no credentials.
+    fn endpoint_as(&self, auth: Option<&str>) -> Endpoint {
+        let e = Endpoint::loopback(self.http_port);
+        match auth.and_then(|a| a.split_once(':')) {
+            Some((u, p)) => e.with_basic_auth(u, p),
+            None => e,
+        }
     }
 
-    pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn curl(&self, method: &str, path: &str, body: Option<&[u8]>, auth: Option<&str>) -> Option<Reply> {
-        let mut cmd = Command::new("curl");
-        cmd.args(["-s", "-S", "--max-time", "120", "-X", method, "-w", "\n%{http_code}"]);
-        if let Some(a) = auth {
-            cmd.args(["-u", a]);
-        }
-        if body.is_some() {
-            cmd.args(["--data-binary", "@-"]);
-        }
-        cmd.arg(self.url(path)).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::null());
-        let mut child = cmd.spawn().expect("curl must be installed");
-        {
-            let mut stdin = child.stdin.take().unwrap();
-            if let Some(b) = body {
-                // A write error shows up as curl's own failure below.
-                let _ = stdin.write_all(b);
-            }
-        }
-        let out = child.wait_with_output().ok()?;
-        let text = out.stdout;
-        let split = text.iter().rposition(|&b| b == b'\n')?;
-        let status: u16 = String::from_utf8_lossy(&text[split + 1..]).trim().parse().ok()?;
-        if status == 0 {
-            return None;
-        }
-        Some(Reply { status, body: text[..split].to_vec() })
-    }
-
+    /// None when Orthanc does not answer at all.
     pub fn try_request(&self, method: &str, path: &str, body: Option<&[u8]>) -> Option<Reply> {
-        self.curl(method, path, body, self.auth.as_deref())
+        let (status, body) = self.process.request(method, path, body.unwrap_or_default()).ok()?;
+        Some(Reply { status, body })
     }
 
     pub fn request(&self, method: &str, path: &str, body: Option<&[u8]>) -> Reply {
@@ -230,13 +173,15 @@ impl Orthanc {
     }
 
     pub fn request_as(&self, method: &str, path: &str, auth: Option<&str>) -> Reply {
-        self.curl(method, path, None, auth).unwrap_or_else(|| panic!("{method} {path}: no answer from Orthanc"))
+        let (status, body) = self
+            .process
+            .request_with(&self.endpoint_as(auth), method, path, b"")
+            .unwrap_or_else(|e| panic!("{method} {path}: no answer from Orthanc: {e}"));
+        Reply { status, body }
     }
 
     pub fn get_json(&self, path: &str) -> Value {
-        let r = self.request("GET", path, None);
-        assert_eq!(r.status, 200, "GET {path}: {}", r.text());
-        r.json()
+        self.process.get_json(path).unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// Sends files like a scanner (one association).
@@ -251,16 +196,7 @@ impl Orthanc {
 
     /// Orthanc's id of a series, from its SeriesInstanceUID.
     pub fn series_id(&self, series_uid: &str) -> String {
-        let r = self.request("POST", "/tools/lookup", Some(series_uid.as_bytes()));
-        let v = r.json();
-        v.as_array()
-            .unwrap()
-            .iter()
-            .find(|x| x["Type"] == "Series")
-            .unwrap_or_else(|| panic!("series {series_uid} not found in Orthanc: {v}"))["ID"]
-            .as_str()
-            .unwrap()
-            .to_string()
+        self.process.series_id(series_uid).unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// Polls `GET /desam/series/{id}` until its result record has a final status.
@@ -287,72 +223,16 @@ impl Orthanc {
     }
 
     pub fn child_alive(&self) -> bool {
-        Path::new(&format!("/proc/{}", self.child.id())).exists()
+        self.process.alive()
     }
 
     /// SEG instances (Orthanc ids) in the study of `series_id` that reference that series.
     pub fn segs_referencing(&self, series_id: &str) -> Vec<String> {
-        let series = self.get_json(&format!("/series/{series_id}"));
-        let uid = series["MainDicomTags"]["SeriesInstanceUID"].as_str().unwrap().to_string();
-        let study = series["ParentStudy"].as_str().unwrap();
-        let mut out = Vec::new();
-        for s in self.get_json(&format!("/studies/{study}/series")).as_array().unwrap() {
-            if s["MainDicomTags"]["Modality"] != "SEG" {
-                continue;
-            }
-            for inst in s["Instances"].as_array().unwrap() {
-                let inst = inst.as_str().unwrap();
-                let tags = self.get_json(&format!("/instances/{inst}/simplified-tags"));
-                let refs = tags["ReferencedSeriesSequence"].as_array().cloned().unwrap_or_default();
-                if refs.iter().any(|r| r["SeriesInstanceUID"] == uid.as_str()) {
-                    out.push(inst.to_string());
-                }
-            }
-        }
-        out
+        self.process.segs_referencing(series_id).unwrap_or_else(|e| panic!("{e}"))
     }
 
-    /// Resident and peak memory of the Orthanc process (kB), from /proc.
-    pub fn rss_kb(&self) -> (u64, u64) {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
-        let field = |name: &str| {
-            status
-                .lines()
-                .find(|l| l.starts_with(name))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0)
-        };
-        (field("VmRSS:"), field("VmHWM:"))
-    }
-
-    /// `POST /tools/shutdown`, then waits for a clean exit (code 0).
-    pub fn stop(mut self) -> String {
-        let _ = self.try_request("POST", "/tools/shutdown", Some(b""));
-        let t0 = Instant::now();
-        loop {
-            match self.child.try_wait() {
-                Ok(Some(status)) => {
-                    assert!(status.success(), "Orthanc exited with {status}; log:\n{}", self.log_text());
-                    break;
-                }
-                _ if t0.elapsed() > Duration::from_secs(60) => {
-                    let _ = self.child.kill();
-                    panic!("Orthanc did not stop within 60 s; log:\n{}", self.log_text());
-                }
-                _ => std::thread::sleep(Duration::from_millis(100)),
-            }
-        }
-        let log = self.log_text();
-        std::mem::forget(self);
-        log
-    }
-}
-
-impl Drop for Orthanc {
-    fn drop(&mut self) {
-        // Only reached when a test failed: do not leave the server running.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+    /// `POST /tools/shutdown`, then waits for a clean exit (code 0); returns the log.
+    pub fn stop(self) -> String {
+        self.process.shutdown().unwrap_or_else(|e| panic!("{e}"))
     }
 }
