@@ -20,6 +20,13 @@ if [ ${#need_apt[@]} -gt 0 ]; then
 fi
 # Debian installs Orthanc as a service; our tests start their own instances on loopback ports.
 
+# The test command checks formatting and lints (docs/architecture.md): rustfmt and clippy, from the
+# machine's rustup toolchain (a no-op where they are installed).
+if ! cargo fmt --version >/dev/null 2>&1 || ! cargo clippy --version >/dev/null 2>&1; then
+  echo "setup: adding rustfmt and clippy to the Rust toolchain"
+  rustup component add rustfmt clippy
+fi
+
 REQ=python/requirements.txt
 STAMP=.venv/.desam-requirements.sha256
 want=$(sha256sum "$REQ" | cut -d' ' -f1)
