@@ -2,6 +2,10 @@
 //! on libtorch. One engine behind four doors: the `desam` CLI, the Orthanc plugin (this crate's
 //! cdylib), the 3D Slicer module (through the CLI) and `desam-train`'s evaluation.
 
+// Index loops over 3-vectors, matrices and pyramid levels read like the formulas they implement
+// (p[a] += d[c][a] * s[c]); clippy's iterator rewrite obscures them.
+#![allow(clippy::needless_range_loop)]
+
 pub mod atomic;
 pub mod cli;
 pub mod clock;

@@ -45,8 +45,11 @@ impl Default for Limits {
     }
 }
 
+/// Selects one limit of a `Limits` for an override.
+pub type LimitField = fn(&mut Limits) -> &mut u64;
+
 /// Environment variables that override single limits (`DESAM_MAX_SLICE_PIXELS=4194304`, ...).
-pub const ENV_VARS: [(&str, fn(&mut Limits) -> &mut u64); 9] = [
+pub const ENV_VARS: [(&str, LimitField); 9] = [
     ("DESAM_MAX_SLICE_PIXELS", |l| &mut l.max_slice_pixels),
     ("DESAM_MAX_VOLUME_VOXELS", |l| &mut l.max_volume_voxels),
     ("DESAM_MAX_FILE_BYTES", |l| &mut l.max_file_bytes),

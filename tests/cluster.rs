@@ -258,7 +258,7 @@ fn three_nodes_on_postgresql_segment_each_series_once_and_take_over_a_dead_worke
     ingest.storescu(&files);
     let slow = ingest.series_id(&uid);
     let t0 = Instant::now();
-    let mut workers = vec![Some(w1), Some(w2)];
+    let mut workers = [Some(w1), Some(w2)];
     let victim = loop {
         let running = |o: &Orthanc| o.get_json("/desam/status")["Queue"]["Running"] == slow.as_str();
         if let Some(i) = (0..2).find(|&i| running(workers[i].as_ref().unwrap())) {

@@ -116,7 +116,7 @@ fn box_and_grid_end_to_end() {
         assert_eq!(r.decoder_runs, expect_runs);
         // Progress: encode and decode both reach their totals.
         for stage in ["encode", "decode"] {
-            let last = events.iter().filter(|p| p.stage.name() == stage).last().unwrap();
+            let last = events.iter().filter(|p| p.stage.name() == stage).next_back().unwrap();
             assert_eq!((last.done, last.total), (6, 6), "{stage}");
         }
         if mode == Mode::Grid {

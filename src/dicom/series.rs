@@ -340,10 +340,8 @@ fn walk_data_set(
                         containers.pop();
                     }
                 }
-                0xE00D => {
-                    if containers.last() == Some(&usize::MAX) {
-                        containers.pop();
-                    }
+                0xE00D if containers.last() == Some(&usize::MAX) => {
+                    containers.pop();
                 }
                 0xE000 if in_fragments => {
                     if len == u32::MAX || pos + len as usize > limit {

@@ -55,7 +55,7 @@ mod tests {
         assert_eq!(sizes, vec![0, 2, 1]);
         assert_eq!((labels[0], labels[5], labels[15]), (1, 1, 2));
         // 3-D: (0,0,0) and (1,1,1) touch by a corner (26-connectivity).
-        let mut v = vec![0u8; 8];
+        let mut v = [0u8; 8];
         v[0] = 1;
         v[7] = 1;
         assert_eq!(label_components([2, 2, 2], |i| v[i] != 0).1, vec![0, 2]);

@@ -99,7 +99,7 @@ mod tests {
                 }
             }
         }
-        m[(1 * 5 + 4) * 5 + 4] = 1; // 1 voxel island
+        m[(5 + 4) * 5 + 4] = 1; // 1 voxel island
         let mut a = m.clone();
         assert_eq!(cleanup_3d(dims, &mut a, 1.0, Cleanup3d::KeepLargest), 1);
         assert_eq!(a.iter().filter(|&&v| v != 0).count(), 12);

@@ -21,7 +21,7 @@ pub enum HarnessError {
     #[error("{what}: {source}")]
     Io { what: String, source: std::io::Error },
     #[error("{method} {path}: {source}")]
-    Http { method: String, path: String, source: HttpError },
+    Http { method: String, path: String, source: Box<HttpError> },
     #[error("{method} {path} answered HTTP {status}: {body}")]
     Status { method: String, path: String, status: u16, body: String },
     #[error("{0}")]
@@ -140,7 +140,7 @@ impl OrthancProcess {
         endpoint.request(method, path, body).map_err(|source| HarnessError::Http {
             method: method.into(),
             path: path.into(),
-            source,
+            source: Box::new(source),
         })
     }
 

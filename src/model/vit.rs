@@ -276,7 +276,7 @@ mod tests {
         tch::manual_seed(3);
         let vs = nn::VarStore::new(Device::Cpu);
         let attn = Attention::new(&vs.root(), 16, 4, 5);
-        let _ = tch::no_grad(|| {
+        tch::no_grad(|| {
             for t in [&attn.rel_pos_h, &attn.rel_pos_w] {
                 t.shallow_clone().copy_(&Tensor::randn(t.size(), (Kind::Float, Device::Cpu)));
             }

@@ -107,8 +107,8 @@ pub fn render_panel(case: &PhantomCase, z: usize, size: usize, contours: bool, z
                     label_at(px, py.saturating_sub(1)),
                     label_at(px, (py + 1).min(size - 1)),
                 ];
-                let gland_edge = l > 0 && neighbours.iter().any(|&n| n == 0);
-                let tz_edge = l == LABEL_TZ && neighbours.iter().any(|&n| n == 1);
+                let gland_edge = l > 0 && neighbours.contains(&0);
+                let tz_edge = l == LABEL_TZ && neighbours.contains(&1);
                 if gland_edge {
                     out.put(px, py, [255, 220, 0]);
                 } else if tz_edge {
