@@ -10,6 +10,6 @@ pub mod segmenter;
 
 pub use postprocess::Cleanup3d;
 pub use segmenter::{
-    DeviceChoice, EngineError, EngineOptions, Mode, ModelId, Progress, SegmentRequest, SegmentationResult, Segmenter,
-    SliceDetail, Stage, StageTimings,
+    DeviceChoice, Dtype, EngineError, EngineOptions, Mode, ModelId, Progress, SegmentRequest, SegmentationResult,
+    Segmenter, SliceDetail, Stage, StageTimings,
 };

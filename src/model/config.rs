@@ -4,11 +4,17 @@
 use std::fmt;
 use std::str::FromStr;
 
-/// The supported image encoders.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+/// The supported image encoders (command lines list them by [`Arch::name`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum)]
 pub enum Arch {
+    /// SAM ViT-B (1024 input).
+    #[value(name = "vit_b")]
     VitB,
+    /// SAM ViT-L.
+    #[value(name = "vit_l")]
     VitL,
+    /// SAM ViT-H.
+    #[value(name = "vit_h")]
     VitH,
     /// LiteMedSAM (TinyViT encoder, 256 input).
     Lite,
