@@ -115,7 +115,7 @@ fn box_and_grid_end_to_end() {
         assert_eq!(r.decoder_runs, expect_runs);
         // Progress: encode and decode both reach their totals.
         for stage in ["encode", "decode"] {
-            let last = events.iter().filter(|p| p.stage.name() == stage).last().unwrap();
+            let last = events.iter().rfind(|p| p.stage.name() == stage).unwrap();
             assert_eq!((last.done, last.total), (6, 6), "{stage}");
         }
         if mode == Mode::Grid {
@@ -262,6 +262,30 @@ fn cancel_and_bad_inputs_give_typed_errors() {
     let e = Segmenter::from_model_dir(&shapes, EngineOptions::default()).unwrap_err();
     assert!(matches!(e, EngineError::ModelLoad { .. }), "{e}");
     println!("shape error: {e}");
+}
+
+#[test]
+fn device_choices_parse_and_resolve_in_one_place() {
+    use desam::engine::DeviceChoice;
+    for (text, choice) in [
+        ("auto", DeviceChoice::Auto),
+        ("CPU", DeviceChoice::Cpu),
+        ("cuda", DeviceChoice::Cuda(0)),
+        ("cuda:3", DeviceChoice::Cuda(3)),
+    ] {
+        assert_eq!(text.parse::<DeviceChoice>(), Ok(choice), "{text}");
+    }
+    assert_eq!(DeviceChoice::Cuda(3).to_string(), "cuda:3");
+    for bad in ["cuda:", "cuda:-1", "tpu", "cuda:x"] {
+        assert!(bad.parse::<DeviceChoice>().is_err(), "{bad}");
+    }
+    assert_eq!(DeviceChoice::Cpu.resolve().unwrap(), tch::Device::Cpu);
+    // An index past the machine's CUDA devices is a typed error naming how many there are.
+    let past = tch::Cuda::device_count() as usize;
+    match DeviceChoice::Cuda(past).resolve() {
+        Err(EngineError::DeviceUnavailable(m)) => assert!(m.contains(&format!("cuda:{past}")), "{m}"),
+        other => panic!("cuda:{past} resolved to {other:?}"),
+    }
 }
 
 fn desam() -> Command {
