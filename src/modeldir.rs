@@ -51,7 +51,7 @@ pub enum Cleanup3d {
 }
 
 /// How prompts are drawn on each slice (model.json `default_mode`; the engine runs either).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
     /// One whole-image box per slice (DeSAM-B).

@@ -116,7 +116,7 @@ fn box_and_grid_end_to_end() {
         assert_eq!(r.decoder_runs, expect_runs);
         // Progress: encode and decode both reach their totals.
         for stage in ["encode", "decode"] {
-            let last = events.iter().filter(|p| p.stage.name() == stage).next_back().unwrap();
+            let last = events.iter().rfind(|p| p.stage.name() == stage).unwrap();
             assert_eq!((last.done, last.total), (6, 6), "{stage}");
         }
         if mode == Mode::Grid {
@@ -265,6 +265,30 @@ fn cancel_and_bad_inputs_give_typed_errors() {
     println!("shape error: {e}");
 }
 
+#[test]
+fn device_choices_parse_and_resolve_in_one_place() {
+    use desam::engine::DeviceChoice;
+    for (text, choice) in [
+        ("auto", DeviceChoice::Auto),
+        ("CPU", DeviceChoice::Cpu),
+        ("cuda", DeviceChoice::Cuda(0)),
+        ("cuda:3", DeviceChoice::Cuda(3)),
+    ] {
+        assert_eq!(text.parse::<DeviceChoice>(), Ok(choice), "{text}");
+    }
+    assert_eq!(DeviceChoice::Cuda(3).to_string(), "cuda:3");
+    for bad in ["cuda:", "cuda:-1", "tpu", "cuda:x"] {
+        assert!(bad.parse::<DeviceChoice>().is_err(), "{bad}");
+    }
+    assert_eq!(DeviceChoice::Cpu.resolve().unwrap(), tch::Device::Cpu);
+    // An index past the machine's CUDA devices is a typed error naming how many there are.
+    let past = tch::Cuda::device_count() as usize;
+    match DeviceChoice::Cuda(past).resolve() {
+        Err(EngineError::DeviceUnavailable(m)) => assert!(m.contains(&format!("cuda:{past}")), "{m}"),
+        other => panic!("cuda:{past} resolved to {other:?}"),
+    }
+}
+
 fn desam() -> Command {
     Command::new(env!("CARGO_BIN_EXE_desam"))
 }
@@ -328,16 +352,6 @@ fn cli_bad_inputs_fail_with_one_line() {
             "does not exist",
         ),
         (vec![nii.display().to_string(), "-o".into(), work.join("x.png").display().to_string()], ".dcm"),
-        (
-            vec![
-                nii.display().to_string(),
-                "-o".into(),
-                work.join("x.nii.gz").display().to_string(),
-                "--mode".into(),
-                "star".into(),
-            ],
-            "mode",
-        ),
         (vec![nii.display().to_string(), "-o".into(), nii.display().to_string()], "overwrite"),
     ];
     for (args, needle) in cases {
@@ -349,6 +363,16 @@ fn cli_bad_inputs_fail_with_one_line() {
         let last: serde_json::Value =
             serde_json::from_str(String::from_utf8_lossy(&o.stdout).lines().last().unwrap()).unwrap();
         assert_eq!(last["event"], "error");
+    }
+    // Bad values of typed options are usage errors (exit 2, like clap's others) that list the values.
+    let x = work.join("x.nii.gz").display().to_string();
+    for (flag, bad, listed) in
+        [("--mode", "star", "box, grid"), ("--device", "cuda:x", "cuda:N"), ("--dtype", "f64", "bf16")]
+    {
+        let o = desam().args(["segment", nii.to_str().unwrap(), "-o", &x, "--model", m, flag, bad]).output().unwrap();
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{flag} {bad}: {stderr}");
+        assert!(stderr.contains(flag) && stderr.contains(listed), "{flag} {bad}: {stderr}");
     }
     let o = desam()
         .args([

@@ -341,7 +341,6 @@ fn forward_cli_writes_every_output_and_rejects_bad_input() {
         (vec!["--checkpoint", ckpt.to_str().unwrap(), "--point", "4", "5", "7"], "label"),
         (vec!["--checkpoint", ckpt.to_str().unwrap(), "--box", "9", "9", "1", "1"], "--box"),
         (vec!["--checkpoint", "/nonexistent.pth", "--point", "4", "5", "1"], "nonexistent"),
-        (vec!["--checkpoint", ckpt.to_str().unwrap(), "--point", "4", "5", "1", "--dtype", "f64"], "--dtype"),
     ] {
         let r = desam(&[&base[..], &bad[..]].concat());
         let err = String::from_utf8_lossy(&r.stderr);
@@ -351,6 +350,13 @@ fn forward_cli_writes_every_output_and_rejects_bad_input() {
             "{err}"
         );
     }
+    // A dtype outside the list is a usage error (exit 2) naming the possible values.
+    let r = desam(
+        &[&base[..], &["--checkpoint", ckpt.to_str().unwrap(), "--point", "4", "5", "1", "--dtype", "f64"]].concat(),
+    );
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert_eq!(r.status.code(), Some(2), "{err}");
+    assert!(err.contains("--dtype") && err.contains("f32, f16, bf16"), "{err}");
     // Wrong image size for the architecture.
     write_npy(&img_path, &Tensor::zeros([1, 3, 64, 64], (Kind::Float, Device::Cpu)));
     let r = desam(&[&base[..], &["--checkpoint", ckpt.to_str().unwrap(), "--point", "4", "5", "1"]].concat());

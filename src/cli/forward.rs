@@ -1,6 +1,8 @@
 //! `desam forward`: one forward pass of a model on a prepared, normalised image (debugging and
 //! parity checks). Owns the .npy reader and the output file layout; no preprocessing of images.
 
+use super::values::DeviceParser;
+use crate::engine::{DeviceChoice, Dtype};
 use crate::model::{Arch, DeSam, ModelConfig, PromptBatch};
 use anyhow::{bail, Context};
 use std::path::{Path, PathBuf};
@@ -9,8 +11,8 @@ use tch::{Device, Kind, Tensor};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Architecture: vit_b, vit_l, vit_h, lite or tiny.
-    #[arg(long)]
+    /// Architecture.
+    #[arg(long, value_enum, ignore_case = true)]
     pub arch: Arch,
     /// Weights (.pth or .safetensors); repeat to layer several files (later keys win).
     #[arg(long = "checkpoint", required = true)]
@@ -28,29 +30,19 @@ pub struct Args {
     /// Output safetensors: tap.N, neck, iou, mask_embedding, logits, sam_masks (f32).
     #[arg(long)]
     pub out: PathBuf,
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
-    /// f32, bf16 or f16.
-    #[arg(long, default_value = "f32")]
-    pub dtype: String,
+    /// Where to run.
+    #[arg(long, default_value = "cpu", value_parser = DeviceParser)]
+    pub device: DeviceChoice,
+    #[arg(long, value_enum, default_value_t = Dtype::F32, ignore_case = true)]
+    pub dtype: Dtype,
     /// Seed of the fresh initialisation of weights the checkpoints lack (PIMM).
     #[arg(long, default_value_t = 0)]
     pub seed: i64,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let device = match args.device.as_str() {
-        "cpu" => Device::Cpu,
-        "cuda" if tch::Cuda::is_available() => Device::Cuda(0),
-        "cuda" => bail!("--device cuda: no CUDA device is available"),
-        d => bail!("--device {d:?}: expected cpu or cuda"),
-    };
-    let kind = match args.dtype.as_str() {
-        "f32" => Kind::Float,
-        "bf16" => Kind::BFloat16,
-        "f16" => Kind::Half,
-        d => bail!("--dtype {d:?}: expected f32, bf16 or f16"),
-    };
+    let device = args.device.resolve()?;
+    let kind = args.dtype.kind();
     let cfg = ModelConfig::for_arch(args.arch);
     let prompts = prompt_batch(&args, cfg.image_size)?;
     let image = read_npy_f32(&args.image)?;
@@ -105,7 +97,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     Tensor::write_safetensors(&outputs, &args.out).with_context(|| format!("cannot write {}", args.out.display()))?;
     eprintln!(
         "desam: timing: encoder {t_enc:.3} s, decoder {t_dec:.3} s ({} {}, {})",
-        args.arch, args.dtype, args.device
+        args.arch,
+        args.dtype.name(),
+        args.device
     );
     Ok(())
 }

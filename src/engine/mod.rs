@@ -12,7 +12,7 @@ pub mod untrained;
 
 pub use postprocess::Cleanup3d;
 pub use segmenter::{
-    DeviceChoice, EngineError, EngineOptions, Mode, ModelId, Progress, SegmentRequest, SegmentationResult, Segmenter,
-    SliceDetail, Stage, StageTimings,
+    DeviceChoice, Dtype, EngineError, EngineOptions, Mode, ModelId, Progress, SegmentRequest, SegmentationResult,
+    Segmenter, SliceDetail, Stage, StageTimings,
 };
 pub use untrained::{create_untrained_model_dir, BackboneSource};

@@ -57,23 +57,91 @@ fn injected_fault(stage: &str) {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
-#[serde(rename_all = "lowercase")]
+/// Where the engine runs, as asked for on a command line or in a configuration: parsed once (here),
+/// resolved to a libtorch device once ([`DeviceChoice::resolve`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum DeviceChoice {
+    /// CUDA device 0 when there is one, else the CPU.
     #[default]
     Auto,
     Cpu,
-    Cuda,
+    /// CUDA device N (`cuda` is `cuda:0`).
+    Cuda(usize),
 }
 
 impl std::str::FromStr for DeviceChoice {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        match s.to_ascii_lowercase().as_str() {
+        let s = s.trim().to_ascii_lowercase();
+        match s.as_str() {
             "auto" => Ok(DeviceChoice::Auto),
             "cpu" => Ok(DeviceChoice::Cpu),
-            "cuda" | "gpu" => Ok(DeviceChoice::Cuda),
-            other => Err(format!("unknown device {other:?} (auto, cpu or cuda)")),
+            "cuda" | "gpu" => Ok(DeviceChoice::Cuda(0)),
+            _ => s
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse::<usize>().ok())
+                .map(DeviceChoice::Cuda)
+                .ok_or_else(|| format!("unknown device {s:?} (auto, cpu, cuda or cuda:N)")),
+        }
+    }
+}
+
+impl std::fmt::Display for DeviceChoice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DeviceChoice::Auto => f.write_str("auto"),
+            DeviceChoice::Cpu => f.write_str("cpu"),
+            DeviceChoice::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+impl Serialize for DeviceChoice {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl DeviceChoice {
+    /// The libtorch device: the one place a choice becomes a device (engine, training, `desam forward`).
+    pub fn resolve(self) -> Result<Device, EngineError> {
+        match self {
+            DeviceChoice::Cpu => Ok(Device::Cpu),
+            DeviceChoice::Auto => Ok(Device::cuda_if_available()),
+            DeviceChoice::Cuda(n) if (n as i64) < tch::Cuda::device_count() => Ok(Device::Cuda(n)),
+            // The count says which indices exist ("cuda:1 … 1 CUDA device(s)").
+            DeviceChoice::Cuda(n) => Err(EngineError::DeviceUnavailable(format!(
+                "cuda:{n} (this machine has {} CUDA device(s))",
+                tch::Cuda::device_count()
+            ))),
+        }
+    }
+}
+
+/// A compute dtype by its short name; `kind()` is what libtorch uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Dtype {
+    #[value(alias = "float", alias = "float32")]
+    F32,
+    #[value(alias = "half", alias = "float16")]
+    F16,
+    #[value(alias = "bfloat16")]
+    Bf16,
+}
+
+impl Dtype {
+    pub fn kind(self) -> Kind {
+        match self {
+            Dtype::F32 => Kind::Float,
+            Dtype::F16 => Kind::Half,
+            Dtype::Bf16 => Kind::BFloat16,
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            Dtype::F32 => "f32",
+            Dtype::F16 => "f16",
+            Dtype::Bf16 => "bf16",
         }
     }
 }
@@ -233,15 +301,6 @@ impl std::fmt::Debug for Segmenter {
     }
 }
 
-fn resolve_device(choice: DeviceChoice) -> Result<Device, EngineError> {
-    match choice {
-        DeviceChoice::Cpu => Ok(Device::Cpu),
-        DeviceChoice::Cuda if tch::Cuda::is_available() => Ok(Device::Cuda(0)),
-        DeviceChoice::Cuda => Err(EngineError::DeviceUnavailable("cuda".into())),
-        DeviceChoice::Auto => Ok(Device::cuda_if_available()),
-    }
-}
-
 /// The compute dtype used when none is asked for: f16 on CUDA; on CPU bf16 when the CPU has native
 /// bf16 dot products (AVX512-BF16/AMX: about 2× faster than f32; box-mode masks agree with f32 at
 /// Dice ≥ 0.99, measured in docs/engine.md), else f32 (emulated bf16 would be slower).
@@ -275,7 +334,7 @@ impl Segmenter {
         let load_err = |message: String| EngineError::ModelLoad { dir: dir.to_path_buf(), message };
         let arch: Arch = md.spec.arch;
         let cfg = ModelConfig::for_arch(arch);
-        let device = resolve_device(opts.device)?;
+        let device = opts.device.resolve()?;
         if let Some(n) = opts.threads {
             tch::set_num_threads(n.max(1) as i32);
         }
@@ -310,6 +369,8 @@ impl Segmenter {
         let prompt_batch = opts.batch_size.map(|b| b.max(1)).unwrap_or(if device.is_cuda() { 81 } else { 9 });
         let norm = md.spec.preprocessing.normalization.clone();
         let clip = md.spec.preprocessing.clip_percentiles;
+        // One line per load: batch runs are checked to load their model once by counting it.
+        log::info!("loaded model {} ({} {}) on {}", dir.display(), md.spec.name, md.spec.version, device_name(device));
         Ok(Segmenter { model, dir: md, cfg, norm, clip, device, kind, encode_batch, prompt_batch, cache })
     }
 

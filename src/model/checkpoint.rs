@@ -112,6 +112,13 @@ fn st_kind(dtype: safetensors::Dtype) -> Option<Kind> {
     })
 }
 
+/// The libtorch kind and bytes per element of a safetensors header's dtype name ("F16", "BF16", …),
+/// for readers that parse headers themselves (the training store's row reader); None if unsupported.
+pub fn safetensors_kind(dtype_name: &str) -> Option<(Kind, usize)> {
+    let dtype: safetensors::Dtype = serde_json::from_value(serde_json::Value::from(dtype_name)).ok()?;
+    Some((st_kind(dtype)?, dtype.size()))
+}
+
 /// Read a safetensors file (any of f32/f16/bf16/f64/integer/bool tensors), in file order.
 pub fn read_safetensors(path: &Path) -> Result<Vec<(String, Tensor)>, CheckpointError> {
     let len = std::fs::metadata(path).map_err(|source| CheckpointError::Io { path: path.to_path_buf(), source })?.len();

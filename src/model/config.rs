@@ -4,12 +4,18 @@
 use std::fmt;
 use std::str::FromStr;
 
-/// The supported image encoders (model.json spells them as `name()` does).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+/// The supported image encoders (model.json and the command lines spell them as [`Arch::name`] does).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum Arch {
+    /// SAM ViT-B (1024 input).
+    #[value(name = "vit_b")]
     VitB,
+    /// SAM ViT-L.
+    #[value(name = "vit_l")]
     VitL,
+    /// SAM ViT-H.
+    #[value(name = "vit_h")]
     VitH,
     /// LiteMedSAM (TinyViT encoder, 256 input).
     Lite,

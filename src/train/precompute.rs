@@ -365,17 +365,6 @@ pub struct ShardReader {
     headers: HashMap<PathBuf, HashMap<String, TensorEntry>>,
 }
 
-fn kind_of(dtype: &str) -> Option<(Kind, u64)> {
-    Some(match dtype {
-        "F16" => (Kind::Half, 2),
-        "BF16" => (Kind::BFloat16, 2),
-        "F32" => (Kind::Float, 4),
-        "U8" => (Kind::Uint8, 1),
-        "I64" => (Kind::Int64, 8),
-        _ => return None,
-    })
-}
-
 impl ShardReader {
     fn header(&mut self, path: &Path) -> Result<&HashMap<String, TensorEntry>, TrainError> {
         if !self.headers.contains_key(path) {
@@ -396,7 +385,9 @@ impl ShardReader {
                     continue;
                 }
                 let dtype = e["dtype"].as_str().unwrap_or("");
-                let (kind, size) = kind_of(dtype).ok_or_else(|| bad(format!("{name}: unsupported dtype {dtype}")))?;
+                let (kind, size) = crate::model::checkpoint::safetensors_kind(dtype)
+                    .map(|(kind, bytes)| (kind, bytes as u64))
+                    .ok_or_else(|| bad(format!("{name}: unsupported dtype {dtype}")))?;
                 let shape: Vec<i64> =
                     e["shape"].as_array().map(|a| a.iter().filter_map(|x| x.as_i64()).collect()).unwrap_or_default();
                 if shape.is_empty() || shape.len() > 8 || shape.iter().any(|&d| d < 0) {
