@@ -221,9 +221,12 @@ struct RollbackArgs {
 
 #[derive(clap::Args, Debug)]
 struct PullArgs {
-    /// Orthanc's REST API, http://HOST:PORT (https is not supported). Only read (GET, POST /tools/lookup).
+    /// Orthanc's REST API, http://HOST:PORT or https://HOST:PORT. Only read (GET, POST /tools/lookup).
     #[arg(long)]
     orthanc: String,
+    /// PEM file of a private CA trusted for https besides the system's roots (default: $DESAM_CA_FILE).
+    #[arg(long)]
+    ca_file: Option<PathBuf>,
     /// Output folder: new, empty, or an earlier pull's (complete cases are skipped).
     #[arg(long)]
     out: PathBuf,
@@ -255,6 +258,7 @@ fn run_pull(a: PullArgs) -> anyhow::Result<()> {
         None => None,
     };
     let mut o = desam::train::pull::PullOptions::new(&a.orthanc, &a.out);
+    o.ca_file = a.ca_file;
     o.user = a.user;
     o.password = password;
     o.review_metadata = a.review_metadata;
