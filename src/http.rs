@@ -166,10 +166,9 @@ impl Endpoint {
         let pem = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
         let mut certs = Vec::new();
         for item in ureq::tls::parse_pem(&pem) {
-            match item.map_err(|e| bad(format!("not readable as PEM: {e}")))? {
-                PemItem::Certificate(c) => certs.push(c),
-                // A key or CRL beside the certificate is not an error, just not a trust anchor.
-                _ => {}
+            // A key or CRL beside the certificate is not an error, just not a trust anchor.
+            if let PemItem::Certificate(c) = item.map_err(|e| bad(format!("not readable as PEM: {e}")))? {
+                certs.push(c);
             }
         }
         if certs.is_empty() {
