@@ -246,8 +246,10 @@ impl Endpoint {
         if let Some(a) = &self.authorization {
             builder = builder.header("Authorization", a);
         }
-        // No body at all (rather than an empty one) for GET & co: ureq refuses a body on them.
-        let sent = if body.is_empty() {
+        // GET & co without a body send no Content-Length at all; POST and PUT always state their
+        // length, 0 included (Orthanc's `POST /tools/shutdown` is empty), rather than ureq's chunked default.
+        let states_length = matches!(method, "POST" | "PUT" | "PATCH");
+        let sent = if body.is_empty() && !states_length {
             builder.body(()).map(|r| agent.run(r))
         } else {
             builder.body(body).map(|r| agent.run(r))
@@ -375,11 +377,16 @@ mod tests {
             b"HTTP/1.1 404 Not Found\r\nContent-Length: 3\r\nConnection: close\r\n\r\nabc".to_vec(),
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"
                 .to_vec(),
+            b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_vec(),
         ]);
         let e = Endpoint::loopback(port).with_basic_auth("orthanc", "orthanc");
         assert_eq!(e.request("GET", "/nothing", b"").unwrap(), (404, b"abc".to_vec()));
         assert_eq!(e.request("GET", "/system", b"").unwrap(), (200, b"abcde".to_vec()));
+        assert_eq!(e.request("POST", "/tools/shutdown", b"").unwrap(), (200, Vec::new()));
         let heads = server.join().unwrap();
+        let lower: Vec<String> = heads.iter().map(|h| h.to_ascii_lowercase()).collect();
+        assert!(!lower[0].contains("content-length") && !lower[0].contains("transfer-encoding"), "{}", heads[0]);
+        assert!(lower[2].starts_with("post /tools/shutdown") && lower[2].contains("content-length: 0"), "{}", heads[2]);
         assert!(heads[0].starts_with("GET /nothing HTTP/1.1\r\n"), "{}", heads[0]);
         assert!(heads[1].to_ascii_lowercase().contains("authorization: basic b3j0agfuyzpvcnroyw5j"), "{}", heads[1]);
     }
