@@ -282,7 +282,9 @@ pub fn pull(opts: &PullOptions) -> Result<PullReport, TrainError> {
         (None, Some(_)) => return Err(TrainError::Invalid("a password was given without --user".into())),
         (None, None) => {}
     }
-    let ca_file = opts.ca_file.clone().or_else(|| std::env::var_os(CA_FILE_ENV).map(PathBuf::from));
+    // An empty DESAM_CA_FILE counts as unset (a blank `export` in a service file).
+    let ca_file =
+        opts.ca_file.clone().or_else(|| std::env::var_os(CA_FILE_ENV).filter(|v| !v.is_empty()).map(PathBuf::from));
     if let Some(ca) = &ca_file {
         endpoint = endpoint.with_ca_file(ca).map_err(|e| TrainError::Invalid(format!("--ca-file: {e}")))?;
     }
