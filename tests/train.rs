@@ -597,3 +597,102 @@ fn dicom_cases_with_seg_ground_truth_are_a_data_source() {
     assert_eq!(f.neck.size()[0], 1);
     let _ = std::fs::remove_dir_all(&root);
 }
+
+/// Two small phantom cases as an nnU-Net v2 raw dataset without a site table: the gland is label 2
+/// ("prostate"), a corner block is label 1 ("lesion", not prostate); channel 0 only.
+fn write_nnunet_v2_dataset(dir: &Path) -> Vec<desam::Mask> {
+    std::fs::create_dir_all(dir.join("imagesTr")).unwrap();
+    std::fs::create_dir_all(dir.join("labelsTr")).unwrap();
+    let mut glands = Vec::new();
+    for i in 0..2 {
+        let c =
+            phantom::generate_case_with(Site::A, i, 0, &GenerateOptions { size: Size::Small, ..Default::default() });
+        let (vol, gland) = crop_slices(&c.image, &c.gland_mask(), 4);
+        let mut label = gland.clone();
+        for v in label.data.iter_mut() {
+            *v *= 2;
+        }
+        label.data[0] = 1;
+        let id = format!("Prostate_{i:03}");
+        desam::nifti::write_nifti(&dir.join(format!("imagesTr/{id}_0000.nii.gz")), &vol).unwrap();
+        desam::nifti::write_nifti_mask(&dir.join(format!("labelsTr/{id}.nii.gz")), &label, &vol).unwrap();
+        glands.push(gland);
+    }
+    let dataset = serde_json::json!({
+        "channel_names": {"0": "T2"},
+        "labels": {"background": 0, "lesion": 1, "prostate": 2},
+        "numTraining": 2,
+        "file_ending": ".nii.gz",
+        "name": "Dataset901_PhantomProstate",
+    });
+    std::fs::write(dir.join("dataset.json"), serde_json::to_string_pretty(&dataset).unwrap()).unwrap();
+    glands
+}
+
+#[test]
+fn nnunet_v2_dataset_is_a_training_source() {
+    let root = tmpdir("nnunet-v2");
+    let data = root.join("Dataset901_PhantomProstate");
+    let glands = write_nnunet_v2_dataset(&data);
+
+    // The data layer: one default site, the "prostate" label value only.
+    let cases = desam::train::data::list_cases(&data).unwrap();
+    assert_eq!(cases.iter().map(|c| c.id.as_str()).collect::<Vec<_>>(), ["Prostate_000", "Prostate_001"]);
+    assert!(cases.iter().all(|c| c.site == desam::train::data::DEFAULT_SITE));
+    let loaded = desam::train::data::load_case(&cases[0], true).unwrap();
+    assert_eq!(loaded.label.data, glands[0].data, "label 2 is the prostate, label 1 is not");
+
+    // precompute → fit for one step through the binary.
+    let model = root.join("tiny");
+    create_untrained_model_dir(Arch::Tiny, &model, 3, &BackboneSource::Random).unwrap();
+    let (d, m) = (data.to_str().unwrap(), model.to_str().unwrap());
+    let emb = root.join("emb");
+    let out = ok(&["precompute", "--data", d, "--model", m, "--out", emb.to_str().unwrap(), "--device", "cpu"]);
+    assert!(out.contains("2 cases"), "{out}");
+    let idx = desam::train::precompute::read_index(&emb).unwrap();
+    assert!(idx.cases.iter().all(|c| c.site == "A"));
+    let fg: usize = idx.cases[0].foreground.iter().filter(|&&f| f).count();
+    assert_eq!(fg, (0..4).filter(|&z| glands[0].slice(z).iter().any(|&v| v != 0)).count());
+    let run = root.join("run");
+    ok(&[
+        "fit",
+        "--embeddings",
+        emb.to_str().unwrap(),
+        "--site",
+        "A",
+        "--epochs",
+        "1",
+        "--batch",
+        "2",
+        "--max-steps",
+        "1",
+        "--out",
+        run.to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--quiet",
+    ]);
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["global_step"], 1, "{summary}");
+    assert!(run.join("checkpoint_latest.safetensors").is_file());
+
+    // A numTraining that disagrees with imagesTr/ is a clear error.
+    let mut ds: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(data.join("dataset.json")).unwrap()).unwrap();
+    ds["numTraining"] = 3.into();
+    std::fs::write(data.join("dataset.json"), ds.to_string()).unwrap();
+    let err = fails(&[
+        "precompute",
+        "--data",
+        d,
+        "--model",
+        m,
+        "--out",
+        root.join("emb2").to_str().unwrap(),
+        "--device",
+        "cpu",
+    ]);
+    assert!(err.contains("numTraining is 3"), "{err}");
+    let _ = std::fs::remove_dir_all(&root);
+}

@@ -1,13 +1,15 @@
 //! `desam-train pull` against a real Orthanc (Debian's, without the plugin, with HTTP basic
 //! authentication): only SEG series marked reviewed are pulled, into the DICOM layout that
 //! `desam::train::data` loads; re-runs are no-ops, a newer reviewed SEG replaces the older one,
-//! Orthanc is never modified, and each failure is its typed error / a non-zero exit.
+//! Orthanc is never modified, and each failure is its typed error / a non-zero exit. Over https
+//! (a TLS proxy in front of Orthanc, with a CA made at test time) the pull works with that CA given
+//! and is refused with a certificate error without it.
 
 #[path = "support/orthanc_harness.rs"]
 mod harness;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Child, Command, Stdio};
 
 use desam::dicom::{write_seg, AlgorithmType, SegOptions, Segment, SegmentInfo};
 use desam::phantom::{self, export::DicomCaseFiles, GenerateOptions, PhantomCase, Site, Size};
@@ -264,4 +266,150 @@ fn site_from_a_fixed_value_is_sanitized() {
     opts.site = SiteFrom::Fixed(" - ".into());
     assert!(matches!(pull(&opts), Err(TrainError::Invalid(_))));
     assert!(!out.exists());
+}
+
+/// Runs `openssl` in `dir` and insists it succeeds.
+fn openssl(dir: &Path, args: &[&str]) {
+    let o = Command::new("openssl").args(args).current_dir(dir).output().expect("openssl runs (Debian's openssl)");
+    assert!(o.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+}
+
+/// A private CA (`ca.pem`) and a server certificate it signed for 127.0.0.1 (`server.pem`,
+/// `server.key`), made fresh in `dir`, as a hospital's own CA would issue them.
+fn private_ca_and_server_cert(dir: &Path) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+    let mut ca = vec!["req", "-x509"];
+    ca.extend(ec);
+    ca.extend(["-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=desam test hospital CA"]);
+    ca.extend(["-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign"]);
+    openssl(dir, &ca);
+    let mut csr = vec!["req"];
+    csr.extend(ec);
+    csr.extend(["-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=localhost"]);
+    openssl(dir, &csr);
+    std::fs::write(
+        dir.join("server.ext"),
+        "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1,DNS:localhost\n",
+    )
+    .unwrap();
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "server.ext",
+        ],
+    );
+    dir.join("ca.pem")
+}
+
+/// The TLS proxy (tests/support/tls_proxy.py) in front of Orthanc's HTTP port; killed on drop.
+struct TlsProxy {
+    child: Child,
+    port: u16,
+}
+
+impl TlsProxy {
+    fn start(cert_dir: &Path, upstream_port: u16) -> TlsProxy {
+        let python = std::env::var_os("DESAM_PYTHON").map(PathBuf::from).unwrap_or_else(|| "python3".into());
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/tls_proxy.py");
+        let mut child = Command::new(python)
+            .arg(script)
+            .arg(cert_dir.join("server.pem"))
+            .arg(cert_dir.join("server.key"))
+            .arg(upstream_port.to_string())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("the TLS proxy starts");
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut line).unwrap();
+        let port = line.trim().parse().unwrap_or_else(|_| panic!("the TLS proxy printed {line:?}, not its port"));
+        TlsProxy { child, port }
+    }
+}
+
+impl Drop for TlsProxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn pulls_over_https_with_a_private_ca_and_refuses_an_untrusted_certificate() {
+    let root = scratch("pull-https");
+    let (_, a) = phantom_case(Site::A, &root.join("phantom"));
+    let o = Orthanc::start(
+        &root.join("orthanc"),
+        false,
+        &json!({"AuthenticationEnabled": true, "RegisteredUsers": {USER: PASSWORD}}),
+    );
+    o.storescu(&a.mr);
+    post_instance(&o, &a.seg);
+    mark(&o, &series_uid_of(&a.seg), "reviewed");
+    let ca = private_ca_and_server_cert(&root.join("tls"));
+    let proxy = TlsProxy::start(&root.join("tls"), o.http_port);
+    let url = format!("https://127.0.0.1:{}", proxy.port);
+    let https_options = |out: &Path| {
+        let mut opts = options(&o, out);
+        opts.orthanc = url.clone();
+        opts
+    };
+
+    // With the private CA: the same pull as over http, and the manifest records the https URL.
+    let out = root.join("pulled");
+    let mut opts = https_options(&out);
+    opts.ca_file = Some(ca.clone());
+    let r = pull(&opts).unwrap();
+    assert_eq!(r.pulled, vec!["case_001".to_string()]);
+    assert_eq!(r.manifest.orthanc, url);
+    assert_eq!(files_in(&out.join("case_001").join("MR")).len(), a.mr.len());
+    assert_eq!(std::fs::read(&files_in(&out.join("case_001").join("SEG"))[0]).unwrap(), std::fs::read(&a.seg).unwrap());
+
+    // Without it the certificate is not trusted: a typed TLS error that says what to do, nothing written.
+    let refused = root.join("refused");
+    match pull(&https_options(&refused)) {
+        Err(TrainError::OrthancTls { message, .. }) => {
+            assert!(message.contains("certificate is not trusted") && message.contains("--ca-file"), "{message}")
+        }
+        other => panic!("expected a TLS certificate error, got {other:?}"),
+    }
+    assert!(!refused.exists());
+
+    // The CLI: DESAM_CA_FILE or --ca-file makes it trusted; neither gives a non-zero exit with the reason.
+    let cli_https = |out: &Path, ca_env: Option<&Path>, extra: &[&str]| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_desam-train"));
+        c.args(["pull", "--orthanc", &url, "--out"]).arg(out);
+        c.args(["--user", USER, "--password-env", "DESAM_TEST_ORTHANC_PASSWORD"]).args(extra);
+        c.env("DESAM_TEST_ORTHANC_PASSWORD", PASSWORD).env_remove("DESAM_CA_FILE");
+        if let Some(ca) = ca_env {
+            c.env("DESAM_CA_FILE", ca);
+        }
+        let r = c.output().expect("desam-train runs");
+        (r.status.success(), String::from_utf8_lossy(&r.stderr).into_owned())
+    };
+    let (ok, err) = cli_https(&root.join("cli-env"), Some(&ca), &[]);
+    assert!(ok, "{err}");
+    assert_eq!(data::list_cases(&root.join("cli-env")).unwrap().len(), 1);
+    let (ok, err) = cli_https(&root.join("cli-flag"), None, &["--ca-file", ca.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    let (ok, err) = cli_https(&root.join("cli-none"), None, &[]);
+    assert!(!ok && err.contains("certificate is not trusted"), "{err}");
+
+    drop(proxy);
+    o.stop();
+    let _ = std::fs::remove_dir_all(&root);
 }

@@ -1,5 +1,6 @@
-//! Training/evaluation data sources: an nnU-Net v1 NIfTI folder with DeSAM's patient→site CSV, or
-//! DICOM case folders (MR series + DICOM-SEG ground truth). Reads and validates; never writes data.
+//! Training/evaluation data sources: an nnU-Net v1 NIfTI folder with DeSAM's patient→site CSV, an
+//! nnU-Net v2 raw dataset (`dataset.json`), or DICOM case folders (MR series + DICOM-SEG ground truth).
+//! Reads and validates; never writes data.
 
 use std::path::{Path, PathBuf};
 
@@ -10,12 +11,23 @@ use crate::volume::{Mask, Volume};
 
 /// DeSAM's site table in an nnU-Net folder (columns `center,patientid`).
 pub const SITE_CSV: &str = "prostate_patientid.csv";
+/// An nnU-Net v2 raw dataset's description (`channel_names`, `labels`, `numTraining`, `file_ending`).
+pub const DATASET_JSON: &str = "dataset.json";
+/// The site of every case of an nnU-Net v2 dataset that has no site table (one site: the dataset).
+pub const DEFAULT_SITE: &str = "A";
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum CaseSource {
     Nifti {
         image: PathBuf,
         label: PathBuf,
+    },
+    /// nnU-Net v2: channel 0 of `imagesTr/` and the label file; voxels whose label value is one of
+    /// `prostate_labels` are the prostate (see `prostate_label_values`).
+    NnUnetV2 {
+        image: PathBuf,
+        label: PathBuf,
+        prostate_labels: Vec<u8>,
     },
     /// `series` holds the MR instances, `seg` the ground-truth DICOM-SEG file.
     Dicom {
@@ -84,14 +96,155 @@ fn read_site_csv(path: &Path) -> Result<Vec<(u64, String)>, TrainError> {
     Ok(rows)
 }
 
-/// Lists a dataset folder: nnU-Net (`imagesTr/` + `labelsTr/` + `prostate_patientid.csv`) or DICOM
-/// case folders (`<case>/MR/…` + `<case>/SEG/*.dcm`). Every case must have a label and a site.
+/// Lists a dataset folder: nnU-Net v2 (`dataset.json` with `channel_names`, `imagesTr/`, `labelsTr/`,
+/// optionally `prostate_patientid.csv`), nnU-Net v1 (`imagesTr/` + `labelsTr/` +
+/// `prostate_patientid.csv`) or DICOM case folders (`<case>/MR/…` + `<case>/SEG/*.dcm`). Every case
+/// must have a label and a site.
 pub fn list_cases(dir: &Path) -> Result<Vec<CaseRef>, TrainError> {
-    if dir.join("imagesTr").is_dir() {
-        list_nifti(dir)
-    } else {
-        list_dicom(dir)
+    if !dir.join("imagesTr").is_dir() {
+        return list_dicom(dir);
     }
+    match read_dataset_json(dir)? {
+        Some(v2) => list_nnunet_v2(dir, &v2),
+        None => list_nifti(dir),
+    }
+}
+
+/// The fields of an nnU-Net v2 `dataset.json` that desam reads.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct DatasetJson {
+    /// Channel index ("0", "1", …) → name ("T2"); desam reads channel 0 only.
+    pub channel_names: serde_json::Map<String, serde_json::Value>,
+    /// Label name → value, or → list of values for region-based labels.
+    pub labels: serde_json::Map<String, serde_json::Value>,
+    #[serde(rename = "numTraining")]
+    pub num_training: usize,
+    /// ".nii.gz" or ".nii" (other endings are image formats desam does not read).
+    pub file_ending: String,
+}
+
+/// `dataset.json` of an nnU-Net v2 dataset; `None` when there is none or it is a v1 one (v1's has
+/// `modality` where v2's has `channel_names`).
+fn read_dataset_json(dir: &Path) -> Result<Option<DatasetJson>, TrainError> {
+    let path = dir.join(DATASET_JSON);
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let bad = |message: String| TrainError::Data { path: path.clone(), message };
+    let text = std::fs::read_to_string(&path).map_err(io_err(&path))?;
+    let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(format!("not JSON: {e}")))?;
+    if value.get("channel_names").is_none() {
+        return Ok(None);
+    }
+    serde_json::from_value(value).map(Some).map_err(|e| {
+        bad(format!("not an nnU-Net v2 dataset.json (channel_names, labels, numTraining, file_ending): {e}"))
+    })
+}
+
+/// The label values that make up the prostate: the label named "prostate" (any case), else the one
+/// named "foreground", else every non-zero label (e.g. the MSD prostate's PZ + TZ zones = the gland).
+/// A region-based label (a list of values) counts with all of its values.
+pub fn prostate_label_values(labels: &serde_json::Map<String, serde_json::Value>) -> Result<Vec<u8>, String> {
+    let values_of = |name: &str, v: &serde_json::Value| -> Result<Vec<u8>, String> {
+        let one = |x: &serde_json::Value| {
+            x.as_u64()
+                .and_then(|n| u8::try_from(n).ok())
+                .ok_or_else(|| format!("label {name:?}: {x} is not a label value 0–255"))
+        };
+        match v {
+            serde_json::Value::Array(list) => list.iter().map(one).collect(),
+            other => Ok(vec![one(other)?]),
+        }
+    };
+    for wanted in ["prostate", "foreground"] {
+        if let Some((name, v)) = labels.iter().find(|(k, _)| k.eq_ignore_ascii_case(wanted)) {
+            let mut values = values_of(name, v)?;
+            values.retain(|&x| x != 0);
+            if values.is_empty() {
+                return Err(format!("label {name:?} has no non-zero value"));
+            }
+            return Ok(values);
+        }
+    }
+    let mut values = Vec::new();
+    for (name, v) in labels {
+        for x in values_of(name, v)? {
+            if x != 0 && !values.contains(&x) {
+                values.push(x);
+            }
+        }
+    }
+    values.sort_unstable();
+    if values.is_empty() {
+        return Err("no non-zero label: nothing to train on".into());
+    }
+    Ok(values)
+}
+
+fn list_nnunet_v2(dir: &Path, ds: &DatasetJson) -> Result<Vec<CaseRef>, TrainError> {
+    let json = dir.join(DATASET_JSON);
+    let bad = |message: String| TrainError::Data { path: json.clone(), message };
+    let ending = ds.file_ending.as_str();
+    if ending != ".nii.gz" && ending != ".nii" {
+        return Err(bad(format!("file_ending {ending:?}: desam reads NIfTI datasets only (.nii.gz or .nii)")));
+    }
+    if !ds.channel_names.contains_key("0") {
+        return Err(bad("channel_names has no channel \"0\" (desam reads the first channel, T2)".into()));
+    }
+    let prostate_labels = prostate_label_values(&ds.labels).map_err(|m| bad(format!("labels: {m}")))?;
+    let images = dir.join("imagesTr");
+    let mut ids: Vec<String> = std::fs::read_dir(&images)
+        .map_err(io_err(&images))?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            e.file_name().to_str().and_then(|n| n.strip_suffix(&format!("_0000{ending}"))).map(String::from)
+        })
+        .collect();
+    ids.sort();
+    if ids.len() != ds.num_training {
+        return Err(bad(format!(
+            "numTraining is {} but imagesTr/ has {} case(s) with channel 0 (*_0000{ending})",
+            ds.num_training,
+            ids.len()
+        )));
+    }
+    let csv = dir.join(SITE_CSV);
+    let rows = if csv.is_file() { Some(read_site_csv(&csv)?) } else { None };
+    let mut out = Vec::new();
+    for id in ids {
+        let image = images.join(format!("{id}_0000{ending}"));
+        let label = dir.join("labelsTr").join(format!("{id}{ending}"));
+        if !label.is_file() {
+            return Err(TrainError::Data {
+                path: image,
+                message: format!("case {id} has no label labelsTr/{id}{ending}"),
+            });
+        }
+        // With a site table, sites as for nnU-Net v1; without one the dataset is one site.
+        let (site, patient) = match &rows {
+            Some(rows) => {
+                let pid = trailing_number(&id);
+                match pid.and_then(|p| rows.iter().find(|(q, _)| *q == p)) {
+                    Some((p, s)) => (s.clone(), p.to_string()),
+                    None => {
+                        return Err(TrainError::MissingSite {
+                            case: id.clone(),
+                            patient: pid.map(|p| p.to_string()).unwrap_or_default(),
+                            csv: csv.clone(),
+                        })
+                    }
+                }
+            }
+            None => (DEFAULT_SITE.to_string(), id.clone()),
+        };
+        out.push(CaseRef {
+            id,
+            site,
+            patient,
+            source: CaseSource::NnUnetV2 { image, label, prostate_labels: prostate_labels.clone() },
+        });
+    }
+    Ok(out)
 }
 
 fn list_nifti(dir: &Path) -> Result<Vec<CaseRef>, TrainError> {
@@ -209,11 +362,13 @@ fn list_dicom(dir: &Path) -> Result<Vec<CaseRef>, TrainError> {
 /// Reads a case and checks it: same grid for image and label, non-empty foreground (label == 1).
 pub fn load_case(case: &CaseRef, require_foreground: bool) -> Result<LoadedCase, TrainError> {
     let (volume, label) = match &case.source {
-        CaseSource::Nifti { image, label } => {
-            let v = crate::nifti::read_nifti(image)
-                .map_err(|e| TrainError::Data { path: image.clone(), message: e.to_string() })?;
-            let (m, _) = crate::nifti::read_nifti_mask(label)
-                .map_err(|e| TrainError::Data { path: label.clone(), message: e.to_string() })?;
+        CaseSource::Nifti { image, label } => read_nifti_pair(image, label)?,
+        CaseSource::NnUnetV2 { image, label, prostate_labels } => {
+            let (v, mut m) = read_nifti_pair(image, label)?;
+            // The prostate's label values become 1, everything else 0 (the binarisation below keeps 1).
+            for x in m.data.iter_mut() {
+                *x = prostate_labels.contains(x) as u8;
+            }
             (v, m)
         }
         CaseSource::Dicom { series, seg } => {
@@ -250,6 +405,14 @@ pub fn load_case(case: &CaseRef, require_foreground: bool) -> Result<LoadedCase,
     Ok(LoadedCase { case: case.clone(), volume, label })
 }
 
+fn read_nifti_pair(image: &Path, label: &Path) -> Result<(Volume, Mask), TrainError> {
+    let v =
+        crate::nifti::read_nifti(image).map_err(|e| TrainError::Data { path: image.into(), message: e.to_string() })?;
+    let (m, _) = crate::nifti::read_nifti_mask(label)
+        .map_err(|e| TrainError::Data { path: label.into(), message: e.to_string() })?;
+    Ok((v, m))
+}
+
 /// SHA-256 over the cases' ids, sites and file contents: identifies exactly which data a run saw.
 pub fn manifest_hash(cases: &[CaseRef]) -> Result<String, TrainError> {
     let mut h = Sha256::new();
@@ -257,6 +420,11 @@ pub fn manifest_hash(cases: &[CaseRef]) -> Result<String, TrainError> {
         h.update(format!("{}\t{}\t{}\n", c.id, c.site, c.patient).as_bytes());
         let files: Vec<PathBuf> = match &c.source {
             CaseSource::Nifti { image, label } => vec![image.clone(), label.clone()],
+            CaseSource::NnUnetV2 { image, label, prostate_labels } => {
+                // Which label values counted as prostate is part of the data the run saw.
+                h.update(format!("prostate labels {prostate_labels:?}\n").as_bytes());
+                vec![image.clone(), label.clone()]
+            }
             CaseSource::Dicom { series, seg } => {
                 let mut v: Vec<PathBuf> = walk(series)?;
                 v.sort();
@@ -307,5 +475,21 @@ mod tests {
         assert_eq!(trailing_number("prostate_107"), Some(107));
         assert_eq!(trailing_number("case"), None);
         assert_eq!(parse_sites("b, C,b"), vec!["B", "C"]);
+    }
+
+    #[test]
+    fn prostate_labels_by_name_or_all_non_zero() {
+        let labels = |v: serde_json::Value| v.as_object().unwrap().clone();
+        let named = labels(serde_json::json!({"background": 0, "Prostate": 2, "lesion": 1}));
+        assert_eq!(prostate_label_values(&named).unwrap(), vec![2]);
+        let fg = labels(serde_json::json!({"background": 0, "foreground": 1}));
+        assert_eq!(prostate_label_values(&fg).unwrap(), vec![1]);
+        // The MSD prostate's zones: the gland is their union.
+        let zones = labels(serde_json::json!({"background": 0, "PZ": 1, "TZ": 2}));
+        assert_eq!(prostate_label_values(&zones).unwrap(), vec![1, 2]);
+        let region = labels(serde_json::json!({"background": 0, "prostate": [1, 2], "PZ": 1}));
+        assert_eq!(prostate_label_values(&region).unwrap(), vec![1, 2]);
+        assert!(prostate_label_values(&labels(serde_json::json!({"background": 0}))).is_err());
+        assert!(prostate_label_values(&labels(serde_json::json!({"background": 0, "x": 300}))).is_err());
     }
 }

@@ -13,11 +13,12 @@ use tch::{Device, Kind, Tensor};
 
 use super::loss::{self, IouLoss, LossWeights};
 use super::precompute::{self, ShardReader, StoreIndex};
+// The run record lives in its own room (plot reads it too); re-exported so callers keep `fit::…`.
+pub use super::run_log::{read_log, EpochLog, LOG_JSONL};
 use super::{io_err, TrainError};
 use crate::model::{Arch, DeSam, Features, ModelConfig, PromptBatch};
 
 pub const CONFIG_JSON: &str = "config.json";
-pub const LOG_JSONL: &str = "log.jsonl";
 pub const STEPS_JSONL: &str = "steps.jsonl";
 pub const LATEST: &str = "checkpoint_latest.safetensors";
 pub const BEST: &str = "checkpoint_best.safetensors";
@@ -118,22 +119,6 @@ pub struct TrainState {
     /// Data order and prompts are pure functions of (seed, epoch, step); recorded for the reader.
     pub rng: serde_json::Value,
     pub train_seconds: f64,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct EpochLog {
-    pub epoch: usize,
-    pub lr: f64,
-    pub steps: usize,
-    pub global_step: u64,
-    pub train_loss: f64,
-    pub train_dice_loss: f64,
-    pub train_bce: f64,
-    pub train_iou_loss: f64,
-    pub val_loss: f64,
-    pub val_dice: f64,
-    pub seconds: f64,
-    pub is_best: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -765,19 +750,6 @@ pub fn fit(cfg_in: &FitConfig, opts: &RunOptions) -> Result<FitSummary, TrainErr
         ),
     )?;
     Ok(summary)
-}
-
-/// The per-epoch log of a run.
-pub fn read_log(run: &Path) -> Result<Vec<EpochLog>, TrainError> {
-    let p = run.join(LOG_JSONL);
-    if !p.is_file() {
-        return Ok(Vec::new());
-    }
-    let text = std::fs::read_to_string(&p).map_err(io_err(&p))?;
-    text.lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| serde_json::from_str(l).map_err(|e| run_err(run, format!("log.jsonl: {e}"))))
-        .collect()
 }
 
 #[cfg(test)]

@@ -11,6 +11,7 @@ pub mod metrics;
 pub mod plot;
 pub mod precompute;
 pub mod pull;
+pub mod run_log;
 
 /// Every training-layer failure with a message that says what to fix.
 #[derive(Debug, thiserror::Error)]
@@ -19,7 +20,7 @@ pub enum TrainError {
     Data { path: std::path::PathBuf, message: String },
     #[error("case {case}: image {image:?} and label {label:?} have different shapes")]
     ShapeMismatch { case: String, image: [usize; 3], label: [usize; 3] },
-    #[error("case {case}: the label has no foreground (label value 1); remove the case or fix the label")]
+    #[error("case {case}: the label has no foreground (label value 1, or an nnU-Net v2 dataset's prostate labels); remove the case or fix the label")]
     EmptyLabel { case: String },
     #[error("case {case} (patient id {patient}) is missing from the site table {csv}")]
     MissingSite { case: String, patient: String, csv: std::path::PathBuf },
@@ -41,6 +42,8 @@ pub enum TrainError {
     OrthancUnreachable { url: String, message: String },
     #[error("Orthanc at {url}: {method} {path} answered HTTP {status}{hint}: {body}")]
     OrthancStatus { url: String, method: String, path: String, status: u16, hint: String, body: String },
+    #[error("Orthanc at {url}: {message}")]
+    OrthancTls { url: String, message: String },
     #[error("Orthanc at {url}: {message}")]
     OrthancAnswer { url: String, message: String },
     #[error("reviewed SEG series {seg_series} (Orthanc series {orthanc_id}) has no ReferencedSeriesSequence (0008,1115): cannot tell which MR series it segments; fix the SEG or remove its review mark")]

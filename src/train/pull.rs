@@ -16,7 +16,7 @@ use serde_json::Value;
 
 use super::data::SITE_CSV;
 use super::{io_err, TrainError};
-use crate::http::{Endpoint, HttpError};
+use crate::http::{Endpoint, HttpError, CA_FILE_ENV};
 
 /// The manifest written into the output folder.
 pub const MANIFEST: &str = "pull.json";
@@ -36,8 +36,11 @@ pub enum SiteFrom {
 
 #[derive(Debug, Clone)]
 pub struct PullOptions {
-    /// `http://host:port` (https is not supported).
+    /// `http[s]://host:port[/prefix]`.
     pub orthanc: String,
+    /// A private CA's PEM file trusted for https besides the system's roots; `None`: the file named
+    /// by `DESAM_CA_FILE`, if set.
+    pub ca_file: Option<PathBuf>,
     pub user: Option<String>,
     pub password: Option<String>,
     pub out: PathBuf,
@@ -53,6 +56,7 @@ impl PullOptions {
     pub fn new(orthanc: &str, out: &Path) -> PullOptions {
         PullOptions {
             orthanc: orthanc.to_string(),
+            ca_file: None,
             user: None,
             password: None,
             out: out.to_path_buf(),
@@ -115,6 +119,7 @@ impl Client {
     fn call(&self, method: &str, path: &str, body: &[u8]) -> Result<(u16, Vec<u8>), TrainError> {
         self.endpoint.request(method, path, body).map_err(|e| match e {
             HttpError::Connect { message, .. } => TrainError::OrthancUnreachable { url: self.url.clone(), message },
+            tls @ HttpError::Tls { .. } => TrainError::OrthancTls { url: self.url.clone(), message: tls.to_string() },
             other => TrainError::OrthancAnswer { url: self.url.clone(), message: other.to_string() },
         })
     }
@@ -276,6 +281,12 @@ pub fn pull(opts: &PullOptions) -> Result<PullReport, TrainError> {
         (Some(_), None) => return Err(TrainError::Invalid("--user needs a password (--password-env VAR)".into())),
         (None, Some(_)) => return Err(TrainError::Invalid("a password was given without --user".into())),
         (None, None) => {}
+    }
+    // An empty DESAM_CA_FILE counts as unset (a blank `export` in a service file).
+    let ca_file =
+        opts.ca_file.clone().or_else(|| std::env::var_os(CA_FILE_ENV).filter(|v| !v.is_empty()).map(PathBuf::from));
+    if let Some(ca) = &ca_file {
+        endpoint = endpoint.with_ca_file(ca).map_err(|e| TrainError::Invalid(format!("--ca-file: {e}")))?;
     }
     if let SiteFrom::Fixed(s) = &opts.site {
         if sanitize_site(s).is_empty() {
@@ -612,6 +623,13 @@ mod tests {
         let r = pull(&PullOptions::new(&format!("http://127.0.0.1:{port}"), &out));
         assert!(matches!(r, Err(TrainError::OrthancUnreachable { .. })), "{r:?}");
         assert!(!out.exists(), "nothing is written when Orthanc cannot be reached");
-        assert!(matches!(pull(&PullOptions::new("https://h:1", &out)), Err(TrainError::Invalid(_))));
+        let r = pull(&PullOptions::new(&format!("https://127.0.0.1:{port}"), &out));
+        assert!(matches!(r, Err(TrainError::OrthancUnreachable { .. })), "https too: {r:?}");
+        assert!(matches!(pull(&PullOptions::new("ftp://h:1", &out)), Err(TrainError::Invalid(_))));
+        // A CA file that is not one is refused before any request.
+        let mut opts = PullOptions::new(&format!("https://127.0.0.1:{port}"), &out);
+        opts.ca_file = Some(out.with_extension("missing.pem"));
+        let r = pull(&opts);
+        assert!(matches!(&r, Err(TrainError::Invalid(m)) if m.contains("--ca-file")), "{r:?}");
     }
 }

@@ -9,9 +9,12 @@ use crate::train::pull;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Orthanc's REST API, http://HOST:PORT (https is not supported). Only read (GET, POST /tools/lookup).
+    /// Orthanc's REST API, http://HOST:PORT or https://HOST:PORT. Only read (GET, POST /tools/lookup).
     #[arg(long)]
     pub orthanc: String,
+    /// PEM file of a private CA trusted for https besides the system's roots (default: $DESAM_CA_FILE).
+    #[arg(long)]
+    pub ca_file: Option<PathBuf>,
     /// Output folder: new, empty, or an earlier pull's (complete cases are skipped).
     #[arg(long)]
     pub out: PathBuf,
@@ -43,6 +46,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         None => None,
     };
     let mut o = pull::PullOptions::new(&a.orthanc, &a.out);
+    o.ca_file = a.ca_file;
     o.user = a.user;
     o.password = password;
     o.review_metadata = a.review_metadata;
