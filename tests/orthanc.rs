@@ -254,6 +254,109 @@ fn rest_routes_answer_and_follow_orthanc_authentication() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Polls Orthanc's `/jobs/{id}` until its State is `state`.
+fn wait_job_state(o: &Orthanc, job: &str, state: &str) -> Value {
+    let t0 = std::time::Instant::now();
+    loop {
+        let j = o.get_json(&format!("/jobs/{job}"));
+        if j["State"] == state {
+            return j;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60) && j["State"] != "Success",
+            "job {job} never reached {state}: {j}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn orthanc_conventions_unknown_keys_job_ids_and_cancel_error_bodies_and_odd_matrices() {
+    let dir = scratch("conventions");
+    let section = desam_section(json!({"StableSeriesTrigger": false, "NoSuchOption": 1}));
+    let o = Orthanc::start(&dir, true, &json!({"DeSAM": section}));
+
+    // An unknown key is a logged warning; the plugin runs.
+    let status = o.get_json("/desam/status");
+    assert_eq!(status["Enabled"], true, "{status}");
+    assert_eq!(status["IgnoredOptions"], json!(["NoSuchOption"]), "{status}");
+    assert!(
+        o.log_text().lines().any(|l| l.starts_with('W') && l.contains("NoSuchOption") && l.contains("ignored")),
+        "no warning for the unknown key:\n{}",
+        o.log_text()
+    );
+
+    // Error bodies carry Orthanc's keys.
+    let r = o.request("GET", "/desam/series/0123abcd", None);
+    assert_eq!(r.status, 404);
+    let body = r.json();
+    assert_eq!(body["Message"], "Unknown resource", "{body}");
+    assert!(body["Details"].as_str().unwrap().contains("0123abcd"), "{body}");
+    let r = o.request("POST", "/desam/series/0123abcd/segment", Some(br#"{"Mode": "points"}"#));
+    assert_eq!(r.status, 400);
+    assert!(r.json()["Details"].as_str().unwrap().contains("Mode"), "{}", r.text());
+
+    // A slow run (grid mode, 40 × 128²) to cancel, and a small series whose Columns (36) is not a
+    // multiple of 8.
+    let (slow, slow_uid) = mr_series(&dir.join("slow"), 40, 128, 21, AXIAL, "t2_tse_tra");
+    let (odd, odd_uid) = mr_series(&dir.join("odd"), 6, 36, 22, AXIAL, "t2_tse_tra");
+    o.storescu(&[slow, odd].concat());
+    let (slow_id, odd_id) = (o.series_id(&slow_uid), o.series_id(&odd_uid));
+    let slow_instances = o.get_json(&format!("/series/{slow_id}"))["Instances"].clone();
+
+    // The segment route names the Orthanc job that runs the request.
+    let segment = |id: &str, body: &[u8]| {
+        let r = o.request("POST", &format!("/desam/series/{id}/segment"), Some(body));
+        assert_eq!(r.status, 200, "{}", r.text());
+        let v = r.json();
+        let job = v["ID"].as_str().unwrap_or_else(|| panic!("no job ID: {v}")).to_string();
+        assert_eq!(v["Path"], format!("/jobs/{job}"), "{v}");
+        assert_eq!(o.get_json(&format!("/jobs/{job}"))["Type"], "DeSAMSegmentation");
+        job
+    };
+    let t0 = std::time::Instant::now();
+    let slow_job = segment(&slow_id, br#"{"Mode": "grid"}"#);
+    eprintln!("{:.2} s: slow job {slow_job} queued", t0.elapsed().as_secs_f64());
+    let odd_job = segment(&odd_id, b"");
+    // Canceled while it waits in the queue: it never runs.
+    let queued_job = segment(&odd_id, br#"{"Force": true}"#);
+    assert_eq!(o.request("POST", &format!("/jobs/{queued_job}/cancel"), Some(b"")).status, 200);
+
+    eprintln!("{:.2} s: other jobs queued, one canceled", t0.elapsed().as_secs_f64());
+    // Cancel the slow job while it runs.
+    wait_job_state(&o, &slow_job, "Running");
+    eprintln!("{:.2} s: slow job running", t0.elapsed().as_secs_f64());
+    assert_eq!(o.request("POST", &format!("/jobs/{slow_job}/cancel"), Some(b"")).status, 200);
+    eprintln!("{:.2} s: cancel sent", t0.elapsed().as_secs_f64());
+    let canceled = wait_job_state(&o, &slow_job, "Failure");
+    eprintln!("{:.2} s: canceled job: {canceled}", t0.elapsed().as_secs_f64());
+
+    let odd_result = o.wait_result(&odd_id, TIMEOUT);
+    wait_idle(&o);
+    assert_eq!(o.get_json(&format!("/jobs/{odd_job}"))["State"], "Success");
+    assert_eq!(o.get_json(&format!("/jobs/{queued_job}"))["State"], "Failure");
+    // The canceled run stored nothing and left its source as it was.
+    assert!(o.segs_referencing(&slow_id).is_empty());
+    assert_eq!(o.get_json(&format!("/series/{slow_id}"))["Instances"], slow_instances);
+    assert!(o.get_json(&format!("/desam/series/{slow_id}"))["Result"].is_null());
+    assert_eq!(counters(&o)["Processed"], 1, "only the odd series ran to the end");
+
+    // Columns 36: a FRACTIONAL SEG, a warning in the log and in the series status.
+    let record = &odd_result["Result"];
+    assert_eq!(record["Status"], "done", "{odd_result}");
+    let warnings = record["Warnings"].to_string();
+    assert!(warnings.contains("not a multiple of 8") && warnings.contains("FRACTIONAL"), "{record}");
+    let segs = o.segs_referencing(&odd_id);
+    assert_eq!(segs.len(), 1, "the canceled duplicate request must not have run");
+    assert_eq!(o.get_json(&format!("/instances/{}/simplified-tags", segs[0]))["SegmentationType"], "FRACTIONAL");
+    let log = o.stop();
+    assert!(
+        log.lines().any(|l| l.starts_with('W') && l.contains(&odd_id) && l.contains("not a multiple of 8")),
+        "{log}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn invalid_configuration_disables_the_plugin_but_orthanc_keeps_running() {
     let dir = scratch("badcfg");

@@ -51,8 +51,11 @@ pub const SEGMENTATION_DERIVATION: Code = Code::new_static("113076", "DCM", "Seg
 pub const ACQUISITION_EQUIPMENT: Code = Code::new_static("109101", "DCM", "Acquisition Equipment");
 pub const PROCESSING_EQUIPMENT: Code = Code::new_static("109102", "DCM", "Processing Equipment");
 
-/// Default display colours (sRGB) for the structures desam segments.
-pub const PROSTATE_RGB: [u8; 3] = [216, 146, 127];
+/// Default display colours (sRGB) for the structures desam segments. The prostate's is the one 3D
+/// Slicer's terminology gives SCT 41216001 ("Segmentation category and type - 3D Slicer General
+/// Anatomy list", recommendedDisplayRGBValue), so a SEG looks the same in Slicer as in our Slicer
+/// module (plugin-manifest/slicer/DeSAM/DeSAMLib/engine.py `PROSTATE_RGB`; a test keeps them equal).
+pub const PROSTATE_RGB: [u8; 3] = [230, 158, 140];
 pub const PERIPHERAL_ZONE_RGB: [u8; 3] = [230, 220, 70];
 pub const TRANSITION_ZONE_RGB: [u8; 3] = [80, 150, 230];
 
@@ -88,6 +91,34 @@ pub fn cielab_from_srgb(rgb: [u8; 3]) -> [u16; 3] {
     [scale_l(l), scale_ab(a), scale_ab(bb)]
 }
 
+/// DICOM-scaled CIELab → sRGB (8-bit), the inverse of [`cielab_from_srgb`] as viewers and dcmqi apply
+/// it to RecommendedDisplayCIELabValue (PS3.3 C.10.7.1.1; D65 white point, sRGB companding).
+pub fn srgb_from_cielab(lab: [u16; 3]) -> [u8; 3] {
+    let l = lab[0] as f64 * 100.0 / 65535.0;
+    let a = lab[1] as f64 * 255.0 / 65535.0 - 128.0;
+    let b = lab[2] as f64 * 255.0 / 65535.0 - 128.0;
+    let fy = (l + 16.0) / 116.0;
+    let (fx, fz) = (fy + a / 500.0, fy - b / 200.0);
+    let finv = |t: f64| {
+        let d = 6.0 / 29.0;
+        if t > d {
+            t * t * t
+        } else {
+            3.0 * d * d * (t - 4.0 / 29.0)
+        }
+    };
+    let (x, y, z) = (0.95047 * finv(fx), finv(fy), 1.08883 * finv(fz));
+    let r = 3.2404542 * x - 1.5371385 * y - 0.4985314 * z;
+    let g = -0.9692660 * x + 1.8760108 * y + 0.0415560 * z;
+    let bl = 0.0556434 * x - 0.2040259 * y + 1.0572252 * z;
+    let gamma = |c: f64| {
+        let c = c.clamp(0.0, 1.0);
+        let v = if c <= 0.0031308 { 12.92 * c } else { 1.055 * c.powf(1.0 / 2.4) - 0.055 };
+        (v * 255.0).round() as u8
+    };
+    [gamma(r), gamma(g), gamma(bl)]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -102,6 +133,30 @@ mod tests {
         let r = cielab_from_srgb([255, 0, 0]);
         assert!((r[0] as f64 / 655.35 - 53.2).abs() < 0.5, "{r:?}");
         assert!(((r[1] as f64) * 255.0 / 65535.0 - 128.0 - 80.1).abs() < 0.5, "{r:?}");
+    }
+
+    #[test]
+    fn the_seg_prostate_colour_is_slicers_and_the_slicer_modules() {
+        // What the writer puts into RecommendedDisplayCIELabValue, read back the way viewers do.
+        let written = crate::dicom::SegmentInfo::prostate("m").cielab.expect("a display colour");
+        assert_eq!(srgb_from_cielab(written), [230, 158, 140], "Slicer General Anatomy: prostate");
+        // The Slicer module's own constant (one place on that side too).
+        let module = std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("plugin-manifest/slicer/DeSAM/DeSAMLib/engine.py"),
+        )
+        .unwrap();
+        let line = module.lines().find(|l| l.starts_with("PROSTATE_RGB = (")).expect("PROSTATE_RGB in engine.py");
+        let rgb: Vec<u8> = line["PROSTATE_RGB = (".len()..]
+            .split(')')
+            .next()
+            .unwrap()
+            .split(',')
+            .map(|v| v.trim().parse().unwrap())
+            .collect();
+        assert_eq!(rgb, srgb_from_cielab(written), "{line}");
+        for rgb in [[0, 0, 0], [255, 255, 255], [80, 150, 230], PROSTATE_RGB] {
+            assert_eq!(srgb_from_cielab(cielab_from_srgb(rgb)), rgb);
+        }
     }
 
     #[test]

@@ -262,31 +262,31 @@ pub fn guarded<T>(what: &str, fallback: T, body: impl FnOnce() -> T) -> T {
     }
 }
 
+// The callbacks the C++ half calls: each forwards to the entry points (the top of the plugin), which
+// guard them against panics and route them; the bridge itself stays free of plugin policy.
 fn desam_rest(method: u32, url: &str, groups: Vec<String>, body: &[u8]) -> RestReply {
-    guarded("REST handler", super::rest::reply_json(500, &serde_json::json!({"Error": "internal error"})), || {
-        super::rest::handle(method, url, &groups, body)
-    })
+    super::entry::on_rest_request(method, url, &groups, body)
 }
 
 fn desam_on_change(change_type: i32, resource_type: i32, resource_id: &str) {
-    guarded("change callback", (), || super::entry::on_change(change_type, resource_type, resource_id))
+    super::entry::on_change(change_type, resource_type, resource_id)
 }
 
 fn desam_job_progress(handle: u64) -> f32 {
-    guarded("job progress", 0.0, || super::jobs::progress(handle))
+    super::entry::on_job_progress(handle)
 }
 fn desam_job_content(handle: u64) -> String {
-    guarded("job content", "{}".to_string(), || super::jobs::content(handle))
+    super::entry::on_job_content(handle)
 }
 fn desam_job_step(handle: u64) -> i32 {
-    guarded("job step", STEP_FAILURE, || super::jobs::step(handle))
+    super::entry::on_job_step(handle)
 }
 fn desam_job_stop(handle: u64, reason: i32) {
-    guarded("job stop", (), || super::jobs::stop(handle, reason))
+    super::entry::on_job_stop(handle, reason)
 }
 fn desam_job_reset(handle: u64) {
-    guarded("job reset", (), || super::jobs::reset(handle))
+    super::entry::on_job_reset(handle)
 }
 fn desam_job_finalize(handle: u64) {
-    guarded("job finalize", (), || super::jobs::finalize(handle))
+    super::entry::on_job_finalize(handle)
 }

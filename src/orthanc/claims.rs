@@ -159,41 +159,6 @@ pub fn put_metadata(uri: &str, body: &[u8]) -> Result<(), OrthancCallError> {
     Err(OrthancCallError { code: 409, message: "five concurrent writers in a row".into(), what: format!("PUT {uri}") })
 }
 
-/// FNV-1a, for a stable per-node index derived from the node id.
-pub fn fnv1a(text: &str) -> u64 {
-    text.bytes().fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn rec(node: &str, expires: i64) -> Option<(Option<ClaimRecord>, String)> {
-        Some((
-            Some(ClaimRecord { node: node.into(), model: "m".into(), expires, claimed: String::new() }),
-            "3-x".into(),
-        ))
-    }
-
-    #[test]
-    fn claims_are_created_renewed_taken_over_or_respected() {
-        assert_eq!(decide(None, "a", 100), Decision::Create);
-        assert_eq!(decide(rec("b", 200), "a", 100), Decision::HeldBy { node: "b".into(), expires: 200 });
-        assert_eq!(
-            decide(rec("b", 100), "a", 100),
-            Decision::Replace { etag: "3-x".into(), previous: Some("b".into()) }
-        );
-        assert_eq!(decide(rec("a", 200), "a", 100), Decision::Replace { etag: "3-x".into(), previous: None });
-        assert_eq!(
-            decide(Some((None, "1-y".into())), "a", 100),
-            Decision::Replace { etag: "1-y".into(), previous: None }
-        );
-        assert_ne!(fnv1a("w1") % 1000, fnv1a("w2") % 1000);
-        let back: ClaimRecord = serde_json::from_str(r#"{"Node":"w1","Model":"0.3.0","Expires":5}"#).unwrap();
-        assert_eq!(back.node, "w1");
-    }
-}
-
 /// A held claim kept alive by a renewal thread (every third of the lease) until dropped; dropping it
 /// releases the claim. If another node takes the claim over, `lost()` turns true and the attached
 /// cancel flag is set, so the run stops at its next check.
@@ -266,5 +231,34 @@ impl Drop for Lease {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(node: &str, expires: i64) -> Option<(Option<ClaimRecord>, String)> {
+        Some((
+            Some(ClaimRecord { node: node.into(), model: "m".into(), expires, claimed: String::new() }),
+            "3-x".into(),
+        ))
+    }
+
+    #[test]
+    fn claims_are_created_renewed_taken_over_or_respected() {
+        assert_eq!(decide(None, "a", 100), Decision::Create);
+        assert_eq!(decide(rec("b", 200), "a", 100), Decision::HeldBy { node: "b".into(), expires: 200 });
+        assert_eq!(
+            decide(rec("b", 100), "a", 100),
+            Decision::Replace { etag: "3-x".into(), previous: Some("b".into()) }
+        );
+        assert_eq!(decide(rec("a", 200), "a", 100), Decision::Replace { etag: "3-x".into(), previous: None });
+        assert_eq!(
+            decide(Some((None, "1-y".into())), "a", 100),
+            Decision::Replace { etag: "1-y".into(), previous: None }
+        );
+        let back: ClaimRecord = serde_json::from_str(r#"{"Node":"w1","Model":"0.3.0","Expires":5}"#).unwrap();
+        assert_eq!(back.node, "w1");
     }
 }

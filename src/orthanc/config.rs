@@ -2,7 +2,10 @@
 //! defaults and validated once at start-up. Owns no SDK calls and no processing.
 
 use regex::Regex;
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde_json::Value;
+
+use crate::engine::{DeviceChoice, Mode};
 
 /// Metadata and global-property indices must be in Orthanc's user range.
 const USER_RANGE: std::ops::RangeInclusive<i32> = 1024..=65535;
@@ -64,11 +67,12 @@ pub struct PluginConfig {
     /// Model directory (model.json + weights).
     pub model_directory: String,
     /// "auto" (CUDA when available, else CPU), "cpu" or "cuda" (the first GPU).
-    pub device: String,
+    #[serde(deserialize_with = "device_from_text")]
+    pub device: DeviceChoice,
     /// CPU threads for libtorch; 0 keeps libtorch's default.
     pub threads: usize,
     /// Prompting mode: "auto" (the model's default), "box" (DeSAM-B) or "grid" (DeSAM-P).
-    pub mode: String,
+    pub mode: ModeChoice,
     /// Segment series automatically when Orthanc reports them stable.
     pub stable_series_trigger: bool,
     /// After a restart, process series that arrived or became stable while the plugin was not running.
@@ -112,6 +116,86 @@ pub struct PluginConfig {
     /// `http://pacs:3000/segmentation?StudyInstanceUIDs={StudyInstanceUID}` (OHIF); placeholders:
     /// `VIEWER_PLACEHOLDERS`. Empty (the default): no viewer link in `GET /desam/series/{id}`.
     pub viewer_url_template: String,
+    /// Keys of the "DeSAM" section the plugin does not know (dotted for nested ones, e.g.
+    /// `SeriesFilter.MinSlice`): ignored, and logged as warnings at start-up.
+    #[serde(skip)]
+    pub ignored_keys: Vec<String>,
+}
+
+/// A prompting mode as configured or requested: one of the engine's modes, or `None` for the
+/// model's own default (written "auto"). Parsed once, from the configuration or a request body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ModeChoice(pub Option<Mode>);
+
+impl std::str::FromStr for ModeChoice {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, String> {
+        if text.trim().eq_ignore_ascii_case("auto") {
+            return Ok(ModeChoice(None));
+        }
+        text.trim()
+            .parse::<Mode>()
+            .map(|m| ModeChoice(Some(m)))
+            .map_err(|_| format!("\"Mode\" must be \"auto\" (the model's default), \"box\" or \"grid\", not {text:?}"))
+    }
+}
+
+impl std::fmt::Display for ModeChoice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.0.map_or("auto", Mode::name))
+    }
+}
+
+impl Serialize for ModeChoice {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for ModeChoice {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// `"Device"` through the engine's own parser (so the plugin accepts exactly what the engine knows).
+fn device_from_text<'de, D: Deserializer<'de>>(d: D) -> Result<DeviceChoice, D::Error> {
+    let text = String::deserialize(d)?;
+    text.parse().map_err(|e: String| serde::de::Error::custom(format!("Device {text:?}: {e}")))
+}
+
+/// How a device choice is shown (status route, start-up log): its configuration spelling.
+pub fn device_label(device: &DeviceChoice) -> String {
+    match serde_json::to_value(device) {
+        Ok(Value::String(s)) => s,
+        _ => format!("{device:?}").to_ascii_lowercase(),
+    }
+}
+
+/// Removes the keys of `section` that `known` (the defaults, serialised) does not have, recursing
+/// into nested sections; returns their dotted names. Unknown keys are a warning, not an error, so that
+/// a configuration written for a newer plugin still starts an older one.
+fn remove_unknown_keys(section: &mut Value, known: &Value, prefix: &str) -> Vec<String> {
+    let (Value::Object(given), Value::Object(known)) = (section, known) else { return Vec::new() };
+    let mut ignored = Vec::new();
+    given.retain(|key, _| {
+        let keep = known.contains_key(key);
+        if !keep {
+            ignored.push(format!("{prefix}{key}"));
+        }
+        keep
+    });
+    for (key, value) in given.iter_mut() {
+        if let Some(defaults) = known.get(key).filter(|d| d.is_object()) {
+            ignored.extend(remove_unknown_keys(value, defaults, &format!("{prefix}{key}.")));
+        }
+    }
+    ignored
+}
+
+/// FNV-1a, for a stable per-node index derived from the node id.
+pub fn fnv1a(text: &str) -> u64 {
+    text.bytes().fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3))
 }
 
 /// What a node does in a cluster.
@@ -153,9 +237,9 @@ impl Default for PluginConfig {
         PluginConfig {
             enable: true,
             model_directory: "/usr/share/desam/models/default".into(),
-            device: "auto".into(),
+            device: DeviceChoice::Auto,
             threads: 0,
-            mode: "auto".into(),
+            mode: ModeChoice(None),
             stable_series_trigger: true,
             catch_up: true,
             series_filter: SeriesFilter::default(),
@@ -175,6 +259,7 @@ impl Default for PluginConfig {
             http_port: 8042,
             check_revisions: false,
             viewer_url_template: String::new(),
+            ignored_keys: Vec::new(),
         }
     }
 }
@@ -202,8 +287,11 @@ impl PluginConfig {
     pub fn from_orthanc_json(text: &str) -> Result<Option<PluginConfig>, ConfigError> {
         let root: serde_json::Value = serde_json::from_str(text).map_err(|e| ConfigError::Json(e.to_string()))?;
         let Some(section) = root.get("DeSAM") else { return Ok(None) };
-        let mut cfg: PluginConfig =
-            serde_json::from_value(section.clone()).map_err(|e| ConfigError::Section(e.to_string()))?;
+        let mut section = section.clone();
+        let known = serde_json::to_value(PluginConfig::default()).map_err(|e| ConfigError::Json(e.to_string()))?;
+        let ignored_keys = remove_unknown_keys(&mut section, &known, "");
+        let mut cfg: PluginConfig = serde_json::from_value(section).map_err(|e| ConfigError::Section(e.to_string()))?;
+        cfg.ignored_keys = ignored_keys;
         cfg.http_port = root.get("HttpPort").and_then(serde_json::Value::as_u64).unwrap_or(8042) as u16;
         cfg.check_revisions = root.get("CheckRevisions").and_then(serde_json::Value::as_bool).unwrap_or(false);
         cfg.validate()?;
@@ -212,16 +300,6 @@ impl PluginConfig {
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |option: &'static str, reason: String| Err(ConfigError::Option { option, reason });
-        let device = self.device.to_ascii_lowercase();
-        if !["auto", "cpu", "cuda", "gpu"].contains(&device.as_str()) {
-            return bad("Device", format!("{:?} is not one of \"auto\", \"cpu\", \"cuda\"", self.device));
-        }
-        if !["auto", "box", "grid"].contains(&self.mode.to_ascii_lowercase().as_str()) {
-            return bad(
-                "Mode",
-                format!("{:?} is not one of \"auto\" (the model's default), \"box\", \"grid\"", self.mode),
-            );
-        }
         if self.model_directory.trim().is_empty() {
             return bad("ModelDirectory", "must not be empty".into());
         }
@@ -267,9 +345,6 @@ impl PluginConfig {
         if self.result_metadata == self.review_metadata {
             return bad("ReviewMetadata", "must differ from ResultMetadata".into());
         }
-        if self.mode.trim().is_empty() {
-            return bad("Mode", "must not be empty".into());
-        }
         if !self.viewer_url_template.trim().is_empty() {
             let t = &self.viewer_url_template;
             if !(t.starts_with("http://") || t.starts_with("https://")) {
@@ -306,7 +381,7 @@ impl PluginConfig {
     /// The global property holding this node's change cursor (see `node_id`).
     pub fn node_cursor_property(&self) -> i32 {
         match &self.node_id {
-            Some(id) => self.cursor_property + 1 + (super::claims::fnv1a(id.trim()) % 1000) as i32,
+            Some(id) => self.cursor_property + 1 + (fnv1a(id.trim()) % 1000) as i32,
             None => self.cursor_property,
         }
     }
@@ -355,7 +430,6 @@ mod tests {
             (r#"{"DeSAM": {"MaxQueueLength": 0}}"#, "MaxQueueLength"),
             (r#"{"DeSAM": {"ResultMetadata": 12}}"#, "ResultMetadata"),
             (r#"{"DeSAM": {"SeriesFilter": {"DescriptionPattern": "(t2"}}}"#, "DescriptionPattern"),
-            (r#"{"DeSAM": {"Enabel": true}}"#, "Enabel"),
             (r#"{"DeSAM": {"EmptyResult": "maybe"}}"#, "maybe"),
             (r#"{"DeSAM": {"ViewerUrlTemplate": "ohif/{StudyInstanceUID}"}}"#, "ViewerUrlTemplate"),
             (r#"{"DeSAM": {"ViewerUrlTemplate": "http://v/{StudyUID}"}}"#, "{StudyUID}"),
@@ -363,6 +437,26 @@ mod tests {
             let err = PluginConfig::from_orthanc_json(json).unwrap_err().to_string();
             assert!(err.contains(needle), "{json}: {err}");
         }
+    }
+
+    #[test]
+    fn unknown_keys_are_ignored_and_named_and_mode_and_device_are_typed() {
+        let cfg = PluginConfig::from_orthanc_json(
+            r#"{"DeSAM": {"Enabel": false, "Mode": "GRID", "Device": "gpu", "SeriesFilter": {"MinSlice": 3}, "Limits": {"Bogus": 1}}}"#,
+        )
+        .unwrap()
+        .unwrap();
+        let mut ignored = cfg.ignored_keys.clone();
+        ignored.sort();
+        assert_eq!(ignored, ["Enabel", "Limits.Bogus", "SeriesFilter.MinSlice"]);
+        assert!(cfg.enable, "an unknown key must not change a known option");
+        assert_eq!(cfg.mode, ModeChoice(Some(Mode::Grid)));
+        assert_eq!(cfg.device, DeviceChoice::Cuda);
+        assert_eq!(PluginConfig::default().mode.to_string(), "auto");
+        assert_eq!("Box".parse::<ModeChoice>().unwrap().to_string(), "box");
+        assert!("points".parse::<ModeChoice>().is_err());
+        assert_eq!(device_label(&DeviceChoice::Cpu), "cpu");
+        assert_ne!(fnv1a("w1") % 1000, fnv1a("w2") % 1000);
     }
 
     #[test]

@@ -1,31 +1,22 @@
-//! The four C entry points Orthanc looks up in the plugin (exported from Rust, every body inside
-//! catch_unwind) and the change callback. Owns plugin start-up/shutdown order; no processing.
+//! The plugin's top: the four C entry points Orthanc looks up (exported from Rust, every body inside
+//! catch_unwind), start-up and shutdown order, and the callbacks the bridge forwards (REST, changes,
+//! jobs). No processing.
 
-use once_cell::sync::Lazy;
 use std::ffi::{c_char, c_void};
-use std::sync::{Arc, Mutex};
 
 use super::bridge::{
-    self, guarded, Orthanc, CHANGE_DELETED, CHANGE_ORTHANC_STARTED, CHANGE_ORTHANC_STOPPED, CHANGE_STABLE_SERIES,
+    self, guarded, Orthanc, RestReply, CHANGE_DELETED, CHANGE_ORTHANC_STARTED, CHANGE_ORTHANC_STOPPED,
+    CHANGE_STABLE_SERIES, STEP_FAILURE,
 };
-use super::config::PluginConfig;
+use super::config::{device_label, PluginConfig, Role};
+use super::jobs;
 use super::pipeline;
 use super::rest;
-use super::worker::Plugin;
-
-static PLUGIN: Lazy<Mutex<Option<Arc<Plugin>>>> = Lazy::new(|| Mutex::new(None));
-static DISABLED_REASON: Lazy<Mutex<String>> = Lazy::new(|| Mutex::new("not initialised".into()));
+use super::state;
+use super::worker::SegmentationWorker;
 
 const NAME: &[u8] = b"desam\0";
 const VERSION: &[u8] = concat!(env!("CARGO_PKG_VERSION"), "\0").as_bytes();
-
-pub fn plugin() -> Option<Arc<Plugin>> {
-    PLUGIN.lock().unwrap().clone()
-}
-
-pub fn disabled_reason() -> String {
-    DISABLED_REASON.lock().unwrap().clone()
-}
 
 fn disable(reason: String, error: bool) {
     if error {
@@ -33,9 +24,9 @@ fn disable(reason: String, error: bool) {
     } else {
         Orthanc::log_warning(&format!("DeSAM: {reason}; the plugin is disabled"));
     }
-    *DISABLED_REASON.lock().unwrap() = reason;
+    state::disable(reason);
     // Only the status route, so that `GET /desam/status` says why.
-    let _ = Orthanc::register_rest_route(rest::ROUTES[0]);
+    let _ = Orthanc::register_rest_route(rest::STATUS_ROUTE.pattern);
 }
 
 fn initialize() -> i32 {
@@ -56,7 +47,14 @@ fn initialize() -> i32 {
             return 0;
         }
     };
-    let config = match PluginConfig::from_orthanc_json(&text) {
+    let parsed = PluginConfig::from_orthanc_json(&text);
+    if let Ok(Some(c)) = &parsed {
+        // Logged, not fatal: only bad values disable the plugin.
+        for key in &c.ignored_keys {
+            Orthanc::log_warning(&format!("DeSAM: unknown option \"DeSAM\".{key} is ignored"));
+        }
+    }
+    let config = match parsed {
         Ok(Some(c)) if c.enable => c,
         Ok(Some(_)) => {
             disable("\"DeSAM\".\"Enable\" is false".into(), false);
@@ -75,7 +73,7 @@ fn initialize() -> i32 {
     let _ = crate::limits::set(config.limits);
     // No process-wide allocator tuning here: the worker applies it around each series only and
     // restores glibc's behaviour after it, so Orthanc's own traffic is never affected (issue 13).
-    let processor: Box<dyn pipeline::SeriesProcessor> = if config.role == super::config::Role::Ingest {
+    let processor: Box<dyn pipeline::SeriesProcessor> = if config.role == Role::Ingest {
         Box::new(pipeline::IngestOnly)
     } else {
         match pipeline::EngineProcessor::new(&config) {
@@ -86,19 +84,19 @@ fn initialize() -> i32 {
             }
         }
     };
-    if config.node_id.is_some() && config.role == super::config::Role::Worker && !config.check_revisions {
+    if config.node_id.is_some() && config.role == Role::Worker && !config.check_revisions {
         Orthanc::log_warning("DeSAM: a NodeId is set but Orthanc's \"CheckRevisions\" is false: claims are not race-free between nodes (docs/scale-out.md)");
     }
-    let plugin = match Plugin::new(config, processor) {
-        Ok(p) => p,
+    let worker = match SegmentationWorker::new(config, processor) {
+        Ok(w) => w,
         Err(e) => {
             disable(e, true);
             return 0;
         }
     };
     for route in rest::ROUTES {
-        if let Err(e) = Orthanc::register_rest_route(route) {
-            Orthanc::log_error(&format!("DeSAM: cannot register {route}: {e}"));
+        if let Err(e) = Orthanc::register_rest_route(route.pattern) {
+            Orthanc::log_error(&format!("DeSAM: cannot register {}: {e}", route.pattern));
         }
     }
     if let Err(e) = Orthanc::register_on_change() {
@@ -108,26 +106,55 @@ fn initialize() -> i32 {
     Orthanc::log_warning(&format!(
         "DeSAM {} ready: node {} ({:?}), model directory {}, device {}, automatic trigger {}",
         env!("CARGO_PKG_VERSION"),
-        plugin.config.node(),
-        plugin.config.role,
-        plugin.config.model_directory,
-        plugin.config.device,
-        if plugin.config.stable_series_trigger { "on StableSeries" } else { "off (manual only)" }
+        worker.config.node(),
+        worker.config.role,
+        worker.config.model_directory,
+        device_label(&worker.config.device),
+        if worker.config.stable_series_trigger { "on StableSeries" } else { "off (manual only)" }
     ));
-    *PLUGIN.lock().unwrap() = Some(plugin);
+    state::enable(worker);
     0
 }
 
 /// Only queue or signal here: the SDK forbids REST calls inside the change callback.
 pub fn on_change(change_type: i32, _resource_type: i32, resource_id: &str) {
-    let Some(p) = plugin() else { return };
-    match change_type {
-        CHANGE_STABLE_SERIES => p.wake_up(),
-        CHANGE_DELETED => p.resource_deleted(resource_id),
-        CHANGE_ORTHANC_STARTED => p.start(),
-        CHANGE_ORTHANC_STOPPED => p.signal_shutdown(),
-        _ => {}
-    }
+    guarded("change callback", (), || {
+        let Some(w) = state::worker() else { return };
+        match change_type {
+            CHANGE_STABLE_SERIES => w.wake_up(),
+            CHANGE_DELETED => w.resource_deleted(resource_id),
+            CHANGE_ORTHANC_STARTED => w.start(),
+            CHANGE_ORTHANC_STOPPED => w.signal_shutdown(),
+            _ => {}
+        }
+    })
+}
+
+/// A request to one of `rest::ROUTES`; a panic answers 500 in Orthanc's error shape.
+pub fn on_rest_request(method: u32, url: &str, groups: &[String], body: &[u8]) -> RestReply {
+    guarded("REST handler", rest::error_reply(500, "Internal error", "the DeSAM plugin failed on this request"), || {
+        rest::dispatch(method, url, groups, body)
+    })
+}
+
+/// Orthanc's job thread asks about a DeSAM job (`jobs` holds the state it reads).
+pub fn on_job_progress(handle: u64) -> f32 {
+    guarded("job progress", 0.0, || jobs::progress(handle))
+}
+pub fn on_job_content(handle: u64) -> String {
+    guarded("job content", "{}".to_string(), || jobs::content(handle))
+}
+pub fn on_job_step(handle: u64) -> i32 {
+    guarded("job step", STEP_FAILURE, || jobs::step(handle))
+}
+pub fn on_job_stop(handle: u64, reason: i32) {
+    guarded("job stop", (), || jobs::stop(handle, reason))
+}
+pub fn on_job_reset(handle: u64) {
+    guarded("job reset", (), || jobs::reset(handle))
+}
+pub fn on_job_finalize(handle: u64) {
+    guarded("job finalize", (), || jobs::finalize(handle))
 }
 
 /// # Safety
@@ -143,9 +170,8 @@ pub unsafe extern "C" fn OrthancPluginInitialize(context: *mut c_void) -> i32 {
 #[no_mangle]
 pub extern "C" fn OrthancPluginFinalize() {
     guarded("OrthancPluginFinalize", (), || {
-        let p = PLUGIN.lock().unwrap().take();
-        if let Some(p) = p {
-            p.join();
+        if let Some(w) = state::take_worker() {
+            w.join();
             Orthanc::log_warning("DeSAM: finalized");
         }
     })

@@ -9,6 +9,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use super::bridge::{STEP_CONTINUE, STEP_FAILURE, STEP_SUCCESS, STOP_PAUSED};
+use super::config::ModeChoice;
 
 pub const JOB_TYPE: &str = "DeSAMSegmentation";
 
@@ -28,7 +29,7 @@ pub enum Phase {
 pub struct JobShared {
     pub handle: u64,
     pub series_id: String,
-    pub mode: String,
+    pub mode: ModeChoice,
     pub force: bool,
     pub cancel: Arc<AtomicBool>,
     progress: AtomicU32,
@@ -38,6 +39,9 @@ pub struct JobShared {
     details: Mutex<Value>,
     /// Whether a worker currently owns this job (false once it moved on; a reset then re-queues it).
     pub attached: AtomicBool,
+    /// Submitted for a manual request and paused by the plugin while it waits in the queue, so that it
+    /// holds none of Orthanc's job slots (`ConcurrentJobs`); the worker resumes it when its turn comes.
+    pub paused_in_queue: AtomicBool,
 }
 
 static NEXT_HANDLE: AtomicU64 = AtomicU64::new(1);
@@ -52,11 +56,11 @@ pub fn set_resubmit_hook(hook: Option<ResubmitHook>) {
 }
 
 impl JobShared {
-    pub fn new(series_id: &str, mode: &str, force: bool) -> Arc<JobShared> {
+    pub fn new(series_id: &str, mode: ModeChoice, force: bool) -> Arc<JobShared> {
         let job = Arc::new(JobShared {
             handle: NEXT_HANDLE.fetch_add(1, Ordering::SeqCst),
             series_id: series_id.to_string(),
-            mode: mode.to_string(),
+            mode,
             force,
             cancel: Arc::new(AtomicBool::new(false)),
             progress: AtomicU32::new(0f32.to_bits()),
@@ -65,9 +69,15 @@ impl JobShared {
             orthanc_id: Mutex::new(None),
             details: Mutex::new(json!({})),
             attached: AtomicBool::new(true),
+            paused_in_queue: AtomicBool::new(false),
         });
         JOBS.lock().unwrap().insert(job.handle, job.clone());
         job
+    }
+
+    /// The job ended (done, failed or canceled): Orthanc's next `step` reports it.
+    pub fn is_finished(&self) -> bool {
+        matches!(self.phase(), Phase::Done | Phase::Failed(_) | Phase::Canceled)
     }
 
     pub fn phase(&self) -> Phase {
@@ -128,7 +138,7 @@ impl JobShared {
         let mut v = self.details.lock().unwrap().clone();
         if let Value::Object(m) = &mut v {
             m.insert("Series".into(), json!(self.series_id));
-            m.insert("Mode".into(), json!(self.mode));
+            m.insert("Mode".into(), json!(self.mode.to_string()));
             let (state, error) = match self.phase() {
                 Phase::Pending => ("pending", None),
                 Phase::Started => ("running", None),
@@ -222,7 +232,7 @@ mod tests {
 
     #[test]
     fn step_starts_the_job_then_reports_its_outcome() {
-        let job = JobShared::new("s1", "auto", false);
+        let job = JobShared::new("s1", ModeChoice(None), false);
         assert_eq!(job.phase(), Phase::Pending);
         assert_eq!(step(job.handle), STEP_CONTINUE);
         assert_eq!(job.phase(), Phase::Started);
@@ -236,7 +246,7 @@ mod tests {
 
     #[test]
     fn stop_sets_cancel_and_pause_resumes_on_next_step() {
-        let job = JobShared::new("s2", "auto", false);
+        let job = JobShared::new("s2", ModeChoice(None), false);
         step(job.handle);
         stop(job.handle, STOP_PAUSED);
         assert!(job.cancel.load(Ordering::SeqCst));

@@ -41,6 +41,10 @@ pub struct ResultRecord {
     pub processed_at: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub job: Option<String>,
+    /// What the reader and the pipeline warned about (also logged), e.g. a FRACTIONAL SEG for a
+    /// matrix whose Columns is not a multiple of 8.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
     /// Later runs that failed while this result stayed in force, newest first (at most 5).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub failed_runs: Vec<ResultRecord>,
@@ -83,7 +87,7 @@ impl ResultRecord {
     pub fn new(
         status: &str,
         model: &super::pipeline::ModelIdentity,
-        mode: &str,
+        mode: super::config::ModeChoice,
         content_hash: &str,
         instance_count: usize,
     ) -> ResultRecord {
@@ -92,7 +96,7 @@ impl ResultRecord {
             model_name: model.name.clone(),
             model_version: model.version.clone(),
             model_sha256: model.sha256.clone(),
-            mode: mode.into(),
+            mode: mode.to_string(),
             content_hash: content_hash.into(),
             instance_count,
             processed_at: crate::clock::utc_now(),

@@ -1,5 +1,9 @@
-//! The Orthanc plugin (this crate's cdylib): entry points, the cxx bridge to the C++ shim,
-//! configuration, worker and jobs, REST routes, metrics. Must not hold segmentation logic (engine/).
+//! The Orthanc plugin (this crate's cdylib). Must not hold segmentation logic (engine/). Its files,
+//! bottom up (each imports only files below it; bridge and entry name each other through cxx):
+//! - `bridge`: the cxx bridge to the C++ shim, the SDK calls; no plugin policy;
+//! - leaves: `config`, `selection`, `claims`, `metadata`, `metrics`, `pipeline` (engine glue);
+//! - `jobs` (Orthanc job state), then `worker` (queue, thread, exactly-once);
+//! - `state` (the global worker slot), `rest` (the route table), `entry` (C entry points, callbacks).
 
 pub mod bridge;
 pub mod claims;
@@ -11,6 +15,7 @@ pub mod metrics;
 pub mod pipeline;
 pub mod rest;
 pub mod selection;
+pub mod state;
 pub mod worker;
 
 pub use config::PluginConfig;

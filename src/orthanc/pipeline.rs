@@ -5,8 +5,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 
-use super::config::PluginConfig;
-use crate::dicom::{self, SegOptions, Segment, SegmentInfo};
+use super::config::{ModeChoice, PluginConfig};
+use crate::dicom::{self, SegEncoding, SegOptions, Segment, SegmentInfo};
 use crate::engine::{DeviceChoice, EngineError, EngineOptions, Mode, Progress, SegmentRequest, Segmenter, Stage};
 use crate::modeldir::{self, ModelDir};
 
@@ -45,7 +45,8 @@ impl ModelIdentity {
 
 #[derive(Debug, Clone)]
 pub struct ProcessRequest {
-    pub mode: String,
+    /// `ModeChoice(None)`: the plugin's configured mode, and if that is "auto" the model's default.
+    pub mode: ModeChoice,
     pub series_description: String,
     pub quality_threshold: f64,
     /// When false and nothing is found, no SEG is produced.
@@ -74,7 +75,7 @@ pub trait SeriesProcessor: Send + Sync {
     /// The model's identity without loading the weights (used for exactly-once checks).
     fn identity(&self) -> Result<ModelIdentity, ProcessError>;
     /// Whether the weights are in memory, and on which device.
-    fn loaded_device(&self) -> Option<String>;
+    fn loaded_device(&self) -> Option<tch::Device>;
     fn process(
         &self,
         instances: &[Vec<u8>],
@@ -91,7 +92,7 @@ impl SeriesProcessor for IngestOnly {
     fn identity(&self) -> Result<ModelIdentity, ProcessError> {
         Err(ProcessError::Model("this is an ingest node (\"Role\": \"ingest\"): it loads no model".into()))
     }
-    fn loaded_device(&self) -> Option<String> {
+    fn loaded_device(&self) -> Option<tch::Device> {
         None
     }
     fn process(
@@ -117,16 +118,19 @@ pub struct EngineProcessor {
     /// worker processes one series at a time anyway).
     segmenter: Mutex<Option<Segmenter>>,
     /// Device of the loaded model, readable by the status route while a series is running.
-    loaded_device: Mutex<Option<String>>,
+    loaded_device: Mutex<Option<tch::Device>>,
 }
 
-/// "auto" means the model's default; otherwise a mode the engine knows.
-pub fn parse_mode(mode: &str) -> Result<Option<Mode>, String> {
-    if mode.eq_ignore_ascii_case("auto") {
-        Ok(None)
-    } else {
-        mode.parse::<Mode>().map(Some)
-    }
+/// The warning for a source matrix whose Columns (hence Rows × Columns) is not a multiple of 8: the
+/// writer then stores a FRACTIONAL SEG, which viewers that read only BINARY SEGs cannot show.
+pub fn fractional_seg_warning(rows: usize, columns: usize) -> Option<String> {
+    (SegEncoding::for_columns(columns) == SegEncoding::Fractional).then(|| {
+        format!(
+            "the source matrix is {rows} × {columns} (Columns not a multiple of 8): the SEG is stored as FRACTIONAL \
+             (8-bit, 0/255) instead of BINARY; OHIF v3, Slicer, highdicom and Orthanc show it, viewers that read \
+             only BINARY SEGs do not (docs/viewers.md, \"Matrices that are not multiples of 8\")"
+        )
+    })
 }
 
 impl EngineProcessor {
@@ -137,10 +141,12 @@ impl EngineProcessor {
         let md = ModelDir { dir: dir.clone(), spec, backbone_paths: Vec::new(), decoder_paths: Vec::new() };
         let identity =
             ModelIdentity { name: md.spec.name.clone(), version: md.spec.version.clone(), sha256: md.model_sha256() };
-        let device: DeviceChoice = config.device.parse().map_err(ProcessError::Model)?;
-        let default_mode = parse_mode(&config.mode).map_err(ProcessError::Model)?;
-        let options =
-            EngineOptions { device, threads: (config.threads > 0).then_some(config.threads), ..Default::default() };
+        let default_mode = config.mode.0;
+        let options = EngineOptions {
+            device: config.device,
+            threads: (config.threads > 0).then_some(config.threads),
+            ..Default::default()
+        };
         Ok(EngineProcessor {
             dir,
             identity,
@@ -165,7 +171,7 @@ impl EngineProcessor {
                 id.sha256, self.identity.sha256
             )));
         }
-        *self.loaded_device.lock().unwrap() = Some(format!("{:?}", s.device()).to_ascii_lowercase());
+        *self.loaded_device.lock().unwrap() = Some(s.device());
         Ok(s)
     }
 }
@@ -175,8 +181,8 @@ impl SeriesProcessor for EngineProcessor {
         Ok(self.identity.clone())
     }
 
-    fn loaded_device(&self) -> Option<String> {
-        self.loaded_device.lock().unwrap().clone()
+    fn loaded_device(&self) -> Option<tch::Device> {
+        *self.loaded_device.lock().unwrap()
     }
 
     fn process(
@@ -194,10 +200,7 @@ impl SeriesProcessor for EngineProcessor {
             *slot = Some(self.load()?);
         }
         let segmenter = slot.as_ref().expect("loaded above");
-        let mode = match parse_mode(&request.mode).map_err(ProcessError::Engine)? {
-            Some(m) => Some(m),
-            None => self.default_mode,
-        };
+        let mode = request.mode.0.or(self.default_mode);
         let seg_request = SegmentRequest { mode, cancel: Some(cancel.clone()), ..Default::default() };
         let mut report = |p: Progress| {
             let base = match p.stage {
@@ -215,6 +218,7 @@ impl SeriesProcessor for EngineProcessor {
             progress(base + span * frac.clamp(0.0, 1.0));
         };
         let mut warnings = loaded.warnings;
+        warnings.extend(fractional_seg_warning(volume.dims[1], volume.dims[2]));
         let result = match segmenter.segment(&volume, &seg_request, &mut report) {
             Ok(r) => r,
             Err(EngineError::Cancelled) => return Err(ProcessError::Cancelled),

@@ -1,13 +1,69 @@
 //! The plugin's REST routes under /desam/ (registered with Orthanc, so they sit behind Orthanc's own
-//! HTTP authentication). Owns request parsing and answers; the work itself is queued to the worker.
+//! HTTP authentication): one table of (pattern, method, handler), used both to register and to dispatch.
+//! Owns request parsing and answers; the work itself is queued to the worker.
 
+use once_cell::sync::Lazy;
+use regex::Regex;
 use serde_json::{json, Value};
 
 use super::bridge::{Orthanc, RestReply, HTTP_GET, HTTP_POST};
-use super::entry;
+use super::config::{device_label, ModeChoice};
+use super::pipeline::SeriesProcessor;
+use super::state;
+use super::worker::SegmentationWorker;
 
-pub const ROUTES: &[&str] =
-    &["/desam/status", "/desam/models", "/desam/series/([^/]+)", "/desam/series/([^/]+)/segment"];
+/// What a handler gets from Orthanc: the regex groups of its pattern and the request body.
+pub struct RestRequest<'a> {
+    pub groups: &'a [String],
+    pub body: &'a [u8],
+}
+
+/// One REST route: Orthanc's URI regex (registered as is, matched whole to dispatch), the one method it
+/// answers (others get 405) and its handler.
+pub struct Route {
+    pub pattern: &'static str,
+    pub method: u32,
+    pub handler: fn(&RestRequest<'_>) -> RestReply,
+}
+
+/// The only route registered while the plugin is disabled, so that it says why.
+pub const STATUS_ROUTE: Route = Route { pattern: "/desam/status", method: HTTP_GET, handler: status_route };
+
+pub const ROUTES: &[Route] = &[
+    STATUS_ROUTE,
+    Route { pattern: "/desam/models", method: HTTP_GET, handler: models_route },
+    Route { pattern: "/desam/series/([^/]+)", method: HTTP_GET, handler: series_route },
+    Route { pattern: "/desam/series/([^/]+)/segment", method: HTTP_POST, handler: segment_route },
+];
+
+static MATCHERS: Lazy<Vec<Regex>> = Lazy::new(|| {
+    ROUTES.iter().map(|r| Regex::new(&format!("^{}$", r.pattern)).expect("route patterns are valid")).collect()
+});
+
+fn method_name(method: u32) -> &'static str {
+    if method == HTTP_POST {
+        "POST"
+    } else {
+        "GET"
+    }
+}
+
+/// Answers a request Orthanc routed to one of `ROUTES` (the table decides which).
+pub fn dispatch(method: u32, url: &str, groups: &[String], body: &[u8]) -> RestReply {
+    let path = url.split('?').next().unwrap_or(url);
+    let Some(route) = ROUTES.iter().zip(MATCHERS.iter()).find(|(_, m)| m.is_match(path)).map(|(r, _)| r) else {
+        return error_reply(404, "Unknown resource", &format!("no DeSAM route for {path}"));
+    };
+    if method != route.method {
+        return RestReply {
+            status: 405,
+            content_type: String::new(),
+            body: Vec::new(),
+            allow: method_name(route.method).into(),
+        };
+    }
+    (route.handler)(&RestRequest { groups, body })
+}
 
 pub fn reply_json(status: u16, v: &Value) -> RestReply {
     RestReply {
@@ -18,12 +74,23 @@ pub fn reply_json(status: u16, v: &Value) -> RestReply {
     }
 }
 
-fn not_allowed(allow: &str) -> RestReply {
-    RestReply { status: 405, content_type: String::new(), body: Vec::new(), allow: allow.into() }
+/// An error answer in Orthanc's own shape: `HttpStatus`, `Message` (what kind of failure) and
+/// `Details` (this request's particulars), so clients read plugin and core errors alike.
+pub fn error_reply(status: u16, message: &str, details: &str) -> RestReply {
+    reply_json(status, &json!({"HttpStatus": status, "Message": message, "Details": details}))
 }
 
-fn error(status: u16, msg: &str) -> RestReply {
-    reply_json(status, &json!({ "Error": msg }))
+fn bad_request(details: &str) -> RestReply {
+    error_reply(400, "Bad request", details)
+}
+
+fn unknown_series(id: &str) -> RestReply {
+    error_reply(404, "Unknown resource", &format!("unknown series {id}"))
+}
+
+/// The worker, or the 503 that says why there is none.
+fn enabled_worker() -> Result<std::sync::Arc<SegmentationWorker>, RestReply> {
+    state::worker().ok_or_else(|| error_reply(503, "DeSAM is disabled", &state::disabled_reason()))
 }
 
 /// Series ids are Orthanc's hashes: hex groups joined by '-'. Anything else is refused before it
@@ -32,103 +99,117 @@ fn valid_series_id(id: &str) -> bool {
     !id.is_empty() && id.len() <= 64 && id.chars().all(|c| c.is_ascii_hexdigit() || c == '-')
 }
 
-pub fn handle(method: u32, url: &str, groups: &[String], body: &[u8]) -> RestReply {
-    let path = url.split('?').next().unwrap_or(url);
-    if path == "/desam/status" {
-        if method != HTTP_GET {
-            return not_allowed("GET");
-        }
-        return reply_json(200, &status());
-    }
-    let plugin = match entry::plugin() {
-        Some(p) => p,
-        None => return error(503, &format!("DeSAM is disabled: {}", entry::disabled_reason())),
-    };
-    if path == "/desam/models" {
-        if method != HTTP_GET {
-            return not_allowed("GET");
-        }
-        return reply_json(200, &models(&plugin.config.model_directory, plugin.processor.as_ref()));
-    }
-    if path.ends_with("/segment") {
-        if method != HTTP_POST {
-            return not_allowed("POST");
-        }
-        let id = groups.first().map(String::as_str).unwrap_or("");
-        if !valid_series_id(id) {
-            return error(400, "invalid series id");
-        }
-        let (mode, force) = if body.iter().all(|b| b.is_ascii_whitespace()) {
-            (None, false)
-        } else {
-            match serde_json::from_slice::<Value>(body) {
-                Ok(v) if v.is_object() => {
-                    let mode = match v.get("Mode") {
-                        None | Some(Value::Null) => None,
-                        Some(Value::String(m)) if super::pipeline::parse_mode(m).is_ok() => {
-                            Some(m.to_ascii_lowercase())
-                        }
-                        Some(Value::String(m)) => {
-                            return error(400, &format!("\"Mode\" must be \"auto\", \"box\" or \"grid\", not {m:?}"))
-                        }
-                        Some(other) => return error(400, &format!("\"Mode\" must be a non-empty string, not {other}")),
-                    };
-                    (mode, v.get("Force").and_then(Value::as_bool).unwrap_or(false))
-                }
-                _ => return error(400, "the body must be a JSON object such as {\"Mode\": \"grid\"}"),
-            }
-        };
-        match Orthanc::get(&format!("/series/{id}")) {
-            Ok(_) => {}
-            Err(e) if e.is_not_found() => return error(404, &format!("unknown series {id}")),
-            Err(e) => return error(500, &e.to_string()),
-        }
-        return match plugin.enqueue_manual(id, mode.clone(), force) {
-            Ok(n) => reply_json(
-                200,
-                &json!({"Series": id, "Queued": true, "QueueLength": n, "Mode": mode.unwrap_or_else(|| plugin.config.mode.clone()), "Force": force}),
-            ),
-            Err(msg) => error(503, &msg),
-        };
-    }
-    // /desam/series/{id}
-    if method != HTTP_GET {
-        return not_allowed("GET");
-    }
-    let id = groups.first().map(String::as_str).unwrap_or("");
-    if !valid_series_id(id) {
-        return error(400, "invalid series id");
-    }
-    match plugin.result_json(id) {
-        Ok(Some(v)) => reply_json(200, &v),
-        Ok(None) => error(404, &format!("unknown series {id}")),
-        Err(e) => error(500, &e.to_string()),
+fn series_id_of(request: &RestRequest<'_>) -> Result<String, RestReply> {
+    let id = request.groups.first().map(String::as_str).unwrap_or("");
+    if valid_series_id(id) {
+        Ok(id.to_string())
+    } else {
+        Err(bad_request(&format!("invalid series id {id:?}")))
     }
 }
 
-fn status() -> Value {
-    let Some(plugin) = entry::plugin() else {
-        return json!({"Enabled": false, "Reason": entry::disabled_reason(), "Version": env!("CARGO_PKG_VERSION")});
+/// The optional body of `POST .../segment`: `{"Mode": "auto"|"box"|"grid", "Force": bool}`.
+fn parse_segment_body(body: &[u8]) -> Result<(Option<ModeChoice>, bool), String> {
+    if body.iter().all(|b| b.is_ascii_whitespace()) {
+        return Ok((None, false));
+    }
+    let v = match serde_json::from_slice::<Value>(body) {
+        Ok(v) if v.is_object() => v,
+        _ => return Err("the body must be a JSON object such as {\"Mode\": \"grid\"}".into()),
     };
-    let model = match plugin.processor.identity() {
+    let mode = match v.get("Mode") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(m)) => Some(m.parse::<ModeChoice>()?),
+        Some(other) => return Err(format!("\"Mode\" must be a non-empty string, not {other}")),
+    };
+    Ok((mode, v.get("Force").and_then(Value::as_bool).unwrap_or(false)))
+}
+
+fn status_route(_: &RestRequest<'_>) -> RestReply {
+    reply_json(200, &status())
+}
+
+fn models_route(_: &RestRequest<'_>) -> RestReply {
+    match enabled_worker() {
+        Ok(w) => reply_json(200, &models(&w.config.model_directory, w.processor.as_ref())),
+        Err(reply) => reply,
+    }
+}
+
+fn series_route(request: &RestRequest<'_>) -> RestReply {
+    let (worker, id) = match (enabled_worker(), series_id_of(request)) {
+        (Ok(w), Ok(id)) => (w, id),
+        (Err(reply), _) | (_, Err(reply)) => return reply,
+    };
+    match worker.result_json(&id) {
+        Ok(Some(v)) => reply_json(200, &v),
+        Ok(None) => unknown_series(&id),
+        Err(e) => error_reply(500, "Internal error", &e.to_string()),
+    }
+}
+
+fn segment_route(request: &RestRequest<'_>) -> RestReply {
+    let (worker, id) = match (enabled_worker(), series_id_of(request)) {
+        (Ok(w), Ok(id)) => (w, id),
+        (Err(reply), _) | (_, Err(reply)) => return reply,
+    };
+    let (mode, force) = match parse_segment_body(request.body) {
+        Ok(parsed) => parsed,
+        Err(details) => return bad_request(&details),
+    };
+    match Orthanc::get(&format!("/series/{id}")) {
+        Ok(_) => {}
+        Err(e) if e.is_not_found() => return unknown_series(&id),
+        Err(e) => return error_reply(500, "Internal error", &e.to_string()),
+    }
+    match worker.enqueue_manual(&id, mode, force) {
+        Ok(queued) => reply_json(
+            200,
+            &json!({
+                "Series": id,
+                "Queued": true,
+                "QueueLength": queued.queue_length,
+                "Mode": mode.unwrap_or(worker.config.mode).to_string(),
+                "Force": force,
+                // Orthanc's job: follow, pause or cancel the request through /jobs/{ID}.
+                "ID": queued.job_id,
+                "Path": queued.job_id.as_ref().map(|id| format!("/jobs/{id}")),
+            }),
+        ),
+        Err(details) => error_reply(503, "DeSAM cannot queue the series", &details),
+    }
+}
+
+fn loaded_device_label(device: tch::Device) -> String {
+    format!("{device:?}").to_ascii_lowercase()
+}
+
+fn status() -> Value {
+    let Some(worker) = state::worker() else {
+        return json!({"Enabled": false, "Reason": state::disabled_reason(), "Version": env!("CARGO_PKG_VERSION")});
+    };
+    let model = match worker.processor.identity() {
         Ok(id) => json!(id),
         Err(e) => json!({"Error": e.to_string()}),
     };
-    let loaded = plugin.processor.loaded_device();
+    let loaded = worker.processor.loaded_device();
     json!({
         "Enabled": true,
         "Version": env!("CARGO_PKG_VERSION"),
         "Model": model,
-        "ModelDirectory": plugin.config.model_directory,
+        "ModelDirectory": worker.config.model_directory,
         "ModelLoaded": loaded.is_some(),
-        "Device": loaded.unwrap_or_else(|| format!("{} (not loaded yet)", plugin.config.device)),
-        "Mode": plugin.config.mode,
-        "StableSeriesTrigger": plugin.config.stable_series_trigger,
-        "QualityThreshold": plugin.config.quality_threshold,
-        "Queue": plugin.queue_json(),
-        "Node": plugin.node_json(),
+        "Device": loaded.map(loaded_device_label)
+            .unwrap_or_else(|| format!("{} (not loaded yet)", device_label(&worker.config.device))),
+        "Mode": worker.config.mode,
+        "StableSeriesTrigger": worker.config.stable_series_trigger,
+        "QualityThreshold": worker.config.quality_threshold,
+        // Keys of the "DeSAM" section this plugin does not know (ignored; also logged at start-up).
+        "IgnoredOptions": worker.config.ignored_keys,
+        "Queue": worker.queue_json(),
+        "Node": worker.node_json(),
         "Cluster": cluster_counts(),
-        "Counters": plugin.metrics.to_json(),
+        "Counters": worker.metrics.to_json(),
     })
 }
 
@@ -146,11 +227,10 @@ fn cluster_counts() -> Value {
 }
 
 /// The active model plus any sibling model directories (each with a readable model.json).
-fn models(active_dir: &str, processor: &dyn super::pipeline::SeriesProcessor) -> Value {
+fn models(active_dir: &str, processor: &dyn SeriesProcessor) -> Value {
+    let device = processor.loaded_device().map(loaded_device_label);
     let active = match processor.identity() {
-        Ok(id) => {
-            json!({"Directory": active_dir, "Identity": id, "Loaded": processor.loaded_device().is_some(), "Device": processor.loaded_device()})
-        }
+        Ok(id) => json!({"Directory": active_dir, "Identity": id, "Loaded": device.is_some(), "Device": device}),
         Err(e) => json!({"Directory": active_dir, "Error": e.to_string()}),
     };
     let mut available = Vec::new();
@@ -184,5 +264,42 @@ mod tests {
         assert!(valid_series_id("211fb9b0-46831f91-29422fb0-3d1353fd-1a2228a9"));
         assert!(!valid_series_id("../../tools/shutdown"));
         assert!(!valid_series_id(""));
+    }
+
+    #[test]
+    fn the_route_table_dispatches_by_pattern_and_method() {
+        let patterns: Vec<&str> = ROUTES.iter().map(|r| r.pattern).collect();
+        assert_eq!(patterns[0], STATUS_ROUTE.pattern);
+        let matching = |path: &str| {
+            ROUTES
+                .iter()
+                .zip(MATCHERS.iter())
+                .filter(|(_, m)| m.is_match(path))
+                .map(|(r, _)| r.pattern)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(matching("/desam/series/ab-12"), ["/desam/series/([^/]+)"]);
+        assert_eq!(matching("/desam/series/ab-12/segment"), ["/desam/series/([^/]+)/segment"]);
+        assert!(matching("/desam/series/ab/segment/x").is_empty());
+        // A wrong method is answered by the table, before any handler or state is touched.
+        let reply = dispatch(HTTP_GET, "/desam/series/ab/segment", &["ab".into()], b"");
+        assert_eq!((reply.status, reply.allow.as_str()), (405, "POST"));
+    }
+
+    #[test]
+    fn segment_bodies_are_parsed_into_typed_modes_and_errors_use_orthanc_keys() {
+        assert_eq!(parse_segment_body(b" ").unwrap(), (None, false));
+        let (mode, force) = parse_segment_body(br#"{"Mode": "GRID", "Force": true}"#).unwrap();
+        assert_eq!((mode.map(|m| m.to_string()), force), (Some("grid".into()), true));
+        assert!(parse_segment_body(br#"{"Mode": 3}"#).unwrap_err().contains("Mode"));
+        assert!(parse_segment_body(br#"{"Mode": "points"}"#).unwrap_err().contains("\"box\""));
+        assert!(parse_segment_body(b"[1]").is_err());
+        let reply = error_reply(404, "Unknown resource", "unknown series ab");
+        let body: Value = serde_json::from_slice(&reply.body).unwrap();
+        assert_eq!(
+            (body["Message"].as_str(), body["Details"].as_str()),
+            (Some("Unknown resource"), Some("unknown series ab"))
+        );
+        assert_eq!(body["HttpStatus"], 404);
     }
 }

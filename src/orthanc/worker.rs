@@ -1,6 +1,7 @@
-//! The plugin's worker thread: reads Orthanc's /changes log from a persisted cursor, applies the
-//! series rules and the exactly-once checks, and runs each series as an Orthanc job. It is the only
-//! place that calls the REST API for processing; the change callback merely wakes it.
+//! The plugin's segmentation worker (`SegmentationWorker`): its queue and its thread, which reads
+//! Orthanc's /changes log from a persisted cursor, applies the series rules and the exactly-once checks,
+//! and runs each series as an Orthanc job. It is the only place that calls the REST API for processing;
+//! the change callback merely wakes it.
 
 use serde_json::{json, Value};
 use std::collections::{HashSet, VecDeque};
@@ -11,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use super::bridge::{Orthanc, OrthancCallError};
 use super::claims::{self, ClaimError, Lease};
-use super::config::{CompiledFilter, EmptyResult, PluginConfig, Role};
+use super::config::{CompiledFilter, EmptyResult, ModeChoice, PluginConfig, Role};
 use super::jobs::{self, JobShared, Phase};
 use super::metadata::{self, ResultRecord};
 use super::metrics::Metrics;
@@ -25,8 +26,9 @@ const CHANGES_PAGE: usize = 500;
 pub enum WorkItem {
     /// From the /changes log (automatic trigger or start-up catch-up).
     Change { series_id: String, seq: i64 },
-    /// `POST /desam/series/{id}/segment`.
-    Manual { series_id: String, mode: Option<String>, force: bool },
+    /// `POST /desam/series/{id}/segment`; `mode` None: the configured one. `job`: the Orthanc job
+    /// submitted (and paused) when the request was queued, None if the jobs engine refused it.
+    Manual { series_id: String, mode: Option<ModeChoice>, force: bool, job: Option<Arc<JobShared>> },
     /// A failed or canceled job resubmitted from /jobs.
     Resume(Arc<JobShared>),
     /// A series another node had claimed, looked at again once that claim could have expired.
@@ -75,7 +77,7 @@ impl State {
 }
 
 /// Removes a series from the node's claims list when dropped (every exit of `process_series`).
-struct Unlist<'a>(&'a Plugin, String);
+struct Unlist<'a>(&'a SegmentationWorker, String);
 
 impl Drop for Unlist<'_> {
     fn drop(&mut self) {
@@ -101,7 +103,38 @@ enum Outcome {
     Canceled,
 }
 
-pub struct Plugin {
+/// What `enqueue_manual` answers: the queue length and the Orthanc job that will run the request.
+pub struct ManualRequestQueued {
+    pub queue_length: usize,
+    /// Orthanc's job id (follow or cancel it through `/jobs/{id}`); None if the jobs engine refused it.
+    pub job_id: Option<String>,
+}
+
+/// Orthanc's state of a job ("Pending", "Running", "Paused", "Success", "Failure", ...), None if unknown.
+fn orthanc_job_state(job_id: &str) -> Option<String> {
+    Orthanc::get_json(&format!("/jobs/{job_id}")).ok().and_then(|v| v["State"].as_str().map(String::from))
+}
+
+/// Resumes a job the plugin paused while it waited in the queue. A pause asked for while the job was
+/// running only takes effect after its current step, so "Running" is waited out briefly.
+fn resume_paused_job(job_id: &str) {
+    for _ in 0..40 {
+        match orthanc_job_state(job_id).as_deref() {
+            Some("Paused") => {
+                if Orthanc::post(&format!("/jobs/{job_id}/resume"), b"").is_ok() {
+                    return;
+                }
+            }
+            Some("Running") => {}
+            _ => return,
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The node's segmentation worker: configuration, model, counters, queue and worker thread. One per
+/// plugin, created at start-up when the configuration is valid (`state` holds it).
+pub struct SegmentationWorker {
     pub config: PluginConfig,
     filter: CompiledFilter,
     pub processor: Box<dyn SeriesProcessor>,
@@ -125,10 +158,10 @@ enum RunError {
     Vanished,
 }
 
-impl Plugin {
-    pub fn new(config: PluginConfig, processor: Box<dyn SeriesProcessor>) -> Result<Arc<Plugin>, String> {
+impl SegmentationWorker {
+    pub fn new(config: PluginConfig, processor: Box<dyn SeriesProcessor>) -> Result<Arc<SegmentationWorker>, String> {
         let filter = config.compiled_filter().map_err(|e| e.to_string())?;
-        Ok(Arc::new(Plugin {
+        Ok(Arc::new(SegmentationWorker {
             config,
             filter,
             processor,
@@ -202,23 +235,59 @@ impl Plugin {
         self.wake.notify_all();
     }
 
-    /// Queues a manual request; Err when the queue is full or this is an ingest node.
-    pub fn enqueue_manual(&self, series_id: &str, mode: Option<String>, force: bool) -> Result<usize, String> {
+    /// Queues a manual request as an Orthanc job (paused until its turn, see `JobShared::paused_in_queue`);
+    /// Err when the queue is full or this is an ingest node.
+    pub fn enqueue_manual(
+        &self,
+        series_id: &str,
+        mode: Option<ModeChoice>,
+        force: bool,
+    ) -> Result<ManualRequestQueued, String> {
         if self.config.role == Role::Ingest {
             return Err(format!(
                 "node {} is an ingest node (\"Role\": \"ingest\"): send the request to a worker node",
                 self.config.node()
             ));
         }
+        let queue_full = |n: usize| format!("the queue is full ({n} series waiting)");
+        let waiting = self.state.lock().unwrap().len();
+        if waiting >= self.config.max_queue_length {
+            return Err(queue_full(waiting));
+        }
+        let job = JobShared::new(series_id, mode.unwrap_or(self.config.mode), force);
+        job.set_detail("Queued", json!(true));
+        let job_id = match Orthanc::submit_job(job.handle, jobs::JOB_TYPE, self.config.job_priority) {
+            Ok(id) => {
+                *job.orthanc_id.lock().unwrap() = Some(id.clone());
+                job.paused_in_queue.store(true, Ordering::SeqCst);
+                if let Err(e) = Orthanc::post(&format!("/jobs/{id}/pause"), b"") {
+                    Orthanc::log_warning(&format!("DeSAM: cannot pause queued job {id} ({e}); it holds a job slot"));
+                }
+                Some(id)
+            }
+            Err(e) => {
+                // The worker submits one itself when the request's turn comes.
+                Orthanc::log_warning(&format!("DeSAM: cannot submit a job for series {series_id} now ({e})"));
+                jobs::finalize(job.handle);
+                None
+            }
+        };
         let mut st = self.state.lock().unwrap();
         if st.len() >= self.config.max_queue_length {
-            return Err(format!("the queue is full ({} series waiting)", st.len()));
+            drop(st);
+            // Filled up by concurrent requests meanwhile: take the job back.
+            if let Some(id) = &job_id {
+                job.set_phase(jobs::Phase::Canceled);
+                let _ = Orthanc::post(&format!("/jobs/{id}/cancel"), b"");
+            }
+            return Err(queue_full(self.config.max_queue_length));
         }
-        st.manual.push_back(WorkItem::Manual { series_id: series_id.to_string(), mode, force });
+        let job = job_id.as_ref().map(|_| job);
+        st.manual.push_back(WorkItem::Manual { series_id: series_id.to_string(), mode, force, job });
         let n = st.len();
         self.metrics.set_queue_length(n);
         self.wake.notify_all();
-        Ok(n)
+        Ok(ManualRequestQueued { queue_length: n, job_id })
     }
 
     pub fn queue_json(&self) -> Value {
@@ -447,9 +516,10 @@ impl Plugin {
             WorkItem::Change { series_id, .. } | WorkItem::Recheck { series_id } => {
                 (series_id, None, false, None, false)
             }
-            WorkItem::Manual { series_id, mode, force } => (series_id, mode, force, None, true),
-            WorkItem::Resume(job) => (job.series_id.clone(), Some(job.mode.clone()), true, Some(job), true),
+            WorkItem::Manual { series_id, mode, force, job } => (series_id, mode, force, job, true),
+            WorkItem::Resume(job) => (job.series_id.clone(), Some(job.mode), true, Some(job), true),
         };
+        let submitted_job = job.clone();
         // Allocator tuning for inference, confined to this series (restored when `memory` drops).
         let memory = crate::runtime::InferenceMemory::begin();
         // The panic boundary of one unit of work: whatever goes wrong in it, the worker goes on.
@@ -463,6 +533,9 @@ impl Plugin {
         };
         // The engine's buffers stay in the heap during a series (crate::runtime); give them back.
         drop(memory);
+        if let Some(job) = submitted_job {
+            self.settle_job(&job, &outcome);
+        }
         {
             let mut st = self.state.lock().unwrap();
             st.running_ids.clear();
@@ -487,6 +560,30 @@ impl Plugin {
             )),
             Outcome::Canceled => Orthanc::log_warning(&format!("DeSAM: series {series_id}: job canceled")),
             Outcome::Done => {}
+        }
+    }
+
+    /// A job submitted before the run (manual request, resubmission) that ended before it started
+    /// (a skip, a cancel while queued, an error in the checks) is given its end here, and resumed if
+    /// the plugin still holds it paused, so that Orthanc shows how it ended instead of "Paused".
+    fn settle_job(&self, job: &JobShared, outcome: &Outcome) {
+        if !job.is_finished() {
+            match outcome {
+                Outcome::Skipped(why) => {
+                    job.set_detail("Skipped", json!(why));
+                    job.set_phase(Phase::Done);
+                }
+                Outcome::Done => job.set_phase(Phase::Done),
+                Outcome::Failed(msg) => job.set_phase(Phase::Failed(msg.clone())),
+                Outcome::Canceled => job.set_phase(Phase::Canceled),
+            }
+        }
+        job.set_detail("Queued", json!(false));
+        job.attached.store(false, Ordering::SeqCst);
+        if job.paused_in_queue.swap(false, Ordering::SeqCst) {
+            if let Some(id) = job.orthanc_id.lock().unwrap().clone() {
+                resume_paused_job(&id);
+            }
         }
     }
 
@@ -541,12 +638,18 @@ impl Plugin {
     fn process_series(
         &self,
         series_id: &str,
-        mode: Option<String>,
+        mode: Option<ModeChoice>,
         force: bool,
         manual: bool,
         job: Option<Arc<JobShared>>,
     ) -> Result<Outcome, RunError> {
-        let mode = mode.unwrap_or_else(|| self.config.mode.clone());
+        let mode = mode.unwrap_or(self.config.mode);
+        // Canceled through Orthanc's /jobs while it waited in the queue: Orthanc never calls `stop`
+        // for a job that is not running, so its state is read here.
+        let orthanc_job = job.as_ref().and_then(|j| j.orthanc_id.lock().unwrap().clone());
+        if orthanc_job.as_deref().and_then(orthanc_job_state).as_deref() == Some("Failure") {
+            return Ok(Outcome::Canceled);
+        }
         let series = match Orthanc::get_json(&format!("/series/{series_id}")) {
             Ok(s) => s,
             Err(e) if e.is_not_found() => return Ok(Outcome::Skipped("the series no longer exists".into())),
@@ -650,7 +753,7 @@ impl Plugin {
                     seg_instance: Some(found.instance),
                     quality_score: found.quality,
                     needs_review,
-                    ..ResultRecord::new("done", &model, &mode, &hash, uids.len())
+                    ..ResultRecord::new("done", &model, mode, &hash, uids.len())
                 };
                 self.write_record(series_id, &record)?;
                 return Ok(Outcome::Skipped(format!(
@@ -663,7 +766,7 @@ impl Plugin {
         let job = match job {
             Some(j) => j,
             None => {
-                let j = JobShared::new(series_id, &mode, force);
+                let j = JobShared::new(series_id, mode, force);
                 match Orthanc::submit_job(j.handle, jobs::JOB_TYPE, self.config.job_priority) {
                     Ok(id) => {
                         Orthanc::log_info(&format!("DeSAM: series {series_id}: job {id} submitted"));
@@ -681,6 +784,12 @@ impl Plugin {
             }
         };
         job.attached.store(true, Ordering::SeqCst);
+        job.set_detail("Queued", json!(false));
+        if job.paused_in_queue.load(Ordering::SeqCst) {
+            if let Some(id) = job.orthanc_id.lock().unwrap().clone() {
+                resume_paused_job(&id);
+            }
+        }
         lease.attach(job.cancel.clone());
         self.state.lock().unwrap().running_job = Some(job.clone());
         job.set_detail("SeriesInstanceUID", json!(series_uid));
@@ -690,12 +799,20 @@ impl Plugin {
             let still_wanted = || match &orthanc_job {
                 // Pending, Running, Paused or Retry: Orthanc may still start it.
                 Some(id) => match Orthanc::get_json(&format!("/jobs/{id}")) {
-                    Ok(v) => !matches!(v["State"].as_str(), Some("Failure") | Some("Success")),
+                    Ok(v) => {
+                        if v["State"] == "Paused" && job.paused_in_queue.load(Ordering::SeqCst) {
+                            // Our queue pause landed after the resume above (it waits for a step).
+                            resume_paused_job(id);
+                        }
+                        !matches!(v["State"].as_str(), Some("Failure") | Some("Success"))
+                    }
                     Err(e) => !e.is_not_found(),
                 },
                 None => true,
             };
-            if !job.wait_until_started(&self.shutdown, &still_wanted) {
+            let started = job.wait_until_started(&self.shutdown, &still_wanted);
+            job.paused_in_queue.store(false, Ordering::SeqCst);
+            if !started {
                 break if self.shutdown.load(Ordering::SeqCst) {
                     job.set_phase(Phase::Failed("Orthanc is stopping".into()));
                     Outcome::Canceled
@@ -705,7 +822,7 @@ impl Plugin {
             }
             let started = Instant::now();
             // A panic inside the run fails this job (with its message) and nothing else.
-            let run = crate::guard::catch(|| self.run_job(series_id, &instance_ids, &uids, &hash, &model, &mode, &job))
+            let run = crate::guard::catch(|| self.run_job(series_id, &instance_ids, &uids, &hash, &model, mode, &job))
                 .unwrap_or_else(|panic| {
                     self.metrics.record_panic();
                     Err(RunError::Other(format!("internal error (caught): {panic}")))
@@ -766,7 +883,7 @@ impl Plugin {
                     let failed = ResultRecord {
                         error: Some(msg.clone()),
                         job: job.orthanc_id.lock().unwrap().clone(),
-                        ..ResultRecord::new("failed", &model, &mode, &hash, uids.len())
+                        ..ResultRecord::new("failed", &model, mode, &hash, uids.len())
                     };
                     // A failed re-run never replaces a good result: it is kept beside it, newest first.
                     let record = match self.read_record(series_id) {
@@ -790,7 +907,7 @@ impl Plugin {
         uids: &[String],
         hash: &str,
         model: &ModelIdentity,
-        mode: &str,
+        mode: ModeChoice,
         job: &JobShared,
     ) -> Result<ResultRecord, RunError> {
         let started = Instant::now();
@@ -807,7 +924,7 @@ impl Plugin {
             panic!("injected fault in the worker (DESAM_FAULT_INJECTION=worker)");
         }
         let request = ProcessRequest {
-            mode: mode.to_string(),
+            mode,
             series_description: self.config.series_description.clone(),
             quality_threshold: self.config.quality_threshold,
             store_empty: self.config.empty_result == EmptyResult::Seg,
@@ -858,7 +975,8 @@ impl Plugin {
             seconds: started.elapsed().as_secs_f64(),
             device: s.device.clone(),
             job: job.orthanc_id.lock().unwrap().clone(),
-            ..ResultRecord::new(status, &model, mode, hash, uids.len())
+            warnings: s.warnings.clone(),
+            ..ResultRecord::new(status, model, mode, hash, uids.len())
         };
         self.write_record(series_id, &record)?;
         job.set_detail("SegInstance", json!(seg_instance));

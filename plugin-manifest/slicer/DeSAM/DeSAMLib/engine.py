@@ -38,7 +38,11 @@ PROSTATE_TERMINOLOGY_ENTRY = (
     "~^^"
     "~^^"
 )
-PROSTATE_COLOR = (0.902, 0.620, 0.549)  # GenericAnatomyColors "prostate" (230, 158, 140)
+# The prostate's recommendedDisplayRGBValue in Slicer's General Anatomy terminology (SCT 41216001); the
+# SEG writer stores the same colour as RecommendedDisplayCIELabValue (src/dicom/codes.rs PROSTATE_RGB,
+# kept equal by a test there).
+PROSTATE_RGB = (230, 158, 140)
+PROSTATE_COLOR = tuple(c / 255.0 for c in PROSTATE_RGB)
 
 # Fraction of the whole run each engine stage stands for (encode dominates).
 STAGE_WEIGHTS = {
