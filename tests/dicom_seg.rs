@@ -268,8 +268,8 @@ fn prostate_phantom_validates_everywhere() {
     for (z, f) in seg.frames.iter().enumerate() {
         assert_eq!(f.source_refs[0].sop_instance_uid, src.slices[z].sop_instance_uid);
         let p = f.position.unwrap();
-        for a in 0..3 {
-            assert!((p[a] - src.slices[z].position[a]).abs() < 1e-9);
+        for (got, want) in p.iter().zip(src.slices[z].position) {
+            assert!((got - want).abs() < 1e-9);
         }
         assert_eq!(f.dimension_index_values, vec![1, z as u32 + 1]);
     }

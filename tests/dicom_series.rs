@@ -509,7 +509,7 @@ fn rejected_inputs_return_their_typed_errors() {
     let mut mask = desam::Mask::zeros(source.dims);
     mask.data[source.slice_len() * 2 + 40] = 1;
     let seg = write_prostate_seg(&source, &mask, &SegOptions::default()).unwrap();
-    let r = load_series_bytes(&[seg.clone()]);
+    let r = load_series_bytes(std::slice::from_ref(&seg));
     assert!(matches!(r, Err(DicomError::NoImages(ref m)) if m.contains("segmentation")), "{r:?}");
     // A SEG stored next to its source series is ignored (with a warning), not a second series.
     let mut with_seg: Vec<Vec<u8>> = dcm_files(&dir).iter().map(|p| std::fs::read(p).unwrap()).collect();

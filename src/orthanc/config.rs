@@ -451,7 +451,7 @@ mod tests {
         assert_eq!(ignored, ["Enabel", "Limits.Bogus", "SeriesFilter.MinSlice"]);
         assert!(cfg.enable, "an unknown key must not change a known option");
         assert_eq!(cfg.mode, ModeChoice(Some(Mode::Grid)));
-        assert_eq!(cfg.device, DeviceChoice::Cuda);
+        assert_eq!(cfg.device, DeviceChoice::Cuda(0));
         assert_eq!(PluginConfig::default().mode.to_string(), "auto");
         assert_eq!("Box".parse::<ModeChoice>().unwrap().to_string(), "box");
         assert!("points".parse::<ModeChoice>().is_err());
