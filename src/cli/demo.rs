@@ -47,9 +47,9 @@ pub struct Args {
     /// Phantom seed.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// The plugin's Device option: auto, cpu or cuda.
-    #[arg(long, default_value = "auto")]
-    pub device: String,
+    /// The plugin's Device option.
+    #[arg(long, default_value = "auto", value_parser = super::values::DeviceParser)]
+    pub device: crate::engine::DeviceChoice,
     /// The plugin's Threads option (0: libtorch's default).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
@@ -128,9 +128,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let t_start = Instant::now();
     let size: Size = args.size.parse()?;
     let sites = parse_sites(&args.sites)?;
-    if !["auto", "cpu", "cuda"].contains(&args.device.as_str()) {
-        bail!("--device must be auto, cpu or cuda (got {:?})", args.device);
-    }
     let model = absolute(&args.model)?;
     let spec = crate::modeldir::read_spec(&model).with_context(|| format!("model directory {}", model.display()))?;
     if spec.untrained {
@@ -175,7 +172,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         &out,
         &plugin,
         &model,
-        &args.device,
+        args.device,
         args.threads,
         viewer_template.as_deref(),
     )?;
@@ -681,7 +678,7 @@ impl DemoOrthanc {
         out: &Path,
         plugin: &Path,
         model: &Path,
-        device: &str,
+        device: crate::engine::DeviceChoice,
         threads: usize,
         viewer_url_template: Option<&str>,
     ) -> anyhow::Result<DemoOrthanc> {
@@ -706,7 +703,7 @@ impl DemoOrthanc {
             "DeSAM": {
                 "Enable": true,
                 "ModelDirectory": model,
-                "Device": device,
+                "Device": device.to_string(),
                 "Threads": threads,
             },
         });

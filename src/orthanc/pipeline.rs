@@ -13,13 +13,21 @@ use crate::modeldir::{self, ModelDir};
 #[derive(Debug, thiserror::Error)]
 pub enum ProcessError {
     #[error("cannot read the series: {0}")]
-    Read(String),
+    Read(#[source] dicom::DicomError),
     #[error("model: {0}")]
     Model(String),
+    #[error("model directory: {0}")]
+    ModelDir(#[source] modeldir::ModelDirError),
+    #[error("model: {0}")]
+    ModelLoad(#[source] EngineError),
     #[error("segmentation failed: {0}")]
-    Engine(String),
+    Engine(#[source] EngineError),
+    #[error("segmentation failed (CPU retry after GPU out-of-memory): {0}")]
+    CpuRetry(#[source] EngineError),
     #[error("cannot write the DICOM-SEG: {0}")]
-    Write(String),
+    Write(#[source] dicom::SegError),
+    #[error("cannot write the DICOM-SEG: the written SEG does not read back: {0}")]
+    ReadBack(#[source] dicom::SegError),
     #[error("cancelled")]
     Cancelled,
 }
@@ -137,7 +145,7 @@ impl EngineProcessor {
     /// Checks the model directory's model.json (cheap: no weights are read) and the options.
     pub fn new(config: &PluginConfig) -> Result<EngineProcessor, ProcessError> {
         let dir = PathBuf::from(&config.model_directory);
-        let spec = modeldir::read_spec(&dir).map_err(|e| ProcessError::Model(e.to_string()))?;
+        let spec = modeldir::read_spec(&dir).map_err(ProcessError::ModelDir)?;
         let md = ModelDir { dir: dir.clone(), spec, backbone_paths: Vec::new(), decoder_paths: Vec::new() };
         let identity =
             ModelIdentity { name: md.spec.name.clone(), version: md.spec.version.clone(), sha256: md.model_sha256() };
@@ -162,8 +170,7 @@ impl EngineProcessor {
     }
 
     fn load(&self) -> Result<Segmenter, ProcessError> {
-        let s = Segmenter::from_model_dir(&self.dir, self.options.clone())
-            .map_err(|e| ProcessError::Model(e.to_string()))?;
+        let s = Segmenter::from_model_dir(&self.dir, self.options.clone()).map_err(ProcessError::ModelLoad)?;
         let id = s.model_id();
         if id.sha256 != self.identity.sha256 {
             return Err(ProcessError::Model(format!(
@@ -192,7 +199,7 @@ impl SeriesProcessor for EngineProcessor {
         progress: &mut dyn FnMut(f32),
         cancel: &Arc<AtomicBool>,
     ) -> Result<ProcessOutput, ProcessError> {
-        let loaded = dicom::load_series_bytes(instances).map_err(|e| ProcessError::Read(e.to_string()))?;
+        let loaded = dicom::load_series_bytes(instances).map_err(ProcessError::Read)?;
         let volume = loaded.volume;
         progress(0.05);
         let mut slot = self.segmenter.lock().unwrap_or_else(|p| p.into_inner());
@@ -229,14 +236,14 @@ impl SeriesProcessor for EngineProcessor {
                     &self.dir,
                     EngineOptions { device: DeviceChoice::Cpu, ..self.options.clone() },
                 )
-                .map_err(|e| ProcessError::Model(e.to_string()))?;
+                .map_err(ProcessError::ModelLoad)?;
                 match cpu.segment(&volume, &seg_request, &mut report) {
                     Ok(r) => r,
                     Err(EngineError::Cancelled) => return Err(ProcessError::Cancelled),
-                    Err(e) => return Err(ProcessError::Engine(format!("CPU retry after GPU out-of-memory: {e}"))),
+                    Err(e) => return Err(ProcessError::CpuRetry(e)),
                 }
             }
-            Err(e) => return Err(ProcessError::Engine(e.to_string())),
+            Err(e) => return Err(ProcessError::Engine(e)),
         };
         let empty = result.voxels == 0;
         let mut summary = ProcessSummary {
@@ -262,9 +269,8 @@ impl SeriesProcessor for EngineProcessor {
         opts.quality_score = Some(result.quality);
         opts.gland_volume_ml = Some(result.volume_ml);
         let segment = Segment { info: SegmentInfo::prostate(&self.identity.name), mask: &result.mask };
-        let bytes = dicom::write_seg(&volume, &[segment], &opts).map_err(|e| ProcessError::Write(e.to_string()))?;
-        let written = dicom::read_seg_standalone(&bytes)
-            .map_err(|e| ProcessError::Write(format!("the written SEG does not read back: {e}")))?;
+        let bytes = dicom::write_seg(&volume, &[segment], &opts).map_err(ProcessError::Write)?;
+        let written = dicom::read_seg_standalone(&bytes).map_err(ProcessError::ReadBack)?;
         summary.seg_sop_instance_uid = Some(written.sop_instance_uid);
         summary.seg_series_instance_uid = written.series_instance_uid;
         progress(1.0);

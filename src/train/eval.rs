@@ -251,8 +251,7 @@ pub fn evaluate(o: &EvalOptions) -> Result<EvalSummary, TrainError> {
     let seg = Segmenter::from_model_dir(
         &o.model,
         EngineOptions { device: o.device, threads: o.threads, ..Default::default() },
-    )
-    .map_err(|e| TrainError::Model(e.to_string()))?;
+    )?;
     let cases = select_cases(&o.data, &o.sites, o.max_cases_per_site)?;
     let manifest_hash = data::manifest_hash(&cases)?;
     let mode = o.mode.unwrap_or_else(|| seg.default_mode());
@@ -374,12 +373,8 @@ pub fn evaluate_run_on_store(
         });
     }
     let model = super::fit::load_base_model(&train_index, device)?;
-    let spec =
-        crate::modeldir::read_spec(&train_index.config.model_dir).map_err(|e| TrainError::Model(e.to_string()))?;
-    let mode = mode.unwrap_or(match cfg.mode {
-        super::fit::PromptMode::Box => crate::engine::Mode::Box,
-        super::fit::PromptMode::Grid => crate::engine::Mode::Grid,
-    });
+    let spec = crate::modeldir::read_spec(&train_index.config.model_dir)?;
+    let mode = mode.unwrap_or(cfg.mode);
     if cfg.coupled && mode == crate::engine::Mode::Grid {
         return Err(TrainError::Invalid("the coupled baseline is scored with the box prompt only".into()));
     }

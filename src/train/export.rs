@@ -48,7 +48,7 @@ pub fn export(o: &ExportOptions) -> Result<modeldir::ModelDir, TrainError> {
     };
     let (params, _, _, state) = fit::read_checkpoint(&ckpt)?;
     let index = precompute::read_index(&cfg.embeddings)?;
-    let base = modeldir::open(&index.config.model_dir).map_err(|e| TrainError::Model(e.to_string()))?;
+    let base = modeldir::open(&index.config.model_dir)?;
     let model = fit::load_base_model(&index, tch::Device::Cpu)?;
     let vars = model.decoder_variables();
     if vars.len() != params.len() || vars.iter().zip(&params).any(|(a, b)| a.0 != b.0) {
@@ -85,7 +85,7 @@ pub fn export(o: &ExportOptions) -> Result<modeldir::ModelDir, TrainError> {
     let decoder: Vec<(String, tch::Tensor)> =
         model.state_dict().into_iter().filter(|(n, _)| !n.starts_with("image_encoder.")).collect();
     let dec_path = tmp.join("decoder.safetensors");
-    checkpoint::save_safetensors(&decoder, &dec_path, tch::Kind::Half).map_err(|e| TrainError::Model(e.to_string()))?;
+    checkpoint::save_safetensors(&decoder, &dec_path, tch::Kind::Half)?;
     let dec_sha = modeldir::sha256_file(&dec_path).map_err(io_err(&dec_path))?;
     let logs = fit::read_log(&o.run)?;
     let best = state.best_epoch.and_then(|e| logs.iter().find(|l| l.epoch == e).cloned());
@@ -122,17 +122,14 @@ pub fn export(o: &ExportOptions) -> Result<modeldir::ModelDir, TrainError> {
         backbone: WeightsSet { files: backbone },
         decoder: WeightsSet { files: vec![WeightsFile { path: "decoder.safetensors".into(), sha256: dec_sha }] },
         preprocessing: base.spec.preprocessing.clone(),
-        default_mode: match cfg.mode {
-            fit::PromptMode::Box => crate::engine::Mode::Box,
-            fit::PromptMode::Grid => crate::engine::Mode::Grid,
-        },
+        default_mode: cfg.mode,
         grid_points: base.spec.grid_points,
         thresholds: base.spec.thresholds.clone(),
         cleanup_3d: base.spec.cleanup_3d,
         training,
         untrained: false,
     };
-    modeldir::write_spec(&tmp, &spec).map_err(|e| TrainError::Model(e.to_string()))?;
+    modeldir::write_spec(&tmp, &spec)?;
     if o.out.exists() {
         return Err(TrainError::Exists { path: o.out.clone() });
     }
@@ -145,7 +142,7 @@ pub fn export(o: &ExportOptions) -> Result<modeldir::ModelDir, TrainError> {
             let _ = std::fs::set_permissions(e.path(), p);
         }
     }
-    modeldir::open(&o.out).map_err(|e| TrainError::Model(e.to_string()))
+    Ok(modeldir::open(&o.out)?)
 }
 
 // ------------------------------------------------------------------------------------------------

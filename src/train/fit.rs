@@ -24,25 +24,10 @@ pub const LATEST: &str = "checkpoint_latest.safetensors";
 pub const BEST: &str = "checkpoint_best.safetensors";
 pub const SUMMARY_JSON: &str = "summary.json";
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum PromptMode {
-    /// Whole-image box for every sample (DeSAM-B); no IoU loss.
-    Box,
-    /// One random point per sample, inside (IoU target 1) or outside (0) the ground truth (DeSAM-P).
-    Grid,
-}
-
-impl std::str::FromStr for PromptMode {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s.to_ascii_lowercase().as_str() {
-            "box" => Ok(PromptMode::Box),
-            "grid" => Ok(PromptMode::Grid),
-            o => Err(format!("unknown mode {o:?} (box or grid)")),
-        }
-    }
-}
+/// Training samples prompts the way the engine runs them: box = the whole-image box for every sample
+/// (DeSAM-B, no IoU loss); grid = one random point per sample, inside (IoU target 1) or outside (0)
+/// the ground truth (DeSAM-P).
+pub use crate::engine::Mode as PromptMode;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -229,12 +214,10 @@ pub fn peak_rss_mb() -> f64 {
 
 /// The model a store was built for: its encoder (unused here) + its decoder as the starting point.
 pub fn load_base_model(index: &StoreIndex, device: Device) -> Result<DeSam, TrainError> {
-    let md = crate::modeldir::open(&index.config.model_dir).map_err(|e| TrainError::Model(e.to_string()))?;
-    let arch: Arch =
-        index.config.arch.parse().map_err(|e: crate::model::config::UnknownArch| TrainError::Model(e.to_string()))?;
+    let md = crate::modeldir::open(&index.config.model_dir)?;
+    let arch: Arch = index.config.arch.parse()?;
     let files: Vec<&Path> = md.backbone_paths.iter().chain(&md.decoder_paths).map(|p| p.as_path()).collect();
-    let (model, _) =
-        DeSam::load(&ModelConfig::for_arch(arch), &files, device).map_err(|e| TrainError::Model(e.to_string()))?;
+    let (model, _) = DeSam::load(&ModelConfig::for_arch(arch), &files, device)?;
     model.freeze_encoders();
     Ok(model)
 }

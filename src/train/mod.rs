@@ -38,6 +38,16 @@ pub enum TrainError {
     Torch(#[from] tch::TchError),
     #[error("model: {0}")]
     Model(String),
+    #[error("model directory: {0}")]
+    ModelDir(#[from] crate::modeldir::ModelDirError),
+    #[error("model: {0}")]
+    Net(#[from] crate::model::ModelError),
+    #[error("engine: {0}")]
+    Engine(#[from] crate::engine::EngineError),
+    #[error("weights: {0}")]
+    Checkpoint(#[from] crate::model::checkpoint::CheckpointError),
+    #[error("model: {0}")]
+    Arch(#[from] crate::model::config::UnknownArch),
     #[error("Orthanc at {url} is unreachable ({message}): is it running, and are --orthanc's host and port right?")]
     OrthancUnreachable { url: String, message: String },
     #[error("Orthanc at {url}: {method} {path} answered HTTP {status}{hint}: {body}")]

@@ -145,8 +145,7 @@ pub fn precompute(opts: &PrecomputeOptions) -> Result<StoreIndex, TrainError> {
             batch_size: Some(opts.batch),
             cache_dir: None,
         },
-    )
-    .map_err(|e| TrainError::Model(e.to_string()))?;
+    )?;
     let cfg = engine.config().clone();
     let config = StoreConfig {
         format: FORMAT,

@@ -72,11 +72,7 @@ pub struct Args {
 pub fn run(a: Args) -> anyhow::Result<()> {
     let cfg = fit::FitConfig {
         embeddings: std::fs::canonicalize(&a.embeddings).with_context(|| format!("{}", a.embeddings.display()))?,
-        // Training's prompt modes are the engine's: box trains on the whole-image box, grid on points.
-        mode: match a.mode {
-            Mode::Box => fit::PromptMode::Box,
-            Mode::Grid => fit::PromptMode::Grid,
-        },
+        mode: a.mode,
         site: a.site.trim().to_ascii_uppercase(),
         epochs: a.epochs,
         batch: a.batch,
