@@ -21,6 +21,7 @@ pub mod nifti;
 pub mod orthanc;
 pub mod phantom;
 pub mod raster;
+pub mod registry;
 pub mod runtime;
 pub mod train;
 pub mod volume;

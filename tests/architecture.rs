@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 const FLOORS: &[&[&str]] = &[
     &["limits", "guard", "atomic", "clock", "runtime", "http", "raster"],
     &["model", "volume"],
-    &["dicom", "nifti", "modeldir"],
+    &["dicom", "nifti", "modeldir", "registry"],
     &["engine", "phantom"],
     &["train", "harness"],
     &["cli", "orthanc"],

@@ -106,6 +106,9 @@ pub struct PluginConfig {
     pub lease_seconds: u64,
     /// User-defined series metadata index holding the claim (node, model, expiry).
     pub claim_metadata: i32,
+    /// User-defined series metadata index on a SEG series holding who reviewed it, in what state and
+    /// when (`POST /desam/series/{id}/review`); the state itself goes to `ReviewMetadata`.
+    pub reviewer_metadata: i32,
     /// Orthanc's own `HttpPort` (for the default node id); not a key of the "DeSAM" section.
     #[serde(skip)]
     pub http_port: u16,
@@ -256,6 +259,7 @@ impl Default for PluginConfig {
             role: Role::Worker,
             lease_seconds: 120,
             claim_metadata: 4303,
+            reviewer_metadata: 4304,
             http_port: 8042,
             check_revisions: false,
             viewer_url_template: String::new(),
@@ -332,10 +336,14 @@ impl PluginConfig {
         if [self.result_metadata, self.review_metadata].contains(&self.claim_metadata) {
             return bad("ClaimMetadata", "must differ from ResultMetadata and ReviewMetadata".into());
         }
+        if [self.result_metadata, self.review_metadata, self.claim_metadata].contains(&self.reviewer_metadata) {
+            return bad("ReviewerMetadata", "must differ from ResultMetadata, ReviewMetadata and ClaimMetadata".into());
+        }
         for (option, v) in [
             ("ResultMetadata", self.result_metadata),
             ("ReviewMetadata", self.review_metadata),
             ("ClaimMetadata", self.claim_metadata),
+            ("ReviewerMetadata", self.reviewer_metadata),
             ("CursorProperty", self.cursor_property),
         ] {
             if !USER_RANGE.contains(&v) {

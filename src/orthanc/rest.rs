@@ -8,9 +8,10 @@ use serde_json::{json, Value};
 
 use super::bridge::{Orthanc, RestReply, HTTP_GET, HTTP_POST};
 use super::config::{device_label, ModeChoice};
-use super::pipeline::SeriesProcessor;
+use super::pipeline::{ProcessError, ReloadOutcome, ReloadReport, SeriesProcessor};
+use super::review::{self, ReviewError};
 use super::state;
-use super::worker::SegmentationWorker;
+use super::worker::{log_reload, SegmentationWorker};
 
 /// What a handler gets from Orthanc: the regex groups of its pattern and the request body.
 pub struct RestRequest<'a> {
@@ -34,6 +35,9 @@ pub const ROUTES: &[Route] = &[
     Route { pattern: "/desam/models", method: HTTP_GET, handler: models_route },
     Route { pattern: "/desam/series/([^/]+)", method: HTTP_GET, handler: series_route },
     Route { pattern: "/desam/series/([^/]+)/segment", method: HTTP_POST, handler: segment_route },
+    Route { pattern: "/desam/series/([^/]+)/review", method: HTTP_POST, handler: review_route },
+    Route { pattern: "/desam/models/reload", method: HTTP_POST, handler: reload_route },
+    Route { pattern: "/desam/models/rollback", method: HTTP_POST, handler: rollback_route },
 ];
 
 static MATCHERS: Lazy<Vec<Regex>> = Lazy::new(|| {
@@ -136,6 +140,67 @@ fn models_route(_: &RestRequest<'_>) -> RestReply {
     }
 }
 
+/// A reload's answer: 200 with the report when the model in service is the wanted one, 409 in
+/// Orthanc's error shape (plus the report) when the candidate was refused.
+fn reload_reply(result: Result<ReloadReport, ProcessError>, what: &str) -> RestReply {
+    match result {
+        Ok(report) => {
+            log_reload(&report);
+            let body = serde_json::to_value(&report).unwrap_or(Value::Null);
+            if report.outcome == ReloadOutcome::Refused {
+                let mut v = json!({
+                    "HttpStatus": 409,
+                    "Message": format!("{what} refused"),
+                    "Details": format!("{}: {}", report.candidate, report.reason.as_deref().unwrap_or("")),
+                });
+                v["Reload"] = body;
+                reply_json(409, &v)
+            } else {
+                reply_json(200, &body)
+            }
+        }
+        Err(e) => {
+            Orthanc::log_error(&format!("DeSAM: {what} refused: {e}"));
+            error_reply(409, &format!("{what} refused"), &e.to_string())
+        }
+    }
+}
+
+fn reload_route(_: &RestRequest<'_>) -> RestReply {
+    match enabled_worker() {
+        Ok(w) => reload_reply(w.processor.reload(), "Model reload"),
+        Err(reply) => reply,
+    }
+}
+
+fn rollback_route(_: &RestRequest<'_>) -> RestReply {
+    match enabled_worker() {
+        Ok(w) => reload_reply(w.processor.rollback(), "Model rollback"),
+        Err(reply) => reply,
+    }
+}
+
+fn review_route(request: &RestRequest<'_>) -> RestReply {
+    let (worker, id) = match (enabled_worker(), series_id_of(request)) {
+        (Ok(w), Ok(id)) => (w, id),
+        (Err(reply), _) | (_, Err(reply)) => return reply,
+    };
+    let body = match review::parse_review_body(request.body) {
+        Ok(b) => b,
+        Err(details) => return bad_request(&details),
+    };
+    match review::mark(&id, &body, worker.config.review_metadata, worker.config.reviewer_metadata) {
+        Ok(answer) => {
+            Orthanc::log_info(&format!("DeSAM: SEG series {id} marked {:?} by {:?}", body.state, body.reviewer));
+            reply_json(200, &answer)
+        }
+        Err(e @ ReviewError::UnknownSeries(_)) => error_reply(404, "Unknown resource", &e.to_string()),
+        Err(e @ ReviewError::NotSeg { .. }) => error_reply(400, "Not a DICOM-SEG series", &e.to_string()),
+        Err(e @ ReviewError::NoReferencedMr { .. }) => error_reply(409, "Referenced MR series absent", &e.to_string()),
+        Err(e @ ReviewError::Orthanc(_)) => error_reply(500, "Internal error", &e.to_string()),
+    }
+}
+
 fn series_route(request: &RestRequest<'_>) -> RestReply {
     let (worker, id) = match (enabled_worker(), series_id_of(request)) {
         (Ok(w), Ok(id)) => (w, id),
@@ -198,6 +263,8 @@ fn status() -> Value {
         "Version": env!("CARGO_PKG_VERSION"),
         "Model": model,
         "ModelDirectory": worker.config.model_directory,
+        // Registry or directory, the registry's current version and the last reload (docs/adaptation.md).
+        "ModelSource": worker.processor.source_json(),
         "ModelLoaded": loaded.is_some(),
         "Device": loaded.map(loaded_device_label)
             .unwrap_or_else(|| format!("{} (not loaded yet)", device_label(&worker.config.device))),
@@ -228,13 +295,21 @@ fn cluster_counts() -> Value {
 
 /// The active model plus any sibling model directories (each with a readable model.json).
 fn models(active_dir: &str, processor: &dyn SeriesProcessor) -> Value {
+    // A registry's serving version sits in versions/, beside the other versions.
+    let serving = processor.source_json()["ServingDirectory"].as_str().map(String::from);
     let device = processor.loaded_device().map(loaded_device_label);
     let active = match processor.identity() {
-        Ok(id) => json!({"Directory": active_dir, "Identity": id, "Loaded": device.is_some(), "Device": device}),
+        Ok(id) => json!({
+            "Directory": active_dir,
+            "ServingDirectory": serving,
+            "Identity": id,
+            "Loaded": device.is_some(),
+            "Device": device,
+        }),
         Err(e) => json!({"Directory": active_dir, "Error": e.to_string()}),
     };
     let mut available = Vec::new();
-    let active_path = std::path::Path::new(active_dir);
+    let active_path = std::path::Path::new(serving.as_deref().unwrap_or(active_dir));
     if let Some(parent) = active_path.parent() {
         if let Ok(entries) = std::fs::read_dir(parent) {
             let mut dirs: Vec<_> =

@@ -16,7 +16,7 @@ use super::config::{CompiledFilter, EmptyResult, ModeChoice, PluginConfig, Role}
 use super::jobs::{self, JobShared, Phase};
 use super::metadata::{self, ResultRecord};
 use super::metrics::Metrics;
-use super::pipeline::{ModelIdentity, ProcessError, ProcessRequest, SeriesProcessor};
+use super::pipeline::{ModelIdentity, ProcessError, ProcessRequest, ReloadOutcome, ReloadReport, SeriesProcessor};
 use super::selection::{self, SeriesFacts};
 
 /// How often the worker looks at /changes without being woken (a safety net; StableSeries wakes it).
@@ -92,6 +92,29 @@ fn skip_job(job: &JobShared, why: &str) -> Outcome {
     job.set_detail("Skipped", json!(why));
     job.set_phase(Phase::Done);
     Outcome::Skipped(if why == VANISHED { format!("{why}; no SEG stored") } else { why.to_string() })
+}
+
+/// Logs what a model reload did: a new model in service is a warning (an operator wants to see it
+/// in the log), a refused one an error with its reason.
+pub fn log_reload(report: &ReloadReport) {
+    let name = |m: &ModelIdentity| format!("{} {} (sha256 {})", m.name, m.version, &m.sha256[..16.min(m.sha256.len())]);
+    match report.outcome {
+        ReloadOutcome::Reloaded => Orthanc::log_warning(&format!(
+            "DeSAM: model reloaded: {} now serves (was {}), from {}",
+            name(&report.serving),
+            report.previous.as_ref().map(name).unwrap_or_default(),
+            report.candidate
+        )),
+        ReloadOutcome::Refused => Orthanc::log_error(&format!(
+            "DeSAM: model reload refused: {}: {}; {} keeps serving",
+            report.candidate,
+            report.reason.as_deref().unwrap_or("unknown reason"),
+            name(&report.serving)
+        )),
+        ReloadOutcome::Unchanged => {
+            Orthanc::log_info(&format!("DeSAM: model unchanged: {} serves", name(&report.serving)))
+        }
+    }
 }
 
 /// Outcome of one series, for logs and tests.
@@ -683,6 +706,11 @@ impl SegmentationWorker {
             }
         }
 
+        // The model check of each job (docs/adaptation.md): a new current version serves from this
+        // job on; a job already running keeps the model it started with.
+        if let Some(report) = self.processor.refresh() {
+            log_reload(&report);
+        }
         let model = self.processor.identity()?;
         let listing = Orthanc::get_json(&format!("/series/{series_id}/instances"))?;
         let uids: Vec<String> = listing
@@ -822,7 +850,7 @@ impl SegmentationWorker {
             }
             let started = Instant::now();
             // A panic inside the run fails this job (with its message) and nothing else.
-            let run = crate::guard::catch(|| self.run_job(series_id, &instance_ids, &uids, &hash, &model, mode, &job))
+            let run = crate::guard::catch(|| self.run_job(series_id, &instance_ids, &uids, &hash, mode, &job))
                 .unwrap_or_else(|panic| {
                     self.metrics.record_panic();
                     Err(RunError::Other(format!("internal error (caught): {panic}")))
@@ -899,14 +927,12 @@ impl SegmentationWorker {
         Ok(outcome)
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn run_job(
         &self,
         series_id: &str,
         instance_ids: &[String],
         uids: &[String],
         hash: &str,
-        model: &ModelIdentity,
         mode: ModeChoice,
         job: &JobShared,
     ) -> Result<ResultRecord, RunError> {
@@ -976,7 +1002,8 @@ impl SegmentationWorker {
             device: s.device.clone(),
             job: job.orthanc_id.lock().unwrap().clone(),
             warnings: s.warnings.clone(),
-            ..ResultRecord::new(status, model, mode, hash, uids.len())
+            // The model that made the SEG (a reload between the job's checks and the run is possible).
+            ..ResultRecord::new(status, &output.model, mode, hash, uids.len())
         };
         self.write_record(series_id, &record)?;
         job.set_detail("SegInstance", json!(seg_instance));
@@ -985,6 +1012,7 @@ impl SegmentationWorker {
         job.set_detail("VolumeMl", json!(s.volume_ml));
         job.set_detail("NeedsReview", json!(needs_review));
         job.set_detail("Device", json!(s.device));
+        job.set_detail("Model", json!(format!("{} {}", output.model.name, output.model.version)));
         Ok(record)
     }
 

@@ -3,8 +3,6 @@
 
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Serialize};
-
 use super::fit::{self, FitConfig};
 use super::precompute;
 use super::{io_err, TrainError};
@@ -146,77 +144,42 @@ pub fn export(o: &ExportOptions) -> Result<modeldir::ModelDir, TrainError> {
 }
 
 // ------------------------------------------------------------------------------------------------
-// Registry: REG/versions/<V>/ (immutable model dirs), REG/current.json (the source of truth, with
-// history for rollback) and REG/current, a relative symlink to versions/<V> for tools that want a
-// directory path. Both survive git (git stores symlinks); current.json also survives copies that
-// drop symlinks.
+// Registry: its format and functions live in `crate::registry` (floor 2) so that the Orthanc plugin,
+// which must not import `train`, reads the same current.json; here they answer in `TrainError`.
 
-pub const CURRENT_JSON: &str = "current.json";
+pub use crate::registry::{registry_of, version_dir, Current, RegistryError, CURRENT_JSON, CURRENT_LINK, VERSIONS_DIR};
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct Current {
-    pub version: Option<String>,
-    /// Previously current versions, oldest first (rollback pops the last).
-    pub history: Vec<String>,
-}
-
-fn read_current(reg: &Path) -> Result<Current, TrainError> {
-    let p = reg.join(CURRENT_JSON);
-    if !p.is_file() {
-        return Ok(Current::default());
+impl From<RegistryError> for TrainError {
+    fn from(e: RegistryError) -> TrainError {
+        match e {
+            RegistryError::Io { path, source } => TrainError::Io { path, source },
+            RegistryError::Json { path, message } => TrainError::Data { path, message },
+            e @ (RegistryError::Promote { .. } | RegistryError::RollbackTarget { .. }) => {
+                TrainError::Model(e.to_string())
+            }
+            e @ (RegistryError::NothingToRollBack(_) | RegistryError::NoCurrent(_)) => {
+                TrainError::Invalid(e.to_string())
+            }
+        }
     }
-    serde_json::from_slice(&std::fs::read(&p).map_err(io_err(&p))?)
-        .map_err(|e| TrainError::Data { path: p, message: e.to_string() })
-}
-
-fn write_current(reg: &Path, c: &Current) -> Result<(), TrainError> {
-    let p = reg.join(CURRENT_JSON);
-    let tmp = reg.join(".current.json.partial");
-    std::fs::write(&tmp, serde_json::to_string_pretty(c).unwrap() + "\n").map_err(io_err(&tmp))?;
-    std::fs::rename(&tmp, &p).map_err(io_err(&p))?;
-    let link = reg.join("current");
-    if link.symlink_metadata().is_ok() {
-        std::fs::remove_file(&link).map_err(io_err(&link))?;
-    }
-    if let Some(v) = &c.version {
-        #[cfg(unix)]
-        std::os::unix::fs::symlink(Path::new("versions").join(v), &link).map_err(io_err(&link))?;
-    }
-    Ok(())
 }
 
 /// Makes `version` current (it must be a valid model directory under REG/versions/).
 pub fn promote(reg: &Path, version: &str) -> Result<Current, TrainError> {
-    let dir = reg.join("versions").join(version);
-    modeldir::open(&dir).map_err(|e| TrainError::Model(format!("cannot promote {version}: {e}")))?;
-    let mut c = read_current(reg)?;
-    if c.version.as_deref() == Some(version) {
-        return Ok(c);
-    }
-    if let Some(old) = c.version.take() {
-        c.history.push(old);
-    }
-    c.version = Some(version.to_string());
-    write_current(reg, &c)?;
-    Ok(c)
+    Ok(crate::registry::promote(reg, version)?)
 }
 
 /// Goes back to the previously current version.
 pub fn rollback(reg: &Path) -> Result<Current, TrainError> {
-    let mut c = read_current(reg)?;
-    let prev =
-        c.history.pop().ok_or_else(|| TrainError::Invalid(format!("{}: nothing to roll back to", reg.display())))?;
-    modeldir::open(&reg.join("versions").join(&prev))
-        .map_err(|e| TrainError::Model(format!("cannot roll back to {prev}: {e}")))?;
-    c.version = Some(prev);
-    write_current(reg, &c)?;
-    Ok(c)
+    Ok(crate::registry::rollback(reg)?)
 }
 
 /// The model directory a registry's current.json points to.
 pub fn current_dir(reg: &Path) -> Result<PathBuf, TrainError> {
-    let c = read_current(reg)?;
-    let v =
-        c.version.ok_or_else(|| TrainError::Invalid(format!("{}: no current version (promote one)", reg.display())))?;
-    Ok(reg.join("versions").join(v))
+    Ok(crate::registry::current_dir(reg)?)
+}
+
+/// current.json (empty when the registry has none yet).
+pub fn read_current(reg: &Path) -> Result<Current, TrainError> {
+    Ok(crate::registry::read_current(reg)?)
 }
