@@ -597,3 +597,167 @@ fn shutdown_during_a_job_is_clean_and_the_series_is_completed_after_restart() {
     o.stop();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Segments `id` on request (optionally forced) and waits for the result record.
+fn segment_and_wait(o: &Orthanc, id: &str, body: &[u8]) -> Value {
+    let r = o.request("POST", &format!("/desam/series/{id}/segment"), Some(body));
+    assert_eq!(r.status, 200, "{}", r.text());
+    std::thread::sleep(Duration::from_millis(300));
+    o.wait_result(id, TIMEOUT)
+}
+
+#[test]
+fn review_route_marks_a_seg_reviewed_for_pull_and_refuses_non_segs_strangers_and_orphans() {
+    let dir = scratch("review");
+    let o = Orthanc::start(
+        &dir,
+        true,
+        &json!({
+            "AuthenticationEnabled": true,
+            "RegisteredUsers": {"alice": "s3cret"},
+            "DeSAM": desam_section(json!({"StableSeriesTrigger": false})),
+        }),
+    );
+    let (files, uid) = mr_series(&dir.join("t2"), 6, 32, 31, AXIAL, "t2_tse_tra");
+    o.storescu(&files);
+    let mr_id = o.series_id(&uid);
+    assert_eq!(segment_and_wait(&o, &mr_id, b"")["Result"]["Status"], "done");
+    let seg_instance = o.segs_referencing(&mr_id)[0].clone();
+    let seg_series = o.get_json(&format!("/instances/{seg_instance}"))["ParentSeries"].as_str().unwrap().to_string();
+    let seg_bytes = o.request("GET", &format!("/instances/{seg_instance}/file"), None).body;
+    let review = |id: &str, body: &[u8]| o.request("POST", &format!("/desam/series/{id}/review"), Some(body));
+
+    // Behind Orthanc's authentication like every route.
+    assert_eq!(o.request_as("POST", &format!("/desam/series/{seg_series}/review"), None).status, 401);
+    // Only a SEG series is reviewed; the body needs a reviewer.
+    let r = review(&mr_id, br#"{"State": "reviewed", "Reviewer": "Dr Test"}"#);
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert_eq!(r.json()["Message"], "Not a DICOM-SEG series", "{}", r.text());
+    assert!(r.json()["Details"].as_str().unwrap().contains("MR"), "{}", r.text());
+    assert_eq!(review(&seg_series, br#"{"State": "reviewed"}"#).status, 400);
+    assert_eq!(review("0123abcd", br#"{"Reviewer": "Dr Test"}"#).status, 404);
+
+    // Marked: the state in ReviewMetadata (what desam-train pull reads), the reviewer beside it.
+    let r = review(&seg_series, br#"{"State": "reviewed", "Reviewer": "Dr Test"}"#);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["ReferencedSeries"]["ID"], mr_id.as_str(), "{}", r.text());
+    assert_eq!(o.request("GET", &format!("/series/{seg_series}/metadata/4302"), None).text(), "reviewed");
+    let reviewer: Value = o.request("GET", &format!("/series/{seg_series}/metadata/4304"), None).json();
+    assert_eq!((reviewer["Reviewer"].as_str(), reviewer["State"].as_str()), (Some("Dr Test"), Some("reviewed")));
+    assert_eq!(reviewer["ReferencedSeriesInstanceUID"], uid.as_str());
+    // The SEG itself is untouched.
+    assert_eq!(o.request("GET", &format!("/instances/{seg_instance}/file"), None).body, seg_bytes);
+    assert_eq!(o.segs_referencing(&mr_id), [seg_instance.clone()]);
+
+    // desam-train pull's library finds the reviewed SEG and its MR series.
+    let mut opts = desam::train::pull::PullOptions::new(&o.url(""), &dir.join("pulled"));
+    opts.user = Some("alice".into());
+    opts.password = Some("s3cret".into());
+    opts.site = desam::train::pull::SiteFrom::Fixed("test".into());
+    let pulled = desam::train::pull::pull(&opts).unwrap_or_else(|e| panic!("pull: {e}"));
+    assert_eq!(pulled.manifest.cases.len(), 1, "{:?}", pulled.notes);
+    assert_eq!(pulled.manifest.cases[0].mr_series_uid, uid);
+    assert_eq!(pulled.manifest.cases[0].orthanc_seg_series, seg_series);
+
+    // A SEG over an MR series this Orthanc does not hold is refused.
+    let (orphan_files, _) = mr_series(&dir.join("absent"), 4, 16, 32, AXIAL, "t2_tse_tra");
+    let absent = dicom::load_series_files(&orphan_files).unwrap().volume;
+    let mut mask = desam::Mask::zeros(absent.dims);
+    mask.data[absent.slice_len() + 40] = 1;
+    let segment = dicom::Segment { info: dicom::SegmentInfo::prostate("manual"), mask: &mask };
+    let orphan = dicom::write_seg(&absent, &[segment], &dicom::SegOptions::default()).unwrap();
+    let stored = o.request("POST", "/instances", Some(&orphan));
+    assert_eq!(stored.status, 200, "{}", stored.text());
+    let orphan_series = stored.json()["ParentSeries"].as_str().unwrap().to_string();
+    let r = review(&orphan_series, br#"{"Reviewer": "Dr Test"}"#);
+    assert_eq!(r.status, 409, "{}", r.text());
+    assert_eq!(r.json()["Message"], "Referenced MR series absent", "{}", r.text());
+    assert_eq!(o.request("GET", &format!("/series/{orphan_series}/metadata/4302"), None).status, 404);
+    o.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A registry version: an untrained tiny model whose model.json says `version`.
+fn registry_version(reg: &Path, version: &str, seed: u64) -> PathBuf {
+    let dir = desam::registry::version_dir(reg, version);
+    let arch = desam::model::Arch::Tiny;
+    desam::engine::create_untrained_model_dir(arch, &dir, seed, &desam::engine::BackboneSource::Random).unwrap();
+    let mut spec = desam::modeldir::read_spec(&dir).unwrap();
+    spec.version = version.into();
+    desam::modeldir::write_spec(&dir, &spec).unwrap();
+    dir
+}
+
+#[test]
+fn a_promoted_version_serves_from_the_next_job_without_restart_and_broken_ones_are_refused() {
+    let dir = scratch("reload");
+    let reg = dir.join("registry");
+    registry_version(&reg, "1.0.0", 41);
+    registry_version(&reg, "2.0.0", 42);
+    let v3 = registry_version(&reg, "3.0.0", 43);
+    desam::registry::promote(&reg, "1.0.0").unwrap();
+    // ModelDirectory names the registry's `current` link.
+    let section = desam_section(json!({"StableSeriesTrigger": false, "ModelDirectory": reg.join("current")}));
+    let o = Orthanc::start(
+        &dir,
+        true,
+        &json!({"AuthenticationEnabled": true, "RegisteredUsers": {"admin": "s3cret"}, "DeSAM": section}),
+    );
+    let source = o.get_json("/desam/status")["ModelSource"].clone();
+    assert_eq!((source["Kind"].as_str(), source["Current"].as_str()), (Some("registry"), Some("1.0.0")), "{source}");
+
+    let (a, a_uid) = mr_series(&dir.join("a"), 6, 32, 51, AXIAL, "t2_tse_tra");
+    let (slow, slow_uid) = mr_series(&dir.join("slow"), 16, 96, 52, AXIAL, "t2_tse_tra");
+    o.storescu(&[a, slow].concat());
+    let (a_id, slow_id) = (o.series_id(&a_uid), o.series_id(&slow_uid));
+    let version_of = |result: &Value| result["Result"]["ModelVersion"].as_str().unwrap_or("").to_string();
+    let seg_names = |id: &str, version: &str| {
+        let segs = o.segs_referencing(id);
+        let tags = o.get_json(&format!("/instances/{}/simplified-tags", segs.last().unwrap()));
+        assert!(tags["SoftwareVersions"].to_string().contains(version), "SEG of {id} should name {version}: {tags}");
+    };
+    assert_eq!(version_of(&segment_and_wait(&o, &a_id, b"")), "1.0.0");
+
+    // v2 is promoted while a (grid mode) job runs: that job finishes with v1, the next one uses v2.
+    let r = o.request("POST", &format!("/desam/series/{slow_id}/segment"), Some(br#"{"Mode": "grid"}"#));
+    assert_eq!(r.status, 200, "{}", r.text());
+    wait_job_state(&o, r.json()["ID"].as_str().unwrap(), "Running");
+    desam::registry::promote(&reg, "2.0.0").unwrap();
+    let slow_result = o.wait_result(&slow_id, TIMEOUT);
+    assert_eq!(version_of(&slow_result), "1.0.0", "the running job keeps its model: {slow_result}");
+    seg_names(&slow_id, "1.0.0");
+    let a_again = segment_and_wait(&o, &a_id, br#"{"Force": true}"#);
+    assert_eq!(version_of(&a_again), "2.0.0", "{a_again}");
+    seg_names(&a_id, "2.0.0");
+    let status = o.get_json("/desam/status");
+    assert_eq!(status["Model"]["Version"], "2.0.0", "{status}");
+    assert_eq!(status["ModelSource"]["LastReload"]["Outcome"], "reloaded", "{status}");
+
+    // Rollback (authenticated like every route) goes back one version; the next job uses v1.
+    assert_eq!(o.request_as("POST", "/desam/models/rollback", None).status, 401);
+    let r = o.request("POST", "/desam/models/rollback", Some(b""));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["Serving"]["Version"], "1.0.0", "{}", r.text());
+    assert_eq!(desam::registry::read_current(&reg).unwrap().version.as_deref(), Some("1.0.0"));
+    assert_eq!(version_of(&segment_and_wait(&o, &a_id, br#"{"Force": true}"#)), "1.0.0");
+
+    // A version whose weights were truncated after its promotion is refused; v1 keeps serving.
+    desam::registry::promote(&reg, "3.0.0").unwrap();
+    let decoder = v3.join(&desam::modeldir::read_spec(&v3).unwrap().decoder.files[0].path);
+    let bytes = std::fs::read(&decoder).unwrap();
+    std::fs::write(&decoder, &bytes[..bytes.len() / 2]).unwrap();
+    assert_eq!(version_of(&segment_and_wait(&o, &a_id, br#"{"Force": true}"#)), "1.0.0");
+    let r = o.request("POST", "/desam/models/reload", Some(b""));
+    assert_eq!(r.status, 409, "{}", r.text());
+    assert!(r.json()["Details"].as_str().unwrap().contains("SHA-256"), "{}", r.text());
+    let status = o.get_json("/desam/status");
+    assert_eq!(status["Model"]["Version"], "1.0.0", "{status}");
+    assert_eq!(status["ModelSource"]["Current"], "3.0.0", "{status}");
+    assert_eq!(status["ModelSource"]["LastReload"]["Outcome"], "refused", "{status}");
+    let log = o.stop();
+    let refusals = log.lines().filter(|l| l.starts_with('E') && l.contains("model reload refused")).count();
+    // Once at the job start that saw the change, once for the explicit reload; not at every job.
+    assert_eq!(refusals, 2, "{log}");
+    assert!(log.lines().any(|l| l.contains("model reloaded") && l.contains("2.0.0")), "{log}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -23,6 +23,8 @@ enum Command {
     Demo(cli::demo::Args),
     /// Model directories (create an untrained one for tests).
     Model(cli::model::Args),
+    /// Write a DICOM-SEG from a given mask (e.g. a reviewed, corrected segmentation) over its series.
+    WriteSeg(cli::write_seg::Args),
 }
 
 fn main() {
@@ -33,5 +35,6 @@ fn main() {
         Command::Phantom(a) => cli::phantom::run(a),
         Command::Demo(a) => cli::demo::run(a),
         Command::Model(a) => cli::model::run(a),
+        Command::WriteSeg(a) => cli::write_seg::run(a),
     });
 }

@@ -12,3 +12,4 @@ pub mod segment_batch;
 pub mod segment_case;
 pub mod train;
 pub mod values;
+pub mod write_seg;

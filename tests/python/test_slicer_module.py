@@ -227,6 +227,29 @@ def test_widget_setup_runs_against_stubs(desam_module, tmp_path):
     assert params["Mode"] == "box" and params["Device"] == "auto"
 
 
+def test_send_reviewed_button_is_enabled_only_for_a_case_from_orthanc(desam_module):
+    widget = desam_module.DeSAMWidget(parent=mock.MagicMock())
+    widget.setup()
+    widget.updateButtons()
+    assert widget.sendReviewedButton.enabled is False, "no segmentation from Orthanc yet"
+    node = mock.MagicMock(name="segmentation")
+    node.GetID.return_value = "vtkMRMLSegmentationNode1"
+    attributes = {desam_module.ATTR_ORTHANC_URL: "http://pacs:8042", desam_module.ATTR_SERIES_UID: "1.2.3"}
+    node.GetAttribute.side_effect = attributes.get
+    sys.modules["slicer"].mrmlScene.GetNodeByID.side_effect = lambda node_id: node if node_id == node.GetID() else None
+    widget._orthancSegmentation = node
+    widget.updateButtons()
+    assert widget.sendReviewedButton.enabled is True
+    widget.setRunning(True)
+    assert widget.sendReviewedButton.enabled is False, "not while a run is going on"
+    widget.setRunning(False)
+    # A segmentation made by the local engine carries no Orthanc origin: the logic refuses it.
+    local = mock.MagicMock(name="local segmentation")
+    local.GetAttribute.return_value = None
+    with pytest.raises(desam_module.desam_engine.OrthancError, match="not loaded from Orthanc"):
+        widget.logic.sendReviewedToOrthanc(mock.MagicMock(), local, "Rossi^Anna")
+
+
 def test_settings_keys_and_engine_lookup_delegate(desam_module, tmp_path):
     logic = desam_module.DeSAMLogic()
     logic.setSetting("DeSAM/EnginePath", str(tmp_path / "missing-desam"))

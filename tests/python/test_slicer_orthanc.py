@@ -186,3 +186,70 @@ def test_round_trip_through_the_desam_plugin(slicer_engine, tiny_model, tmp_path
         assert report["volume_ml"] == pytest.approx(float((np.asarray(img.dataobj) > 0).sum()) * voxel_ml, rel=1e-3)
     finally:
         stop_orthanc(proc)
+
+
+def test_corrected_mask_goes_back_to_orthanc_as_a_reviewed_seg(slicer_engine, desam_bin, tiny_model, tmp_path):
+    """The module's "Send to Orthanc as reviewed" (DeSAMLib.engine.send_reviewed_to_orthanc) against Orthanc
+    running our plugin: a new MANUAL SEG series over the same MR series, marked reviewed, automatic SEG kept."""
+    plugin = Path(os.environ.get("DESAM_PLUGIN", REPO_ROOT / "target" / "debug" / "libdesam.so"))
+    if not plugin.is_file():
+        pytest.fail("the Orthanc plugin %s is not built: run `cargo build --lib` (scripts/test.sh does)" % plugin)
+    section = {"ModelDirectory": tiny_model, "Device": "cpu", "Threads": 1, "Mode": "box",
+               "StableSeriesTrigger": False,
+               "SeriesFilter": {"MinSlices": 1, "DescriptionPattern": None, "ScanningSequencePattern": None}}
+    proc, url = start_orthanc(tmp_path / "orthanc", [plugin.resolve()], {"DeSAM": section})
+    try:
+        series_dir = tmp_path / "series"
+        write_mr_series(series_dir, *SERIES["oblique"], shape=(6, 32, 40))
+        affine, (ni, nj, nk) = series_ras_affine(series_dir)
+        series_uid = pydicom.dcmread(str(next(series_dir.iterdir()))).SeriesInstanceUID
+        backend = slicer_engine.OrthancBackend(url, "slicer", "s3cret")
+        upload_series(backend, series_dir)
+        auto_path = tmp_path / "auto.dcm"
+        backend.segment_series(series_uid, str(auto_path), mode="box", poll_interval=0.5, timeout=600)
+        auto = pydicom.dcmread(str(auto_path))
+
+        # The radiologist's correction, on Slicer's grid of the series (KJI array, IJK-to-RAS).
+        import numpy as np
+
+        corrected = np.zeros((nk, nj, ni), dtype=np.uint8)
+        corrected[1:5, 8:20, 10:30] = 1
+        sent = slicer_engine.send_reviewed_to_orthanc(desam_bin, backend, series_uid, corrected, affine,
+                                                      "Rossi^Anna", str(tmp_path / "review"))
+        assert sent["voxels"] == int(corrected.sum()), sent
+        assert sent["review"]["State"] == "reviewed" and sent["review"]["Reviewer"] == "Rossi^Anna", sent
+
+        seg_series = backend._request("GET", "/series/%s" % sent["seg_series"])
+        reviewed_path = tmp_path / "reviewed.dcm"
+        backend.download_instance(seg_series["Instances"][0], str(reviewed_path))
+        reviewed = pydicom.dcmread(str(reviewed_path))
+        assert reviewed.Modality == "SEG" and str(reviewed.ContentCreatorName) == "Rossi^Anna"
+        assert "reviewed" in reviewed.SeriesDescription.lower()
+        assert reviewed.SeriesInstanceUID not in (auto.SeriesInstanceUID, series_uid)
+        assert reviewed.ReferencedSeriesSequence[0].SeriesInstanceUID == series_uid
+        assert reviewed.SegmentSequence[0].SegmentAlgorithmType == "MANUAL"
+        mark = backend._request("GET", "/series/%s/metadata/4302" % sent["seg_series"], raw=True)
+        assert mark == b"reviewed"
+
+        # The automatic SEG is still there, byte for byte, and not marked reviewed.
+        series_id = backend.find_series(series_uid)
+        auto_instance = backend.status(series_id)["Result"]["SegInstance"]
+        assert backend._request("GET", "/instances/%s/file" % auto_instance, raw=True) == auto_path.read_bytes()
+        auto_series = backend._request("GET", "/instances/%s" % auto_instance)["ParentSeries"]
+        with pytest.raises(slicer_engine.OrthancError, match="HTTP 404"):
+            backend._request("GET", "/series/%s/metadata/4302" % auto_series, raw=True)
+
+        # The reviewed SEG carries exactly the corrected voxels on the series' grid (dcmqi reads it back).
+        dcmqi_out = tmp_path / "dcmqi"
+        dcmqi_out.mkdir()
+        run = subprocess.run([segimage2itkimage(), "--inputDICOM", str(reviewed_path), "--outputDirectory",
+                              str(dcmqi_out), "-t", "nifti", "-p", "seg"], capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stdout + run.stderr
+        import nibabel as nib
+
+        img = nib.load(str(sorted(dcmqi_out.glob("seg*.nii*"))[0]))
+        np.testing.assert_allclose(img.affine, affine, atol=1e-3)
+        back = np.asarray(img.dataobj)[..., 0] if np.asarray(img.dataobj).ndim == 4 else np.asarray(img.dataobj)
+        assert np.array_equal(back > 0, corrected.transpose(2, 1, 0) > 0)
+    finally:
+        stop_orthanc(proc)

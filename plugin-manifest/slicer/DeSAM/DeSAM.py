@@ -31,6 +31,12 @@ SETTING_MODELS_FOLDER = "DeSAM/ModelsFolder"
 SETTING_ORTHANC_URL = "DeSAM/OrthancURL"
 SETTING_ORTHANC_USER = "DeSAM/OrthancUser"
 SETTING_QA_THRESHOLD = "DeSAM/QAThreshold"
+SETTING_REVIEWER = "DeSAM/Reviewer"
+# Attributes of a segmentation node loaded from Orthanc: where it came from (enables "Send to Orthanc
+# as reviewed").
+ATTR_ORTHANC_URL = "DeSAM.OrthancURL"
+ATTR_SERIES_UID = "DeSAM.SeriesInstanceUID"
+ATTR_SOURCE_VOLUME = "DeSAM.SourceVolumeID"
 
 MODES = ["box", "grid"]
 DEVICES = ["auto", "cpu", "cuda"]
@@ -142,6 +148,19 @@ class DeSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.resultLabel.openExternalLinks = True
         self.layout.addWidget(self.resultLabel)
 
+        # --- review: the corrected segmentation goes back to the Orthanc it came from
+        reviewForm = qt.QFormLayout()
+        self.layout.addLayout(reviewForm)
+        self.reviewerEdit = qt.QLineEdit(self.logic.setting(SETTING_REVIEWER))
+        self.reviewerEdit.setToolTip("Your name as it should appear in the reviewed SEG (ContentCreatorName), "
+                                     "e.g. Rossi^Anna.")
+        reviewForm.addRow("Reviewer:", self.reviewerEdit)
+        self.sendReviewedButton = qt.QPushButton("Send to Orthanc as reviewed")
+        self.sendReviewedButton.enabled = False
+        self.sendReviewedButton.toolTip = ("Store the corrected segmentation in Orthanc as a new SEG series "
+                                           "marked reviewed (the automatic SEG is kept).")
+        reviewForm.addRow(self.sendReviewedButton)
+
         # --- settings (Slicer application settings, shared by all scenes)
         import ctk
 
@@ -191,6 +210,8 @@ class DeSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.orthancUserEdit.connect("editingFinished()", self.onOrthancSettingsChanged)
         self.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.cancelButton.connect("clicked(bool)", self.onCancelButton)
+        self.reviewerEdit.connect("editingFinished()", self.onReviewerChanged)
+        self.sendReviewedButton.connect("clicked(bool)", self.onSendReviewedButton)
 
         self.refreshModels()
         self.checkEngine()
@@ -296,6 +317,15 @@ class DeSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.applyButton.toolTip = "No model found: set the models folder under Settings."
         else:
             self.applyButton.toolTip = "Run DeSAM on the input volume and add a Prostate segment."
+        # Enabled when the case came from Orthanc (its segmentation node remembers the server).
+        self.sendReviewedButton.enabled = self.orthancSegmentation() is not None and not self._running
+
+    def orthancSegmentation(self):
+        """The segmentation node last loaded from Orthanc, while it is still in the scene."""
+        node = getattr(self, "_orthancSegmentation", None)
+        if node is None or slicer.mrmlScene.GetNodeByID(node.GetID()) is not node:
+            return None
+        return node if node.GetAttribute(ATTR_ORTHANC_URL) else None
 
     # --- settings
     def onEnginePathChanged(self, path):
@@ -309,6 +339,29 @@ class DeSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onOrthancSettingsChanged(self):
         self.logic.setSetting(SETTING_ORTHANC_URL, self.orthancUrlEdit.text.strip())
         self.logic.setSetting(SETTING_ORTHANC_USER, self.orthancUserEdit.text.strip())
+
+    def onReviewerChanged(self):
+        self.logic.setSetting(SETTING_REVIEWER, self.reviewerEdit.text.strip())
+
+    def onSendReviewedButton(self):
+        segNode = self.orthancSegmentation()
+        if segNode is None:
+            return
+        volume = slicer.mrmlScene.GetNodeByID(segNode.GetAttribute(ATTR_SOURCE_VOLUME) or "")
+        volume = volume or self.inputSelector.currentNode()
+        self.setRunning(True)
+        try:
+            qt.QApplication.setOverrideCursor(qt.Qt.BusyCursor)
+            sent = self.logic.sendReviewedToOrthanc(
+                volume, segNode, self.reviewerEdit.text.strip(), self.orthancUserEdit.text.strip(),
+                self.orthancPasswordEdit.text)
+            self.statusLabel.text = "Stored in Orthanc as reviewed: SEG series %s." % sent["seg_series"]
+        except desam_engine.DeSAMError as e:
+            self.statusLabel.text = ""
+            slicer.util.errorDisplay(str(e), windowTitle="DeSAM", detailedText=getattr(e, "stderr_tail", "") or None)
+        finally:
+            qt.QApplication.restoreOverrideCursor()
+            self.setRunning(False)
 
     def checkEngine(self):
         try:
@@ -359,6 +412,7 @@ class DeSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     volume, self.orthancUrlEdit.text.strip(), self.orthancUserEdit.text.strip(),
                     self.orthancPasswordEdit.text, mode=self.modeSelector.currentText,
                     onProgress=self.onProgress, onIdle=slicer.app.processEvents)
+                self._orthancSegmentation = segNode
             else:
                 segNode, result = self.logic.process(
                     volume, self.modelSelector.itemData(self.modelSelector.currentIndex),
@@ -539,7 +593,32 @@ class DeSAMLogic(ScriptedLoadableModuleLogic):
             report = backend.segment_series(seriesUid, segPath, model=model, mode=mode, on_progress=onProgress,
                                             cancel_event=self.cancelEvent, on_idle=onIdle)
             segNode = self.loadDicomSeg(segPath)
+            segNode.SetAttribute(ATTR_ORTHANC_URL, backend.url)
+            segNode.SetAttribute(ATTR_SERIES_UID, seriesUid)
+            segNode.SetAttribute(ATTR_SOURCE_VOLUME, inputVolume.GetID())
             return segNode, desam_engine.Result(mask_path=segPath, report=report)
+        finally:
+            if not self.keepTemporaryFiles:
+                shutil.rmtree(workdir, ignore_errors=True)
+
+    def sendReviewedToOrthanc(self, volumeNode, segmentationNode, reviewer, username=None, password=None):
+        """Sends the (corrected) Prostate segment of a segmentation loaded from Orthanc back to that Orthanc
+        as a new SEG series marked reviewed (DeSAMLib.engine.send_reviewed_to_orthanc)."""
+        url = segmentationNode.GetAttribute(ATTR_ORTHANC_URL)
+        if not url:
+            raise desam_engine.OrthancError("This segmentation was not loaded from Orthanc.")
+        seriesUid = segmentationNode.GetAttribute(ATTR_SERIES_UID) or self.seriesInstanceUIDOf(volumeNode)
+        segmentation = segmentationNode.GetSegmentation()
+        segmentId = segmentation.GetSegmentIdBySegmentName("Prostate") or segmentation.GetNthSegmentID(0)
+        if not segmentId:
+            raise desam_engine.DeSAMError("The segmentation has no segment to send.")
+        mask = slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, segmentId, volumeNode)
+        _, ijkToRas = self.volumeArrayAndGeometry(volumeNode)
+        backend = desam_engine.OrthancBackend(url, username, password)
+        workdir = tempfile.mkdtemp(prefix="desam-review-")
+        try:
+            return desam_engine.send_reviewed_to_orthanc(self.findEngine(), backend, seriesUid, mask, ijkToRas,
+                                                         reviewer, workdir)
         finally:
             if not self.keepTemporaryFiles:
                 shutil.rmtree(workdir, ignore_errors=True)

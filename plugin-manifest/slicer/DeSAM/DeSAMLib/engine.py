@@ -653,6 +653,79 @@ def segment_array(engine, array_kji, ijk_to_ras, model_dir, workdir, mode="box",
     return (mask > 0).astype(np.uint8), result
 
 
+# ------------------------------------------------------------------------ writing a reviewed SEG
+# The review state the Orthanc plugin stores and `desam-train pull` collects (its default).
+REVIEWED_STATE = "reviewed"
+REVIEWED_DESCRIPTION = "DeSAM prostate reviewed"
+
+
+def build_write_seg_command(engine, series_dir, mask_path, output_path, creator, description,
+                            algorithm_name="DeSAM", algorithm_version="reviewed"):
+    """The ``desam write-seg`` command line: a MANUAL DICOM-SEG of ``mask_path`` over ``series_dir``."""
+    return [engine, "write-seg", str(series_dir), "--mask", str(mask_path), "-o", str(output_path),
+            "--creator", creator, "--description", description, "--algorithm-type", "manual",
+            "--algorithm-name", algorithm_name, "--algorithm-version", algorithm_version]
+
+
+def write_reviewed_seg(engine, series_dir, mask_kji, ijk_to_ras, output_path, reviewer,
+                       description=REVIEWED_DESCRIPTION, algorithm_name="DeSAM", algorithm_version="reviewed",
+                       timeout=600):
+    """Writes a reviewed (MANUAL) DICOM-SEG of a corrected mask with the engine's own SEG writer.
+
+    ``mask_kji`` lies on the grid ``ijk_to_ras`` (Slicer's volume); the engine places it on the DICOM
+    series in ``series_dir`` by world coordinates. The SEG references that series, names ``reviewer`` as
+    ContentCreatorName and gets a new SeriesInstanceUID. Returns the engine's JSON line (UIDs, voxels).
+    """
+    if not str(reviewer or "").strip():
+        raise DeSAMError("Enter the reviewer's name before sending a reviewed segmentation.")
+    mask_path = os.path.splitext(str(output_path))[0] + ".mask.nii.gz"
+    write_nifti((np.asarray(mask_kji) > 0).astype(np.uint8), ijk_to_ras, mask_path)
+    cmd = build_write_seg_command(engine, series_dir, mask_path, output_path, str(reviewer).strip(), description,
+                                  algorithm_name, algorithm_version)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    except OSError as e:
+        raise EngineNotFound("cannot start the DeSAM engine %r: %s. Install it as described in %s."
+                             % (engine, e, INSTALL_HELP_URL))
+    if proc.returncode != 0:
+        msg = _engine_message_from_stderr(proc.stderr) or "the engine exited with status %s" % proc.returncode
+        raise EngineError("DeSAM could not write the reviewed SEG: " + msg, proc.returncode, proc.stderr[-4000:])
+    for line in reversed(proc.stdout.splitlines()):
+        try:
+            return json.loads(line)
+        except ValueError:
+            continue
+    raise EngineError("DeSAM wrote no report for the reviewed SEG", proc.returncode, proc.stderr[-4000:])
+
+
+def send_reviewed_to_orthanc(engine, backend, series_instance_uid, mask_kji, ijk_to_ras, reviewer, workdir,
+                             state=REVIEWED_STATE, description=REVIEWED_DESCRIPTION, algorithm_name="DeSAM",
+                             algorithm_version="reviewed"):
+    """The "Send to Orthanc as reviewed" round trip: the MR series from Orthanc, a new MANUAL SEG of the
+    corrected mask over it, ``POST /instances``, then the plugin's review route on the new SEG series.
+
+    Nothing already stored is changed (the automatic SEG stays as it was). Returns a dict with the new
+    SEG's Orthanc series and instance ids, its UIDs and the review route's answer.
+    """
+    os.makedirs(workdir, exist_ok=True)
+    series_id = backend.find_series(series_instance_uid)
+    series_dir = os.path.join(workdir, "series")
+    backend.download_series(series_id, series_dir)
+    out = os.path.join(workdir, "reviewed.dcm")
+    written = write_reviewed_seg(engine, series_dir, mask_kji, ijk_to_ras, out, reviewer, description,
+                                 algorithm_name, algorithm_version)
+    with open(out, "rb") as f:
+        stored = backend.upload_instance(f.read())
+    seg_series = stored.get("ParentSeries")
+    if not seg_series:
+        raise OrthancError("Orthanc stored the reviewed SEG but named no series: %s" % stored)
+    answer = backend.review(seg_series, str(reviewer).strip(), state)
+    return {"seg_series": seg_series, "seg_instance": stored.get("ID"),
+            "series_instance_uid": written.get("series_instance_uid"),
+            "sop_instance_uid": written.get("sop_instance_uid"), "voxels": written.get("voxels"),
+            "review": answer}
+
+
 # ------------------------------------------------------------------------------ Orthanc backend
 class OrthancBackend:
     """Segment a series held by an Orthanc server running the DeSAM plugin (urllib only)."""
@@ -797,6 +870,26 @@ class OrthancBackend:
                 if seg.get(key):
                     return seg[key]
         return None
+
+    def download_series(self, series_id, folder):
+        """Every instance of an Orthanc series into ``folder`` (created); returns the file paths."""
+        os.makedirs(folder, exist_ok=True)
+        info = self._request("GET", "/series/%s" % urllib.parse.quote(series_id))
+        paths = []
+        for n, instance in enumerate(info.get("Instances") or []):
+            paths.append(self.download_instance(instance, os.path.join(folder, "%05d.dcm" % n)))
+        if not paths:
+            raise OrthancError("Series %s has no instances in Orthanc at %s" % (series_id, self.url))
+        return paths
+
+    def upload_instance(self, data):
+        """``POST /instances``: stores one DICOM file; returns Orthanc's answer (ID, ParentSeries, ...)."""
+        return self._request("POST", "/instances", data, content_type="application/dicom")
+
+    def review(self, seg_series_id, reviewer, state=REVIEWED_STATE):
+        """Marks a SEG series with the plugin's review route (the state ``desam-train pull`` collects)."""
+        return self._request("POST", "/desam/series/%s/review" % urllib.parse.quote(seg_series_id),
+                             {"State": state, "Reviewer": reviewer})
 
     def download_instance(self, instance_id, path):
         data = self._request("GET", "/instances/%s/file" % urllib.parse.quote(instance_id), raw=True)
