@@ -598,12 +598,20 @@ fn shutdown_during_a_job_is_clean_and_the_series_is_completed_after_restart() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// Segments `id` on request (optionally forced) and waits for the result record.
+/// Segments `id` on request (optionally forced) and waits for this request's result record: the
+/// series must have left the queue and finished running (an older record is there all along).
 fn segment_and_wait(o: &Orthanc, id: &str, body: &[u8]) -> Value {
     let r = o.request("POST", &format!("/desam/series/{id}/segment"), Some(body));
     assert_eq!(r.status, 200, "{}", r.text());
-    std::thread::sleep(Duration::from_millis(300));
-    o.wait_result(id, TIMEOUT)
+    let t0 = std::time::Instant::now();
+    loop {
+        let v = o.get_json(&format!("/desam/series/{id}"));
+        if v["Queued"] == false && v["Running"] == false {
+            return o.wait_result(id, TIMEOUT);
+        }
+        assert!(t0.elapsed() < TIMEOUT, "series {id} never left the queue: {v}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 #[test]
@@ -647,7 +655,7 @@ fn review_route_marks_a_seg_reviewed_for_pull_and_refuses_non_segs_strangers_and
     assert_eq!(reviewer["ReferencedSeriesInstanceUID"], uid.as_str());
     // The SEG itself is untouched.
     assert_eq!(o.request("GET", &format!("/instances/{seg_instance}/file"), None).body, seg_bytes);
-    assert_eq!(o.segs_referencing(&mr_id), [seg_instance.clone()]);
+    assert_eq!(o.segs_referencing(&mr_id), std::slice::from_ref(&seg_instance));
 
     // desam-train pull's library finds the reviewed SEG and its MR series.
     let mut opts = desam::train::pull::PullOptions::new(&o.url(""), &dir.join("pulled"));

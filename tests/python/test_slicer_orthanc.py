@@ -56,6 +56,17 @@ def start_orthanc(root, plugins=(), extra=None):
     return proc, url
 
 
+def start_orthanc_with_plugin(root, model_dir):
+    """Orthanc running our plugin (target/debug) on ``model_dir``, segmenting only on request."""
+    plugin = Path(os.environ.get("DESAM_PLUGIN", REPO_ROOT / "target" / "debug" / "libdesam.so"))
+    if not plugin.is_file():
+        pytest.fail("the Orthanc plugin %s is not built: run `cargo build --lib` (scripts/test.sh does)" % plugin)
+    section = {"ModelDirectory": model_dir, "Device": "cpu", "Threads": 1, "Mode": "box",
+               "StableSeriesTrigger": False,
+               "SeriesFilter": {"MinSlices": 1, "DescriptionPattern": None, "ScanningSequencePattern": None}}
+    return start_orthanc(root, [plugin.resolve()], {"DeSAM": section})
+
+
 def stop_orthanc(proc):
     proc.terminate()
     try:
@@ -143,13 +154,7 @@ def test_plugin_status_is_interpreted(slicer_engine):
 
 def test_round_trip_through_the_desam_plugin(slicer_engine, tiny_model, tmp_path):
     """What the module's Orthanc backend does, against Orthanc running our plugin (target/debug)."""
-    plugin = Path(os.environ.get("DESAM_PLUGIN", REPO_ROOT / "target" / "debug" / "libdesam.so"))
-    if not plugin.is_file():
-        pytest.fail("the Orthanc plugin %s is not built: run `cargo build --lib` (scripts/test.sh does)" % plugin)
-    section = {"ModelDirectory": tiny_model, "Device": "cpu", "Threads": 1, "Mode": "box",
-               "StableSeriesTrigger": False,
-               "SeriesFilter": {"MinSlices": 1, "DescriptionPattern": None, "ScanningSequencePattern": None}}
-    proc, url = start_orthanc(tmp_path / "orthanc", [plugin.resolve()], {"DeSAM": section})
+    proc, url = start_orthanc_with_plugin(tmp_path / "orthanc", tiny_model)
     try:
         series_dir = tmp_path / "series"
         write_mr_series(series_dir, *SERIES["oblique"], shape=(6, 48, 48))
@@ -191,13 +196,7 @@ def test_round_trip_through_the_desam_plugin(slicer_engine, tiny_model, tmp_path
 def test_corrected_mask_goes_back_to_orthanc_as_a_reviewed_seg(slicer_engine, desam_bin, tiny_model, tmp_path):
     """The module's "Send to Orthanc as reviewed" (DeSAMLib.engine.send_reviewed_to_orthanc) against Orthanc
     running our plugin: a new MANUAL SEG series over the same MR series, marked reviewed, automatic SEG kept."""
-    plugin = Path(os.environ.get("DESAM_PLUGIN", REPO_ROOT / "target" / "debug" / "libdesam.so"))
-    if not plugin.is_file():
-        pytest.fail("the Orthanc plugin %s is not built: run `cargo build --lib` (scripts/test.sh does)" % plugin)
-    section = {"ModelDirectory": tiny_model, "Device": "cpu", "Threads": 1, "Mode": "box",
-               "StableSeriesTrigger": False,
-               "SeriesFilter": {"MinSlices": 1, "DescriptionPattern": None, "ScanningSequencePattern": None}}
-    proc, url = start_orthanc(tmp_path / "orthanc", [plugin.resolve()], {"DeSAM": section})
+    proc, url = start_orthanc_with_plugin(tmp_path / "orthanc", tiny_model)
     try:
         series_dir = tmp_path / "series"
         write_mr_series(series_dir, *SERIES["oblique"], shape=(6, 32, 40))
