@@ -23,7 +23,7 @@ while [ $# -gt 0 ]; do
   esac
   shift
 done
-for tool in patchelf dpkg-deb readelf strip zstd; do
+for tool in patchelf dpkg-deb readelf strip objdump python3; do
   command -v "$tool" >/dev/null || { echo "package.sh: $tool is missing (bash scripts/setup.sh installs it)" >&2; exit 1; }
 done
 

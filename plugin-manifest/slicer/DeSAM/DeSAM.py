@@ -419,7 +419,14 @@ class DeSAMLogic(ScriptedLoadableModuleLogic):
         return desam_engine.find_engine(self.setting(SETTING_ENGINE_PATH))
 
     def availableModels(self):
-        return desam_engine.list_models(self.setting(SETTING_MODELS_FOLDER))
+        # No models folder chosen: the models the installed engine ships (tarball or Debian package).
+        folder = self.setting(SETTING_MODELS_FOLDER)
+        if not folder:
+            try:
+                folder = desam_engine.installed_models_folder(self.findEngine())
+            except desam_engine.EngineNotFound:
+                folder = desam_engine.installed_models_folder(None)
+        return desam_engine.list_models(folder)
 
     def qaThreshold(self):
         try:
