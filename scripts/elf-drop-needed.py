@@ -2,12 +2,12 @@
 # Makes a shared library stop needing some of its DT_NEEDED libraries (scripts/package.sh: the CUDA
 # wheel's libtorch_cpu.so needs libcudart and libcupti only for its profiler's CUDA hooks).
 #
-# patchelf --remove-needed drops the DT_NEEDED entry but leaves the library's version requirement
-# (.gnu.version_r), and glibc's loader then aborts ("_dl_check_map_versions: Assertion `needed !=
-# NULL'"). This script, run after patchelf, unlinks those version-requirement entries and marks the
-# symbols that used them unversioned, so they resolve lazily (only when called) against whatever
-# provides them later: the CUDA runtime that desam-cuda's libtorch_cuda.so brings. Every such
-# symbol must be a function (a data reference would fail at load time); the script checks that.
+# patchelf --remove-needed / --replace-needed change DT_NEEDED but leave the old library's version
+# requirement (.gnu.version_r), and glibc's loader then aborts ("_dl_check_map_versions: Assertion
+# `needed != NULL'"). This script, run after patchelf, unlinks those version-requirement entries and
+# marks the symbols that used them unversioned, so they bind to whichever loaded library defines them
+# unversioned or with a default version: package.sh's libdesam_nocuda.so stubs. Every such symbol must
+# be an undefined function; the script checks that.
 #
 # Usage: elf-drop-needed.py LIBRARY SONAME [SONAME...]   (edits LIBRARY in place; x86-64 ELF only)
 import struct
@@ -87,7 +87,7 @@ def main(path, sonames):
             cleared.append(name)
     open(path, "wb").write(data)
     print(f"elf-drop-needed: {path}: dropped {', '.join(sorted(sonames))}; {len(cleared)} functions now "
-          f"resolve lazily", file=sys.stderr)
+          f"are unversioned", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ while [ $# -gt 0 ]; do
   esac
   shift
 done
-for tool in patchelf dpkg-deb readelf strip objdump python3; do
+for tool in patchelf dpkg-deb readelf strip objdump nm cc python3; do
   command -v "$tool" >/dev/null || { echo "package.sh: $tool is missing (bash scripts/setup.sh installs it)" >&2; exit 1; }
 done
 
@@ -66,8 +66,20 @@ for lib in libtorch_cpu.so libc10.so libgomp.so.1; do
   install -m 0644 "$TORCH/lib/$lib" "$D/usr/lib/desam/$lib"
   patchelf --set-rpath '$ORIGIN' "$D/usr/lib/desam/$lib"
 done
-patchelf --remove-needed libcudart.so.13 --remove-needed libcupti.so.13 "$D/usr/lib/desam/libtorch_cpu.so"
-python3 scripts/elf-drop-needed.py "$D/usr/lib/desam/libtorch_cpu.so" libcudart.so.13 libcupti.so.13
+# The wheel's libtorch_cpu needs libcudart and libcupti for its profiler's CUDA hooks only. They are
+# replaced by libdesam_nocuda.so: our stubs of exactly the functions it imports from them, answering
+# "no CUDA" (a host loading plugins with RTLD_NOW, as Orthanc does, needs every symbol resolved).
+# The stubs carry their own symbol version, so libtorch_cuda's versioned references (desam-cuda)
+# still bind to NVIDIA's real libraries; libtorch_cpu's profiler hooks keep the stubs.
+cuda_imports=$(nm -D --undefined-only "$TORCH/lib/libtorch_cpu.so" | awk '$2 ~ /@libcu(dart|pti)\.so/ {sub(/@.*/, "", $2); print $2}')
+python3 scripts/nocuda-stubs.py $cuda_imports > "$STAGE/nocuda.c"
+printf 'DESAM_NOCUDA_1 { global: *; };\n' > "$STAGE/nocuda.map"
+cc -shared -fPIC -O2 -o "$D/usr/lib/desam/libdesam_nocuda.so" -Wl,-soname,libdesam_nocuda.so \
+  -Wl,--version-script="$STAGE/nocuda.map" "$STAGE/nocuda.c"
+chmod 0644 "$D/usr/lib/desam/libdesam_nocuda.so"
+patchelf --replace-needed libcudart.so.13 libdesam_nocuda.so --remove-needed libcupti.so.13 "$D/usr/lib/desam/libtorch_cpu.so"
+# (--replace-needed also renamed the version requirement to the stub library: drop it by either name.)
+python3 scripts/elf-drop-needed.py "$D/usr/lib/desam/libtorch_cpu.so" libcudart.so.13 libcupti.so.13 libdesam_nocuda.so
 cp -r models/default "$D/usr/share/desam/models/default"
 chmod -R u=rwX,go=rX "$D/usr/share/desam"
 install -m 0644 packaging/copyright.desam "$D/usr/share/doc/desam/copyright"
