@@ -86,8 +86,8 @@ def main(path, sonames):
             struct.pack_into("<H", data, ndx_pos, 1)
             cleared.append(name)
     open(path, "wb").write(data)
-    print(f"elf-drop-needed: {path}: dropped {', '.join(sorted(sonames))}; {len(cleared)} functions now "
-          f"are unversioned", file=sys.stderr)
+    print(f"elf-drop-needed: {path}: dropped {', '.join(sorted(sonames))}; {len(cleared)} functions"
+          f" now unversioned", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -74,7 +74,7 @@ done
 cuda_imports=$(nm -D --undefined-only "$TORCH/lib/libtorch_cpu.so" | awk '$2 ~ /@libcu(dart|pti)\.so/ {sub(/@.*/, "", $2); print $2}')
 python3 scripts/nocuda-stubs.py $cuda_imports > "$STAGE/nocuda.c"
 printf 'DESAM_NOCUDA_1 { global: *; };\n' > "$STAGE/nocuda.map"
-cc -shared -fPIC -O2 -o "$D/usr/lib/desam/libdesam_nocuda.so" -Wl,-soname,libdesam_nocuda.so \
+cc -shared -fPIC -O2 -o "$D/usr/lib/desam/libdesam_nocuda.so" -Wl,-soname,libdesam_nocuda.so -Wl,-rpath,'$ORIGIN' \
   -Wl,--version-script="$STAGE/nocuda.map" "$STAGE/nocuda.c"
 chmod 0644 "$D/usr/lib/desam/libdesam_nocuda.so"
 patchelf --replace-needed libcudart.so.13 libdesam_nocuda.so --remove-needed libcupti.so.13 "$D/usr/lib/desam/libtorch_cpu.so"
