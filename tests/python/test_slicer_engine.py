@@ -151,6 +151,8 @@ def test_installed_models_folder_and_engine_environment(slicer_engine, tmp_path,
     # Outside Slicer the engine gets this process's environment.
     monkeypatch.setenv("DESAM_TEST_MARK", "1")
     assert slicer_engine.engine_environment()["DESAM_TEST_MARK"] == "1"
+    # Inside Slicer the module passes the startup environment, which wins over this process's.
+    assert slicer_engine.engine_environment({"PATH": "/usr/bin"}) == {"PATH": "/usr/bin"}
 
 
 def test_list_models(slicer_engine, tmp_path):

@@ -194,19 +194,12 @@ def installed_models_folder(engine):
     return SYSTEM_MODELS_FOLDER if os.path.isdir(SYSTEM_MODELS_FOLDER) else None
 
 
-def engine_environment():
-    """The environment the engine runs in: Slicer's startup environment when there is one. Slicer's
-    launcher prepends its own library folders to LD_LIBRARY_PATH, which would win over the engine's
-    RUNPATH and could load another libtorch; the startup environment is the one before the launcher."""
-    try:
-        import slicer  # only inside Slicer
-
-        startup = getattr(getattr(slicer, "util", None), "startupEnvironment", None)
-        if startup is not None:
-            return dict(startup())
-    except ImportError:
-        pass
-    return dict(os.environ)
+def engine_environment(startup=None):
+    """The environment the engine runs in: ``startup`` (DeSAM.py passes Slicer's
+    ``slicer.util.startupEnvironment()``) when given, else this process's. Slicer's launcher prepends
+    its own library folders to LD_LIBRARY_PATH, which would win over the engine's RUNPATH and could
+    load another libtorch; the startup environment is the one from before the launcher."""
+    return dict(startup) if startup is not None else dict(os.environ)
 
 
 def list_models(folder):
@@ -556,13 +549,14 @@ def run_segmentation(engine, input_path, model_dir, output_path, mode="box", dev
                      on_idle: Optional[Callable[[], None]] = None,
                      on_log: Optional[Callable[[str], None]] = None,
                      on_start: Optional[Callable[[subprocess.Popen], None]] = None,
-                     poll_interval=0.05, kill_grace=5.0) -> Result:
+                     poll_interval=0.05, kill_grace=5.0, env=None) -> Result:
     """Run ``desam segment`` and return its Result.
 
     stdout JSON lines feed ``on_progress``; other lines and stderr go to ``on_log``. ``on_idle`` is
     called every ``poll_interval`` seconds (Slicer passes ``slicer.app.processEvents`` so the GUI and
     its Cancel button stay live). Setting ``cancel_event`` terminates the engine (then kills it after
-    ``kill_grace`` s) and raises Cancelled. ``on_start`` receives the Popen (for logging its pid). A non-zero exit or an error event raises EngineError with
+    ``kill_grace`` s) and raises Cancelled. ``on_start`` receives the Popen (for logging its pid).
+    ``env``: the engine's environment (see engine_environment). A non-zero exit or an error event raises EngineError with
     the engine's one-line message.
     """
     if report_path is None:
@@ -572,7 +566,7 @@ def run_segmentation(engine, input_path, model_dir, output_path, mode="box", dev
                                 report_path, threads)
     try:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                stdin=subprocess.DEVNULL, text=True, bufsize=1, env=engine_environment(),
+                                stdin=subprocess.DEVNULL, text=True, bufsize=1, env=engine_environment(env),
                                 encoding="utf-8", errors="replace")
     except OSError as e:
         raise EngineNotFound("cannot start the DeSAM engine %r: %s. Install it as described in %s."
