@@ -6,8 +6,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # orthanc-postgresql, postgresql-15: the cluster test; orthanc-dicomweb, chromium: the viewer (OHIF
-# over DICOMweb) and its headless-browser test; time: peak memory in the hostile-input test.
-APT_PACKAGES=(orthanc orthanc-dev orthanc-dicomweb orthanc-postgresql postgresql-15 dcmtk dicom3tools pkg-config curl ca-certificates chromium time)
+# over DICOMweb) and its headless-browser test; time: peak memory in the hostile-input test;
+# patchelf: $ORIGIN RUNPATHs of the shipped files (scripts/package.sh).
+APT_PACKAGES=(orthanc orthanc-dev orthanc-dicomweb orthanc-postgresql postgresql-15 dcmtk dicom3tools pkg-config curl ca-certificates chromium time patchelf)
 need_apt=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need_apt+=("$p")

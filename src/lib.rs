@@ -18,6 +18,7 @@ pub mod limits;
 pub mod model;
 pub mod modeldir;
 pub mod nifti;
+#[cfg(feature = "orthanc")]
 pub mod orthanc;
 pub mod phantom;
 pub mod raster;

@@ -85,6 +85,107 @@ pub fn cpu_has_native_bf16() -> bool {
     false
 }
 
+/// What start-up found of libtorch's CUDA part (libtorch_cuda.so and the CUDA runtime it needs).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CudaPart {
+    /// Linked at build time (feature `cuda`) or already in the process.
+    Linked,
+    /// Loaded at run time from this file.
+    Loaded(std::path::PathBuf),
+    /// Not available; why, in words.
+    Absent(String),
+}
+
+/// Loads libtorch's CUDA part once, from the folder the process's libtorch_cpu.so came from, before
+/// anything asks libtorch about CUDA (libtorch caches its CUDA hooks on the first query). A CPU-only
+/// install has no libtorch_cuda.so there and never touches a CUDA library; the `desam-cuda` package
+/// adds it, so the same binaries use a GPU without a rebuild.
+pub fn cuda_part() -> &'static CudaPart {
+    static PART: once_cell::sync::OnceCell<CudaPart> = once_cell::sync::OnceCell::new();
+    PART.get_or_init(|| {
+        let part = load_cuda_part();
+        log::debug!("libtorch CUDA part: {part:?}");
+        part
+    })
+}
+
+#[cfg(target_os = "linux")]
+mod dl {
+    use std::os::raw::{c_char, c_int, c_void};
+    extern "C" {
+        pub fn dlopen(filename: *const c_char, flags: c_int) -> *mut c_void;
+        pub fn dlerror() -> *mut c_char;
+    }
+    pub const RTLD_LAZY: c_int = 0x1;
+    pub const RTLD_NOW: c_int = 0x2;
+    pub const RTLD_NOLOAD: c_int = 0x4;
+    pub const RTLD_GLOBAL: c_int = 0x100;
+
+    /// dlopen; Err carries dlerror's text.
+    pub fn open(name: &str, flags: c_int) -> Result<(), String> {
+        let c = std::ffi::CString::new(name).map_err(|e| e.to_string())?;
+        // SAFETY: `c` is a NUL-terminated string that outlives the call; a handle is never closed
+        // (the library stays for the process's life, as libtorch requires).
+        let handle = unsafe { dlopen(c.as_ptr(), flags) };
+        if !handle.is_null() {
+            return Ok(());
+        }
+        // SAFETY: dlerror returns NULL or a NUL-terminated string owned by libc, read at once.
+        let err = unsafe { dlerror() };
+        Err(if err.is_null() {
+            format!("dlopen({name}) failed")
+        } else {
+            unsafe { std::ffi::CStr::from_ptr(err) }.to_string_lossy().into_owned()
+        })
+    }
+}
+
+#[cfg(target_os = "linux")]
+fn load_cuda_part() -> CudaPart {
+    if cfg!(feature = "cuda") || dl::open("libtorch_cuda.so", dl::RTLD_LAZY | dl::RTLD_NOLOAD).is_ok() {
+        return CudaPart::Linked;
+    }
+    // The absolute path beside libtorch_cpu.so, never a bare name: LD_LIBRARY_PATH (a host such as
+    // 3D Slicer may set one) would otherwise win over our RUNPATH and bring another libtorch.
+    let Some(dir) = libtorch_cpu_dir() else {
+        return CudaPart::Absent("libtorch_cpu.so is not mapped in this process".into());
+    };
+    let path = dir.join("libtorch_cuda.so");
+    if !path.is_file() {
+        return CudaPart::Absent(format!("no {} (the desam-cuda package adds it)", path.display()));
+    }
+    match dl::open(&path.to_string_lossy(), dl::RTLD_NOW | dl::RTLD_GLOBAL) {
+        Ok(()) => CudaPart::Loaded(path),
+        Err(e) => CudaPart::Absent(format!("could not load {}: {e}", path.display())),
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn load_cuda_part() -> CudaPart {
+    CudaPart::Absent("run-time loading of the CUDA part is Linux-only".into())
+}
+
+/// The folder of the libtorch_cpu.so this process mapped (read from /proc/self/maps).
+#[cfg(target_os = "linux")]
+fn libtorch_cpu_dir() -> Option<std::path::PathBuf> {
+    let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
+    maps.lines()
+        .filter_map(|line| line.split_whitespace().nth(5))
+        .find(|path| path.ends_with("/libtorch_cpu.so"))
+        .and_then(|path| std::path::Path::new(path).parent().map(|p| p.to_path_buf()))
+}
+
+/// Why no CUDA device is usable although the CUDA part is there, in words (for one log line).
+pub fn why_no_cuda_device() -> String {
+    #[cfg(target_os = "linux")]
+    if dl::open("libcuda.so.1", dl::RTLD_LAZY | dl::RTLD_NOLOAD).is_err()
+        && dl::open("libcuda.so.1", dl::RTLD_LAZY).is_err()
+    {
+        return "no NVIDIA driver (libcuda.so.1 not found)".into();
+    }
+    "the NVIDIA driver reports no usable device".into()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -98,6 +199,16 @@ mod tests {
         release_free_memory();
         let v: Vec<u8> = vec![1; 64 << 20];
         assert_eq!(v.iter().map(|&x| x as usize).sum::<usize>(), 64 << 20);
+    }
+
+    #[test]
+    fn cuda_part_is_decided_once_and_names_a_reason_when_absent() {
+        let first = cuda_part();
+        assert!(std::ptr::eq(first, cuda_part()));
+        if let CudaPart::Absent(why) = first {
+            assert!(!why.is_empty());
+        }
+        assert!(!why_no_cuda_device().is_empty());
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! `desam segment`: read DICOM series or NIfTI volumes, run the engine, write DICOM-SEG or NIfTI masks,
 //! JSON reports and progress (bar, JSON lines for 3D Slicer, or none). Never writes over its input.
 
+use std::ffi::OsString;
 use std::io::IsTerminal;
 use std::path::PathBuf;
 
@@ -19,7 +20,8 @@ pub struct Args {
     /// Batch: every case under DIR (folders holding DICOM files, and .nii / .nii.gz files).
     #[arg(short = 'i', long, value_name = "DIR")]
     pub input_dir: Option<PathBuf>,
-    /// Model directory (model.json + weights); default: $DESAM_MODEL.
+    /// Model directory (model.json + weights); default: $DESAM_MODEL, then ../share/desam/models/default
+    /// beside this program, then /usr/share/desam/models/default.
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// One case: a DICOM-SEG `.dcm` (DICOM input only) or a NIfTI mask `.nii` / `.nii.gz`.
@@ -87,11 +89,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 }
 
 fn model_slot(args: &Args) -> Result<ModelSlot, SegmentCliError> {
-    let dir = args
-        .model
-        .clone()
-        .or_else(|| std::env::var_os("DESAM_MODEL").map(PathBuf::from))
-        .ok_or(SegmentCliError::NoModel)?;
+    let dir = match &args.model {
+        Some(dir) => dir.clone(),
+        None => default_model_dir(std::env::var_os("DESAM_MODEL"), std::env::current_exe().ok())?,
+    };
     let options = EngineOptions {
         device: args.device,
         threads: args.threads,
@@ -101,6 +102,28 @@ fn model_slot(args: &Args) -> Result<ModelSlot, SegmentCliError> {
     };
     Ok(ModelSlot::new(dir, options))
 }
+
+/// Where an installed model lies when `--model` is not given: `$DESAM_MODEL` (taken as given: an
+/// explicit choice never falls through to another model), then the relocatable bundle's
+/// `../share/desam/models/default` beside the binary, then the Debian package's. The error lists each place.
+fn default_model_dir(env: Option<OsString>, exe: Option<PathBuf>) -> Result<PathBuf, SegmentCliError> {
+    if let Some(dir) = env.filter(|v| !v.is_empty()) {
+        return Ok(PathBuf::from(dir));
+    }
+    let mut looked = vec!["$DESAM_MODEL (unset)".to_string()];
+    let beside_binary =
+        exe.and_then(|exe| exe.parent().map(|bin| bin.join("../share/desam/models/default"))).into_iter();
+    for dir in beside_binary.chain(std::iter::once(PathBuf::from(SYSTEM_MODEL_DIR))) {
+        if dir.join("model.json").is_file() {
+            return Ok(dir);
+        }
+        looked.push(dir.display().to_string());
+    }
+    Err(SegmentCliError::NoModel(looked))
+}
+
+/// The Debian package's model (and the Orthanc plugin's default `ModelDirectory`).
+const SYSTEM_MODEL_DIR: &str = "/usr/share/desam/models/default";
 
 fn request(args: &Args) -> SegmentRequest {
     SegmentRequest {
@@ -140,4 +163,42 @@ fn run_batch(args: &Args, rep: &mut Reporter) -> anyhow::Result<()> {
         request: request(args),
     };
     segment_batch::run(&batch, model_slot(args)?, rep)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    #[test]
+    fn desam_model_wins_and_is_taken_as_given() {
+        let got = default_model_dir(Some("/nowhere/model".into()), Some("/opt/x/bin/desam".into())).unwrap();
+        assert_eq!(got, PathBuf::from("/nowhere/model"));
+    }
+
+    #[test]
+    fn the_bundle_beside_the_binary_is_found() {
+        let root = std::env::temp_dir().join(format!("desam-model-lookup-{}", std::process::id()));
+        let model = root.join("share/desam/models/default");
+        std::fs::create_dir_all(&model).unwrap();
+        std::fs::create_dir_all(root.join("bin")).unwrap();
+        std::fs::write(model.join("model.json"), "{}").unwrap();
+        let got = default_model_dir(None, Some(root.join("bin/desam"))).unwrap();
+        std::fs::remove_dir_all(&root).unwrap();
+        assert_eq!(got, root.join("bin/../share/desam/models/default"));
+    }
+
+    #[test]
+    fn the_error_names_every_place_looked() {
+        if Path::new(SYSTEM_MODEL_DIR).join("model.json").is_file() {
+            // A machine with the Debian package installed finds it.
+            let got = default_model_dir(None, Some("/nowhere/bin/desam".into())).unwrap();
+            assert_eq!(got, PathBuf::from(SYSTEM_MODEL_DIR));
+            return;
+        }
+        let err = default_model_dir(Some("".into()), Some("/nowhere/bin/desam".into())).unwrap_err().to_string();
+        for place in ["$DESAM_MODEL", "/nowhere/bin/../share/desam/models/default", SYSTEM_MODEL_DIR] {
+            assert!(err.contains(place), "{err}");
+        }
+    }
 }

@@ -25,8 +25,8 @@ pub enum SegmentCliError {
     SegNeedsDicom,
     #[error("output {0} would overwrite the input")]
     OverwritesInput(PathBuf),
-    #[error("no model given: pass --model DIR or set DESAM_MODEL")]
-    NoModel,
+    #[error("no model given and none installed: pass --model DIR or set DESAM_MODEL (looked in: {})", .0.join(", "))]
+    NoModel(Vec<String>),
     #[error("{0}")]
     BadOption(String),
 }

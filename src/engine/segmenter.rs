@@ -105,15 +105,31 @@ impl Serialize for DeviceChoice {
 impl DeviceChoice {
     /// The libtorch device: the one place a choice becomes a device (engine, training, `desam forward`).
     pub fn resolve(self) -> Result<Device, EngineError> {
+        if self == DeviceChoice::Cpu {
+            return Ok(Device::Cpu);
+        }
+        // Before libtorch is first asked about CUDA: it caches the answer.
+        let part = crate::runtime::cuda_part();
+        let count = tch::Cuda::device_count();
         match self {
             DeviceChoice::Cpu => Ok(Device::Cpu),
-            DeviceChoice::Auto => Ok(Device::cuda_if_available()),
-            DeviceChoice::Cuda(n) if (n as i64) < tch::Cuda::device_count() => Ok(Device::Cuda(n)),
+            DeviceChoice::Auto if count > 0 => Ok(Device::Cuda(0)),
+            DeviceChoice::Auto => {
+                // A CPU-only install is the normal case; an installed CUDA part without a GPU is worth a line.
+                if !matches!(part, crate::runtime::CudaPart::Absent(_)) {
+                    log::warn!("device auto: running on the CPU: {}", crate::runtime::why_no_cuda_device());
+                }
+                Ok(Device::Cpu)
+            }
+            DeviceChoice::Cuda(n) if (n as i64) < count => Ok(Device::Cuda(n)),
             // The count says which indices exist ("cuda:1 … 1 CUDA device(s)").
-            DeviceChoice::Cuda(n) => Err(EngineError::DeviceUnavailable(format!(
-                "cuda:{n} (this machine has {} CUDA device(s))",
-                tch::Cuda::device_count()
-            ))),
+            DeviceChoice::Cuda(n) => Err(EngineError::DeviceUnavailable(match part {
+                crate::runtime::CudaPart::Absent(why) => format!("cuda:{n} (libtorch's CUDA part: {why})"),
+                _ if count == 0 => {
+                    format!("cuda:{n} (this machine has 0 CUDA device(s): {})", crate::runtime::why_no_cuda_device())
+                }
+                _ => format!("cuda:{n} (this machine has {count} CUDA device(s))"),
+            })),
         }
     }
 }

@@ -124,6 +124,35 @@ def test_find_engine_settings_env_and_missing(slicer_engine, tmp_path, monkeypat
         slicer_engine.find_engine(None)
     assert "not installed or not configured" in str(err.value)
     assert "DESAM_BIN=" in str(err.value) and slicer_engine.INSTALL_HELP_URL in str(err.value)
+    # The Debian package's place is tried after PATH (Slicer may start with a PATH of its own).
+    monkeypatch.setattr(slicer_engine, "SYSTEM_ENGINE_PATHS", [str(tmp_path / "usr-bin-desam"), str(exe)])
+    assert slicer_engine.find_engine(None) == str(exe)
+    monkeypatch.setattr(slicer_engine, "SYSTEM_ENGINE_PATHS", [str(tmp_path / "usr-bin-desam")])
+    with pytest.raises(slicer_engine.EngineNotFound) as err:
+        slicer_engine.find_engine(None)
+    assert str(tmp_path / "usr-bin-desam") in str(err.value)
+
+
+def test_installed_models_folder_and_engine_environment(slicer_engine, tmp_path, monkeypatch):
+    # The unpacked tarball: bin/desam and share/desam/models/default side by side.
+    exe = tmp_path / "desam-0.1.0-linux-x86_64" / "bin" / "desam"
+    models = tmp_path / "desam-0.1.0-linux-x86_64" / "share" / "desam" / "models"
+    (models / "default").mkdir(parents=True)
+    (models / "default" / "model.json").write_text('{"name": "desam-lite-prostate"}')
+    exe.parent.mkdir()
+    exe.write_text("#!/bin/sh\n")
+    assert slicer_engine.installed_models_folder(str(exe)) == str(models)
+    assert [m.name for m in slicer_engine.list_models(slicer_engine.installed_models_folder(str(exe)))] == [
+        "desam-lite-prostate"]
+    monkeypatch.setattr(slicer_engine, "SYSTEM_MODELS_FOLDER", str(tmp_path / "absent"))
+    assert slicer_engine.installed_models_folder(str(tmp_path / "elsewhere" / "desam")) is None
+    monkeypatch.setattr(slicer_engine, "SYSTEM_MODELS_FOLDER", str(models))
+    assert slicer_engine.installed_models_folder(None) == str(models)
+    # Outside Slicer the engine gets this process's environment.
+    monkeypatch.setenv("DESAM_TEST_MARK", "1")
+    assert slicer_engine.engine_environment()["DESAM_TEST_MARK"] == "1"
+    # Inside Slicer the module passes the startup environment, which wins over this process's.
+    assert slicer_engine.engine_environment({"PATH": "/usr/bin"}) == {"PATH": "/usr/bin"}
 
 
 def test_list_models(slicer_engine, tmp_path):

@@ -469,11 +469,24 @@ class DeSAMLogic(ScriptedLoadableModuleLogic):
     def setSetting(key, value):
         qt.QSettings().setValue(key, value or "")
 
+    @staticmethod
+    def engineEnvironment():
+        """Slicer's startup environment (without the launcher's LD_LIBRARY_PATH), when this Slicer has it."""
+        startup = getattr(getattr(slicer, "util", None), "startupEnvironment", None)
+        return desam_engine.engine_environment(startup() if startup is not None else None)
+
     def findEngine(self):
         return desam_engine.find_engine(self.setting(SETTING_ENGINE_PATH))
 
     def availableModels(self):
-        return desam_engine.list_models(self.setting(SETTING_MODELS_FOLDER))
+        # No models folder chosen: the models the installed engine ships (tarball or Debian package).
+        folder = self.setting(SETTING_MODELS_FOLDER)
+        if not folder:
+            try:
+                folder = desam_engine.installed_models_folder(self.findEngine())
+            except desam_engine.EngineNotFound:
+                folder = desam_engine.installed_models_folder(None)
+        return desam_engine.list_models(folder)
 
     def qaThreshold(self):
         try:
@@ -520,7 +533,7 @@ class DeSAMLogic(ScriptedLoadableModuleLogic):
             return desam_engine.segment_array(
                 engine, array, ijkToRas, modelDir, workdir, mode=mode, device=device,
                 on_progress=onProgress, cancel_event=self.cancelEvent, on_idle=onIdle, on_log=onLog,
-                threads=threads)
+                threads=threads, env=self.engineEnvironment())
         finally:
             if ownTemp and not self.keepTemporaryFiles:
                 shutil.rmtree(workdir, ignore_errors=True)

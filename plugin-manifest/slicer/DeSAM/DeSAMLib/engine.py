@@ -95,11 +95,18 @@ def _is_executable(path):
     return os.path.isfile(path) and os.access(path, os.X_OK)
 
 
+# Where the Debian package `desam` installs the engine (tried after PATH).
+SYSTEM_ENGINE_PATHS = ["/usr/bin/desam"]
+# Where the Debian package installs its models (the tarball has share/desam/models beside bin/).
+SYSTEM_MODELS_FOLDER = "/usr/share/desam/models"
+
+
 def find_engine(settings_value=None):
     """Path of the `desam` executable.
 
     ``settings_value`` is the `DeSAM/EnginePath` setting: an executable, or a folder holding one (or its
-    ``bin/``). When empty, the environment variable DESAM_BIN and then PATH are tried.
+    ``bin/``: the unpacked tarball desam-VERSION-linux-x86_64). When empty, the environment variable
+    DESAM_BIN, then PATH, then the Debian package's /usr/bin/desam are tried.
     Raises EngineNotFound with a message that says what was tried and where to get the engine.
     """
     tried = []
@@ -129,6 +136,11 @@ def find_engine(settings_value=None):
         if found:
             return os.path.abspath(found)
     tried.append("PATH")
+    # Slicer may start with a PATH of its own: the Debian package's place is tried by name too.
+    for c in SYSTEM_ENGINE_PATHS:
+        if _is_executable(c):
+            return c
+        tried.append(c)
     raise EngineNotFound(
         "The DeSAM engine (`desam`) is not installed or not configured (looked in: %s). "
         "Install it as described in %s and set Engine path in the DeSAM module."
@@ -170,6 +182,24 @@ def _read_model_info(directory):
         arch=str(meta.get("arch", "") or ""),
         description=str(meta.get("description", "") or ""),
     )
+
+
+def installed_models_folder(engine):
+    """The models an installed engine ships: ``share/desam/models`` beside its ``bin/`` (the tarball,
+    or /usr for the Debian package), else the Debian package's folder; None when neither exists."""
+    if engine:
+        beside = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(engine)), "..", "share", "desam", "models"))
+        if os.path.isdir(beside):
+            return beside
+    return SYSTEM_MODELS_FOLDER if os.path.isdir(SYSTEM_MODELS_FOLDER) else None
+
+
+def engine_environment(startup=None):
+    """The environment the engine runs in: ``startup`` (DeSAM.py passes Slicer's
+    ``slicer.util.startupEnvironment()``) when given, else this process's. Slicer's launcher prepends
+    its own library folders to LD_LIBRARY_PATH, which would win over the engine's RUNPATH and could
+    load another libtorch; the startup environment is the one from before the launcher."""
+    return dict(startup) if startup is not None else dict(os.environ)
 
 
 def list_models(folder):
@@ -519,13 +549,14 @@ def run_segmentation(engine, input_path, model_dir, output_path, mode="box", dev
                      on_idle: Optional[Callable[[], None]] = None,
                      on_log: Optional[Callable[[str], None]] = None,
                      on_start: Optional[Callable[[subprocess.Popen], None]] = None,
-                     poll_interval=0.05, kill_grace=5.0) -> Result:
+                     poll_interval=0.05, kill_grace=5.0, env=None) -> Result:
     """Run ``desam segment`` and return its Result.
 
     stdout JSON lines feed ``on_progress``; other lines and stderr go to ``on_log``. ``on_idle`` is
     called every ``poll_interval`` seconds (Slicer passes ``slicer.app.processEvents`` so the GUI and
     its Cancel button stay live). Setting ``cancel_event`` terminates the engine (then kills it after
-    ``kill_grace`` s) and raises Cancelled. ``on_start`` receives the Popen (for logging its pid). A non-zero exit or an error event raises EngineError with
+    ``kill_grace`` s) and raises Cancelled. ``on_start`` receives the Popen (for logging its pid).
+    ``env``: the engine's environment (see engine_environment). A non-zero exit or an error event raises EngineError with
     the engine's one-line message.
     """
     if report_path is None:
@@ -535,7 +566,7 @@ def run_segmentation(engine, input_path, model_dir, output_path, mode="box", dev
                                 report_path, threads)
     try:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                stdin=subprocess.DEVNULL, text=True, bufsize=1,
+                                stdin=subprocess.DEVNULL, text=True, bufsize=1, env=engine_environment(env),
                                 encoding="utf-8", errors="replace")
     except OSError as e:
         raise EngineNotFound("cannot start the DeSAM engine %r: %s. Install it as described in %s."
