@@ -769,3 +769,21 @@ fn a_promoted_version_serves_from_the_next_job_without_restart_and_broken_ones_a
     assert!(log.lines().any(|l| l.contains("model reloaded") && l.contains("2.0.0")), "{log}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_job_longer_than_its_lease_keeps_its_claim_on_a_single_node() {
+    // A 3 s lease is renewed every second; the grid run on 40 × 128² lasts several renewals. The
+    // renewals must keep the claim (no "another node took the claim over" on a node that is alone).
+    let dir = scratch("lease");
+    let o = Orthanc::start(&dir, true, &json!({"DeSAM": desam_section(json!({"Mode": "grid", "LeaseSeconds": 3}))}));
+    let (slow, slow_uid) = mr_series(&dir.join("slow"), 40, 128, 31, AXIAL, "t2_tse_tra");
+    o.storescu(&slow);
+    let id = o.series_id(&slow_uid);
+    let t0 = std::time::Instant::now();
+    let v = o.wait_result(&id, Duration::from_secs(300));
+    let took = t0.elapsed().as_secs_f64();
+    let log = o.stop();
+    assert!(!log.contains("took the claim over"), "the node lost its own claim:\n{log}");
+    assert_eq!(v["Result"]["Status"], "done", "{v}");
+    assert!(took > 3.0, "the run ({took:.1} s) must outlast several renewals for this test to mean anything");
+}

@@ -123,6 +123,29 @@ impl Held {
                 self.etag = put.etag.unwrap_or_default();
                 Ok(())
             }
+            409 => self.renew_at_current_revision(&body),
+            s => Err(http_error(&format!("PUT {}", self.uri), s, &put.body).into()),
+        }
+    }
+
+    /// Orthanc refused our revision. The claim is lost only if the entry now names another claim; if
+    /// it is still exactly ours (seen on a single SQLite node, where the revision we were answered no
+    /// longer matched), renew it at the revision Orthanc has now.
+    fn renew_at_current_revision(&mut self, body: &[u8]) -> Result<(), ClaimError> {
+        let current = Orthanc::call(HTTP_GET, &self.uri, None, &[])?;
+        let still_ours = current.status == 200
+            && serde_json::from_slice::<ClaimRecord>(&current.body)
+                .is_ok_and(|c| c.node == self.record.node && c.claimed == self.record.claimed);
+        if !still_ours {
+            return Err(ClaimError::Lost);
+        }
+        let etag = current.etag.unwrap_or_default();
+        let put = Orthanc::call(HTTP_PUT, &self.uri, Some(etag.as_str()).filter(|e| !e.is_empty()), body)?;
+        match put.status {
+            200 => {
+                self.etag = put.etag.unwrap_or_default();
+                Ok(())
+            }
             409 => Err(ClaimError::Lost),
             s => Err(http_error(&format!("PUT {}", self.uri), s, &put.body).into()),
         }
