@@ -202,7 +202,10 @@ pub fn step(handle: u64) -> i32 {
 pub fn stop(handle: u64, reason: i32) {
     let Some(job) = lookup(handle) else { return };
     let mut phase = job.phase.lock().unwrap();
-    if matches!(*phase, Phase::Pending | Phase::Started) {
+    // A resumed job is "Running" for Orthanc before its first `step` turns our phase from Paused to
+    // Started: a cancel in that window must still cancel (a real race, seen in CI).
+    let cancels_a_resumed_job = *phase == Phase::Paused && reason != STOP_PAUSED;
+    if matches!(*phase, Phase::Pending | Phase::Started) || cancels_a_resumed_job {
         job.cancel.store(true, Ordering::SeqCst);
         *phase = if reason == STOP_PAUSED { Phase::Paused } else { Phase::Canceled };
         job.changed.notify_all();
@@ -257,6 +260,19 @@ mod tests {
         stop(job.handle, 4);
         assert_eq!(job.phase(), Phase::Canceled);
         assert!(!job.wait_until_started(&AtomicBool::new(false), &|| true));
+        finalize(job.handle);
+    }
+
+    #[test]
+    fn a_cancel_between_resume_and_first_step_cancels() {
+        let job = JobShared::new("s3", ModeChoice(None), false);
+        step(job.handle);
+        stop(job.handle, STOP_PAUSED);
+        // Resumed: Orthanc shows it Running, but has not called `step` yet when the cancel comes.
+        stop(job.handle, 4);
+        assert_eq!(job.phase(), Phase::Canceled);
+        assert!(job.cancel.load(Ordering::SeqCst));
+        assert_eq!(step(job.handle), STEP_FAILURE);
         finalize(job.handle);
     }
 }
