@@ -129,7 +129,10 @@ fn adapt_promotes_only_through_the_gate_and_resumes_after_a_stop() {
     let out = cli(&["--stop-after-steps", "3"]);
     assert!(out.contains("pull, split, precompute"), "{out}");
     let first = stamp_times(&work);
-    assert_eq!(first.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(), ["precompute.json", "pull.json", "split.json"]);
+    assert_eq!(
+        first.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
+        ["precompute.json", "pull.json", "split.json"]
+    );
     assert_eq!(current_json(&reg), before, "a stopped run promotes nothing");
     let out = cli(&[]);
     assert!(out.contains("Promoted") && out.contains("| case | site | fold |"), "{out}");
