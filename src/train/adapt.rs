@@ -190,12 +190,13 @@ pub enum AdaptOutcome {
 /// A step that ended the call: an error, or the step limit.
 enum Halt {
     Limit,
-    Fail(TrainError),
+    /// Boxed: a step's `Result` stays small on the happy path.
+    Fail(Box<TrainError>),
 }
 
 impl From<TrainError> for Halt {
     fn from(e: TrainError) -> Halt {
-        Halt::Fail(e)
+        Halt::Fail(Box::new(e))
     }
 }
 
@@ -371,6 +372,14 @@ fn default_version(base: &str) -> String {
     format!("{base}-adapt-{:04}{:02}{:02}T{:02}{:02}{:02}Z", t.year, t.month, t.day, t.hour, t.minute, t.second)
 }
 
+/// Whether a rerun continues the stored plan. The Orthanc URL may differ (a restarted server on
+/// another port, an https proxy): the cases are those of the first call's pull step.
+fn same_run(stored: &AdaptPlan, now: &AdaptPlan) -> bool {
+    let mut now = now.clone();
+    now.orthanc = stored.orthanc.clone();
+    *stored == now
+}
+
 /// The plan of this work folder: written by the first run, checked by every rerun.
 fn settle_plan(o: &AdaptOptions) -> Result<AdaptPlan, TrainError> {
     let current = export::current_dir(&o.registry)?;
@@ -396,18 +405,18 @@ fn settle_plan(o: &AdaptOptions) -> Result<AdaptPlan, TrainError> {
         seed: o.seed,
     };
     match stored {
-        Some(old) if old != plan => {
+        Some(old) if !same_run(&old, &plan) => {
             // A promotion by this very run makes the candidate current: that is its own run, not a change.
             let promoted_here = old.candidate_version == plan.base_version && {
                 let mut same = old.clone();
                 same.base_version = plan.base_version.clone();
-                same == plan
+                same_run(&same, &plan)
             };
             if promoted_here {
                 return Ok(old);
             }
             Err(TrainError::Invalid(format!(
-                "{} belongs to another adaptation (stored {old:?}, now {plan:?}); the registry's current version, the Orthanc URL, the gate, the schedule or the seed changed: use a new --work folder",
+                "{} belongs to another adaptation (stored {old:?}, now {plan:?}); the registry's current version, the review mark, the gate, the schedule or the seed changed: use a new --work folder",
                 o.work.display()
             )))
         }
@@ -468,7 +477,7 @@ pub fn adapt(o: &AdaptOptions) -> Result<AdaptOutcome, TrainError> {
     match drive(o, &mut steps) {
         Ok(report) => Ok(AdaptOutcome::Finished(Box::new(report))),
         Err(Halt::Limit) => Ok(AdaptOutcome::Stopped { finished_steps: steps.finished }),
-        Err(Halt::Fail(e)) => Err(e),
+        Err(Halt::Fail(e)) => Err(*e),
     }
 }
 
@@ -922,6 +931,27 @@ mod tests {
         let twelve = split_cases(&ids(12), 7, 2, 8).unwrap();
         assert_eq!((twelve.scheme.as_str(), twelve.folds[0].check.len(), twelve.folds[0].fit.len()), ("holdout", 3, 9));
         assert!(split_cases(&[], 0, 2, 8).is_err());
+    }
+
+    #[test]
+    fn a_rerun_may_reach_orthanc_at_another_url_but_not_change_the_gate() {
+        let plan = AdaptPlan {
+            registry: "/reg".into(),
+            base_version: "0.3.0".into(),
+            candidate_version: "0.3.0-adapt".into(),
+            orthanc: "http://127.0.0.1:8042".into(),
+            review_metadata: 4302,
+            reviewed_value: "reviewed".into(),
+            gate: Gate { min_gain: 0.01, max_case_drop: 0.05 },
+            schedule: Schedule { epochs: 4, batch: 8, lr: 2e-4, slice_stride: 1 },
+            folds: 2,
+            holdout_from: 8,
+            seed: 0,
+        };
+        let moved = AdaptPlan { orthanc: "https://pacs:443".into(), ..plan.clone() };
+        assert!(same_run(&plan, &moved));
+        let stricter = AdaptPlan { gate: Gate { min_gain: 0.02, max_case_drop: 0.05 }, ..plan.clone() };
+        assert!(!same_run(&plan, &stricter));
     }
 
     fn row(case: &str, before: f64, after: f64) -> CaseRow {
