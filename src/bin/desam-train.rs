@@ -29,6 +29,9 @@ enum Command {
     Rollback(train::registry::RollbackArgs),
     /// Copy reviewed DICOM-SEGs and their MR series from Orthanc into a DICOM training folder (resumable).
     Pull(train::pull::Args),
+    /// Pull reviewed cases, fine-tune the registry's current model, check it against the current one
+    /// on held-out cases and promote it only if it passes the gate (resumable).
+    Adapt(train::adapt::Args),
 }
 
 fn main() {
@@ -43,5 +46,6 @@ fn main() {
         Command::Promote(a) => train::registry::promote(a),
         Command::Rollback(a) => train::registry::rollback(a),
         Command::Pull(a) => train::pull::run(a),
+        Command::Adapt(a) => train::adapt::run(a),
     });
 }

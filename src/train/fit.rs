@@ -36,6 +36,9 @@ pub enum Split {
     Official,
     /// Patients shuffled with the seed, then 90/10.
     Shuffle,
+    /// Every real case in the store trains, whatever its site, and validation runs on the same cases
+    /// (a fit figure, not a held-out one): for `adapt`, which selects with its own check cases.
+    All,
 }
 
 impl std::str::FromStr for Split {
@@ -44,7 +47,8 @@ impl std::str::FromStr for Split {
         match s.to_ascii_lowercase().as_str() {
             "official" => Ok(Split::Official),
             "shuffle" => Ok(Split::Shuffle),
-            o => Err(format!("unknown split {o:?} (official or shuffle)")),
+            "all" => Ok(Split::All),
+            o => Err(format!("unknown split {o:?} (official, shuffle or all)")),
         }
     }
 }
@@ -167,16 +171,21 @@ pub fn split_cases(
         .cases
         .iter()
         .enumerate()
-        .filter(|(_, c)| c.site == site && c.augmented_from.is_none())
+        .filter(|(_, c)| (split == Split::All || c.site == site) && c.augmented_from.is_none())
         .map(|(i, _)| i)
         .collect();
-    if ids.len() < 2 {
-        return Err(TrainError::Invalid(format!(
-            "site {site} has {} case(s) in the store; need at least 2 for a train/validation split",
-            ids.len()
-        )));
-    }
     let ids = match split {
+        Split::All if ids.is_empty() => return Err(TrainError::Invalid("the store has no case to train on".into())),
+        Split::All => {
+            let copies = index.cases.iter().enumerate().filter(|(_, c)| c.augmented_from.is_some()).map(|(j, _)| j);
+            return Ok((ids.iter().copied().chain(copies).collect(), ids));
+        }
+        _ if ids.len() < 2 => {
+            return Err(TrainError::Invalid(format!(
+                "site {site} has {} case(s) in the store; need at least 2 for a train/validation split",
+                ids.len()
+            )))
+        }
         Split::Official => ids,
         Split::Shuffle => shuffled(&ids, derive_seed(seed, "split", 0, 0, 0)),
     };

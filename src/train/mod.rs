@@ -1,6 +1,7 @@
 //! desam-train: dataset sources, the precomputed-embedding store, losses, the decoder training loop,
 //! cross-site evaluation through the real engine, export/promote/rollback. Never edits source data.
 
+pub mod adapt;
 pub mod augment;
 pub mod data;
 pub mod eval;
