@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Benchmark, not run by CI: the headline figure of docs/adaptation-adapt.md ("Measured").
+# Benchmark, not run by CI: the headline figure of docs/adaptation.md ("Measured").
 # A registry whose current version is models/default; N reviewed site-E phantom cases (their truth
 # SEGs marked reviewed, metadata 4302 = "reviewed") in a real Orthanc (Debian's, no plugin);
 # `desam-train adapt` (timed); then the current model before and after on NEW new site-E and NEW new
 # site-C phantom cases, segmented and scored by the real engine (`desam-train eval`, the corridor the
 # plugin and the CLI use), per case in OUT/{before,after}-{E,C}/cases.jsonl.
-# Usage: benches/adapt.sh [OUT]   Env: N (5), NEW (10), PROFILE (debug|release, default debug),
+# Usage: benches/adapt.sh [OUT]   Env: N (5), NEW (10), MAX_NEW (score the adapted model on the first
+#        MAX_NEW new cases per site only; default all NEW), SKIP_BEFORE (1: do not score the base
+#        version, e.g. when OUT/before-{E,C} link to another run's), PROFILE (debug|release, default debug),
 #        THREADS (default: libtorch's), EXTRA (more adapt arguments, e.g. "--epochs 6"), BIN (see below).
 # Every step resumes: rerun the same command after a kill (the Orthanc storage is kept in OUT).
 set -euo pipefail
@@ -69,10 +71,26 @@ log "adapt wall time of this call: $(awk "BEGIN{printf \"%.0f\", $(date +%s.%N) 
 AFTER=$(readlink -f "$REG/current")
 for site in E C; do
   for which in before after; do
+    [ $which = before ] && [ "${SKIP_BEFORE:-}" = 1 ] && continue
     model=$REG/versions/$BASE; [ $which = after ] && model=$AFTER
     out=$OUT/$which-$site-$N; [ $which = before ] && out=$OUT/before-$site
     resume=(); [ -f "$out/cases.jsonl" ] && resume=(--resume)
-    "$BIN/desam-train" eval --model "$model" --data "$OUT/new-$site" --sites "$site" --out "$out" --device cpu "${THREADS_ARG[@]}" "${resume[@]}" >/dev/null
+    limit=(); [ $which = after ] && [ -n "${MAX_NEW:-}" ] && limit=(--max-cases "$MAX_NEW")
+    "$BIN/desam-train" eval --model "$model" --data "$OUT/new-$site" --sites "$site" --out "$out" --device cpu "${THREADS_ARG[@]}" "${resume[@]}" "${limit[@]}" >/dev/null
     log "$which $site: $("$PY" -c 'import json,sys; s=json.load(open(sys.argv[1])); print("Dice %.4f over %d cases" % (s["dice_mean_cases"], len(s["cases"])))' "$out/summary.json")"
   done
 done
+# 6. The same cases before and after, per site (the figure of docs/adaptation.md).
+"$PY" - "$OUT" "$N" <<'PY'
+import json, sys
+out, n = sys.argv[1], sys.argv[2]
+rep = json.load(open(f"{out}/work-{n}/report.json"))
+print(f"N = {n}: adapt {rep['seconds']:.0f} s, promoted: {rep['promoted']}")
+for site in "EC":
+    read = lambda d: {c["id"]: c["dice"] for c in map(json.loads, open(f"{out}/{d}/cases.jsonl"))}
+    before, after = read(f"before-{site}"), read(f"after-{site}-{n}")
+    ids = sorted(set(before) & set(after))
+    b = sum(before[i] for i in ids) / len(ids)
+    a = sum(after[i] for i in ids) / len(ids)
+    print(f"new site {site}, {len(ids)} cases: Dice {b:.4f} -> {a:.4f} ({a - b:+.4f}); min after {min(after[i] for i in ids):.4f}")
+PY

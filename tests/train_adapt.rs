@@ -12,8 +12,8 @@ use std::time::SystemTime;
 
 use desam::phantom::{self, GenerateOptions, Site, Size};
 use desam::train::adapt::{self, AdaptOptions, AdaptOutcome, AdaptReport, Gate, Schedule};
-use desam::train::export;
 use desam::train::pull::PullOptions;
+use desam::train::{export, fit, precompute};
 use harness::{scratch, Orthanc};
 use serde_json::{json, Value};
 
@@ -60,7 +60,7 @@ fn options(o: &Orthanc, reg: &Path, work: &Path, gate: Gate, version: &str) -> A
         work: work.to_path_buf(),
         version: Some(version.into()),
         gate,
-        schedule: Schedule { epochs: 1, batch: 4, lr: 1e-4, slice_stride: 2 },
+        schedule: Schedule { epochs: 1, batch: 4, lr: 1e-4, slice_stride: 2, background_margin: 1 },
         folds: 2,
         holdout_from: 8,
         seed: 3,
@@ -105,6 +105,19 @@ fn adapt_promotes_only_through_the_gate_and_resumes_after_a_stop() {
     let on_disk: AdaptReport = serde_json::from_slice(&std::fs::read(work.join(adapt::REPORT_JSON)).unwrap()).unwrap();
     assert_eq!(on_disk.current_version.as_deref(), Some("0.0.1"));
     assert!(on_disk.steps.iter().all(|s| s.step != "export" && s.step != "promote" && s.step != "refit-all"));
+    // Margin 1: the store keeps the slice beyond each end of the gland (target empty), and the folds'
+    // fits train on them, so a candidate keeps stopping at the apex and base.
+    let store = precompute::read_index(&work.join("store")).unwrap();
+    assert_eq!(store.config.background_margin, 1);
+    for c in &store.cases {
+        let no_gland: Vec<usize> = (0..c.z.len()).filter(|&r| !c.foreground[r]).map(|r| c.z[r]).collect();
+        let gland: Vec<usize> = (0..c.z.len()).filter(|&r| c.foreground[r]).map(|r| c.z[r]).collect();
+        let (lo, hi) = (gland[0], gland[gland.len() - 1]);
+        assert_eq!(no_gland, vec![lo - 1, hi + 1], "{}: slices without gland kept", c.id);
+    }
+    let run_cfg: Value =
+        serde_json::from_slice(&std::fs::read(work.join("folds/0/run").join(fit::CONFIG_JSON)).unwrap()).unwrap();
+    assert_eq!(run_cfg["train_background"], true);
 
     // A gate that is met (any gain, any case drop), through the CLI, stopped after 3 steps and then
     // continued: the finished steps are not redone, and the candidate becomes current.

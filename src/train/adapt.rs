@@ -57,6 +57,10 @@ pub struct Schedule {
     pub lr: f64,
     /// Every k-th foreground slice of a fit case trains.
     pub slice_stride: usize,
+    /// Slices without gland up to this many beyond the gland's ends also train (target: empty), so
+    /// the fine-tuned decoder keeps stopping at the apex and base (0 in older work folders).
+    #[serde(default)]
+    pub background_margin: usize,
 }
 
 /// The mid-gland slice of one check case as the current model (before) and the candidate (after)
@@ -524,6 +528,7 @@ fn drive(o: &AdaptOptions, steps: &mut Steps) -> Result<AdaptReport, Halt> {
             augment: 0,
             augment_seed: plan.seed,
             slice_stride: 1,
+            background_margin: plan.schedule.background_margin,
         })?;
         Ok(serde_json::json!({"cases": idx.cases.len(), "slices": idx.slices, "manifest": idx.manifest_hash}))
     })?;
@@ -652,8 +657,22 @@ pub fn read_stamps(dir: &Path) -> Result<Vec<StepRecord>, TrainError> {
             }
         }
     }
-    v.sort_by(|a, b| a.finished_at.cmp(&b.finished_at).then_with(|| a.step.cmp(&b.step)));
+    v.sort_by(|a, b| {
+        a.finished_at.cmp(&b.finished_at).then_with(|| pipeline_rank(&a.step).cmp(&pipeline_rank(&b.step)))
+    });
     Ok(v)
+}
+
+/// Where a step comes in the pipeline: steps that finish within the same second of the stamps'
+/// clock (an export right after its fit) are listed in this order.
+fn pipeline_rank(step: &str) -> (usize, usize) {
+    const ORDER: [&str; 10] =
+        ["pull", "split", "precompute", "fold", "gate", "refit-all", "export", "promote", "overlay", "report"];
+    if let Some((k, part)) = step.strip_prefix("fold").and_then(|rest| rest.split_once('-')) {
+        let part_rank = ["fit", "export", "check-current", "check-candidate"].iter().position(|p| *p == part);
+        return (3, k.parse::<usize>().unwrap_or(usize::MAX / 8).saturating_mul(8) + part_rank.unwrap_or(7));
+    }
+    (ORDER.iter().position(|s| *s == step).unwrap_or(ORDER.len()), 0)
 }
 
 /// A store of some cases of `store`: the same config, an index that names only them. The shards are
@@ -702,6 +721,7 @@ fn run_fit(o: &AdaptOptions, plan: &AdaptPlan, store: &Path, run: &Path) -> Resu
         split: Split::All,
         coupled: false,
         slice_stride: plan.schedule.slice_stride.max(1),
+        train_background: plan.schedule.background_margin > 0,
         amp: true,
         manifest_hash: String::new(),
     };
@@ -872,6 +892,11 @@ pub fn markdown(r: &AdaptReport) -> String {
         "**Gate:** mean check Dice gain ≥ {:+.4} (--min-gain) and no check case losing more than {:.4} (--max-case-drop).\n\n",
         g.gate.min_gain, g.gate.max_case_drop
     ));
+    let sc = &r.plan.schedule;
+    t.push_str(&format!(
+        "**Schedule:** {} epochs, batch {}, lr {:e}, every {} gland slice(s), {} slice(s) without gland beyond each end (--background-margin).\n\n",
+        sc.epochs, sc.batch, sc.lr, sc.slice_stride.max(1), sc.background_margin
+    ));
     t.push_str("| case | site | fold | Dice before (current) | Dice after (candidate) | Δ | HD95 before mm | HD95 after mm |\n|---|---|---|---|---|---|---|---|\n");
     let mm = |h: Option<f64>| h.map(|h| format!("{h:.1}")).unwrap_or_else(|| "–".into());
     for row in &g.rows {
@@ -909,6 +934,17 @@ pub fn markdown(r: &AdaptReport) -> String {
 mod tests {
     use super::*;
 
+    /// Stamps finished within one second (the stamps' clock) are listed in pipeline order.
+    #[test]
+    fn steps_of_one_second_keep_the_pipeline_order() {
+        let mut v = ["refit-all", "promote", "export", "fold1-export", "fold1-fit", "fold10-fit", "fold2-fit", "gate"];
+        v.sort_by_key(|s| pipeline_rank(s));
+        assert_eq!(
+            v,
+            ["fold1-fit", "fold1-export", "fold2-fit", "fold10-fit", "gate", "refit-all", "export", "promote"]
+        );
+    }
+
     fn ids(n: usize) -> Vec<String> {
         (1..=n).map(|i| format!("case_{i:03}")).collect()
     }
@@ -943,7 +979,7 @@ mod tests {
             review_metadata: 4302,
             reviewed_value: "reviewed".into(),
             gate: Gate { min_gain: 0.01, max_case_drop: 0.05 },
-            schedule: Schedule { epochs: 4, batch: 8, lr: 2e-4, slice_stride: 1 },
+            schedule: Schedule { epochs: 4, batch: 8, lr: 2e-4, slice_stride: 1, background_margin: 3 },
             folds: 2,
             holdout_from: 8,
             seed: 0,

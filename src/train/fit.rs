@@ -70,6 +70,10 @@ pub struct FitConfig {
     pub coupled: bool,
     /// Use every k-th foreground slice of each training case (1 = all).
     pub slice_stride: usize,
+    /// Also train on the store's slices without gland (target: an empty mask), e.g. those a
+    /// `background_margin` store keeps beyond the gland's ends; false in older runs.
+    #[serde(default)]
+    pub train_background: bool,
     /// Mixed precision (autocast + dynamic loss scaling); CUDA only.
     pub amp: bool,
     /// Data set identity (from the store).
@@ -200,12 +204,17 @@ pub fn split_cases(
     Ok((train, ids[n_train..].to_vec()))
 }
 
-fn samples_of(index: &StoreIndex, cases: &[usize], stride: usize) -> Vec<Sample> {
+/// The (case, row) samples of `cases`: every `stride`-th row with gland, plus (with `background`)
+/// every row without gland.
+fn samples_of(index: &StoreIndex, cases: &[usize], stride: usize, background: bool) -> Vec<Sample> {
     let mut v = Vec::new();
     for &c in cases {
-        let fg: Vec<usize> =
-            index.cases[c].foreground.iter().enumerate().filter(|(_, f)| **f).map(|(r, _)| r).collect();
+        let rows = &index.cases[c].foreground;
+        let fg: Vec<usize> = (0..rows.len()).filter(|&r| rows[r]).collect();
         v.extend(fg.into_iter().step_by(stride.max(1)).map(|r| (c, r)));
+        if background {
+            v.extend((0..rows.len()).filter(|&r| !rows[r]).map(|r| (c, r)));
+        }
     }
     v
 }
@@ -521,8 +530,8 @@ pub fn fit(cfg_in: &FitConfig, opts: &RunOptions) -> Result<FitSummary, TrainErr
     }
 
     let (train_cases, val_cases) = split_cases(&index, &cfg.site, cfg.split, cfg.seed)?;
-    let train = samples_of(&index, &train_cases, cfg.slice_stride);
-    let val = samples_of(&index, &val_cases, 1);
+    let train = samples_of(&index, &train_cases, cfg.slice_stride, cfg.train_background);
+    let val = samples_of(&index, &val_cases, 1, false);
     if train.is_empty() {
         return Err(TrainError::Invalid(format!("site {} has no foreground slices to train on", cfg.site)));
     }

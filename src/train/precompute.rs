@@ -44,6 +44,10 @@ pub struct StoreConfig {
     /// Every K-th foreground slice of a case is stored (1: all; older stores).
     #[serde(default = "one")]
     pub slice_stride: usize,
+    /// Slices without gland stored beyond each end of the gland (so a fit can learn where the gland
+    /// stops; 0 in older stores).
+    #[serde(default)]
+    pub background_margin: usize,
 }
 
 fn one() -> usize {
@@ -102,6 +106,9 @@ pub struct PrecomputeOptions {
     pub augment_seed: u64,
     /// Store every K-th foreground slice (adjacent slices are nearly the same training sample; 1: all).
     pub slice_stride: usize,
+    /// Also store the slices without gland that lie at most this many slices beyond the gland's
+    /// first and last slice (training stores; a fit with `train_background` learns to stop there).
+    pub background_margin: usize,
 }
 
 fn store_err(dir: &Path, message: impl Into<String>) -> TrainError {
@@ -122,6 +129,19 @@ pub fn labels_at(mask: &[u8], dims: [usize; 3], zs: &[usize], side: i64) -> Tens
         side,
         side,
     ])
+}
+
+/// The slices a training store keeps: every `stride`-th slice with gland, plus the slices without
+/// gland at most `margin` slices beyond the gland's first and last one (ascending).
+pub fn training_slices(foreground: &[bool], stride: usize, margin: usize) -> Vec<usize> {
+    let fg: Vec<usize> = (0..foreground.len()).filter(|&z| foreground[z]).collect();
+    let mut zs: Vec<usize> = fg.iter().copied().step_by(stride.max(1)).collect();
+    if let (Some(&lo), Some(&hi), true) = (fg.first(), fg.last(), margin > 0) {
+        let beyond = (lo.saturating_sub(margin)..lo).chain(hi + 1..(hi + 1 + margin).min(foreground.len()));
+        zs.extend(beyond.filter(|&z| !foreground[z]));
+        zs.sort_unstable();
+    }
+    zs
 }
 
 /// Runs the precompute. Cases with a finished shard (its `.json` sidecar exists) are skipped.
@@ -162,6 +182,7 @@ pub fn precompute(opts: &PrecomputeOptions) -> Result<StoreIndex, TrainError> {
         augment: opts.augment,
         augment_seed: opts.augment_seed,
         slice_stride: opts.slice_stride.max(1),
+        background_margin: if opts.all_slices { 0 } else { opts.background_margin },
     };
     if opts.slice_stride > 1 && opts.all_slices {
         return Err(TrainError::Invalid(
@@ -213,7 +234,7 @@ pub fn precompute(opts: &PrecomputeOptions) -> Result<StoreIndex, TrainError> {
                 (AugmentParams::draw(seed), seed ^ 0x5eed)
             });
             let t = Instant::now();
-            let sc = precompute_case(&engine, case, &id, aug.as_ref(), out, opts.all_slices, config.slice_stride)?;
+            let sc = precompute_case(&engine, case, &id, aug.as_ref(), out, opts.all_slices, &config)?;
             encode_s += t.elapsed().as_secs_f64();
             encoded += sc.z.len();
             std::fs::write(&sidecar, serde_json::to_string(&sc).unwrap()).map_err(io_err(&sidecar))?;
@@ -274,7 +295,7 @@ fn precompute_case(
     aug: Option<&(AugmentParams, u64)>,
     out: &Path,
     all_slices: bool,
-    slice_stride: usize,
+    config: &StoreConfig,
 ) -> Result<StoredCase, TrainError> {
     let mut lc = data::load_case(case, true)?;
     if let Some((params, noise_seed)) = aug {
@@ -288,11 +309,8 @@ fn precompute_case(
     let labels_all = labels_at(&lc.label.data, dims, &all, cfg.output_size);
     let fg_all: Vec<bool> =
         (0..dims[0]).map(|z| labels_all.get(z as i64).sum(Kind::Int64).int64_value(&[]) > 0).collect();
-    let zs: Vec<usize> = if all_slices {
-        all.clone()
-    } else {
-        all.iter().copied().filter(|&z| fg_all[z]).step_by(slice_stride.max(1)).collect()
-    };
+    let zs: Vec<usize> =
+        if all_slices { all.clone() } else { training_slices(&fg_all, config.slice_stride, config.background_margin) };
     if zs.is_empty() {
         return Err(TrainError::EmptyLabel { case: case.id.clone() });
     }
@@ -455,6 +473,18 @@ pub fn read_sample(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Gland on slices 3..=6 of 10: stride thins the gland slices only; the margin adds the slices just
+    /// beyond each end, clipped at the volume's edges, never a gland slice twice.
+    #[test]
+    fn training_slices_take_the_stride_and_the_margin() {
+        let fg: Vec<bool> = (0..10).map(|z| (3..=6).contains(&z)).collect();
+        assert_eq!(training_slices(&fg, 1, 0), vec![3, 4, 5, 6]);
+        assert_eq!(training_slices(&fg, 2, 0), vec![3, 5]);
+        assert_eq!(training_slices(&fg, 1, 2), vec![1, 2, 3, 4, 5, 6, 7, 8]);
+        assert_eq!(training_slices(&fg, 2, 5), vec![0, 1, 2, 3, 5, 7, 8, 9]);
+        assert!(training_slices(&[false; 4], 1, 2).is_empty());
+    }
 
     /// A shard header is attacker-controlled input (a tampered store): sizes that overflow, negative
     /// dimensions or data past the file's end are errors, never a panic or a huge buffer.

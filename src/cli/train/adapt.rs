@@ -64,6 +64,10 @@ pub struct Args {
     /// Train on every k-th foreground slice of a fit case.
     #[arg(long, default_value_t = 1)]
     pub slice_stride: usize,
+    /// Slices without gland up to this many beyond the gland's first and last slice also train
+    /// (target: empty), so the candidate keeps stopping at the apex and base (0: gland slices only).
+    #[arg(long, default_value_t = 3)]
+    pub background_margin: usize,
     /// k of the k-fold split used with fewer than --holdout-from cases.
     #[arg(long, default_value_t = 2)]
     pub folds: usize,
@@ -121,7 +125,13 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         work: a.work.clone(),
         version: a.version,
         gate: Gate { min_gain: a.min_gain, max_case_drop: a.max_case_drop },
-        schedule: Schedule { epochs: a.epochs, batch: a.batch, lr: a.lr, slice_stride: a.slice_stride },
+        schedule: Schedule {
+            epochs: a.epochs,
+            batch: a.batch,
+            lr: a.lr,
+            slice_stride: a.slice_stride,
+            background_margin: a.background_margin,
+        },
         folds: a.folds,
         holdout_from: a.holdout_from,
         seed: a.seed,

@@ -45,6 +45,10 @@ pub struct Args {
     /// Use every k-th foreground slice of each training case.
     #[arg(long, default_value_t = 1)]
     pub slice_stride: usize,
+    /// Also train on the store's slices without gland (target: empty), e.g. those of a
+    /// `precompute --background-margin` store: teaches the decoder where the gland ends.
+    #[arg(long)]
+    pub train_background: bool,
     #[arg(long)]
     pub out: PathBuf,
     #[arg(long)]
@@ -83,6 +87,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         split: a.split.parse().map_err(anyhow::Error::msg)?,
         coupled: a.baseline == Some(Baseline::Coupled),
         slice_stride: a.slice_stride.max(1),
+        train_background: a.train_background,
         amp: a.amp,
         manifest_hash: String::new(),
     };

@@ -48,6 +48,10 @@ pub struct Args {
     /// Store every K-th foreground slice only (then fit with --slice-stride 1).
     #[arg(long, default_value_t = 1)]
     pub slice_stride: usize,
+    /// Also store the slices without gland up to this many slices beyond the gland's ends (for
+    /// `fit --train-background`). Training stores only.
+    #[arg(long, default_value_t = 0)]
+    pub background_margin: usize,
     /// Per-volume intensity clip "LOW,HIGH" in percentiles for the model being trained (default: the
     /// base model's; official 0.5,99.5). With --model, a copy with this clip goes to OUT/base_model.
     #[arg(long, value_parser = parse_clip)]
@@ -76,6 +80,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         augment: a.augment,
         augment_seed: a.seed,
         slice_stride: a.slice_stride,
+        background_margin: a.background_margin,
     };
     let idx = precompute::precompute(&opts)?;
     println!(
