@@ -10,7 +10,7 @@ fn small() -> GenerateOptions {
 }
 
 fn clean(sensitivity: bool) -> GenerateOptions {
-    GenerateOptions { size: Size::Small, noise: false, sensitivity, noise_realisation: 0 }
+    GenerateOptions { size: Size::Small, noise: false, sensitivity, ..Default::default() }
 }
 
 /// Voxels of `label` whose 4 in-plane neighbours carry the same label (away from partial volume).
@@ -446,4 +446,61 @@ fn crop_in_plane_keeps_every_voxel_where_it_was() {
         }
         assert_eq!(c.clone().crop_in_plane(rows + 1, cols), None, "a crop larger than the case is refused");
     }
+}
+
+/// The tissue map (`--tissue-map`): same grid, the image unchanged by asking for it, the gland's
+/// labelled voxels are gland tissues, fat and muscle are where the map says they are (their image
+/// signal is the table's: fat bright, muscle dark), and the NIfTI export carries map and legend.
+#[test]
+fn tissue_map_names_what_each_voxel_shows() {
+    use desam::phantom::anatomy::Tissue;
+    let with = GenerateOptions { tissue_map: true, ..clean(false) };
+    let case = generate_case_with(Site::C, 2, 7, &with);
+    let plain = generate_case_with(Site::C, 2, 7, &clean(false));
+    assert_eq!(case.image.voxels, plain.image.voxels, "the map must not change the image");
+    assert!(plain.tissues.is_none());
+    let map = case.tissues.as_ref().expect("asked for");
+    assert_eq!(map.dims, case.labels.dims);
+    let gland = [
+        Tissue::Capsule,
+        Tissue::PeripheralZone,
+        Tissue::Stroma,
+        Tissue::SurgicalCapsule,
+        Tissue::TransitionZone,
+        Tissue::Nodule,
+        Tissue::Tumour,
+        Tissue::NeurovascularBundle,
+    ]
+    .map(|t| t as u8);
+    let pz = interior(&case, LABEL_PZ);
+    let in_gland = pz.iter().filter(|&&i| gland.contains(&map.data[i])).count();
+    assert!(in_gland as f64 > 0.95 * pz.len() as f64, "{in_gland} of {} PZ voxels are gland tissue", pz.len());
+    let of = |t: Tissue| -> Vec<usize> { (0..map.data.len()).filter(|&i| map.data[i] == t as u8).collect() };
+    let (fat, muscle, air) = (of(Tissue::Fat), of(Tissue::Muscle), of(Tissue::Air));
+    assert!(
+        fat.len() > 1000 && muscle.len() > 1000 && air.len() > 1000,
+        "{} {} {}",
+        fat.len(),
+        muscle.len(),
+        air.len()
+    );
+    let (f, m, a) =
+        (mean_at(&case.image.voxels, &fat), mean_at(&case.image.voxels, &muscle), mean_at(&case.image.voxels, &air));
+    assert!(f > 2.0 * m && m > 3.0 * a, "fat {f:.0}, muscle {m:.0}, air {a:.0}");
+
+    let out = scratch("tissues");
+    let o = run_cli(
+        &["--site", "C", "--cases", "1", "--first-case", "2", "--seed", "7", "--format", "nifti"]
+            .into_iter()
+            .chain(["--size", "small", "--tissue-map", "--out", out.to_str().unwrap()])
+            .collect::<Vec<_>>(),
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (read, _) = desam::nifti::read_nifti_mask(&out.join("labelsTr_tissues/prostate_202.nii.gz")).unwrap();
+    let noisy = generate_case_with(Site::C, 2, 7, &GenerateOptions { tissue_map: true, ..small() });
+    assert_eq!(read.data, noisy.tissues.unwrap().data);
+    let legend: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("labelsTr_tissues/tissues.json")).unwrap()).unwrap();
+    assert_eq!((legend["fat"].as_u64(), legend["muscle"].as_u64()), (Some(2), Some(4)));
+    let _ = std::fs::remove_dir_all(&out);
 }

@@ -34,6 +34,10 @@ pub struct Args {
     /// no site has.
     #[arg(long)]
     pub crop: Option<String>,
+    /// Also write each case's tissue map (fat, muscle, bone, ... as codes; legend `tissues.json`):
+    /// DICOM: `<case>/tissues.nii.gz`; NIfTI: `labelsTr_tissues/<id>.nii.gz`.
+    #[arg(long)]
+    pub tissue_map: bool,
     /// Instead of cases, write a PNG montage of one case per site (mid-gland slice) to this file.
     #[arg(long)]
     pub montage: Option<PathBuf>,
@@ -75,7 +79,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         bail!("case indices must stay below {limit} for --format {} (got up to {})", args.format, end - 1);
     }
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    let opts = GenerateOptions { size, ..Default::default() };
+    let opts = GenerateOptions { size, tissue_map: args.tissue_map, ..Default::default() };
     let crop = match &args.crop {
         None => None,
         Some(c) => {

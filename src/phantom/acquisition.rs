@@ -120,6 +120,32 @@ pub fn rasterise_with_threads(
     (image, labels)
 }
 
+/// The tissue map on the image grid: the class of each voxel's centre with the image's in-plane
+/// partial-volume width ([`Anatomy::tissue`]; codes of [`crate::phantom::anatomy::Tissue`]).
+pub fn tissue_map(anatomy: &Anatomy, geom: &Geometry, protocol: &CaseProtocol) -> Vec<u8> {
+    let [nz, ny, nx] = geom.dims;
+    let w = protocol.pixel_spacing.max(protocol.full_pixel_spacing * protocol.interpolation as f64);
+    let g = geom.gland_centre;
+    let plane = ny * nx;
+    let mut map = vec![0u8; nz * plane];
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).clamp(1, nz.max(1));
+    let per = nz.div_ceil(threads).max(1);
+    std::thread::scope(|scope| {
+        for (t, chunk) in map.chunks_mut(per * plane).enumerate() {
+            scope.spawn(move || {
+                for (k, slice) in chunk.chunks_mut(plane).enumerate() {
+                    let z = (t * per + k) as f64;
+                    for (i, v) in slice.iter_mut().enumerate() {
+                        let p = geom.world((i % nx) as f64, (i / nx) as f64, z);
+                        *v = anatomy.tissue([p[0] - g[0], p[1] - g[1], p[2] - g[2]], w) as u8;
+                    }
+                }
+            });
+        }
+    });
+    map
+}
+
 /// Smooth multiplicative receive sensitivity: a random low-order polynomial bias field of relative
 /// amplitude `protocol.bias_amplitude`, times the endorectal coil's hot spot when present.
 pub struct Sensitivity {

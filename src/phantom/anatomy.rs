@@ -695,66 +695,77 @@ impl Anatomy {
 
     /// Noise-free relative signal at `p`; `w` is the in-plane partial-volume width (mm).
     pub fn signal(&self, p: V3, w: f64) -> f64 {
+        self.paint(p, w).value
+    }
+
+    /// The tissue at `p`: the last structure painted over at least half of a voxel of width `w`
+    /// (what [`Anatomy::signal`] shows there, as a class; the phantom's tissue map).
+    pub fn tissue(&self, p: V3, w: f64) -> Tissue {
+        self.paint(p, w).tissue
+    }
+
+    /// Paints every structure in order over `p` (a later one covers an earlier one by its coverage).
+    fn paint(&self, p: V3, w: f64) -> Paint {
         let t = &self.tissues;
         // Air outside the body, skin, then fat everywhere inside.
         let d_body = self.body.distance(p);
-        let mut v: f64 = 0.0;
+        let mut v = Paint { value: 0.0, tissue: Tissue::Air };
         let cov_body = coverage(d_body, w);
         if cov_body <= 0.0 {
-            return 0.0;
+            return v;
         }
         let fat = t.fat * (1.0 + self.fat_texture.at(p));
         let skin = coverage(d_body + 2.5, w);
-        v = lerp(v, t.skin, cov_body);
-        v = lerp(v, fat, skin);
+        v.over(t.skin, cov_body, Tissue::Skin);
+        v.over(fat, skin, Tissue::Fat);
         let (dv, dark) = self.vessels.distance(p);
         let cv = coverage(dv, w) * skin;
         if cv > 0.0 {
-            v = lerp(v, fat * (1.0 - dark), cv);
+            v.over(fat * (1.0 - dark), cv, Tissue::FatVessel);
         }
 
         let muscle = t.muscle * (1.0 + self.muscle_texture.at(p).max(-0.1));
         for m in self.gluteus.iter().chain(self.adductors.iter()) {
             let c = coverage(m.distance(p), w);
             if c > 0.0 {
-                v = lerp(v, muscle * 1.1, c);
+                v.over(muscle * 1.1, c, Tissue::Muscle);
             }
         }
         for b in &self.bones {
             let d = b.distance(p);
             let c = coverage(d, w);
             if c > 0.0 {
-                v = lerp(v, t.cortex, c);
+                v.over(t.cortex, c, Tissue::Cortex);
                 let cm = coverage(d + b.cortex_mm, w);
                 if cm > 0.0 {
-                    v = lerp(v, t.marrow, cm);
+                    v.over(t.marrow, cm, Tissue::Marrow);
                 }
             }
         }
         for m in &self.obturator {
             let c = coverage(m.distance(p), w);
             if c > 0.0 {
-                v = lerp(v, muscle, c);
+                v.over(muscle, c, Tissue::Muscle);
             }
         }
         let c = coverage(self.levator.distance(p), w);
         if c > 0.0 {
-            v = lerp(v, t.muscle, c);
+            v.over(t.muscle, c, Tissue::Muscle);
         }
 
         // Rectum: dark wall, gas (or the balloon) inside.
         let c = coverage(self.rectum.distance(p), w);
         if c > 0.0 {
-            v = lerp(v, t.rectal_wall, c);
+            v.over(t.rectal_wall, c, Tissue::RectalWall);
             let cl = coverage(self.rectum_lumen.distance(p), w);
             if cl > 0.0 {
-                v = lerp(v, t.gas, cl);
+                v.over(t.gas, cl, Tissue::RectalGas);
             }
         }
         if let Some(b) = &self.balloon {
             let cb = coverage(b.distance(p), w);
             if cb > 0.0 {
-                v = lerp(v, 0.0, cb);
+                v.over(0.0, cb, Tissue::Balloon);
             }
         }
 
@@ -762,10 +773,10 @@ impl Anatomy {
         let d = self.bladder.distance(p);
         let c = coverage(d, w);
         if c > 0.0 {
-            v = lerp(v, t.muscle * 1.4, c);
+            v.over(t.muscle * 1.4, c, Tissue::BladderWall);
             let cu = coverage(d + self.bladder_wall, w);
             if cu > 0.0 {
-                v = lerp(v, t.urine, cu);
+                v.over(t.urine, cu, Tissue::Urine);
             }
         }
         // Seminal vesicles: bright fluid with darker convolutions.
@@ -773,11 +784,11 @@ impl Anatomy {
             let d = sv.distance(p);
             let c = coverage(d, w);
             if c > 0.0 {
-                v = lerp(v, t.capsule, c);
+                v.over(t.capsule, c, Tissue::SeminalWall);
                 let ci = coverage(d + 1.0, w);
                 if ci > 0.0 {
                     let tex = self.seminal_texture.at(p);
-                    v = lerp(v, t.seminal_fluid * (0.8 + tex).clamp(0.4, 1.2), ci);
+                    v.over(t.seminal_fluid * (0.8 + tex).clamp(0.4, 1.2), ci, Tissue::SeminalFluid);
                 }
             }
         }
@@ -786,39 +797,44 @@ impl Anatomy {
         let dg = self.gland_distance(p);
         let cg = coverage(dg, w);
         if cg > 0.0 {
-            v = lerp(v, t.capsule, cg);
+            v.over(t.capsule, cg, Tissue::Capsule);
             let inner = coverage(dg + 0.8, w);
             if inner > 0.0 {
                 let pz = t.pz * (1.0 + self.pz_texture.at(p));
                 // The fibromuscular stroma blends in anteriorly over a few mm.
                 let st = ((self.stroma_y - p[1]) / 3.0 + 0.5).clamp(0.0, 1.0);
                 let base = lerp(pz, t.stroma, st);
-                v = lerp(v, base, inner);
+                v.over(base, inner, if st >= 0.5 { Tissue::Stroma } else { Tissue::PeripheralZone });
                 let dt = self.tz_distance(p);
                 let ct = coverage(dt, w);
                 if ct > 0.0 {
                     // The "surgical capsule": a dark rim between TZ and PZ.
-                    v = lerp(v, t.capsule * 1.2, ct);
+                    v.over(t.capsule * 1.2, ct, Tissue::SurgicalCapsule);
                     let cti = coverage(dt + 0.8, w);
                     if cti > 0.0 {
-                        let mut tz = t.tz * (1.0 + self.tz_texture.at(p));
+                        let mut tz =
+                            Paint { value: t.tz * (1.0 + self.tz_texture.at(p)), tissue: Tissue::TransitionZone };
                         for n in &self.nodules {
                             let dn = n.shape.distance(p);
                             let cn = coverage(dn, w);
                             if cn > 0.0 {
                                 // A nodule: a darker pseudo-capsule around a brighter or darker core.
-                                tz = lerp(tz, t.tz * 0.8, cn);
+                                tz.over(t.tz * 0.8, cn, Tissue::Nodule);
                                 let ci = coverage(dn + 0.7, w);
-                                tz = lerp(tz, t.tz * n.gain * (1.0 + 0.5 * self.tz_texture.at([p[1], p[2], p[0]])), ci);
+                                tz.over(
+                                    t.tz * n.gain * (1.0 + 0.5 * self.tz_texture.at([p[1], p[2], p[0]])),
+                                    ci,
+                                    Tissue::Nodule,
+                                );
                             }
                         }
-                        v = lerp(v, tz, cti);
+                        v.over(tz.value, cti, tz.tissue);
                     }
                 }
                 if let Some(tu) = &self.tumour {
                     let ctu = coverage(tu.distance(p), w) * inner;
                     if ctu > 0.0 {
-                        v = lerp(v, t.tumour, ctu);
+                        v.over(t.tumour, ctu, Tissue::Tumour);
                     }
                 }
             }
@@ -826,10 +842,111 @@ impl Anatomy {
         for n in &self.neurovascular {
             let c = coverage(n.distance(p), w);
             if c > 0.0 {
-                v = lerp(v, t.vessel, c);
+                v.over(t.vessel, c, Tissue::NeurovascularBundle);
             }
         }
         v
+    }
+}
+
+/// Tissue classes of the phantom's tissue map (`tissues.nii.gz`; codes are the enum's values, the
+/// legend is [`Tissue::ALL`] with [`Tissue::name`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Tissue {
+    Air = 0,
+    Skin = 1,
+    Fat = 2,
+    /// Small vessels and strands in the fat.
+    FatVessel = 3,
+    /// Skeletal muscle: gluteus, adductors, obturator internus, levator ani.
+    Muscle = 4,
+    Cortex = 5,
+    Marrow = 6,
+    RectalWall = 7,
+    RectalGas = 8,
+    Balloon = 9,
+    BladderWall = 10,
+    Urine = 11,
+    SeminalWall = 12,
+    SeminalFluid = 13,
+    Capsule = 14,
+    PeripheralZone = 15,
+    Stroma = 16,
+    SurgicalCapsule = 17,
+    TransitionZone = 18,
+    Nodule = 19,
+    Tumour = 20,
+    NeurovascularBundle = 21,
+}
+
+impl Tissue {
+    pub const ALL: [Tissue; 22] = [
+        Tissue::Air,
+        Tissue::Skin,
+        Tissue::Fat,
+        Tissue::FatVessel,
+        Tissue::Muscle,
+        Tissue::Cortex,
+        Tissue::Marrow,
+        Tissue::RectalWall,
+        Tissue::RectalGas,
+        Tissue::Balloon,
+        Tissue::BladderWall,
+        Tissue::Urine,
+        Tissue::SeminalWall,
+        Tissue::SeminalFluid,
+        Tissue::Capsule,
+        Tissue::PeripheralZone,
+        Tissue::Stroma,
+        Tissue::SurgicalCapsule,
+        Tissue::TransitionZone,
+        Tissue::Nodule,
+        Tissue::Tumour,
+        Tissue::NeurovascularBundle,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Tissue::Air => "air",
+            Tissue::Skin => "skin",
+            Tissue::Fat => "fat",
+            Tissue::FatVessel => "fat_vessel",
+            Tissue::Muscle => "muscle",
+            Tissue::Cortex => "bone_cortex",
+            Tissue::Marrow => "bone_marrow",
+            Tissue::RectalWall => "rectal_wall",
+            Tissue::RectalGas => "rectal_gas",
+            Tissue::Balloon => "endorectal_balloon",
+            Tissue::BladderWall => "bladder_wall",
+            Tissue::Urine => "urine",
+            Tissue::SeminalWall => "seminal_vesicle_wall",
+            Tissue::SeminalFluid => "seminal_vesicle_fluid",
+            Tissue::Capsule => "prostate_capsule",
+            Tissue::PeripheralZone => "peripheral_zone",
+            Tissue::Stroma => "anterior_fibromuscular_stroma",
+            Tissue::SurgicalCapsule => "surgical_capsule",
+            Tissue::TransitionZone => "transition_zone",
+            Tissue::Nodule => "bph_nodule",
+            Tissue::Tumour => "tumour",
+            Tissue::NeurovascularBundle => "neurovascular_bundle",
+        }
+    }
+}
+
+/// The running value of [`Anatomy::paint`] and the tissue that covers most of the voxel so far.
+struct Paint {
+    value: f64,
+    tissue: Tissue,
+}
+
+impl Paint {
+    /// Covers a fraction `c` of the voxel with `value`; from half a voxel on, `tissue` is what is there.
+    fn over(&mut self, value: f64, c: f64, tissue: Tissue) {
+        self.value = lerp(self.value, value, c);
+        if c >= 0.5 {
+            self.tissue = tissue;
+        }
     }
 }
 

@@ -10,6 +10,7 @@ use crate::dicom::{
 use crate::nifti::{write_nifti, write_nifti_mask};
 use crate::volume::Volume;
 
+use super::anatomy::Tissue;
 use super::{PhantomCase, PhantomError, Site};
 
 /// The text every ground-truth segment and SEG series carries.
@@ -80,6 +81,8 @@ pub struct DicomCaseFiles {
     pub seg: PathBuf,
     pub label: PathBuf,
     pub zones: PathBuf,
+    /// `tissues.nii.gz` when the case has a tissue map (legend: `tissues.json` beside it).
+    pub tissues: Option<PathBuf>,
     /// The image as written (with the SliceRefs of the written MR instances).
     pub volume: Volume,
 }
@@ -131,11 +134,13 @@ pub fn write_case_dicom(case: &PhantomCase, dir: &Path) -> Result<DicomCaseFiles
 
     write_nifti_mask(&label_path, &gland, &written.volume)?;
     write_nifti_mask(&zones_path, &case.labels, &written.volume)?;
+    let tissues = write_tissue_map(case, &case_dir.join("tissues.nii.gz"), &written.volume)?;
     Ok(DicomCaseFiles {
         mr: written.paths,
         seg: seg_path,
         label: label_path,
         zones: zones_path,
+        tissues,
         volume: written.volume,
     })
 }
@@ -169,6 +174,25 @@ pub struct NiftiCaseFiles {
     pub image: PathBuf,
     pub label: PathBuf,
     pub zones: PathBuf,
+    /// `dir/labelsTr_tissues/<id>.nii.gz` when the case has a tissue map (legend: `tissues.json` in that folder).
+    pub tissues: Option<PathBuf>,
+}
+
+/// Writes the case's tissue map (if it has one) on the image's grid, and the legend
+/// `tissues.json` ({"fat": 2, ...}) beside it. None when the case has no map.
+fn write_tissue_map(case: &PhantomCase, path: &Path, grid: &Volume) -> Result<Option<PathBuf>, PhantomError> {
+    let Some(map) = &case.tissues else { return Ok(None) };
+    let dir = path.parent().expect("a file in a folder");
+    create_dir(dir)?;
+    refuse_existing(path)?;
+    write_nifti_mask(path, map, grid)?;
+    let legend: serde_json::Map<String, serde_json::Value> =
+        Tissue::ALL.iter().map(|t| (t.name().to_string(), serde_json::json!(*t as u8))).collect();
+    let legend_path = dir.join("tissues.json");
+    let text = serde_json::to_string_pretty(&legend).expect("JSON of plain values");
+    std::fs::write(&legend_path, text)
+        .map_err(|e| PhantomError::Io { path: legend_path.display().to_string(), source: e })?;
+    Ok(Some(path.to_path_buf()))
 }
 
 /// `dir/imagesTr/<id>_0000.nii.gz` (float32 modality values), `dir/labelsTr/<id>.nii.gz` (binary gland,
@@ -179,10 +203,11 @@ pub fn write_case_nifti(case: &PhantomCase, dir: &Path) -> Result<NiftiCaseFiles
     let images = dir.join("imagesTr");
     let labels = dir.join("labelsTr");
     let zones = dir.join("labelsTr_zones");
-    let files = NiftiCaseFiles {
+    let mut files = NiftiCaseFiles {
         image: images.join(format!("{id}_0000.nii.gz")),
         label: labels.join(format!("{id}.nii.gz")),
         zones: zones.join(format!("{id}.nii.gz")),
+        tissues: None,
     };
     for p in [&files.image, &files.label, &files.zones] {
         refuse_existing(p)?;
@@ -193,6 +218,7 @@ pub fn write_case_nifti(case: &PhantomCase, dir: &Path) -> Result<NiftiCaseFiles
     write_nifti(&files.image, &case.image)?;
     write_nifti_mask(&files.label, &case.gland_mask(), &case.image)?;
     write_nifti_mask(&files.zones, &case.labels, &case.image)?;
+    files.tissues = write_tissue_map(case, &dir.join("labelsTr_tissues").join(format!("{id}.nii.gz")), &case.image)?;
     update_task_index(dir, case.site, case.case_index)?;
     Ok(files)
 }

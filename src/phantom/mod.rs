@@ -83,6 +83,9 @@ pub struct PhantomCase {
     pub image: Volume,
     /// 0 background, 1 peripheral zone, 2 transition zone (the binary gland is label > 0).
     pub labels: Mask,
+    /// The tissue class of every voxel (codes of [`anatomy::Tissue`]) when asked for
+    /// ([`GenerateOptions::tissue_map`]): where fat, muscle, bone, ... are, for realism checks.
+    pub tissues: Option<Mask>,
     pub protocol: CaseProtocol,
     pub truth: CaseTruth,
 }
@@ -104,13 +107,18 @@ impl PhantomCase {
         let (y0, x0) = ((ny - rows) / 2, (nx - cols) / 2);
         let mut voxels = Vec::with_capacity(nz * rows * cols);
         let mut labels = Vec::with_capacity(nz * rows * cols);
+        let mut tissues = self.tissues.as_ref().map(|_| Vec::with_capacity(nz * rows * cols));
         for z in 0..nz {
             for y in y0..y0 + rows {
                 let start = (z * ny + y) * nx + x0;
                 voxels.extend_from_slice(&self.image.voxels[start..start + cols]);
                 labels.extend_from_slice(&self.labels.data[start..start + cols]);
+                if let (Some(out), Some(map)) = (tissues.as_mut(), self.tissues.as_ref()) {
+                    out.extend_from_slice(&map.data[start..start + cols]);
+                }
             }
         }
+        self.tissues = tissues.map(|data| Mask { data, dims: [nz, rows, cols] });
         let [dx, dy] = [self.image.spacing[0] * x0 as f64, self.image.spacing[1] * y0 as f64];
         let d = self.image.direction;
         for a in 0..3 {
@@ -133,11 +141,13 @@ pub struct GenerateOptions {
     pub sensitivity: bool,
     /// Which noise draw (0 = the case's own); other values give independent repeats of the same case.
     pub noise_realisation: u64,
+    /// Also rasterise the tissue map ([`PhantomCase::tissues`]; one more pass over the volume).
+    pub tissue_map: bool,
 }
 
 impl Default for GenerateOptions {
     fn default() -> Self {
-        GenerateOptions { size: Size::Full, noise: true, sensitivity: true, noise_realisation: 0 }
+        GenerateOptions { size: Size::Full, noise: true, sensitivity: true, noise_realisation: 0, tissue_map: false }
     }
 }
 
@@ -210,6 +220,7 @@ pub fn generate_case_with(site: Site, case_index: u32, seed: u64, opts: &Generat
     let geom = acquisition::place(&protocol, &mut place_rng);
     let (mut image, labels) = acquisition::rasterise(&anatomy, &geom, &protocol);
     let dims = geom.dims;
+    let tissues = opts.tissue_map.then(|| Mask { data: acquisition::tissue_map(&anatomy, &geom, &protocol), dims });
 
     let sens = acquisition::Sensitivity::draw(&anatomy, &geom, &protocol, &mut coil_rng);
     if opts.sensitivity {
@@ -288,6 +299,7 @@ pub fn generate_case_with(site: Site, case_index: u32, seed: u64, opts: &Generat
         case_id: case_id(site, case_index),
         image: volume,
         labels: Mask { data: labels, dims },
+        tissues,
         protocol,
         truth,
     }
