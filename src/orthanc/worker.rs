@@ -155,6 +155,18 @@ fn resume_paused_job(job_id: &str) {
     }
 }
 
+/// Waits (a few seconds at most) until a pause asked of a job Orthanc had already started has landed.
+/// Orthanc applies a pause between two steps and, when a cancel is scheduled too, the pause wins and
+/// the cancel is forgotten: a client that cancels the job ID we return must find it paused, not running.
+fn wait_while_running(job_id: &str) {
+    for _ in 0..150 {
+        if orthanc_job_state(job_id).as_deref() != Some("Running") {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// The node's segmentation worker: configuration, model, counters, queue and worker thread. One per
 /// plugin, created at start-up when the configuration is valid (`state` holds it).
 pub struct SegmentationWorker {
@@ -285,6 +297,8 @@ impl SegmentationWorker {
                 job.paused_in_queue.store(true, Ordering::SeqCst);
                 if let Err(e) = Orthanc::post(&format!("/jobs/{id}/pause"), b"") {
                     Orthanc::log_warning(&format!("DeSAM: cannot pause queued job {id} ({e}); it holds a job slot"));
+                } else {
+                    wait_while_running(&id);
                 }
                 Some(id)
             }
