@@ -60,11 +60,16 @@ fn write_dataset(dir: &Path, cases: &[(Site, u32)]) {
 }
 
 /// `n` slices centred on the label's extent.
+/// First of the `n` slices around the middle of the mask's foreground.
+fn crop_start(m: &desam::Mask, n: usize) -> usize {
+    let fg: Vec<usize> = (0..m.dims[0]).filter(|&z| m.slice(z).iter().any(|&x| x != 0)).collect();
+    let mid = (fg[0] + fg[fg.len() - 1]) / 2;
+    mid.saturating_sub(n / 2).min(m.dims[0] - n)
+}
+
 fn crop_slices(v: &desam::Volume, m: &desam::Mask, n: usize) -> (desam::Volume, desam::Mask) {
     let len = v.slice_len();
-    let fg: Vec<usize> = (0..v.nz()).filter(|&z| m.slice(z).iter().any(|&x| x != 0)).collect();
-    let mid = (fg[0] + fg[fg.len() - 1]) / 2;
-    let z0 = mid.saturating_sub(n / 2).min(v.nz() - n);
+    let z0 = crop_start(m, n);
     let mut out =
         desam::Volume::new(v.voxels[z0 * len..(z0 + n) * len].to_vec(), [n, v.ny(), v.nx()], v.spacing, v.origin);
     out.direction = v.direction;
@@ -694,5 +699,63 @@ fn nnunet_v2_dataset_is_a_training_source() {
         "cpu",
     ]);
     assert!(err.contains("numTraining is 3"), "{err}");
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+/// SynthSeg-style copies (`precompute --synth`): refused without the tissue maps, then painted from
+/// them: tied to their source case, labels warped with the image (never the source's), features new.
+#[test]
+fn precompute_synth_copies_are_painted_from_the_tissue_map() {
+    let root = tmpdir("synth");
+    let data = root.join("data");
+    write_dataset(&data, &[(Site::A, 0)]);
+    let model = root.join("tiny");
+    create_untrained_model_dir(Arch::Tiny, &model, 3, &BackboneSource::Random).unwrap();
+    let (d, m) = (data.to_str().unwrap(), model.to_str().unwrap());
+    let emb = root.join("emb");
+    let e = emb.to_str().unwrap();
+    let args = ["precompute", "--data", d, "--model", m, "--out", e, "--synth", "2", "--device", "cpu"];
+    let err = fails(&args);
+    assert!(err.contains("tissue map") && err.contains("labelsTr_tissues"), "{err}");
+
+    // The same case again with its tissue map, cropped to the same slices.
+    let opts = GenerateOptions { size: Size::Small, tissue_map: true, ..Default::default() };
+    let c = phantom::generate_case_with(Site::A, 0, 0, &opts);
+    let (vol, _) = crop_slices(&c.image, &c.gland_mask(), 6);
+    let (z0, len) = (crop_start(&c.gland_mask(), 6), vol.slice_len());
+    let map = c.tissues.as_ref().unwrap();
+    let tissues = desam::Mask { data: map.data[z0 * len..(z0 + 6) * len].to_vec(), dims: vol.dims };
+    std::fs::create_dir_all(data.join("labelsTr_tissues")).unwrap();
+    desam::nifti::write_nifti_mask(&data.join("labelsTr_tissues/prostate_000.nii.gz"), &tissues, &vol).unwrap();
+    ok(&args);
+
+    let idx = desam::train::precompute::read_index(&emb).unwrap();
+    assert_eq!(idx.config.synth, 2);
+    let ids: Vec<&str> = idx.cases.iter().map(|c| c.id.as_str()).collect();
+    assert_eq!(ids, ["prostate_000", "prostate_000~synth1", "prostate_000~synth2"]);
+    let shard = |i: usize| {
+        let named = tch::Tensor::read_safetensors(emb.join(&idx.cases[i].shard)).unwrap();
+        let get = |n: &str| named.iter().find(|(k, _)| k == n).unwrap().1.shallow_clone();
+        (get("label"), get("neck"))
+    };
+    let (label0, neck0) = shard(0);
+    for i in 1..3 {
+        let c = &idx.cases[i];
+        assert_eq!(c.augmented_from.as_deref(), Some("prostate_000"));
+        assert!(c.augmentation.is_none() && c.synthesis.is_some());
+        assert!(c.foreground.iter().any(|&f| f), "{}: the warped gland is still there", c.id);
+        let (label, neck) = shard(i);
+        // Warped labels (each copy its own warp) and features of a new image.
+        if label.size() == label0.size() {
+            assert!(label.ne_tensor(&label0).any().int64_value(&[]) != 0, "{}", c.id);
+        }
+        let diff = (neck.to_kind(tch::Kind::Float)
+            - neck0.narrow(0, 0, neck.size()[0].min(neck0.size()[0])).to_kind(tch::Kind::Float))
+        .abs()
+        .mean(tch::Kind::Float)
+        .double_value(&[]);
+        assert!(diff > 1e-3, "{}: features equal the original's ({diff})", c.id);
+    }
+    assert_ne!(idx.cases[1].synthesis, idx.cases[2].synthesis);
     let _ = std::fs::remove_dir_all(&root);
 }

@@ -529,6 +529,7 @@ fn drive(o: &AdaptOptions, steps: &mut Steps) -> Result<AdaptReport, Halt> {
             augment_seed: plan.seed,
             slice_stride: 1,
             background_margin: plan.schedule.background_margin,
+            synth: 0,
         })?;
         Ok(serde_json::json!({"cases": idx.cases.len(), "slices": idx.slices, "manifest": idx.manifest_hash}))
     })?;

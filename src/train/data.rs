@@ -413,6 +413,32 @@ fn read_nifti_pair(image: &Path, label: &Path) -> Result<(Volume, Mask), TrainEr
     Ok((v, m))
 }
 
+/// Where a case's tissue map is (`desam phantom --tissue-map`): `labelsTr_tissues/<file>` beside a
+/// NIfTI dataset's `labelsTr/<file>`, `tissues.nii.gz` in a DICOM case folder (beside `MR/`).
+pub fn tissue_map_path(case: &CaseRef) -> Option<PathBuf> {
+    match &case.source {
+        CaseSource::Nifti { label, .. } | CaseSource::NnUnetV2 { label, .. } => {
+            let labels = label.parent()?;
+            Some(labels.parent()?.join(format!("{}_tissues", labels.file_name()?.to_str()?)).join(label.file_name()?))
+        }
+        CaseSource::Dicom { series, .. } => Some(series.parent()?.join("tissues.nii.gz")),
+    }
+}
+
+/// Reads a case's tissue map (z-major codes) and checks that it lies on the image's grid `dims`.
+pub fn load_tissue_map(case: &CaseRef, dims: [usize; 3]) -> Result<Vec<u8>, TrainError> {
+    let path = tissue_map_path(case).ok_or_else(|| TrainError::Invalid(format!("case {}: no tissue map", case.id)))?;
+    let (map, _) = crate::nifti::read_nifti_mask(&path)
+        .map_err(|e| TrainError::Data { path: path.clone(), message: e.to_string() })?;
+    if map.dims != dims {
+        return Err(TrainError::Data {
+            path,
+            message: format!("tissue map of {:?} voxels, the image has {dims:?} ([z, y, x])", map.dims),
+        });
+    }
+    Ok(map.data)
+}
+
 /// SHA-256 over the cases' ids, sites and file contents: identifies exactly which data a run saw.
 pub fn manifest_hash(cases: &[CaseRef]) -> Result<String, TrainError> {
     let mut h = Sha256::new();

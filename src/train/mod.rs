@@ -13,6 +13,7 @@ pub mod plot;
 pub mod precompute;
 pub mod pull;
 pub mod run_log;
+pub mod synth;
 
 /// Every training-layer failure with a message that says what to fix.
 #[derive(Debug, thiserror::Error)]

@@ -13,6 +13,7 @@ use tch::{Device, Kind, Tensor};
 
 use super::augment::{self, AugmentParams};
 use super::data::{self, CaseRef};
+use super::synth::{self, SynthParams};
 use super::{io_err, TrainError};
 use crate::engine::{preprocess, DeviceChoice, EngineOptions, Segmenter};
 use crate::model::Features;
@@ -48,6 +49,9 @@ pub struct StoreConfig {
     /// stops; 0 in older stores).
     #[serde(default)]
     pub background_margin: usize,
+    /// SynthSeg-style copies per case drawn from its tissue map (train/synth.rs); 0 in older stores.
+    #[serde(default)]
+    pub synth: usize,
 }
 
 fn one() -> usize {
@@ -75,6 +79,9 @@ pub struct StoredCase {
     pub augmented_from: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub augmentation: Option<AugmentParams>,
+    /// For a synthetic copy: what was drawn (its image was painted from the source's tissue map).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub synthesis: Option<SynthParams>,
 }
 
 /// `index.json`.
@@ -109,6 +116,8 @@ pub struct PrecomputeOptions {
     /// Also store the slices without gland that lie at most this many slices beyond the gland's
     /// first and last slice (training stores; a fit with `train_background` learns to stop there).
     pub background_margin: usize,
+    /// SynthSeg-style copies per case, painted from its tissue map (training stores only; 0: none).
+    pub synth: usize,
 }
 
 fn store_err(dir: &Path, message: impl Into<String>) -> TrainError {
@@ -183,16 +192,28 @@ pub fn precompute(opts: &PrecomputeOptions) -> Result<StoreIndex, TrainError> {
         augment_seed: opts.augment_seed,
         slice_stride: opts.slice_stride.max(1),
         background_margin: if opts.all_slices { 0 } else { opts.background_margin },
+        synth: opts.synth,
     };
     if opts.slice_stride > 1 && opts.all_slices {
         return Err(TrainError::Invalid(
             "--slice-stride is for training stores; an --all-slices (evaluation) store holds every slice".into(),
         ));
     }
-    if opts.augment > 0 && opts.all_slices {
+    if (opts.augment > 0 || opts.synth > 0) && opts.all_slices {
         return Err(TrainError::Invalid(
-            "--augment is for training stores; an --all-slices (evaluation) store must hold the real images".into(),
+            "--augment and --synth are for training stores; an --all-slices (evaluation) store must hold the real images"
+                .into(),
         ));
+    }
+    if opts.synth > 0 {
+        // Every case needs its tissue map: say which one lacks it before encoding anything.
+        if let Some(c) = cases.iter().find(|c| data::tissue_map_path(c).is_none_or(|p| !p.is_file())) {
+            return Err(TrainError::Invalid(format!(
+                "--synth needs every case's tissue map and case {} has none (expected {}; `desam phantom --tissue-map` writes them)",
+                c.id,
+                data::tissue_map_path(c).map(|p| p.display().to_string()).unwrap_or_else(|| "a NIfTI or DICOM case".into())
+            )));
+        }
     }
     let store_json = out.join(STORE_JSON);
     if store_json.is_file() {
@@ -219,9 +240,15 @@ pub fn precompute(opts: &PrecomputeOptions) -> Result<StoreIndex, TrainError> {
     let mut encoded = 0usize;
     let mut stored = Vec::new();
     for (case_no, case) in cases.iter().enumerate() {
-        // Copy 0 is the case itself; copies 1..=augment are intensity-augmented.
-        for copy in 0..=opts.augment {
-            let id = if copy == 0 { case.id.clone() } else { format!("{}~aug{copy}", case.id) };
+        // Copy 0 is the case itself; copies 1..=augment are intensity-augmented, the next `synth` ones
+        // are painted from the tissue map.
+        for copy in 0..=opts.augment + opts.synth {
+            let synth_no = copy.checked_sub(opts.augment).filter(|&k| k > 0);
+            let id = match (copy, synth_no) {
+                (0, _) => case.id.clone(),
+                (_, Some(k)) => format!("{}~synth{k}", case.id),
+                _ => format!("{}~aug{copy}", case.id),
+            };
             let sidecar = out.join("shards").join(format!("{id}.json"));
             if sidecar.is_file() {
                 let sc: StoredCase = serde_json::from_slice(&std::fs::read(&sidecar).map_err(io_err(&sidecar))?)
@@ -229,12 +256,14 @@ pub fn precompute(opts: &PrecomputeOptions) -> Result<StoreIndex, TrainError> {
                 stored.push(sc);
                 continue;
             }
-            let aug = (copy > 0).then(|| {
-                let seed = opts.augment_seed.wrapping_mul(1_000_003).wrapping_add((case_no * 1000 + copy) as u64);
-                (AugmentParams::draw(seed), seed ^ 0x5eed)
-            });
+            let seed = opts.augment_seed.wrapping_mul(1_000_003).wrapping_add((case_no * 1000 + copy) as u64);
+            let variant = match synth_no {
+                Some(_) => Variant::Synthetic(seed),
+                None if copy > 0 => Variant::Augmented(AugmentParams::draw(seed), seed ^ 0x5eed),
+                None => Variant::Original,
+            };
             let t = Instant::now();
-            let sc = precompute_case(&engine, case, &id, aug.as_ref(), out, opts.all_slices, &config)?;
+            let sc = precompute_case(&engine, case, &id, &variant, out, opts.all_slices, &config)?;
             encode_s += t.elapsed().as_secs_f64();
             encoded += sc.z.len();
             std::fs::write(&sidecar, serde_json::to_string(&sc).unwrap()).map_err(io_err(&sidecar))?;
@@ -288,20 +317,55 @@ fn write_index(
     Ok(index)
 }
 
+/// What a stored copy of a case is made of.
+enum Variant {
+    Original,
+    /// Intensity-augmented (train/augment.rs) with a noise seed.
+    Augmented(AugmentParams, u64),
+    /// Painted from the tissue map (train/synth.rs); the seed of its parameters (drawn for the
+    /// tissue codes the map holds) and of its noise.
+    Synthetic(u64),
+}
+
 fn precompute_case(
     engine: &Segmenter,
     case: &CaseRef,
     id: &str,
-    aug: Option<&(AugmentParams, u64)>,
+    variant: &Variant,
     out: &Path,
     all_slices: bool,
     config: &StoreConfig,
 ) -> Result<StoredCase, TrainError> {
     let mut lc = data::load_case(case, true)?;
-    if let Some((params, noise_seed)) = aug {
-        let geom =
-            augment::GlandGeometry::from_label(&lc.label.data, lc.label.dims, lc.volume.spacing, lc.volume.direction);
-        lc.volume.voxels = augment::apply(&lc.volume.voxels, lc.volume.dims, &geom, params, *noise_seed);
+    let mut synthesis = None;
+    match variant {
+        Variant::Original => {}
+        Variant::Augmented(params, noise_seed) => {
+            let geom = augment::GlandGeometry::from_label(
+                &lc.label.data,
+                lc.label.dims,
+                lc.volume.spacing,
+                lc.volume.direction,
+            );
+            lc.volume.voxels = augment::apply(&lc.volume.voxels, lc.volume.dims, &geom, params, *noise_seed);
+        }
+        Variant::Synthetic(seed) => {
+            let tissues = data::load_tissue_map(case, lc.volume.dims)?;
+            let codes = tissues.iter().copied().max().unwrap_or(0) as usize + 1;
+            let params = SynthParams::draw(*seed, codes);
+            let (image, label) = synth::synthesise(
+                &tissues,
+                &lc.label.data,
+                lc.volume.dims,
+                lc.volume.spacing,
+                lc.volume.direction,
+                &params,
+                *seed,
+            );
+            lc.volume.voxels = image;
+            lc.label.data = label;
+            synthesis = Some(params);
+        }
     }
     let cfg = engine.config();
     let dims = lc.volume.dims;
@@ -354,8 +418,12 @@ fn precompute_case(
         dims,
         spacing: lc.volume.spacing,
         bytes,
-        augmented_from: aug.map(|_| case.id.clone()),
-        augmentation: aug.map(|(p, _)| p.clone()),
+        augmented_from: (!matches!(variant, Variant::Original)).then(|| case.id.clone()),
+        augmentation: match variant {
+            Variant::Augmented(p, _) => Some(p.clone()),
+            _ => None,
+        },
+        synthesis,
     })
 }
 

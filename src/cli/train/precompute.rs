@@ -45,6 +45,11 @@ pub struct Args {
     /// coil-like bump, gamma, noise; docs/training.md). Training stores only.
     #[arg(long, default_value_t = 0)]
     pub augment: usize,
+    /// Also store this many SynthSeg-style copies of every case, painted from its tissue map with a
+    /// random contrast per tissue, warp, blur, bias field and noise (`desam phantom --tissue-map`
+    /// writes the maps; docs/training.md). Training stores only.
+    #[arg(long, default_value_t = 0)]
+    pub synth: usize,
     /// Store every K-th foreground slice only (then fit with --slice-stride 1).
     #[arg(long, default_value_t = 1)]
     pub slice_stride: usize,
@@ -81,6 +86,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         augment_seed: a.seed,
         slice_stride: a.slice_stride,
         background_margin: a.background_margin,
+        synth: a.synth,
     };
     let idx = precompute::precompute(&opts)?;
     println!(
