@@ -135,6 +135,12 @@ impl AugmentParams {
     }
 }
 
+/// A standard normal draw (Box–Muller; the training floor's one normal sampler).
+pub fn standard_normal(r: &mut ChaCha8Rng) -> f64 {
+    let (u1, u2): (f64, f64) = (r.gen_range(f64::EPSILON..1.0), r.gen_range(0.0..1.0));
+    (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+}
+
 /// Applies `params` to a z-major volume of `dims` = [z, y, x] (returns a new buffer).
 pub fn apply(
     voxels: &[f32],
@@ -179,12 +185,10 @@ pub fn apply(
     let sigma = params.noise_rel * sum / count as f64;
     if sigma > 0.0 {
         let mut r = ChaCha8Rng::seed_from_u64(noise_seed);
-        // Box–Muller; noise only where there is signal (the background stays exactly zero, as the
+        // Noise only where there is signal (the background stays exactly zero, as the
         // preprocessing keeps zeros).
         for v in out.iter_mut().filter(|v| **v > 0.0) {
-            let (u1, u2): (f64, f64) = (r.gen_range(f64::EPSILON..1.0), r.gen_range(0.0..1.0));
-            let n = sigma * (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos();
-            *v = (*v as f64 + n).max(0.0) as f32;
+            *v = (*v as f64 + sigma * standard_normal(&mut r)).max(0.0) as f32;
         }
     }
     out

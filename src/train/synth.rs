@@ -17,7 +17,7 @@
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::augment::{self, AugmentParams, GlandGeometry};
+use super::augment::{self, standard_normal, AugmentParams, GlandGeometry};
 
 /// Side of the displacement grid.
 const GRID: usize = 5;
@@ -49,7 +49,8 @@ impl SynthParams {
         let shear = r.gen_range(-0.1..=0.1);
         let mirror = r.gen_bool(0.5);
         let deform = r.gen_range(0.0..=4.0);
-        let displacement_mm = (0..GRID * GRID).map(|_| [deform * normal(&mut r), deform * normal(&mut r)]).collect();
+        let displacement_mm =
+            (0..GRID * GRID).map(|_| [deform * standard_normal(&mut r), deform * standard_normal(&mut r)]).collect();
         let mut means: Vec<f64> = (0..codes).map(|_| r.gen_range(0.0..=1.0)).collect();
         let sigmas = (0..codes).map(|_| r.gen_range(0.0..=0.1)).collect();
         if let Some(air) = means.first_mut() {
@@ -74,12 +75,6 @@ impl SynthParams {
         }
         d
     }
-}
-
-/// Standard normal (Box–Muller).
-fn normal(r: &mut ChaCha8Rng) -> f64 {
-    let (u1, u2): (f64, f64) = (r.gen_range(f64::EPSILON..1.0), r.gen_range(0.0..1.0));
-    (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
 }
 
 /// Warps the tissue map and the label (z-major, `dims` = [z, y, x], in-plane `spacing` = [column,
@@ -132,7 +127,7 @@ pub fn paint(tissues: &[u8], p: &SynthParams, seed: u64) -> Vec<f32> {
             if mean <= 0.0 {
                 0.0
             } else {
-                (mean + sigma * normal(&mut r)).max(0.0) as f32
+                (mean + sigma * standard_normal(&mut r)).max(0.0) as f32
             }
         })
         .collect()
