@@ -5,11 +5,12 @@
 # against the phantom's tissue map. Goal: fat and muscle, top probability >= 0.5, box >= 50 % on that
 # tissue, on every case of every site. Results: OUT/realism.json and OUT/realism.md.
 # Usage: benches/realism.sh [OUT]   Env: CASES (2), SEED (0), FIRST (0: first case index),
+#        SITES ("A B C D E F"), GENERATION (1: the phantom's anatomy and contrast model, `desam phantom --generation`),
 #        REALISM_VENV (.venv-realism: pyAutoRef's own venv, made here from PyPI), BIN (built binaries).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=$(realpath -m "${1:-/tmp/desam-bench-realism}")
-CASES=${CASES:-2}; SEED=${SEED:-0}; FIRST=${FIRST:-0}
+CASES=${CASES:-2}; SEED=${SEED:-0}; FIRST=${FIRST:-0}; GENERATION=${GENERATION:-1}
 export LIBTORCH=${LIBTORCH:-$PWD/.venv/lib/python3.11/site-packages/torch}
 if [ -z "${BIN:-}" ]; then cargo build -q --release --bin desam; BIN=$PWD/target/release; fi
 VENV=${REALISM_VENV:-$PWD/.venv-realism}
@@ -20,9 +21,9 @@ if ! "$VENV/bin/python" -c 'import pyAutoRef, onnxruntime, SimpleITK' 2>/dev/nul
   "$VENV/bin/pip" install -q --no-cache-dir "pyAutoRef==2.2.1"
 fi
 rm -rf "$OUT/data" && mkdir -p "$OUT"
-for site in A B C D E F; do
+for site in ${SITES:-A B C D E F}; do
   "$BIN/desam" phantom --site $site --cases "$CASES" --first-case "$FIRST" --seed "$SEED" \
-    --format nifti --tissue-map --out "$OUT/data" >/dev/null
+    --format nifti --tissue-map --generation "$GENERATION" --out "$OUT/data" >/dev/null
 done
 "$VENV/bin/python" python/realism/autoref_judge.py --data "$OUT/data" --out "$OUT/realism.json" \
   --markdown "$OUT/realism.md" 2> "$OUT/pyautoref.log"

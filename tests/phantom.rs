@@ -504,3 +504,55 @@ fn tissue_map_names_what_each_voxel_shows() {
     assert_eq!((legend["fat"].as_u64(), legend["muscle"].as_u64()), (Some(2), Some(4)));
     let _ = std::fs::remove_dir_all(&out);
 }
+
+/// `--generation 2` repaints the same case: same protocol and grid, other voxels, labels moved with
+/// the deformed pelvis and still painted as gland; the default stays generation 1; `--generation 3`
+/// is refused with the choices.
+#[test]
+fn generation_two_repaints_the_same_case() {
+    use desam::phantom::anatomy::Tissue;
+    use desam::phantom::Generation;
+    let v1 = generate_case_with(Site::D, 4, 7, &clean(true));
+    let v2 = generate_case_with(
+        Site::D,
+        4,
+        7,
+        &GenerateOptions { generation: Generation::V2, tissue_map: true, ..clean(true) },
+    );
+    assert_eq!(
+        generate_case_with(Site::D, 4, 7, &GenerateOptions { generation: Generation::V1, ..clean(true) }).image.voxels,
+        v1.image.voxels
+    );
+    assert_eq!(
+        (v1.image.dims, v1.image.spacing, v1.protocol.echo_time_ms),
+        (v2.image.dims, v2.image.spacing, v2.protocol.echo_time_ms)
+    );
+    assert_ne!(v1.image.voxels, v2.image.voxels);
+    assert_ne!(v1.labels.data, v2.labels.data, "the deformation moves the gland and its labels");
+    let map = v2.tissues.as_ref().unwrap();
+    let gland = [
+        Tissue::PeripheralZone,
+        Tissue::TransitionZone,
+        Tissue::Nodule,
+        Tissue::Tumour,
+        Tissue::Stroma,
+        Tissue::SurgicalCapsule,
+        Tissue::Capsule,
+        Tissue::NeurovascularBundle,
+    ]
+    .map(|t| t as u8);
+    let pz = interior(&v2, LABEL_PZ);
+    let painted = pz.iter().filter(|&&i| gland.contains(&map.data[i])).count();
+    assert!(
+        pz.len() > 50 && painted as f64 > 0.95 * pz.len() as f64,
+        "{painted} of {} PZ voxels painted as gland",
+        pz.len()
+    );
+    let muscle: Vec<usize> = (0..map.data.len()).filter(|&i| map.data[i] == Tissue::Muscle as u8).collect();
+    let (m, p) = (mean_at(&v2.image.voxels, &muscle), mean_at(&v2.image.voxels, &pz));
+    assert!(m < 0.35 * p, "muscle {m:.0} against PZ {p:.0}: relaxation contrast keeps muscle dark");
+
+    let o = run_cli(&["--montage", "/nonexistent/x.png", "--generation", "3"]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("expected 1 or 2"), "{}", String::from_utf8_lossy(&o.stderr));
+}

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 
-use crate::phantom::{self, export, GenerateOptions, Site, Size};
+use crate::phantom::{self, export, GenerateOptions, Generation, Site, Size};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -47,16 +47,30 @@ pub struct Args {
     /// Montage panel size in pixels.
     #[arg(long, default_value_t = 320)]
     pub panel: usize,
+    /// With --montage: generation 1 above generation 2 (mid-gland slice, whole field and a 90 mm
+    /// square), instead of one generation's three rows.
+    #[arg(long)]
+    pub compare_generations: bool,
+    /// Anatomy and contrast model: 1 (the phantom of models/default 0.3.0) or 2 (relaxation-time
+    /// contrast, deformed pelvis, fat lobules, layered rectum, thin lines; docs/phantom.md).
+    #[arg(long, default_value = "1")]
+    pub generation: String,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let size: Size = args.size.parse()?;
+    let generation: Generation = args.generation.parse()?;
     if let Some(png) = &args.montage {
         if args.panel < 32 || args.panel > 2048 {
             bail!("--panel must be between 32 and 2048 pixels");
         }
-        phantom::montage::write_site_montage(png, args.seed, args.montage_case, size, args.panel)
-            .with_context(|| format!("writing montage {}", png.display()))?;
+        let written = if args.compare_generations {
+            let both = [Generation::V1, Generation::V2];
+            phantom::montage::write_generations_montage(png, args.seed, args.montage_case, size, args.panel, &both)
+        } else {
+            phantom::montage::write_site_montage(png, args.seed, args.montage_case, size, args.panel, generation)
+        };
+        written.with_context(|| format!("writing montage {}", png.display()))?;
         return Ok(());
     }
     let site: Site = match &args.site {
@@ -79,7 +93,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         bail!("case indices must stay below {limit} for --format {} (got up to {})", args.format, end - 1);
     }
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    let opts = GenerateOptions { size, tissue_map: args.tissue_map, ..Default::default() };
+    let opts = GenerateOptions { size, tissue_map: args.tissue_map, generation, ..Default::default() };
     let crop = match &args.crop {
         None => None,
         Some(c) => {

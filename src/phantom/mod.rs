@@ -28,6 +28,8 @@ pub enum PhantomError {
     UnknownSite(String),
     #[error("unknown size '{0}' (expected full or small)")]
     UnknownSize(String),
+    #[error("unknown phantom generation '{0}' (expected 1 or 2)")]
+    UnknownGeneration(String),
     #[error("case index {case} is out of range (0..={max})")]
     CaseOutOfRange { case: u32, max: u32 },
     #[error("{0} already exists; the phantom writer never overwrites files")]
@@ -143,11 +145,42 @@ pub struct GenerateOptions {
     pub noise_realisation: u64,
     /// Also rasterise the tissue map ([`PhantomCase::tissues`]; one more pass over the volume).
     pub tissue_map: bool,
+    /// Which anatomy and contrast model paints the case.
+    pub generation: Generation,
 }
 
 impl Default for GenerateOptions {
     fn default() -> Self {
-        GenerateOptions { size: Size::Full, noise: true, sensitivity: true, noise_realisation: 0, tissue_map: false }
+        GenerateOptions {
+            size: Size::Full,
+            noise: true,
+            sensitivity: true,
+            noise_realisation: 0,
+            tissue_map: false,
+            generation: Generation::V1,
+        }
+    }
+}
+
+/// The phantom's anatomy and contrast model (docs/phantom.md). Generation 1 made `models/default`
+/// 0.3.0 and every figure measured with it; generation 2 adds relaxation-time contrast, a smooth
+/// deformation of the whole pelvis, fat lobules, a layered rectum with stool and thinner lines. A case's protocol,
+/// placement and noise draws are the same in both, so a case can be compared across generations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Generation {
+    #[default]
+    V1,
+    V2,
+}
+
+impl std::str::FromStr for Generation {
+    type Err = PhantomError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim() {
+            "1" => Ok(Generation::V1),
+            "2" => Ok(Generation::V2),
+            other => Err(PhantomError::UnknownGeneration(other.to_string())),
+        }
     }
 }
 
@@ -213,10 +246,19 @@ pub fn generate_case_with(site: Site, case_index: u32, seed: u64, opts: &Generat
     let mut coil_rng = ChaCha20Rng::from_seed(stream_seed(site, case_index, seed, "sensitivity"));
     let noise_seed = stream_seed(site, case_index, seed, &format!("noise-{}", opts.noise_realisation));
 
-    let anatomy = anatomy::Anatomy::draw(&mut anat_rng, site.has_endorectal_coil());
+    let mut anatomy = anatomy::Anatomy::draw(&mut anat_rng, site.has_endorectal_coil());
     // The stack covers the gland with room for the bladder base and seminal vesicles.
     let gland_si = 2.0 * anatomy.gland.semi[2] * 1.1;
     let protocol = sites::draw_protocol(site, opts.size, gland_si + 20.0, &mut proto_rng);
+    if opts.generation == Generation::V2 {
+        let mut rng = ChaCha20Rng::from_seed(stream_seed(site, case_index, seed, "realism"));
+        let seq = anatomy::Sequence {
+            echo_time_ms: protocol.echo_time_ms,
+            repetition_time_ms: protocol.repetition_time_ms,
+            field_strength_t: protocol.magnetic_field_strength,
+        };
+        anatomy.make_realistic(&mut rng, &seq);
+    }
     let geom = acquisition::place(&protocol, &mut place_rng);
     let (mut image, labels) = acquisition::rasterise(&anatomy, &geom, &protocol);
     let dims = geom.dims;
@@ -368,9 +410,19 @@ mod tests {
                 let mut anat_rng = ChaCha20Rng::from_seed(stream_seed(site, case, 77, "anatomy"));
                 let mut proto_rng = ChaCha20Rng::from_seed(stream_seed(site, case, 77, "protocol"));
                 let mut place_rng = ChaCha20Rng::from_seed(stream_seed(site, case, 77, "placement"));
-                let anatomy = anatomy::Anatomy::draw(&mut anat_rng, site.has_endorectal_coil());
+                let mut anatomy = anatomy::Anatomy::draw(&mut anat_rng, site.has_endorectal_coil());
                 let gland_si = 2.0 * anatomy.gland.semi[2] * 1.1;
                 let p = sites::draw_protocol(site, Size::Small, gland_si + 20.0, &mut proto_rng);
+                // Odd cases in generation 2: its deformation must not push the gland out either.
+                if case % 2 == 1 {
+                    let seq = anatomy::Sequence {
+                        echo_time_ms: p.echo_time_ms,
+                        repetition_time_ms: p.repetition_time_ms,
+                        field_strength_t: p.magnetic_field_strength,
+                    };
+                    let mut rng = ChaCha20Rng::from_seed(stream_seed(site, case, 77, "realism"));
+                    anatomy.make_realistic(&mut rng, &seq);
+                }
                 let spec = site.spec();
                 assert!(p.slice_thickness >= spec.slice_thickness.0 && p.slice_thickness <= spec.slice_thickness.1);
                 assert!(p.slices >= spec.slices.0 && p.slices <= spec.slices.1);

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use super::{generate_case_with, GenerateOptions, PhantomCase, PhantomError, Site, Size, LABEL_TZ};
+use super::{generate_case_with, GenerateOptions, Generation, PhantomCase, PhantomError, Site, Size, LABEL_TZ};
 
 pub use crate::raster::Rgb;
 
@@ -171,8 +171,60 @@ pub fn write_site_montage(
     case_index: u32,
     size: Size,
     panel: usize,
+    generation: Generation,
 ) -> Result<(), PhantomError> {
-    let opts = GenerateOptions { size, ..Default::default() };
+    let opts = GenerateOptions { size, generation, ..Default::default() };
     let cases: Vec<PhantomCase> = Site::ALL.iter().map(|&s| generate_case_with(s, case_index, seed, &opts)).collect();
     write_png(&montage(&cases, panel), path)
+}
+
+/// Before/after sheet of the generations: per generation two rows, the mid-gland slice over the
+/// whole field of view and a 90 mm square around the gland (no outlines: what a reader would see);
+/// each panel is marked with its site letter and generation number.
+pub fn generations_montage(rows: &[(Generation, Vec<PhantomCase>)], panel: usize) -> Rgb {
+    let gap = 4;
+    let columns = rows.iter().map(|(_, c)| c.len()).max().unwrap_or(0);
+    let width = columns * panel + columns.saturating_sub(1) * gap;
+    let height = 2 * rows.len() * panel + (2 * rows.len()).saturating_sub(1) * gap;
+    let mut out = Rgb::new(width.max(1), height.max(1));
+    for (r, (generation, cases)) in rows.iter().enumerate() {
+        let number = match generation {
+            Generation::V1 => "1",
+            Generation::V2 => "2",
+        };
+        for (i, case) in cases.iter().enumerate() {
+            let mid = mid_gland_slice(case);
+            for (k, zoom) in [None, Some(90.0)].into_iter().enumerate() {
+                let p = render_panel(case, mid, panel, false, zoom);
+                let (x0, y0) = (i * (panel + gap), (2 * r + k) * (panel + gap));
+                for y in 0..panel {
+                    let src = &p.data[y * panel * 3..(y + 1) * panel * 3];
+                    let dst = ((y0 + y) * out.width + x0) * 3;
+                    out.data[dst..dst + panel * 3].copy_from_slice(src);
+                }
+                let label = format!("{}{}", case.site.letter(), number);
+                out.draw_text(&label, x0 + 6, y0 + 6, (panel / 64).max(2), [255, 80, 80]);
+            }
+        }
+    }
+    out
+}
+
+/// Case `case_index` of every site in each generation of `generations`, as [`generations_montage`].
+pub fn write_generations_montage(
+    path: &Path,
+    seed: u64,
+    case_index: u32,
+    size: Size,
+    panel: usize,
+    generations: &[Generation],
+) -> Result<(), PhantomError> {
+    let rows: Vec<(Generation, Vec<PhantomCase>)> = generations
+        .iter()
+        .map(|&generation| {
+            let opts = GenerateOptions { size, generation, ..Default::default() };
+            (generation, Site::ALL.iter().map(|&s| generate_case_with(s, case_index, seed, &opts)).collect())
+        })
+        .collect();
+    write_png(&generations_montage(&rows, panel), path)
 }
