@@ -448,6 +448,13 @@ fn crop_in_plane_keeps_every_voxel_where_it_was() {
     }
 }
 
+/// Tissue codes the painter uses inside the gland label: capsule to neurovascular bundle, one run of
+/// codes in the legend (capsule and bundles at the gland's edge included).
+fn gland_tissue_codes() -> Vec<u8> {
+    use desam::phantom::anatomy::Tissue;
+    (Tissue::Capsule as u8..=Tissue::NeurovascularBundle as u8).collect()
+}
+
 /// The tissue map (`--tissue-map`): same grid, the image unchanged by asking for it, the gland's
 /// labelled voxels are gland tissues, fat and muscle are where the map says they are (their image
 /// signal is the table's: fat bright, muscle dark), and the NIfTI export carries map and legend.
@@ -461,17 +468,7 @@ fn tissue_map_names_what_each_voxel_shows() {
     assert!(plain.tissues.is_none());
     let map = case.tissues.as_ref().expect("asked for");
     assert_eq!(map.dims, case.labels.dims);
-    let gland = [
-        Tissue::Capsule,
-        Tissue::PeripheralZone,
-        Tissue::Stroma,
-        Tissue::SurgicalCapsule,
-        Tissue::TransitionZone,
-        Tissue::Nodule,
-        Tissue::Tumour,
-        Tissue::NeurovascularBundle,
-    ]
-    .map(|t| t as u8);
+    let gland = gland_tissue_codes();
     let pz = interior(&case, LABEL_PZ);
     let in_gland = pz.iter().filter(|&&i| gland.contains(&map.data[i])).count();
     assert!(in_gland as f64 > 0.95 * pz.len() as f64, "{in_gland} of {} PZ voxels are gland tissue", pz.len());
@@ -530,17 +527,7 @@ fn generation_two_repaints_the_same_case() {
     assert_ne!(v1.image.voxels, v2.image.voxels);
     assert_ne!(v1.labels.data, v2.labels.data, "the deformation moves the gland and its labels");
     let map = v2.tissues.as_ref().unwrap();
-    let gland = [
-        Tissue::PeripheralZone,
-        Tissue::TransitionZone,
-        Tissue::Nodule,
-        Tissue::Tumour,
-        Tissue::Stroma,
-        Tissue::SurgicalCapsule,
-        Tissue::Capsule,
-        Tissue::NeurovascularBundle,
-    ]
-    .map(|t| t as u8);
+    let gland = gland_tissue_codes();
     let pz = interior(&v2, LABEL_PZ);
     let painted = pz.iter().filter(|&&i| gland.contains(&map.data[i])).count();
     assert!(
