@@ -10,6 +10,7 @@
 #        version, e.g. when OUT/before-{E,C} link to another run's), PROFILE (debug|release, default debug),
 #        THREADS (default: libtorch's), EXTRA (more adapt arguments, e.g. "--epochs 6"), BIN (see below).
 # Every step resumes: rerun the same command after a kill (the Orthanc storage is kept in OUT).
+# OUT/feature-cache holds the new cases' encoder features (about 10 MB a slice): delete OUT when done.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=$(realpath -m "${1:-/tmp/desam-bench-adapt}")
@@ -76,7 +77,8 @@ for site in E C; do
     out=$OUT/$which-$site-$N; [ $which = before ] && out=$OUT/before-$site
     resume=(); [ -f "$out/cases.jsonl" ] && resume=(--resume)
     limit=(); [ $which = after ] && [ -n "${MAX_NEW:-}" ] && limit=(--max-cases "$MAX_NEW")
-    "$BIN/desam-train" eval --model "$model" --data "$OUT/new-$site" --sites "$site" --out "$out" --device cpu "${THREADS_ARG[@]}" "${resume[@]}" "${limit[@]}" >/dev/null
+    # One feature cache for both versions (same encoder): "after" runs only the decoder.
+    "$BIN/desam-train" eval --model "$model" --data "$OUT/new-$site" --sites "$site" --out "$out" --device cpu --cache "$OUT/feature-cache" "${THREADS_ARG[@]}" "${resume[@]}" "${limit[@]}" >/dev/null
     log "$which $site: $("$PY" -c 'import json,sys; s=json.load(open(sys.argv[1])); print("Dice %.4f over %d cases" % (s["dice_mean_cases"], len(s["cases"])))' "$out/summary.json")"
   done
 done

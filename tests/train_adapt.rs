@@ -60,7 +60,7 @@ fn options(o: &Orthanc, reg: &Path, work: &Path, gate: Gate, version: &str) -> A
         work: work.to_path_buf(),
         version: Some(version.into()),
         gate,
-        schedule: Schedule { epochs: 1, batch: 4, lr: 1e-4, slice_stride: 2, background_margin: 1 },
+        schedule: Schedule { epochs: 1, batch: 4, lr: 1e-4, slice_stride: 2, background_margin: 1, freeze: vec![] },
         folds: 2,
         holdout_from: 8,
         seed: 3,
@@ -118,6 +118,50 @@ fn adapt_promotes_only_through_the_gate_and_resumes_after_a_stop() {
     let run_cfg: Value =
         serde_json::from_slice(&std::fs::read(work.join("folds/0/run").join(fit::CONFIG_JSON)).unwrap()).unwrap();
     assert_eq!(run_cfg["train_background"], true);
+    // The gate judges the last checkpoint: no validation pass over the fit cases at epoch ends.
+    let epochs = std::fs::read_to_string(work.join("folds/0/run/log.jsonl")).unwrap();
+    assert!(!epochs.is_empty());
+    for line in epochs.lines() {
+        let e: Value = serde_json::from_str(line).unwrap();
+        assert!(e["val_loss"].is_null() && e["is_best"] == false, "{line}");
+    }
+    // The checks share one encoder pass per case: precompute left its slices in the feature cache,
+    // the current model encoded only the rest, the candidate none; the masks are kept for the overlay
+    // and the cache is gone at the end.
+    for fold in ["0", "1"] {
+        let cases = |which: &str| -> Vec<Value> {
+            std::fs::read_to_string(work.join("folds").join(fold).join(which).join("cases.jsonl"))
+                .unwrap()
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect()
+        };
+        for c in cases("eval-current") {
+            let id = c["id"].as_str().unwrap();
+            let stored = store.cases.iter().find(|s| s.id == id).unwrap().z.len();
+            let nz = desam::nifti::read_nifti_mask(&desam::train::eval::mask_path(
+                &work.join("folds").join(fold).join("eval-current"),
+                id,
+            ))
+            .unwrap()
+            .0
+            .dims[0];
+            assert_eq!(
+                c["encoder_runs"].as_u64().unwrap() as usize,
+                nz - stored,
+                "{id}: encoder runs of the current model"
+            );
+        }
+        for c in cases("eval-candidate") {
+            assert_eq!(c["encoder_runs"], 0, "the candidate reuses the encoder features: {c}");
+            let mask = desam::train::eval::mask_path(
+                &work.join("folds").join(fold).join("eval-candidate"),
+                c["id"].as_str().unwrap(),
+            );
+            assert!(mask.is_file(), "{}", mask.display());
+        }
+    }
+    assert!(!work.join(adapt::FEATURE_CACHE).exists(), "the feature cache is removed at the end");
 
     // A gate that is met (any gain, any case drop), through the CLI, stopped after 3 steps and then
     // continued: the finished steps are not redone, and the candidate becomes current.
@@ -163,6 +207,31 @@ fn adapt_promotes_only_through_the_gate_and_resumes_after_a_stop() {
     assert_eq!(md.spec.version, "0.0.3");
     assert!(!md.spec.untrained);
     assert_eq!(md.spec.training["adaptation"]["base_version"], "0.0.1");
+    // The CLI's default schedule keeps PIMM's encoder-only branches: they are the base's, bit for bit,
+    // while the rest of the decoder moved.
+    let run_cfg: Value =
+        serde_json::from_slice(&std::fs::read(work.join("final/run").join(fit::CONFIG_JSON)).unwrap()).unwrap();
+    assert_eq!(run_cfg["freeze"], json!(["pimm.conv_blocks_context.1", "pimm.conv_blocks_context.2"]));
+    let weights = |v: &str| -> Vec<(String, tch::Tensor)> {
+        let md = desam::modeldir::open(&reg.join("versions").join(v)).unwrap();
+        md.decoder_paths.iter().flat_map(|p| tch::Tensor::read_safetensors(p).unwrap()).collect()
+    };
+    let (old, new) = (weights("0.0.1"), weights("0.0.3"));
+    let (mut same, mut moved) = (0, 0);
+    for (name, t) in &new {
+        let (_, o) = old.iter().find(|(n, _)| n == name).unwrap();
+        // The export stores the base's values at its own precision.
+        let equal = t.equal(&o.to_kind(t.kind()));
+        if name.starts_with("mask_decoder.pimm.conv_blocks_context.1.")
+            || name.starts_with("mask_decoder.pimm.conv_blocks_context.2.")
+        {
+            assert!(equal, "{name} is frozen but changed");
+            same += 1;
+        } else if !equal {
+            moved += 1;
+        }
+    }
+    assert!(same > 0 && moved > 0, "frozen tensors {same}, trained tensors that moved {moved}");
     let png = std::fs::read(work.join(adapt::OVERLAY_PNG)).unwrap();
     assert_eq!(&png[1..4], b"PNG", "the worst case's overlay is a PNG");
 

@@ -556,6 +556,35 @@ impl Segmenter {
         tch::no_grad(|| self.model.encode(&x))
     }
 
+    /// Whether this engine reads and writes an on-disk feature cache.
+    pub fn has_cache(&self) -> bool {
+        self.cache.is_some()
+    }
+
+    /// Encoder features of slices z0..z1 exactly as `segment` gets them (through the feature cache
+    /// when there is one), one batch-1 `Features` per slice. For training stores whose slices a
+    /// later `segment` of the same volume should find in the cache.
+    pub fn encode_slices_cached(
+        &self,
+        u8vol: &[u8],
+        dims: [usize; 3],
+        z0: usize,
+        z1: usize,
+    ) -> Result<Vec<Features>, EngineError> {
+        let mut timings = StageTimings::default();
+        tch::no_grad(|| {
+            let mut feats = Vec::with_capacity(z1.saturating_sub(z0));
+            let mut z = z0;
+            while z < z1 {
+                let zb = (z + self.encode_batch).min(z1);
+                let (f, _, _) = self.encode_all(u8vol, dims, z, zb, &mut timings, &mut |_| {}, &|| false)?;
+                feats.extend(f);
+                z = zb;
+            }
+            Ok(feats)
+        })
+    }
+
     /// Features of slices z_start..z_end (encoder in batches, or the cache), with cache hits and encoder runs.
     #[allow(clippy::type_complexity, clippy::too_many_arguments)]
     fn encode_all(

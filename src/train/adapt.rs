@@ -40,6 +40,8 @@ pub const REPORT_JSON: &str = "report.json";
 pub const REPORT_MD: &str = "report.md";
 pub const OVERLAY_PNG: &str = "worst_case.png";
 pub const STEPS_DIR: &str = "steps";
+/// The check's encoder-feature cache (deleted once the overlay is drawn: about 10 MB per slice).
+pub const FEATURE_CACHE: &str = "feature-cache";
 
 /// When a candidate may replace the current model: its mean check Dice must beat the current model's
 /// by `min_gain` (may be negative) and no check case may lose more than `max_case_drop`.
@@ -50,7 +52,7 @@ pub struct Gate {
 }
 
 /// The fine-tuning schedule (short by default: CPU minutes, not hours).
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Schedule {
     pub epochs: usize,
     pub batch: usize,
@@ -61,6 +63,9 @@ pub struct Schedule {
     /// the fine-tuned decoder keeps stopping at the apex and base (0 in older work folders).
     #[serde(default)]
     pub background_margin: usize,
+    /// Decoder parts kept fixed (`FitConfig::freeze`; empty in older work folders).
+    #[serde(default)]
+    pub freeze: Vec<String>,
 }
 
 /// The mid-gland slice of one check case as the current model (before) and the candidate (after)
@@ -403,7 +408,7 @@ fn settle_plan(o: &AdaptOptions) -> Result<AdaptPlan, TrainError> {
         review_metadata: o.pull.review_metadata,
         reviewed_value: o.pull.reviewed_value.clone(),
         gate: o.gate,
-        schedule: o.schedule,
+        schedule: o.schedule.clone(),
         folds: o.folds,
         holdout_from: o.holdout_from,
         seed: o.seed,
@@ -530,10 +535,12 @@ fn drive(o: &AdaptOptions, steps: &mut Steps) -> Result<AdaptReport, Halt> {
             slice_stride: 1,
             background_margin: plan.schedule.background_margin,
             synth: 0,
+            feature_cache: Some(work.join(FEATURE_CACHE)),
         })?;
         Ok(serde_json::json!({"cases": idx.cases.len(), "slices": idx.slices, "manifest": idx.manifest_hash}))
     })?;
     let all_cases = data::list_cases(&data_dir)?;
+    let cache = work.join(FEATURE_CACHE);
 
     let mut rows = Vec::new();
     for (k, fold) in split.folds.iter().enumerate() {
@@ -549,11 +556,11 @@ fn drive(o: &AdaptOptions, steps: &mut Steps) -> Result<AdaptReport, Halt> {
         let check_data = fold_dir.join("check-data");
         let before = steps.run(&format!("fold{k}-check-current"), || {
             link_cases(&data_dir, &check_data, &fold.check)?;
-            score(o, &base_dir, &check_data, &fold_dir.join("eval-current"))
+            score(o, &base_dir, &check_data, &fold_dir.join("eval-current"), &cache)
         })?;
         let after = steps.run(&format!("fold{k}-check-candidate"), || {
             link_cases(&data_dir, &check_data, &fold.check)?;
-            score(o, &model.dir, &check_data, &fold_dir.join("eval-candidate"))
+            score(o, &model.dir, &check_data, &fold_dir.join("eval-candidate"), &cache)
         })?;
         for b in &before {
             let a = after.iter().find(|a| a.case == b.case).ok_or_else(|| {
@@ -616,6 +623,9 @@ fn drive(o: &AdaptOptions, steps: &mut Steps) -> Result<AdaptReport, Halt> {
         Some(render) => draw_worst_case(o, &gate, &base_dir, &work, &all_cases, render).map(Some),
         None => Ok(None),
     })?;
+    if cache.exists() {
+        std::fs::remove_dir_all(&cache).map_err(io_err(&cache))?;
+    }
 
     steps.run("report", || {
         let current_version = export::current_dir(&plan.registry)
@@ -724,6 +734,7 @@ fn run_fit(o: &AdaptOptions, plan: &AdaptPlan, store: &Path, run: &Path) -> Resu
         slice_stride: plan.schedule.slice_stride.max(1),
         train_background: plan.schedule.background_margin > 0,
         amp: true,
+        freeze: plan.schedule.freeze.clone(),
         manifest_hash: String::new(),
     };
     let has_checkpoint = run.join(fit::LATEST).is_file();
@@ -741,6 +752,7 @@ fn run_fit(o: &AdaptOptions, plan: &AdaptPlan, store: &Path, run: &Path) -> Resu
             threads: o.threads,
             save_every: 10,
             progress: o.progress,
+            skip_validation: true,
         },
     )?;
     Ok(FitStep {
@@ -791,8 +803,16 @@ fn link_cases(data_dir: &Path, out: &Path, ids: &[String]) -> Result<(), TrainEr
     Ok(())
 }
 
-/// Scores a model on a data folder with the real engine (`eval::evaluate`, resumable per case).
-fn score(o: &AdaptOptions, model: &Path, data_dir: &Path, out: &Path) -> Result<Vec<CaseScore>, TrainError> {
+/// Scores a model on a data folder with the real engine (`eval::evaluate`, resumable per case),
+/// keeping each case's mask for the overlay. The current model and the candidates share one
+/// encoder, so the work folder's feature cache runs it once per check case.
+fn score(
+    o: &AdaptOptions,
+    model: &Path,
+    data_dir: &Path,
+    out: &Path,
+    cache: &Path,
+) -> Result<Vec<CaseScore>, TrainError> {
     let mut sites: Vec<String> = data::list_cases(data_dir)?.into_iter().map(|c| c.site).collect();
     sites.sort();
     sites.dedup();
@@ -807,6 +827,8 @@ fn score(o: &AdaptOptions, model: &Path, data_dir: &Path, out: &Path) -> Result<
         out: Some(out.to_path_buf()),
         resume: out.join("cases.jsonl").is_file(),
         progress: o.progress,
+        cache_dir: Some(cache.to_path_buf()),
+        save_masks: true,
     })?;
     Ok(s.cases.into_iter().map(|c| CaseScore { case: c.id, site: c.site, dice: c.dice, hd95_mm: c.hd95_mm }).collect())
 }
@@ -831,7 +853,15 @@ fn draw_worst_case(
         .find(|c| c.id == row.case)
         .ok_or_else(|| TrainError::Invalid(format!("case {} is not in the pulled data", row.case)))?;
     let loaded = data::load_case(case, true)?;
-    let segment = |model: &Path| -> Result<Vec<u8>, TrainError> {
+    // The masks the checks saved; a work folder from before they were saved segments again.
+    let fold = work.join("folds").join(row.fold.to_string());
+    let mask_of = |eval_dir: &str, model: &Path| -> Result<Vec<u8>, TrainError> {
+        let saved = eval::mask_path(&fold.join(eval_dir), &row.case);
+        if let Ok((m, _)) = crate::nifti::read_nifti_mask(&saved) {
+            if m.dims == loaded.volume.dims {
+                return Ok(m.data);
+            }
+        }
         let seg = Segmenter::from_model_dir(
             model,
             EngineOptions { device: o.device, threads: o.threads, ..Default::default() },
@@ -841,8 +871,8 @@ fn draw_worst_case(
             .map_err(|e| TrainError::Model(format!("case {}: {e}", row.case)))?;
         Ok(r.mask.data)
     };
-    let before = segment(base_dir)?;
-    let after = segment(&work.join("folds").join(row.fold.to_string()).join("model"))?;
+    let before = mask_of("eval-current", base_dir)?;
+    let after = mask_of("eval-candidate", &fold.join("model"))?;
     let [nz, ny, nx] = loaded.volume.dims;
     let plane = ny * nx;
     // The slice with the most reviewed gland.
@@ -980,7 +1010,7 @@ mod tests {
             review_metadata: 4302,
             reviewed_value: "reviewed".into(),
             gate: Gate { min_gain: 0.01, max_case_drop: 0.05 },
-            schedule: Schedule { epochs: 4, batch: 8, lr: 2e-4, slice_stride: 1, background_margin: 3 },
+            schedule: Schedule { epochs: 4, batch: 8, lr: 2e-4, slice_stride: 1, background_margin: 3, freeze: vec![] },
             folds: 2,
             holdout_from: 8,
             seed: 0,

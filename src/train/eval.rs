@@ -32,6 +32,9 @@ pub struct CaseResult {
     pub quality: Option<f64>,
     #[serde(default)]
     pub flagged: bool,
+    /// Slices the encoder ran on (the others came from the feature cache); 0 in older logs.
+    #[serde(default)]
+    pub encoder_runs: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -79,6 +82,16 @@ pub struct EvalOptions {
     /// Continue an interrupted evaluation in `out`: cases already in its `cases.jsonl` are kept.
     pub resume: bool,
     pub progress: bool,
+    /// The engine's on-disk encoder-feature cache (`EngineOptions::cache_dir`): a second model with
+    /// the same encoder (a fine-tuned decoder) then skips the encoder on the same cases.
+    pub cache_dir: Option<PathBuf>,
+    /// Also write each case's predicted mask as `out/masks/<case>.nii.gz` (needs `out`).
+    pub save_masks: bool,
+}
+
+/// Where `save_masks` puts a case's predicted mask.
+pub fn mask_path(out: &Path, case: &str) -> PathBuf {
+    out.join("masks").join(format!("{case}.nii.gz"))
 }
 
 /// What makes two evaluations the same one; stored as `eval.json` next to `cases.jsonl` so that
@@ -250,8 +263,11 @@ pub fn evaluate(o: &EvalOptions) -> Result<EvalSummary, TrainError> {
     let t0 = Instant::now();
     let seg = Segmenter::from_model_dir(
         &o.model,
-        EngineOptions { device: o.device, threads: o.threads, ..Default::default() },
+        EngineOptions { device: o.device, threads: o.threads, cache_dir: o.cache_dir.clone(), ..Default::default() },
     )?;
+    if o.save_masks && o.out.is_none() {
+        return Err(TrainError::Invalid("saving masks needs an output folder".into()));
+    }
     let cases = select_cases(&o.data, &o.sites, o.max_cases_per_site)?;
     let manifest_hash = data::manifest_hash(&cases)?;
     let mode = o.mode.unwrap_or_else(|| seg.default_mode());
@@ -291,6 +307,12 @@ pub fn evaluate(o: &EvalOptions) -> Result<EvalSummary, TrainError> {
         let req = SegmentRequest { mode: Some(mode), ..Default::default() };
         let r =
             seg.segment(&lc.volume, &req, &mut |_| {}).map_err(|e| TrainError::Model(format!("case {}: {e}", c.id)))?;
+        if let (true, Some(out)) = (o.save_masks, &o.out) {
+            let path = mask_path(out, &c.id);
+            std::fs::create_dir_all(path.parent().unwrap_or(out)).map_err(io_err(out))?;
+            crate::nifti::write_nifti_mask(&path, &r.mask, &lc.volume)
+                .map_err(|e| TrainError::Data { path: path.clone(), message: e.to_string() })?;
+        }
         let dims = lc.volume.dims;
         let (od, on) = metrics::official_dice(&r.mask.data, &lc.label.data, dims);
         let ml = lc.volume.voxel_ml();
@@ -306,6 +328,7 @@ pub fn evaluate(o: &EvalOptions) -> Result<EvalSummary, TrainError> {
             seconds: t.elapsed().as_secs_f64(),
             quality: Some(r.quality),
             flagged: r.flagged,
+            encoder_runs: r.encoder_runs,
         });
         if let Some(l) = &mut log {
             l.append(results.last().unwrap())?;
@@ -448,6 +471,7 @@ pub fn evaluate_run_on_store(
             seconds: t.elapsed().as_secs_f64(),
             quality: None,
             flagged: false,
+            encoder_runs: 0,
         });
     }
     if results.is_empty() {

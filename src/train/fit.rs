@@ -76,6 +76,12 @@ pub struct FitConfig {
     pub train_background: bool,
     /// Mixed precision (autocast + dynamic loss scaling); CUDA only.
     pub amp: bool,
+    /// Decoder parts kept as they are (names below `mask_decoder.`, matched as prefixes, e.g.
+    /// `pimm.conv_blocks_context.2`): no gradient, no update, and no backward pass through them
+    /// when nothing trainable feeds them (PIMM's encoder-only branches), which is what makes a
+    /// fine-tune cheaper. Empty in older runs: everything trains.
+    #[serde(default)]
+    pub freeze: Vec<String>,
     /// Data set identity (from the store).
     pub manifest_hash: String,
 }
@@ -91,6 +97,10 @@ pub struct RunOptions {
     pub threads: Option<usize>,
     /// Save `latest` every this many steps (besides every epoch end).
     pub save_every: u64,
+    /// No validation pass at epoch ends (val_loss and val_dice are NaN, no `best` checkpoint): for
+    /// runs whose checkpoint is chosen elsewhere, like `adapt`'s (the last one, judged by its gate),
+    /// where it would only cost a forward pass over the training cases again.
+    pub skip_validation: bool,
     pub progress: bool,
 }
 
@@ -355,6 +365,28 @@ fn trainable(model: &DeSam) -> Vec<(String, Tensor)> {
     model.decoder_variables()
 }
 
+/// Stops gradients for the decoder parameters under each `freeze` prefix; a prefix that names no
+/// decoder parameter is an error (a typo would otherwise silently train everything).
+pub fn freeze_parts(model: &DeSam, freeze: &[String]) -> Result<usize, TrainError> {
+    let vars = model.decoder_variables();
+    let mut frozen = 0;
+    for prefix in freeze {
+        let full = format!("mask_decoder.{prefix}");
+        let matched: Vec<&(String, Tensor)> =
+            vars.iter().filter(|(n, _)| n == &full || n.starts_with(&format!("{full}."))).collect();
+        if matched.is_empty() {
+            return Err(TrainError::Invalid(format!(
+                "--freeze {prefix}: no decoder parameter is named mask_decoder.{prefix}[.…]"
+            )));
+        }
+        for (_, t) in matched {
+            let _ = t.shallow_clone().set_requires_grad(false);
+            frozen += t.numel();
+        }
+    }
+    Ok(frozen)
+}
+
 /// Adam (torch defaults: β 0.9/0.999, ε 1e-8, no weight decay) with explicit state, so that a
 /// checkpoint holds everything needed to continue bit-exactly.
 struct Adam {
@@ -531,7 +563,7 @@ pub fn fit(cfg_in: &FitConfig, opts: &RunOptions) -> Result<FitSummary, TrainErr
 
     let (train_cases, val_cases) = split_cases(&index, &cfg.site, cfg.split, cfg.seed)?;
     let train = samples_of(&index, &train_cases, cfg.slice_stride, cfg.train_background);
-    let val = samples_of(&index, &val_cases, 1, false);
+    let val = if opts.skip_validation { Vec::new() } else { samples_of(&index, &val_cases, 1, false) };
     if train.is_empty() {
         return Err(TrainError::Invalid(format!("site {} has no foreground slices to train on", cfg.site)));
     }
@@ -540,6 +572,7 @@ pub fn fit(cfg_in: &FitConfig, opts: &RunOptions) -> Result<FitSummary, TrainErr
     if mcfg.output_size != index.config.output_size {
         return Err(run_err(out, "store and model disagree on the output size"));
     }
+    freeze_parts(&model, &cfg.freeze)?;
     let params = trainable(&model);
     let mut adam = Adam::new(&params);
     let mut state = TrainState {
@@ -669,9 +702,10 @@ pub fn fit(cfg_in: &FitConfig, opts: &RunOptions) -> Result<FitSummary, TrainErr
             break;
         }
         // Epoch end: validation, logs, checkpoints.
-        let (val_loss, val_dice) = validate(&model, &cfg, &mut reader, &index, &val)?;
+        let (val_loss, val_dice) =
+            if val.is_empty() { (f64::NAN, f64::NAN) } else { validate(&model, &cfg, &mut reader, &index, &val)? };
         let ns = state.sums[4].max(1.0);
-        let is_best = state.best_val_loss.is_none_or(|b| val_loss < b);
+        let is_best = !val_loss.is_nan() && state.best_val_loss.is_none_or(|b| val_loss < b);
         if is_best {
             state.best_val_loss = Some(val_loss);
             state.best_epoch = Some(epoch);
@@ -694,9 +728,14 @@ pub fn fit(cfg_in: &FitConfig, opts: &RunOptions) -> Result<FitSummary, TrainErr
         append_line(
             &text_log,
             &format!(
-                "{} epoch {epoch} train_loss {:.4} val_loss {val_loss:.4} val_dice {val_dice:.4} lr {lr:.2e}{}",
+                "{} epoch {epoch} train_loss {:.4} {} lr {lr:.2e}{}",
                 crate::clock::utc_now(),
                 entry.train_loss,
+                if val_loss.is_nan() {
+                    "(no validation)".to_string()
+                } else {
+                    format!("val_loss {val_loss:.4} val_dice {val_dice:.4}")
+                },
                 if is_best { " (best)" } else { "" }
             ),
         )?;
@@ -762,6 +801,24 @@ mod tests {
         assert_eq!(poly_lr(1e-4, 0, 50), 1e-4);
         assert!((poly_lr(1e-4, 25, 50) - 1e-4 * 0.5f64.powf(0.9)).abs() < 1e-12);
         assert_eq!(poly_lr(1e-4, 50, 50), 0.0);
+    }
+
+    #[test]
+    fn freeze_stops_gradients_of_the_named_parts_only() {
+        let model = DeSam::new(&ModelConfig::for_arch(Arch::Tiny), Device::Cpu);
+        model.freeze_encoders();
+        let grad = |name: &str| {
+            model.decoder_variables().into_iter().find(|(n, _)| n == name).map(|(_, t)| t.requires_grad()).unwrap()
+        };
+        let frozen = "mask_decoder.pimm.conv_blocks_context.2.block_init.conv1.conv.weight";
+        let trained = "mask_decoder.pimm.conv_blocks_localization.1.res_block.conv1.conv.weight";
+        assert!(grad(frozen) && grad(trained));
+        let n = freeze_parts(&model, &["pimm.conv_blocks_context.2".to_string()]).unwrap();
+        assert!(n > 0);
+        assert!(!grad(frozen) && grad(trained));
+        // A typo is an error, not a silent fine-tune of everything.
+        let e = freeze_parts(&model, &["pimm.conv_block_context.2".to_string()]).unwrap_err();
+        assert!(e.to_string().contains("pimm.conv_block_context.2"), "{e}");
     }
 
     #[test]

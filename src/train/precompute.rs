@@ -118,6 +118,10 @@ pub struct PrecomputeOptions {
     pub background_margin: usize,
     /// SynthSeg-style copies per case, painted from its tissue map (training stores only; 0: none).
     pub synth: usize,
+    /// Encode as the engine does (its default precision, e.g. bf16 on a CPU, instead of f32) and
+    /// through its feature cache in this folder, so that a later engine run on the same cases
+    /// (`desam-train adapt`'s checks) finds their slices encoded. None: f32, no cache.
+    pub feature_cache: Option<PathBuf>,
 }
 
 fn store_err(dir: &Path, message: impl Into<String>) -> TrainError {
@@ -170,9 +174,9 @@ pub fn precompute(opts: &PrecomputeOptions) -> Result<StoreIndex, TrainError> {
         EngineOptions {
             device: opts.device,
             threads: opts.threads,
-            dtype: Some(Kind::Float),
+            dtype: if opts.feature_cache.is_some() { None } else { Some(Kind::Float) },
             batch_size: Some(opts.batch),
-            cache_dir: None,
+            cache_dir: opts.feature_cache.clone(),
         },
     )?;
     let cfg = engine.config().clone();
@@ -389,11 +393,19 @@ fn precompute_case(
         while j < zs.len() && zs[j] == zs[j - 1] + 1 && j - i < batch {
             j += 1;
         }
-        let f: Features = engine.encode_slices(&u8vol, dims, zs[i], zs[j - 1] + 1);
-        for (k, t) in f.taps.iter().enumerate() {
-            taps[k].push(t.to_device(Device::Cpu).to_kind(Kind::Half));
+        let fs: Vec<Features> = if engine.has_cache() {
+            engine
+                .encode_slices_cached(&u8vol, dims, zs[i], zs[j - 1] + 1)
+                .map_err(|e| TrainError::Model(e.to_string()))?
+        } else {
+            vec![engine.encode_slices(&u8vol, dims, zs[i], zs[j - 1] + 1)]
+        };
+        for f in fs {
+            for (k, t) in f.taps.iter().enumerate() {
+                taps[k].push(t.to_device(Device::Cpu).to_kind(Kind::Half));
+            }
+            necks.push(f.neck.to_device(Device::Cpu).to_kind(Kind::Half));
         }
-        necks.push(f.neck.to_device(Device::Cpu).to_kind(Kind::Half));
         i = j;
     }
     let idx = Tensor::from_slice(&zs.iter().map(|&z| z as i64).collect::<Vec<_>>());

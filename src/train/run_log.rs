@@ -20,10 +20,30 @@ pub struct EpochLog {
     pub train_dice_loss: f64,
     pub train_bce: f64,
     pub train_iou_loss: f64,
+    /// NaN (null in the JSON) for a run without validation (`RunOptions::skip_validation`).
+    #[serde(with = "nan_as_null")]
     pub val_loss: f64,
+    #[serde(with = "nan_as_null")]
     pub val_dice: f64,
     pub seconds: f64,
     pub is_best: bool,
+}
+
+/// JSON has no NaN: a value that was not measured is written as null and read back as NaN.
+mod nan_as_null {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &f64, s: S) -> Result<S::Ok, S::Error> {
+        if v.is_nan() {
+            s.serialize_none()
+        } else {
+            s.serialize_f64(*v)
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+        Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
+    }
 }
 
 /// The per-epoch log of a run (empty before the first epoch ends).

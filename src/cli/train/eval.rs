@@ -35,6 +35,13 @@ pub struct Args {
     pub device: DeviceChoice,
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Encoder-feature cache folder (shared by models with the same encoder, like `desam segment
+    /// --cache`).
+    #[arg(long = "cache")]
+    pub cache_dir: Option<PathBuf>,
+    /// Also write each case's predicted mask to OUT/masks/<case>.nii.gz.
+    #[arg(long, requires = "out")]
+    pub save_masks: bool,
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
@@ -49,6 +56,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         out: a.out,
         resume: a.resume,
         progress: true,
+        cache_dir: a.cache_dir,
+        save_masks: a.save_masks,
     };
     let s = eval::evaluate(&o)?;
     println!("{}", eval::markdown(&s, "evaluation"));

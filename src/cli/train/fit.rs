@@ -49,6 +49,11 @@ pub struct Args {
     /// `precompute --background-margin` store: teaches the decoder where the gland ends.
     #[arg(long)]
     pub train_background: bool,
+    /// Decoder parts to keep fixed, comma-separated names below `mask_decoder.` (prefixes), e.g.
+    /// `pimm.conv_blocks_context.1,pimm.conv_blocks_context.2`: PIMM's encoder-only branches, whose
+    /// backward pass a fine-tune then skips.
+    #[arg(long, value_delimiter = ',')]
+    pub freeze: Vec<String>,
     #[arg(long)]
     pub out: PathBuf,
     #[arg(long)]
@@ -89,6 +94,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         slice_stride: a.slice_stride.max(1),
         train_background: a.train_background,
         amp: a.amp,
+        freeze: a.freeze,
         manifest_hash: String::new(),
     };
     let opts = fit::RunOptions {
@@ -99,6 +105,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         threads: a.threads,
         save_every: a.save_every,
         progress: !a.quiet,
+        skip_validation: false,
     };
     let s = fit::fit(&cfg, &opts)?;
     println!("{}", serde_json::to_string_pretty(&s)?);

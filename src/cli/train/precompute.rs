@@ -87,6 +87,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         slice_stride: a.slice_stride,
         background_margin: a.background_margin,
         synth: a.synth,
+        feature_cache: None,
     };
     let idx = precompute::precompute(&opts)?;
     println!(
