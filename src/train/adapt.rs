@@ -519,6 +519,7 @@ fn drive(o: &AdaptOptions, steps: &mut Steps) -> Result<AdaptReport, Halt> {
         eprintln!("adapt: split: {}", split.description);
     }
     let store = work.join("store");
+    let cache = work.join(FEATURE_CACHE);
     steps.run("precompute", || {
         let idx = precompute::precompute(&PrecomputeOptions {
             data: data_dir.clone(),
@@ -535,12 +536,11 @@ fn drive(o: &AdaptOptions, steps: &mut Steps) -> Result<AdaptReport, Halt> {
             slice_stride: 1,
             background_margin: plan.schedule.background_margin,
             synth: 0,
-            feature_cache: Some(work.join(FEATURE_CACHE)),
+            feature_cache: Some(cache.clone()),
         })?;
         Ok(serde_json::json!({"cases": idx.cases.len(), "slices": idx.slices, "manifest": idx.manifest_hash}))
     })?;
     let all_cases = data::list_cases(&data_dir)?;
-    let cache = work.join(FEATURE_CACHE);
 
     let mut rows = Vec::new();
     for (k, fold) in split.folds.iter().enumerate() {
