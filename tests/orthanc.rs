@@ -716,7 +716,7 @@ fn a_promoted_version_serves_from_the_next_job_without_restart_and_broken_ones_a
 
     let (a, a_uid) = mr_series(&dir.join("a"), 6, 32, 51, AXIAL, "t2_tse_tra");
     let (slow, slow_uid) = mr_series(&dir.join("slow"), 16, 96, 52, AXIAL, "t2_tse_tra");
-    o.storescu(&[a, slow].concat());
+    o.storescu(&[a.clone(), slow].concat());
     let (a_id, slow_id) = (o.series_id(&a_uid), o.series_id(&slow_uid));
     let version_of = |result: &Value| result["Result"]["ModelVersion"].as_str().unwrap_or("").to_string();
     let seg_names = |id: &str, version: &str| {
@@ -725,6 +725,45 @@ fn a_promoted_version_serves_from_the_next_job_without_restart_and_broken_ones_a
         assert!(tags["SoftwareVersions"].to_string().contains(version), "SEG of {id} should name {version}: {tags}");
     };
     assert_eq!(version_of(&segment_and_wait(&o, &a_id, b"")), "1.0.0");
+    // A DICOM case folder for `desam-train eval --orthanc`: series a, with v1's SEG as its truth.
+    let cases = dir.join("cases");
+    let case_mr = cases.join("A001").join("MR");
+    std::fs::create_dir_all(&case_mr).unwrap();
+    std::fs::create_dir_all(cases.join("A001").join("SEG")).unwrap();
+    for f in &a {
+        std::fs::copy(f, case_mr.join(f.file_name().unwrap())).unwrap();
+    }
+    let v1_seg = o.request("GET", &format!("/instances/{}/file", o.segs_referencing(&a_id)[0]), None).body;
+    std::fs::write(cases.join("A001").join("SEG").join("seg.dcm"), &v1_seg).unwrap();
+    let score_stored = |version: &str| {
+        desam::train::eval::evaluate(&desam::train::eval::EvalOptions {
+            source: desam::train::eval::EvalSource::Stored(desam::train::eval::StoredSegs {
+                connection: desam::train::orthanc_rest::Connection {
+                    orthanc: o.url(""),
+                    ca_file: None,
+                    user: Some("admin".into()),
+                    password: Some("s3cret".into()),
+                },
+                result_metadata: 4301,
+                version: Some(version.into()),
+                wait: Duration::ZERO,
+            }),
+            data: cases.clone(),
+            sites: vec!["A".into()],
+            mode: None,
+            device: desam::engine::DeviceChoice::Cpu,
+            threads: None,
+            max_cases_per_site: None,
+            out: None,
+            resume: false,
+            progress: false,
+            cache_dir: None,
+            save_masks: false,
+        })
+        .map_err(|e| e.to_string())
+    };
+    let v1_score = score_stored("1.0.0").unwrap();
+    assert_eq!((v1_score.cases[0].dice, v1_score.cases[0].model_version.as_deref()), (1.0, Some("1.0.0")));
 
     // v2 is promoted while a (grid mode) job runs: that job finishes with v1, the next one uses v2.
     let r = o.request("POST", &format!("/desam/series/{slow_id}/segment"), Some(br#"{"Mode": "grid"}"#));
@@ -737,6 +776,17 @@ fn a_promoted_version_serves_from_the_next_job_without_restart_and_broken_ones_a
     let a_again = segment_and_wait(&o, &a_id, br#"{"Force": true}"#);
     assert_eq!(version_of(&a_again), "2.0.0", "{a_again}");
     seg_names(&a_id, "2.0.0");
+    // The stored-SEG score reads the SEG the record names now (v2's), against the case's truth.
+    let v2_seg = o.request("GET", &format!("/instances/{}/file", o.segs_referencing(&a_id).last().unwrap()), None).body;
+    let grid = dicom::load_series_dir(&case_mr).unwrap().volume;
+    let mask_of = |bytes: &[u8]| dicom::read_seg(bytes, &grid).unwrap().remove(0).1;
+    let expected = desam::engine::quality::dice(&mask_of(&v2_seg).data, &mask_of(&v1_seg).data);
+    assert!(expected < 1.0, "v1 and v2 must segment A differently for this check to mean anything");
+    let v2_score = score_stored("2.0.0").unwrap();
+    assert!((v2_score.cases[0].dice - expected).abs() < 1e-12, "{} vs {expected}", v2_score.cases[0].dice);
+    assert_eq!(v2_score.cases[0].model_version.as_deref(), Some("2.0.0"));
+    let stale = score_stored("1.0.0").unwrap_err();
+    assert!(stale.contains("version \"2.0.0\", not \"1.0.0\"") && stale.contains("--wait"), "{stale}");
     let status = o.get_json("/desam/status");
     assert_eq!(status["Model"]["Version"], "2.0.0", "{status}");
     assert_eq!(status["ModelSource"]["LastReload"]["Outcome"], "reloaded", "{status}");
@@ -748,6 +798,7 @@ fn a_promoted_version_serves_from_the_next_job_without_restart_and_broken_ones_a
     assert_eq!(r.json()["Serving"]["Version"], "1.0.0", "{}", r.text());
     assert_eq!(desam::registry::read_current(&reg).unwrap().version.as_deref(), Some("1.0.0"));
     assert_eq!(version_of(&segment_and_wait(&o, &a_id, br#"{"Force": true}"#)), "1.0.0");
+    assert_eq!(score_stored("1.0.0").unwrap().cases[0].dice, 1.0, "v1 again: its record names the new SEG");
 
     // A version whose weights were truncated after its promotion is refused; v1 keeps serving.
     desam::registry::promote(&reg, "3.0.0").unwrap();

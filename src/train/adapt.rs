@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::data::{self, SITE_CSV};
-use super::eval::{self, EvalOptions};
+use super::eval::{self, EvalOptions, EvalSource};
 use super::export::{self, ExportOptions};
 use super::fit::{self, FitConfig, RunOptions, Split};
 use super::loss::{IouLoss, LossWeights};
@@ -817,7 +817,7 @@ fn score(
     sites.sort();
     sites.dedup();
     let s = eval::evaluate(&EvalOptions {
-        model: model.to_path_buf(),
+        source: EvalSource::Model(model.to_path_buf()),
         data: data_dir.to_path_buf(),
         sites,
         mode: None,

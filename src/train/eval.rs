@@ -1,18 +1,21 @@
 //! Cross-site evaluation: runs the REAL engine (`Segmenter`, the CLI/plugin code path) on every case
-//! of the chosen sites and scores it (3-D Dice, HD95 in mm, the official DeSAM metric); also scores
-//! a training checkpoint on a precomputed store (any head, incl. the coupled baseline). Read-only.
+//! of the chosen sites, or takes the SEG the Orthanc plugin stored for it, and scores it (3-D Dice,
+//! HD95 in mm, the official DeSAM metric); also scores a training checkpoint on a precomputed store.
+//! Read-only (Orthanc included).
 
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
 use super::data::{self, CaseRef};
 use super::metrics;
+use super::orthanc_rest::{Client, Connection};
 use super::precompute::{self, ShardReader};
 use super::{io_err, TrainError};
 use crate::engine::{DeviceChoice, EngineOptions, Mode, SegmentRequest, Segmenter};
+use crate::volume::{Mask, Volume};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CaseResult {
@@ -32,9 +35,13 @@ pub struct CaseResult {
     pub quality: Option<f64>,
     #[serde(default)]
     pub flagged: bool,
-    /// Slices the encoder ran on (the others came from the feature cache); 0 in older logs.
+    /// Slices the encoder ran on (the others came from the feature cache); 0 in older logs and for
+    /// stored SEGs.
     #[serde(default)]
     pub encoder_runs: usize,
+    /// The model version that made the mask (a stored SEG's: its result record's `ModelVersion`).
+    #[serde(default)]
+    pub model_version: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -69,8 +76,29 @@ pub struct EvalSummary {
     pub cases: Vec<CaseResult>,
 }
 
+/// What is scored.
+#[derive(Debug, Clone)]
+pub enum EvalSource {
+    /// A model directory, run here by the engine.
+    Model(PathBuf),
+    /// The SEGs the Orthanc plugin stored for the cases' MR series (DICOM case folders only).
+    Stored(StoredSegs),
+}
+
+/// Where the plugin's results are and which ones count.
+#[derive(Debug, Clone)]
+pub struct StoredSegs {
+    pub connection: Connection,
+    /// The plugin's `ResultMetadata` index (series metadata holding its result record).
+    pub result_metadata: u16,
+    /// Only results of this model version count (the record's `ModelVersion`); others are waited for.
+    pub version: Option<String>,
+    /// How long to wait, in all, for results that are missing or from another version.
+    pub wait: Duration,
+}
+
 pub struct EvalOptions {
-    pub model: PathBuf,
+    pub source: EvalSource,
     pub data: PathBuf,
     pub sites: Vec<String>,
     pub mode: Option<Mode>,
@@ -82,7 +110,7 @@ pub struct EvalOptions {
     /// Continue an interrupted evaluation in `out`: cases already in its `cases.jsonl` are kept.
     pub resume: bool,
     pub progress: bool,
-    /// The engine's on-disk encoder-feature cache (`EngineOptions::cache_dir`): a second model with
+    /// (Model source only.) The engine's on-disk encoder-feature cache (`EngineOptions::cache_dir`): a second model with
     /// the same encoder (a fine-tuned decoder) then skips the encoder on the same cases.
     pub cache_dir: Option<PathBuf>,
     /// Also write each case's predicted mask as `out/masks/<case>.nii.gz` (needs `out`).
@@ -258,22 +286,201 @@ fn select_cases(data_dir: &Path, sites: &[String], max_per_site: Option<usize>) 
     Ok(out)
 }
 
-/// Evaluates a model directory with the engine.
+/// A predicted mask and what made it.
+struct Prediction {
+    mask: Mask,
+    quality: Option<f64>,
+    flagged: bool,
+    encoder_runs: usize,
+    model_version: Option<String>,
+}
+
+/// Makes the masks that are scored: the engine here, or the plugin's stored SEGs.
+// One per evaluation: the size of the enum does not matter.
+#[allow(clippy::large_enum_variant)]
+enum Predictor<'a> {
+    Engine { seg: Segmenter, mode: Mode },
+    Stored { client: Client, o: &'a StoredSegs, deadline: Instant },
+}
+
+impl Predictor<'_> {
+    fn predict(&self, case: &CaseRef, volume: &Volume) -> Result<Prediction, TrainError> {
+        match self {
+            Predictor::Engine { seg, mode } => {
+                let req = SegmentRequest { mode: Some(*mode), ..Default::default() };
+                let r = seg
+                    .segment(volume, &req, &mut |_| {})
+                    .map_err(|e| TrainError::Model(format!("case {}: {e}", case.id)))?;
+                Ok(Prediction {
+                    mask: r.mask,
+                    quality: Some(r.quality),
+                    flagged: r.flagged,
+                    encoder_runs: r.encoder_runs,
+                    model_version: Some(seg.model_id().version),
+                })
+            }
+            Predictor::Stored { client, o, deadline } => stored_prediction(client, o, *deadline, case, volume),
+        }
+    }
+}
+
+/// What the plugin's record of a series says, read once.
+enum StoredState {
+    /// Not there yet (why, for the error after the wait).
+    Waiting(String),
+    Ready(serde_json::Value),
+}
+
+/// The plugin's result record of the case's MR series when it is from the wanted version.
+fn stored_record(client: &Client, o: &StoredSegs, uid: &str) -> Result<StoredState, TrainError> {
+    let Some(series) = client.lookup_series(uid)? else {
+        return Ok(StoredState::Waiting(format!("MR series {uid} is not in Orthanc")));
+    };
+    let path = format!("/series/{series}/metadata/{}", o.result_metadata);
+    let Some(body) = client.get_optional(&path)? else {
+        return Ok(StoredState::Waiting(format!(
+            "Orthanc series {series} has no result record (metadata {}) yet",
+            o.result_metadata
+        )));
+    };
+    let record = client.json(&path, &body)?;
+    let version = record["ModelVersion"].as_str().unwrap_or("");
+    match &o.version {
+        Some(want) if want != version => Ok(StoredState::Waiting(format!(
+            "Orthanc series {series} has a result of version {version:?}, not {want:?}"
+        ))),
+        _ => Ok(StoredState::Ready(record)),
+    }
+}
+
+/// The mask of the SEG the plugin stored for this case's MR series (an `empty` result: no voxel),
+/// waiting until `deadline` for a record of the wanted version.
+fn stored_prediction(
+    client: &Client,
+    o: &StoredSegs,
+    deadline: Instant,
+    case: &CaseRef,
+    volume: &Volume,
+) -> Result<Prediction, TrainError> {
+    let Some(uid) = volume.source.as_ref().map(|s| s.series_instance_uid.clone()) else {
+        return Err(TrainError::Invalid(format!(
+            "case {}: scoring stored SEGs needs DICOM case folders (<case>/MR + <case>/SEG)",
+            case.id
+        )));
+    };
+    let record = loop {
+        match stored_record(client, o, &uid)? {
+            StoredState::Ready(r) => break r,
+            StoredState::Waiting(why) if Instant::now() >= deadline => {
+                return Err(TrainError::Invalid(format!(
+                    "case {}: {why} (waited {} s in all; --wait)",
+                    case.id,
+                    o.wait.as_secs()
+                )))
+            }
+            StoredState::Waiting(_) => std::thread::sleep(Duration::from_millis(500)),
+        }
+    };
+    let text = |key: &str| record[key].as_str().unwrap_or("").to_string();
+    let mask = match text("Status").as_str() {
+        "done" => {
+            let instance = text("SegInstance");
+            if instance.is_empty() {
+                return Err(TrainError::OrthancAnswer {
+                    url: client.url.clone(),
+                    message: format!("case {}: the result record says done but names no SegInstance", case.id),
+                });
+            }
+            let bytes = client.get(&format!("/instances/{instance}/file"))?;
+            let segments = crate::dicom::read_seg(&bytes, volume).map_err(|e| TrainError::OrthancAnswer {
+                url: client.url.clone(),
+                message: format!("case {}: SEG instance {instance}: {e}", case.id),
+            })?;
+            let Some((_, mut m)) = segments.into_iter().next() else {
+                return Err(TrainError::OrthancAnswer {
+                    url: client.url.clone(),
+                    message: format!("case {}: SEG instance {instance} has no segment", case.id),
+                });
+            };
+            for v in m.data.iter_mut() {
+                *v = (*v != 0) as u8;
+            }
+            m
+        }
+        // No prostate found: nothing stored, an empty prediction.
+        "empty" => Mask::zeros(volume.dims),
+        "failed" => {
+            return Err(TrainError::Invalid(format!(
+                "case {}: the plugin's run failed: {}",
+                case.id,
+                record["Error"].as_str().unwrap_or("no reason recorded")
+            )))
+        }
+        other => {
+            return Err(TrainError::OrthancAnswer {
+                url: client.url.clone(),
+                message: format!("case {}: unknown result status {other:?}", case.id),
+            })
+        }
+    };
+    Ok(Prediction {
+        mask,
+        quality: record["QualityScore"].as_f64(),
+        flagged: record["NeedsReview"].as_bool().unwrap_or(false),
+        encoder_runs: 0,
+        model_version: Some(text("ModelVersion")),
+    })
+}
+
+/// Evaluates a model directory with the engine, or the plugin's stored SEGs.
 pub fn evaluate(o: &EvalOptions) -> Result<EvalSummary, TrainError> {
     let t0 = Instant::now();
-    let seg = Segmenter::from_model_dir(
-        &o.model,
-        EngineOptions { device: o.device, threads: o.threads, cache_dir: o.cache_dir.clone(), ..Default::default() },
-    )?;
     if o.save_masks && o.out.is_none() {
         return Err(TrainError::Invalid("saving masks needs an output folder".into()));
     }
     let cases = select_cases(&o.data, &o.sites, o.max_cases_per_site)?;
     let manifest_hash = data::manifest_hash(&cases)?;
-    let mode = o.mode.unwrap_or_else(|| seg.default_mode());
+    // What identifies the masks (the resume key) and the summary's `model`.
+    let (predictor, model_key, mode_name, model_json, title) = match &o.source {
+        EvalSource::Model(dir) => {
+            let seg = Segmenter::from_model_dir(
+                dir,
+                EngineOptions {
+                    device: o.device,
+                    threads: o.threads,
+                    cache_dir: o.cache_dir.clone(),
+                    ..Default::default()
+                },
+            )?;
+            let mode = o.mode.unwrap_or_else(|| seg.default_mode());
+            let id = seg.model_id();
+            let title = format!("{} on sites {}", id.name, o.sites.join(","));
+            let json = serde_json::to_value(&id).unwrap_or_default();
+            (Predictor::Engine { seg, mode }, id.sha256, mode.name().to_string(), json, title)
+        }
+        EvalSource::Stored(stored) => {
+            if o.mode.is_some() {
+                return Err(TrainError::Invalid(
+                    "stored SEGs have the mode the plugin ran; --mode does not apply".into(),
+                ));
+            }
+            let client = Client::connect(&stored.connection)?;
+            let version = stored.version.clone().unwrap_or_else(|| "any".into());
+            let key = format!("stored {} metadata {} version {version}", client.url, stored.result_metadata);
+            let json = serde_json::json!({
+                "source": "orthanc",
+                "orthanc": client.url,
+                "result_metadata": stored.result_metadata,
+                "version": stored.version,
+            });
+            let title = format!("SEGs stored in {} (version {version}) on sites {}", client.url, o.sites.join(","));
+            let deadline = Instant::now() + stored.wait;
+            (Predictor::Stored { client, o: stored, deadline }, key, "stored".to_string(), json, title)
+        }
+    };
     let key = EvalKey {
-        model_sha256: seg.model_id().sha256,
-        mode: mode.name().into(),
+        model_sha256: model_key,
+        mode: mode_name.clone(),
         manifest_hash: manifest_hash.clone(),
         sites: o.sites.clone(),
         max_cases_per_site: o.max_cases_per_site,
@@ -304,31 +511,30 @@ pub fn evaluate(o: &EvalOptions) -> Result<EvalSummary, TrainError> {
         }
         let t = Instant::now();
         let lc = data::load_case(c, true)?;
-        let req = SegmentRequest { mode: Some(mode), ..Default::default() };
-        let r =
-            seg.segment(&lc.volume, &req, &mut |_| {}).map_err(|e| TrainError::Model(format!("case {}: {e}", c.id)))?;
+        let p = predictor.predict(c, &lc.volume)?;
         if let (true, Some(out)) = (o.save_masks, &o.out) {
             let path = mask_path(out, &c.id);
             std::fs::create_dir_all(path.parent().unwrap_or(out)).map_err(io_err(out))?;
-            crate::nifti::write_nifti_mask(&path, &r.mask, &lc.volume)
+            crate::nifti::write_nifti_mask(&path, &p.mask, &lc.volume)
                 .map_err(|e| TrainError::Data { path: path.clone(), message: e.to_string() })?;
         }
         let dims = lc.volume.dims;
-        let (od, on) = metrics::official_dice(&r.mask.data, &lc.label.data, dims);
+        let (od, on) = metrics::official_dice(&p.mask.data, &lc.label.data, dims);
         let ml = lc.volume.voxel_ml();
         results.push(CaseResult {
             id: c.id.clone(),
             site: c.site.clone(),
-            dice: metrics::dice(&r.mask.data, &lc.label.data),
-            hd95_mm: metrics::hd95(&r.mask.data, &lc.label.data, dims, lc.volume.spacing),
+            dice: metrics::dice(&p.mask.data, &lc.label.data),
+            hd95_mm: metrics::hd95(&p.mask.data, &lc.label.data, dims, lc.volume.spacing),
             official_dice: od,
             official_slices: on,
             gt_ml: lc.label.count() as f64 * ml,
-            pred_ml: r.mask.count() as f64 * ml,
+            pred_ml: p.mask.count() as f64 * ml,
             seconds: t.elapsed().as_secs_f64(),
-            quality: Some(r.quality),
-            flagged: r.flagged,
-            encoder_runs: r.encoder_runs,
+            quality: p.quality,
+            flagged: p.flagged,
+            encoder_runs: p.encoder_runs,
+            model_version: p.model_version,
         });
         if let Some(l) = &mut log {
             l.append(results.last().unwrap())?;
@@ -339,8 +545,8 @@ pub fn evaluate(o: &EvalOptions) -> Result<EvalSummary, TrainError> {
     bar.finish();
     let (sites, dm, dms, off) = summarise(&results, &o.sites);
     let summary = EvalSummary {
-        model: serde_json::to_value(seg.model_id()).unwrap_or_default(),
-        mode: mode.name().into(),
+        model: model_json,
+        mode: mode_name,
         data: o.data.clone(),
         manifest_hash,
         sites,
@@ -353,7 +559,7 @@ pub fn evaluate(o: &EvalOptions) -> Result<EvalSummary, TrainError> {
         cases: results,
     };
     if let Some(out) = &o.out {
-        write_summary(out, &summary, &format!("{} on sites {}", seg.model_id().name, o.sites.join(",")))?;
+        write_summary(out, &summary, &title)?;
     }
     Ok(summary)
 }
@@ -472,6 +678,7 @@ pub fn evaluate_run_on_store(
             quality: None,
             flagged: false,
             encoder_runs: 0,
+            model_version: None,
         });
     }
     if results.is_empty() {

@@ -9,6 +9,7 @@ pub mod export;
 pub mod fit;
 pub mod loss;
 pub mod metrics;
+pub mod orthanc_rest;
 pub mod plot;
 pub mod precompute;
 pub mod pull;

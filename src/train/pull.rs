@@ -12,11 +12,10 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
 use super::data::SITE_CSV;
+use super::orthanc_rest::{Client, Connection};
 use super::{io_err, TrainError};
-use crate::http::{Endpoint, HttpError, CA_FILE_ENV};
 
 /// The manifest written into the output folder.
 pub const MANIFEST: &str = "pull.json";
@@ -52,6 +51,15 @@ pub struct PullOptions {
 }
 
 impl PullOptions {
+    pub fn connection(&self) -> Connection {
+        Connection {
+            orthanc: self.orthanc.clone(),
+            ca_file: self.ca_file.clone(),
+            user: self.user.clone(),
+            password: self.password.clone(),
+        }
+    }
+
     /// Defaults: metadata 4302 = "reviewed", site from InstitutionName, no authentication.
     pub fn new(orthanc: &str, out: &Path) -> PullOptions {
         PullOptions {
@@ -107,81 +115,6 @@ pub struct PullReport {
     pub up_to_date: Vec<String>,
     /// Warnings and notes (duplicate reviewed SEGs, missing site tags, …).
     pub notes: Vec<String>,
-}
-
-/// Orthanc's REST API through the crate's HTTP client, with typed errors.
-struct Client {
-    endpoint: Endpoint,
-    url: String,
-}
-
-impl Client {
-    fn call(&self, method: &str, path: &str, body: &[u8]) -> Result<(u16, Vec<u8>), TrainError> {
-        self.endpoint.request(method, path, body).map_err(|e| match e {
-            HttpError::Connect { message, .. } => TrainError::OrthancUnreachable { url: self.url.clone(), message },
-            tls @ HttpError::Tls { .. } => TrainError::OrthancTls { url: self.url.clone(), message: tls.to_string() },
-            other => TrainError::OrthancAnswer { url: self.url.clone(), message: other.to_string() },
-        })
-    }
-
-    fn status_error(&self, method: &str, path: &str, status: u16, body: &[u8]) -> TrainError {
-        let hint = match status {
-            401 | 403 => " (check --user and --password-env)",
-            _ => "",
-        };
-        let text: String = String::from_utf8_lossy(body).chars().take(300).collect();
-        TrainError::OrthancStatus {
-            url: self.url.clone(),
-            method: method.into(),
-            path: path.into(),
-            status,
-            hint: hint.into(),
-            body: text.trim().to_string(),
-        }
-    }
-
-    /// GET that must answer 200.
-    fn get(&self, path: &str) -> Result<Vec<u8>, TrainError> {
-        match self.call("GET", path, b"")? {
-            (200, body) => Ok(body),
-            (status, body) => Err(self.status_error("GET", path, status, &body)),
-        }
-    }
-
-    /// GET that may answer 404 (→ None).
-    fn get_optional(&self, path: &str) -> Result<Option<Vec<u8>>, TrainError> {
-        match self.call("GET", path, b"")? {
-            (200, body) => Ok(Some(body)),
-            (404, _) => Ok(None),
-            (status, body) => Err(self.status_error("GET", path, status, &body)),
-        }
-    }
-
-    fn json(&self, path: &str, body: &[u8]) -> Result<Value, TrainError> {
-        serde_json::from_slice(body).map_err(|e| TrainError::OrthancAnswer {
-            url: self.url.clone(),
-            message: format!("{path}: not JSON ({e})"),
-        })
-    }
-
-    fn get_json(&self, path: &str) -> Result<Value, TrainError> {
-        let body = self.get(path)?;
-        self.json(path, &body)
-    }
-
-    /// Orthanc's id of the series with this SeriesInstanceUID (`POST /tools/lookup`, read-only).
-    fn lookup_series(&self, uid: &str) -> Result<Option<String>, TrainError> {
-        let path = "/tools/lookup";
-        let (status, body) = self.call("POST", path, uid.as_bytes())?;
-        if status != 200 {
-            return Err(self.status_error("POST", path, status, &body));
-        }
-        let v = self.json(path, &body)?;
-        Ok(v.as_array()
-            .and_then(|a| a.iter().find(|x| x["Type"] == "Series"))
-            .and_then(|x| x["ID"].as_str())
-            .map(str::to_string))
-    }
 }
 
 /// A reviewed SEG series, read from Orthanc.
@@ -275,19 +208,7 @@ fn is_complete(out: &Path, c: &PulledCase) -> bool {
 
 /// Pulls every reviewed SEG (and its MR series) from Orthanc into `opts.out`.
 pub fn pull(opts: &PullOptions) -> Result<PullReport, TrainError> {
-    let mut endpoint = Endpoint::parse(&opts.orthanc).map_err(|e| TrainError::Invalid(format!("--orthanc: {e}")))?;
-    match (&opts.user, &opts.password) {
-        (Some(u), Some(p)) => endpoint = endpoint.with_basic_auth(u, p),
-        (Some(_), None) => return Err(TrainError::Invalid("--user needs a password (--password-env VAR)".into())),
-        (None, Some(_)) => return Err(TrainError::Invalid("a password was given without --user".into())),
-        (None, None) => {}
-    }
-    // An empty DESAM_CA_FILE counts as unset (a blank `export` in a service file).
-    let ca_file =
-        opts.ca_file.clone().or_else(|| std::env::var_os(CA_FILE_ENV).filter(|v| !v.is_empty()).map(PathBuf::from));
-    if let Some(ca) = &ca_file {
-        endpoint = endpoint.with_ca_file(ca).map_err(|e| TrainError::Invalid(format!("--ca-file: {e}")))?;
-    }
+    let client = Client::connect(&opts.connection())?;
     if let SiteFrom::Fixed(s) = &opts.site {
         if sanitize_site(s).is_empty() {
             return Err(TrainError::Invalid(format!("--site {s:?}: needs at least one letter or digit")));
@@ -296,7 +217,6 @@ pub fn pull(opts: &PullOptions) -> Result<PullReport, TrainError> {
     if opts.reviewed_value.trim().is_empty() {
         return Err(TrainError::Invalid("--reviewed-value must not be empty".into()));
     }
-    let client = Client { url: endpoint.url(), endpoint };
     let out = &opts.out;
 
     // The output folder: new, empty, or an earlier pull's.

@@ -3,8 +3,6 @@
 
 use std::path::PathBuf;
 
-use anyhow::Context;
-
 use crate::cli::overlay::{self, OverlayPanel};
 use crate::cli::values::DeviceParser;
 use crate::engine::DeviceChoice;
@@ -107,12 +105,7 @@ fn render_worst_case(w: &WorstCase) -> Rgb {
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
-    let password = match &a.password_env {
-        Some(var) => Some(
-            std::env::var(var).with_context(|| format!("--password-env {var}: the environment variable is not set"))?,
-        ),
-        None => None,
-    };
+    let password = super::password_from_env(a.password_env.as_deref())?;
     let mut p = pull::PullOptions::new(&a.orthanc, &a.work.join("data"));
     p.ca_file = a.ca_file;
     p.user = a.user;

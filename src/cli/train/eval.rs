@@ -1,16 +1,42 @@
-//! `desam-train eval`: segment every case of the given sites with the real engine and score it
-//! (Dice, HD95, the official metric); resumable per case.
+//! `desam-train eval`: segment every case of the given sites with the real engine (or take the SEGs
+//! the Orthanc plugin stored, `--orthanc`) and score it (Dice, HD95, the official metric); resumable.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use crate::cli::values::DeviceParser;
 use crate::engine::{DeviceChoice, Mode};
+use crate::train::orthanc_rest::Connection;
 use crate::train::{data, eval};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
+    /// Model directory to run here.
+    #[arg(long, required_unless_present = "orthanc", conflicts_with = "orthanc")]
+    pub model: Option<PathBuf>,
+    /// Instead of running a model, score the SEGs the DeSAM plugin stored in this Orthanc
+    /// (`http[s]://host:port`) for the cases' MR series (found by SeriesInstanceUID; DICOM case
+    /// folders only), as named by each series' result record. Only reads from Orthanc.
     #[arg(long)]
-    pub model: PathBuf,
+    pub orthanc: Option<String>,
+    /// Only results of this model version count (the record's ModelVersion); others are waited for.
+    #[arg(long, requires = "orthanc")]
+    pub version: Option<String>,
+    /// Seconds to wait, in all, for results that are missing or of another version (0: fail at once).
+    #[arg(long, default_value_t = 0, requires = "orthanc")]
+    pub wait: u64,
+    /// The plugin's ResultMetadata index.
+    #[arg(long, default_value_t = 4301, requires = "orthanc")]
+    pub result_metadata: u16,
+    /// A private CA's PEM file for https (default: $DESAM_CA_FILE).
+    #[arg(long, requires = "orthanc")]
+    pub ca_file: Option<PathBuf>,
+    /// HTTP basic-authentication user.
+    #[arg(long, requires = "password_env")]
+    pub user: Option<String>,
+    /// Name of the environment variable holding the password (never on the command line).
+    #[arg(long, requires = "user")]
+    pub password_env: Option<String>,
     #[arg(long)]
     pub data: PathBuf,
     /// Sites to evaluate, e.g. B,C,D,E,F.
@@ -45,8 +71,23 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
+    let source = match (a.model, a.orthanc) {
+        (Some(dir), _) => eval::EvalSource::Model(dir),
+        (None, Some(orthanc)) => eval::EvalSource::Stored(eval::StoredSegs {
+            connection: Connection {
+                orthanc,
+                ca_file: a.ca_file,
+                user: a.user,
+                password: super::password_from_env(a.password_env.as_deref())?,
+            },
+            result_metadata: a.result_metadata,
+            version: a.version,
+            wait: Duration::from_secs(a.wait),
+        }),
+        (None, None) => anyhow::bail!("give --model DIR or --orthanc URL"),
+    };
     let o = eval::EvalOptions {
-        model: a.model,
+        source,
         data: a.data,
         sites: data::parse_sites(&a.sites),
         mode: a.mode,

@@ -9,3 +9,10 @@ pub mod fit;
 pub mod precompute;
 pub mod pull;
 pub mod registry;
+
+/// The password named by `--password-env VAR` (passwords never go on the command line).
+pub fn password_from_env(var: Option<&str>) -> anyhow::Result<Option<String>> {
+    use anyhow::Context;
+    var.map(|v| std::env::var(v).with_context(|| format!("--password-env {v}: the environment variable is not set")))
+        .transpose()
+}

@@ -3,8 +3,6 @@
 
 use std::path::PathBuf;
 
-use anyhow::Context;
-
 use crate::train::pull;
 
 #[derive(clap::Args, Debug)]
@@ -39,12 +37,7 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
-    let password = match &a.password_env {
-        Some(var) => Some(
-            std::env::var(var).with_context(|| format!("--password-env {var}: the environment variable is not set"))?,
-        ),
-        None => None,
-    };
+    let password = super::password_from_env(a.password_env.as_deref())?;
     let mut o = pull::PullOptions::new(&a.orthanc, &a.out);
     o.ca_file = a.ca_file;
     o.user = a.user;
