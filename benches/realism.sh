@@ -6,6 +6,7 @@
 # tissue, on every case of every site. Results: OUT/realism.json and OUT/realism.md.
 # Usage: benches/realism.sh [OUT]   Env: CASES (2), SEED (0), FIRST (0: first case index),
 #        SITES ("A B C D E F"), GENERATION (1: the phantom's anatomy and contrast model, `desam phantom --generation`),
+#        JUDGE_ARGS (more arguments of python/realism/autoref_judge.py, e.g. "--add-rician-noise 12"),
 #        REALISM_VENV (.venv-realism: pyAutoRef's own venv, made here from PyPI), BIN (built binaries).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,4 +27,4 @@ for site in ${SITES:-A B C D E F}; do
     --format nifti --tissue-map --generation "$GENERATION" --out "$OUT/data" >/dev/null
 done
 "$VENV/bin/python" python/realism/autoref_judge.py --data "$OUT/data" --out "$OUT/realism.json" \
-  --markdown "$OUT/realism.md" 2> "$OUT/pyautoref.log"
+  --markdown "$OUT/realism.md" ${JUDGE_ARGS:-} 2> "$OUT/pyautoref.log"
