@@ -659,8 +659,8 @@ fn review_route_marks_a_seg_reviewed_for_pull_and_refuses_non_segs_strangers_and
 
     // desam-train pull's library finds the reviewed SEG and its MR series.
     let mut opts = desam::train::pull::PullOptions::new(&o.url(""), &dir.join("pulled"));
-    opts.user = Some("alice".into());
-    opts.password = Some("s3cret".into());
+    opts.connection.user = Some("alice".into());
+    opts.connection.password = Some("s3cret".into());
     opts.site = desam::train::pull::SiteFrom::Fixed("test".into());
     let pulled = desam::train::pull::pull(&opts).unwrap_or_else(|e| panic!("pull: {e}"));
     assert_eq!(pulled.manifest.cases.len(), 1, "{:?}", pulled.notes);

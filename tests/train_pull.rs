@@ -53,8 +53,8 @@ fn mark(o: &Orthanc, series_uid: &str, value: &str) {
 
 fn options(o: &Orthanc, out: &Path) -> PullOptions {
     let mut opts = PullOptions::new(&format!("http://127.0.0.1:{}", o.http_port), out);
-    opts.user = Some(USER.into());
-    opts.password = Some(PASSWORD.into());
+    opts.connection.user = Some(USER.into());
+    opts.connection.password = Some(PASSWORD.into());
     opts
 }
 
@@ -129,7 +129,7 @@ fn pulls_only_reviewed_segs_into_the_training_layout() {
 
     // Wrong password: HTTP 401 as a typed error.
     let mut wrong = options(&o, &out);
-    wrong.password = Some("nope".into());
+    wrong.connection.password = Some("nope".into());
     match pull(&wrong) {
         Err(TrainError::OrthancStatus { status: 401, .. }) => {}
         other => panic!("expected HTTP 401, got {other:?}"),
@@ -365,14 +365,14 @@ fn pulls_over_https_with_a_private_ca_and_refuses_an_untrusted_certificate() {
     let url = format!("https://127.0.0.1:{}", proxy.port);
     let https_options = |out: &Path| {
         let mut opts = options(&o, out);
-        opts.orthanc = url.clone();
+        opts.connection.orthanc = url.clone();
         opts
     };
 
     // With the private CA: the same pull as over http, and the manifest records the https URL.
     let out = root.join("pulled");
     let mut opts = https_options(&out);
-    opts.ca_file = Some(ca.clone());
+    opts.connection.ca_file = Some(ca.clone());
     let r = pull(&opts).unwrap();
     assert_eq!(r.pulled, vec!["case_001".to_string()]);
     assert_eq!(r.manifest.orthanc, url);

@@ -404,7 +404,7 @@ fn settle_plan(o: &AdaptOptions) -> Result<AdaptPlan, TrainError> {
         registry: std::fs::canonicalize(&o.registry).map_err(io_err(&o.registry))?,
         base_version,
         candidate_version,
-        orthanc: o.pull.orthanc.clone(),
+        orthanc: o.pull.connection.orthanc.clone(),
         review_metadata: o.pull.review_metadata,
         reviewed_value: o.pull.reviewed_value.clone(),
         gate: o.gate,

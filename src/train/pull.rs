@@ -35,13 +35,8 @@ pub enum SiteFrom {
 
 #[derive(Debug, Clone)]
 pub struct PullOptions {
-    /// `http[s]://host:port[/prefix]`.
-    pub orthanc: String,
-    /// A private CA's PEM file trusted for https besides the system's roots; `None`: the file named
-    /// by `DESAM_CA_FILE`, if set.
-    pub ca_file: Option<PathBuf>,
-    pub user: Option<String>,
-    pub password: Option<String>,
+    /// The server and how to log in.
+    pub connection: Connection,
     pub out: PathBuf,
     pub review_metadata: u16,
     pub reviewed_value: String,
@@ -51,22 +46,10 @@ pub struct PullOptions {
 }
 
 impl PullOptions {
-    pub fn connection(&self) -> Connection {
-        Connection {
-            orthanc: self.orthanc.clone(),
-            ca_file: self.ca_file.clone(),
-            user: self.user.clone(),
-            password: self.password.clone(),
-        }
-    }
-
     /// Defaults: metadata 4302 = "reviewed", site from InstitutionName, no authentication.
     pub fn new(orthanc: &str, out: &Path) -> PullOptions {
         PullOptions {
-            orthanc: orthanc.to_string(),
-            ca_file: None,
-            user: None,
-            password: None,
+            connection: Connection { orthanc: orthanc.to_string(), ..Default::default() },
             out: out.to_path_buf(),
             review_metadata: 4302,
             reviewed_value: "reviewed".into(),
@@ -208,7 +191,7 @@ fn is_complete(out: &Path, c: &PulledCase) -> bool {
 
 /// Pulls every reviewed SEG (and its MR series) from Orthanc into `opts.out`.
 pub fn pull(opts: &PullOptions) -> Result<PullReport, TrainError> {
-    let client = Client::connect(&opts.connection())?;
+    let client = Client::connect(&opts.connection)?;
     if let SiteFrom::Fixed(s) = &opts.site {
         if sanitize_site(s).is_empty() {
             return Err(TrainError::Invalid(format!("--site {s:?}: needs at least one letter or digit")));
@@ -295,7 +278,7 @@ pub fn pull(opts: &PullOptions) -> Result<PullReport, TrainError> {
     std::fs::create_dir_all(out).map_err(io_err(out))?;
     let mut manifest = previous.unwrap_or(PullManifest {
         orthanc: client.url.clone(),
-        user: opts.user.clone(),
+        user: opts.connection.user.clone(),
         review_metadata: opts.review_metadata,
         reviewed_value: opts.reviewed_value.clone(),
         updated_at: crate::clock::utc_now(),
@@ -342,7 +325,7 @@ pub fn pull(opts: &PullOptions) -> Result<PullReport, TrainError> {
             None => manifest.cases.push(record),
         }
         manifest.orthanc = client.url.clone();
-        manifest.user = opts.user.clone();
+        manifest.user = opts.connection.user.clone();
         manifest.review_metadata = opts.review_metadata;
         manifest.reviewed_value = opts.reviewed_value.clone();
         manifest.updated_at = crate::clock::utc_now();
@@ -548,7 +531,7 @@ mod tests {
         assert!(matches!(pull(&PullOptions::new("ftp://h:1", &out)), Err(TrainError::Invalid(_))));
         // A CA file that is not one is refused before any request.
         let mut opts = PullOptions::new(&format!("https://127.0.0.1:{port}"), &out);
-        opts.ca_file = Some(out.with_extension("missing.pem"));
+        opts.connection.ca_file = Some(out.with_extension("missing.pem"));
         let r = pull(&opts);
         assert!(matches!(&r, Err(TrainError::Invalid(m)) if m.contains("--ca-file")), "{r:?}");
     }

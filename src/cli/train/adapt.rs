@@ -15,15 +15,8 @@ pub struct Args {
     /// Orthanc's REST API, http://HOST:PORT or https://HOST:PORT. Only read (GET, POST /tools/lookup).
     #[arg(long)]
     pub orthanc: String,
-    /// PEM file of a private CA trusted for https besides the system's roots (default: $DESAM_CA_FILE).
-    #[arg(long)]
-    pub ca_file: Option<PathBuf>,
-    /// HTTP basic-authentication user.
-    #[arg(long, requires = "password_env")]
-    pub user: Option<String>,
-    /// Name of the environment variable holding the password (never on the command line).
-    #[arg(long, requires = "user")]
-    pub password_env: Option<String>,
+    #[command(flatten)]
+    pub login: super::OrthancLogin,
     /// User-metadata index of the review mark on SEG series (the plugin's ReviewMetadata).
     #[arg(long, default_value_t = 4302)]
     pub review_metadata: u16,
@@ -105,11 +98,8 @@ fn render_worst_case(w: &WorstCase) -> Rgb {
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
-    let password = super::password_from_env(a.password_env.as_deref())?;
     let mut p = pull::PullOptions::new(&a.orthanc, &a.work.join("data"));
-    p.ca_file = a.ca_file;
-    p.user = a.user;
-    p.password = password;
+    p.connection = a.login.connection(a.orthanc)?;
     p.review_metadata = a.review_metadata;
     p.reviewed_value = a.reviewed_value;
     p.site = match a.site {

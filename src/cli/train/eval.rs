@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use crate::cli::values::DeviceParser;
 use crate::engine::{DeviceChoice, Mode};
-use crate::train::orthanc_rest::Connection;
 use crate::train::{data, eval};
 
 #[derive(clap::Args, Debug)]
@@ -28,15 +27,8 @@ pub struct Args {
     /// The plugin's ResultMetadata index.
     #[arg(long, default_value_t = 4301, requires = "orthanc")]
     pub result_metadata: u16,
-    /// A private CA's PEM file for https (default: $DESAM_CA_FILE).
-    #[arg(long, requires = "orthanc")]
-    pub ca_file: Option<PathBuf>,
-    /// HTTP basic-authentication user.
-    #[arg(long, requires = "password_env")]
-    pub user: Option<String>,
-    /// Name of the environment variable holding the password (never on the command line).
-    #[arg(long, requires = "user")]
-    pub password_env: Option<String>,
+    #[command(flatten)]
+    pub login: super::OrthancLogin,
     #[arg(long)]
     pub data: PathBuf,
     /// Sites to evaluate, e.g. B,C,D,E,F.
@@ -74,12 +66,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let source = match (a.model, a.orthanc) {
         (Some(dir), _) => eval::EvalSource::Model(dir),
         (None, Some(orthanc)) => eval::EvalSource::Stored(eval::StoredSegs {
-            connection: Connection {
-                orthanc,
-                ca_file: a.ca_file,
-                user: a.user,
-                password: super::password_from_env(a.password_env.as_deref())?,
-            },
+            connection: a.login.connection(orthanc)?,
             result_metadata: a.result_metadata,
             version: a.version,
             wait: Duration::from_secs(a.wait),

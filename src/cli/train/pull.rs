@@ -10,18 +10,11 @@ pub struct Args {
     /// Orthanc's REST API, http://HOST:PORT or https://HOST:PORT. Only read (GET, POST /tools/lookup).
     #[arg(long)]
     pub orthanc: String,
-    /// PEM file of a private CA trusted for https besides the system's roots (default: $DESAM_CA_FILE).
-    #[arg(long)]
-    pub ca_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub login: super::OrthancLogin,
     /// Output folder: new, empty, or an earlier pull's (complete cases are skipped).
     #[arg(long)]
     pub out: PathBuf,
-    /// HTTP basic-authentication user.
-    #[arg(long, requires = "password_env")]
-    pub user: Option<String>,
-    /// Name of the environment variable holding the password (never on the command line).
-    #[arg(long, requires = "user")]
-    pub password_env: Option<String>,
     /// User-metadata index of the review mark on SEG series (the plugin's ReviewMetadata).
     #[arg(long, default_value_t = 4302)]
     pub review_metadata: u16,
@@ -37,11 +30,8 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
-    let password = super::password_from_env(a.password_env.as_deref())?;
     let mut o = pull::PullOptions::new(&a.orthanc, &a.out);
-    o.ca_file = a.ca_file;
-    o.user = a.user;
-    o.password = password;
+    o.connection = a.login.connection(a.orthanc)?;
     o.review_metadata = a.review_metadata;
     o.reviewed_value = a.reviewed_value;
     o.site = match a.site {
