@@ -11,7 +11,7 @@ use crate::train::{data, eval};
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// Model directory to run here.
-    #[arg(long, required_unless_present = "orthanc", conflicts_with = "orthanc")]
+    #[arg(long, required_unless_present = "orthanc")]
     pub model: Option<PathBuf>,
     /// Instead of running a model, score the SEGs the DeSAM plugin stored in this Orthanc
     /// (`http[s]://host:port`) for the cases' MR series (found by SeriesInstanceUID; DICOM case
@@ -63,8 +63,11 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
+    // Not clap's conflicts_with: an argument that conflicts with a present one is no longer
+    // required, so --version, --ca-file, ... would be ignored beside --model instead of refused.
     let source = match (a.model, a.orthanc) {
-        (Some(dir), _) => eval::EvalSource::Model(dir),
+        (Some(_), Some(_)) => anyhow::bail!("--model and --orthanc: give one (run a model, or score stored SEGs)"),
+        (Some(dir), None) => eval::EvalSource::Model(dir),
         (None, Some(orthanc)) => eval::EvalSource::Stored(eval::StoredSegs {
             connection: a.login.connection(orthanc)?,
             result_metadata: a.result_metadata,
@@ -90,4 +93,38 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let s = eval::evaluate(&o)?;
     println!("{}", eval::markdown(&s, "evaluation"));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: super::Args,
+    }
+
+    fn parse(extra: &[&str]) -> Result<super::Args, clap::Error> {
+        let base = ["eval", "--data", "/nonexistent", "--sites", "A"];
+        Cli::try_parse_from(base.iter().chain(extra)).map(|c| c.args)
+    }
+
+    #[test]
+    fn the_orthanc_options_are_refused_beside_a_model_rather_than_ignored() {
+        assert!(parse(&["--model", "m"]).is_ok());
+        assert!(parse(&["--orthanc", "http://127.0.0.1:9", "--version", "1", "--wait", "5"]).is_ok());
+        for extra in [
+            &["--version", "1"][..],
+            &["--wait", "5"],
+            &["--result-metadata", "9"],
+            &["--ca-file", "ca.pem"],
+            &["--user", "u", "--password-env", "P"],
+        ] {
+            let e = parse(&[&["--model", "m"][..], extra].concat()).err();
+            assert!(e.is_some_and(|e| e.to_string().contains("--orthanc")), "{extra:?} beside --model");
+        }
+        let both = parse(&["--model", "m", "--orthanc", "http://127.0.0.1:9"]).unwrap();
+        assert!(super::run(both).unwrap_err().to_string().contains("give one"));
+    }
 }

@@ -18,7 +18,7 @@ pub struct OrthancLogin {
     #[arg(long, requires = "orthanc")]
     pub ca_file: Option<std::path::PathBuf>,
     /// HTTP basic-authentication user.
-    #[arg(long, requires = "password_env")]
+    #[arg(long, requires_all = ["password_env", "orthanc"])]
     pub user: Option<String>,
     /// Name of the environment variable holding the password (never on the command line).
     #[arg(long, requires = "user")]
