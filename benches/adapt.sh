@@ -39,7 +39,7 @@ version_of() { "$PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))["ve
 
 # 2. The registry: models/default as its current version.
 REG=$OUT/registry-$N
-BASE=$(sed -n 's/^  "version": "\(.*\)",$/\1/p' models/default/model.json)
+BASE=$(version_of models/default/model.json)
 if [ ! -f "$REG/current.json" ]; then
   mkdir -p "$REG/versions" && cp -r models/default "$REG/versions/$BASE"
   "$BIN/desam-train" promote --registry "$REG" --version "$BASE"

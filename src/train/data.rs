@@ -384,11 +384,7 @@ pub fn load_case(case: &CaseRef, require_foreground: bool) -> Result<LoadedCase,
                 });
             }
             let bytes = std::fs::read(seg).map_err(io_err(seg))?;
-            let segs = crate::dicom::read_seg(&bytes, &v)
-                .map_err(|e| TrainError::Data { path: seg.clone(), message: e.to_string() })?;
-            let Some((_, m)) = segs.into_iter().next() else {
-                return Err(TrainError::Data { path: seg.clone(), message: "the SEG has no segment".into() });
-            };
+            let m = first_segment(&bytes, &v).map_err(|message| TrainError::Data { path: seg.clone(), message })?;
             (v, m)
         }
     };
@@ -403,6 +399,12 @@ pub fn load_case(case: &CaseRef, require_foreground: bool) -> Result<LoadedCase,
         return Err(TrainError::EmptyLabel { case: case.id.clone() });
     }
     Ok(LoadedCase { case: case.clone(), volume, label })
+}
+
+/// The first segment of a DICOM-SEG on `volume`'s grid (the gland; `read_seg` gives 0/1 masks).
+pub fn first_segment(seg: &[u8], volume: &Volume) -> Result<Mask, String> {
+    let segments = crate::dicom::read_seg(seg, volume).map_err(|e| e.to_string())?;
+    segments.into_iter().next().map(|(_, m)| m).ok_or_else(|| "the SEG has no segment".to_string())
 }
 
 fn read_nifti_pair(image: &Path, label: &Path) -> Result<(Volume, Mask), TrainError> {

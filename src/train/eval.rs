@@ -392,20 +392,10 @@ fn stored_prediction(
                 });
             }
             let bytes = client.get(&format!("/instances/{instance}/file"))?;
-            let segments = crate::dicom::read_seg(&bytes, volume).map_err(|e| TrainError::OrthancAnswer {
+            data::first_segment(&bytes, volume).map_err(|e| TrainError::OrthancAnswer {
                 url: client.url.clone(),
                 message: format!("case {}: SEG instance {instance}: {e}", case.id),
-            })?;
-            let Some((_, mut m)) = segments.into_iter().next() else {
-                return Err(TrainError::OrthancAnswer {
-                    url: client.url.clone(),
-                    message: format!("case {}: SEG instance {instance} has no segment", case.id),
-                });
-            };
-            for v in m.data.iter_mut() {
-                *v = (*v != 0) as u8;
-            }
-            m
+            })?
         }
         // No prostate found: nothing stored, an empty prediction.
         "empty" => Mask::zeros(volume.dims),
