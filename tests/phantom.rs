@@ -503,7 +503,7 @@ fn tissue_map_names_what_each_voxel_shows() {
 }
 
 /// `--generation 2` repaints the same case: same protocol and grid, other voxels, labels moved with
-/// the deformed pelvis and still painted as gland; the default stays generation 1; `--generation 3`
+/// the deformed pelvis and still painted as gland; the default stays generation 1; `--generation 4`
 /// is refused with the choices.
 #[test]
 fn generation_two_repaints_the_same_case() {
@@ -539,7 +539,39 @@ fn generation_two_repaints_the_same_case() {
     let (m, p) = (mean_at(&v2.image.voxels, &muscle), mean_at(&v2.image.voxels, &pz));
     assert!(m < 0.35 * p, "muscle {m:.0} against PZ {p:.0}: relaxation contrast keeps muscle dark");
 
-    let o = run_cli(&["--montage", "/nonexistent/x.png", "--generation", "3"]);
+    let o = run_cli(&["--montage", "/nonexistent/x.png", "--generation", "4"]);
     assert!(!o.status.success());
-    assert!(String::from_utf8_lossy(&o.stderr).contains("expected 1 or 2"), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("expected 1, 2 or 3"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// Generation 3 adds parallel-imaging noise (g·√2, g 1.1–1.3) at site A only: relative to the mean
+/// PZ signal the noise grows by 1.5–1.9 there and stays within a few percent elsewhere; the venous
+/// plexus is in the tissue map.
+#[test]
+fn generation_three_adds_parallel_imaging_noise_at_site_a_only() {
+    use desam::phantom::anatomy::Tissue;
+    use desam::phantom::Generation;
+    // Noise relative to the PZ signal: the spread of (noisy - noise-free) over the PZ interior.
+    let relative_noise = |site: Site, generation: Generation| {
+        let noisy = generate_case_with(site, 1, 3, &GenerateOptions { generation, tissue_map: true, ..small() });
+        let clean = generate_case_with(site, 1, 3, &GenerateOptions { generation, noise: false, ..small() });
+        let pz = interior(&clean, LABEL_PZ);
+        // The vendor scale is fixed by the noise-free image, so both share it.
+        let d: Vec<f64> = pz.iter().map(|&i| (noisy.image.voxels[i] - clean.image.voxels[i]) as f64).collect();
+        let m = d.iter().sum::<f64>() / d.len() as f64;
+        let sd = (d.iter().map(|x| (x - m).powi(2)).sum::<f64>() / d.len() as f64).sqrt();
+        let plexus = noisy.tissues.unwrap().data.iter().filter(|&&t| t == Tissue::VenousPlexus as u8).count();
+        (sd / mean_at(&clean.image.voxels, &pz), plexus)
+    };
+    let (a2, plexus2) = relative_noise(Site::A, Generation::V2);
+    let (a3, plexus3) = relative_noise(Site::A, Generation::V3);
+    let (d2, _) = relative_noise(Site::D, Generation::V2);
+    let (d3, _) = relative_noise(Site::D, Generation::V3);
+    assert!((1.45..2.0).contains(&(a3 / a2)), "site A noise {a2:.4} -> {a3:.4}");
+    assert!((0.9..1.1).contains(&(d3 / d2)), "site D noise {d2:.4} -> {d3:.4}");
+    assert!(plexus2 == 0 && plexus3 > 0, "venous plexus voxels {plexus2} -> {plexus3}");
 }

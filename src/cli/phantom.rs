@@ -47,12 +47,14 @@ pub struct Args {
     /// Montage panel size in pixels.
     #[arg(long, default_value_t = 320)]
     pub panel: usize,
-    /// With --montage: generation 1 above generation 2 (mid-gland slice, whole field and a 90 mm
-    /// square), instead of one generation's three rows.
+    /// With --montage: generation 1 above --generation (2 when that is 1; mid-gland slice, whole
+    /// field and a 90 mm square), instead of one generation's three rows.
     #[arg(long)]
     pub compare_generations: bool,
-    /// Anatomy and contrast model: 1 (the phantom of models/default 0.3.0) or 2 (relaxation-time
-    /// contrast, deformed pelvis, fat lobules, layered rectum, thin lines; docs/phantom.md).
+    /// Anatomy and contrast model: 1 (the phantom of models/default 0.3.0), 2 (relaxation-time
+    /// contrast, deformed pelvis, fat lobules, layered rectum, thin lines) or 3 (2 plus a muscle
+    /// grain, a puborectalis-only levator sling, the venous plexus, parallel-imaging noise at
+    /// site A; docs/phantom.md).
     #[arg(long, default_value = "1")]
     pub generation: String,
 }
@@ -65,7 +67,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             bail!("--panel must be between 32 and 2048 pixels");
         }
         let written = if args.compare_generations {
-            let both = [Generation::V1, Generation::V2];
+            // Generation 1 above the one asked for (generation 2 when none is).
+            let after = if generation == Generation::V1 { Generation::V2 } else { generation };
+            let both = [Generation::V1, after];
             phantom::montage::write_generations_montage(png, args.seed, args.montage_case, size, args.panel, &both)
         } else {
             phantom::montage::write_site_montage(png, args.seed, args.montage_case, size, args.panel, generation)

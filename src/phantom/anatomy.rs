@@ -221,6 +221,9 @@ pub struct Sling {
     pub y_min: f64,
     pub z0: f64,
     pub z1: f64,
+    /// Above this height only the sides remain: the sling behind the rectum is the puborectalis,
+    /// at and below the apex (generation 3; +inf before).
+    pub back_top: f64,
 }
 
 impl Sling {
@@ -234,7 +237,12 @@ impl Sling {
         let band = radial.abs() - 0.5 * self.thickness;
         let zc = 0.5 * (self.z0 + self.z1);
         let hz = 0.5 * (self.z1 - self.z0);
-        band.max(self.y_min - p[1]).max((p[2] - zc).abs() - hz)
+        let d = band.max(self.y_min - p[1]).max((p[2] - zc).abs() - hz);
+        if p[2] > self.back_top {
+            d.max(dy - 0.35 * self.semi[1])
+        } else {
+            d
+        }
     }
 }
 
@@ -246,15 +254,60 @@ pub struct VesselField {
     cell_mm: f64,
 }
 
+/// 64 random bits for lattice cell (i, j, k) of a field seeded by `seed`: a pure function, so a
+/// texture painted from it does not depend on the order or thread the voxels are painted in.
+fn lattice_hash(seed: u64, i: i64, j: i64, k: i64) -> u64 {
+    let mut h = seed ^ 0x9E37_79B9_7F4A_7C15;
+    for v in [i, j, k] {
+        h ^= v as u64;
+        h = h.wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        h ^= h >> 31;
+    }
+    h
+}
+
+/// A fine random texture (value noise): a value in [-1, 1] per lattice cell, blended smoothly
+/// between cells, cells of `cell_mm` along x, y, z. For structure below the few-mm scale that
+/// [`Waves`] can draw cheaply: the grain of muscle fascicles (generation 3).
+#[derive(Debug, Clone)]
+pub struct Grain {
+    seed: u64,
+    cell_mm: V3,
+    amplitude: f64,
+}
+
+impl Grain {
+    pub fn new(rng: &mut ChaCha20Rng, cell_mm: V3, amplitude: f64) -> Self {
+        Grain { seed: rng.gen(), cell_mm, amplitude }
+    }
+
+    /// The texture at `p`, within ±amplitude, zero on average.
+    pub fn at(&self, p: V3) -> f64 {
+        let mut cell = [0i64; 3];
+        let mut t = [0.0f64; 3];
+        for a in 0..3 {
+            let u = p[a] / self.cell_mm[a];
+            let f = u.floor();
+            cell[a] = f as i64;
+            let r = u - f;
+            // Smoothstep: no creases at the cell faces.
+            t[a] = r * r * (3.0 - 2.0 * r);
+        }
+        let mut sum = 0.0;
+        for corner in 0..8 {
+            let o = [corner & 1, (corner >> 1) & 1, (corner >> 2) & 1];
+            let h = lattice_hash(self.seed, cell[0] + o[0] as i64, cell[1] + o[1] as i64, cell[2] + o[2] as i64);
+            let value = (h >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0;
+            let weight: f64 = (0..3).map(|a| if o[a] == 1 { t[a] } else { 1.0 - t[a] }).product();
+            sum += weight * value;
+        }
+        self.amplitude * sum
+    }
+}
+
 impl VesselField {
     fn hash(&self, i: i64, j: i64, k: i64) -> u64 {
-        let mut h = self.seed ^ 0x9E37_79B9_7F4A_7C15;
-        for v in [i, j, k] {
-            h ^= v as u64;
-            h = h.wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            h ^= h >> 31;
-        }
-        h
+        lattice_hash(self.seed, i, j, k)
     }
 
     /// Distance (mm) to the nearest vessel wall around `p`, and its darkness in 0..1.
@@ -410,6 +463,23 @@ struct Realism {
     fat_lobules: Waves,
     /// Where the rectal lumen holds stool rather than gas (> 0: stool).
     stool: Waves,
+    /// Generation 3: the fine grain of muscle (fascicles and intramuscular fat), ~1 mm in-plane.
+    muscle_grain: Option<Grain>,
+    /// Generation 3: the periprostatic venous plexus, where this field passes `threshold` in a
+    /// shell around the gland (slow flow: bright on T2w).
+    plexus: Option<Plexus>,
+}
+
+/// The periprostatic venous plexus and the dorsal venous complex (Santorini) in front of the gland:
+/// tortuous bright channels, drawn where a value-noise field passes a threshold.
+#[derive(Debug, Clone)]
+struct Plexus {
+    channels: Grain,
+    threshold: f64,
+    /// Thickness (mm) of the shell around the capsule that holds the plexus.
+    shell_mm: f64,
+    /// Signal relative to the seminal-vesicle fluid.
+    gain: f64,
 }
 
 impl Realism {
@@ -627,6 +697,7 @@ impl Anatomy {
             y_min: -semi[1] * 0.7,
             z0: -semi[2] - 15.0,
             z1: semi[2] * 0.7,
+            back_top: f64::INFINITY,
         };
 
         // Pubic symphysis anteriorly; ischial tuberosities posterolaterally; the obturator internus
@@ -777,7 +848,33 @@ impl Anatomy {
             warp,
             fat_lobules: Waves::new(rng, 12, (2.5, 7.0), 0.05),
             stool: Waves::new(rng, 6, (4.0, 12.0), 1.0),
+            muscle_grain: None,
+            plexus: None,
         });
+    }
+
+    /// Turns a generation-2 pelvis into generation 3 (docs/phantom.md, "Generation 3"): a fine grain
+    /// in muscle, a thinner levator ani that slings behind the rectum only at and below the apex
+    /// (the puborectalis), and the periprostatic venous plexus. Uses only `rng`, so the generation-2
+    /// draws stay; call after `make_realistic`.
+    pub fn refine(&mut self, rng: &mut ChaCha20Rng) {
+        let cell = [uni(rng, 0.7, 1.0), uni(rng, 0.7, 1.0), uni(rng, 2.0, 3.0)];
+        let amplitude = uni(rng, 0.25, 0.35);
+        let grain = Grain::new(rng, cell, amplitude);
+        self.levator.thickness *= uni(rng, 0.6, 0.75);
+        self.levator.back_top = -self.gland.semi[2] * uni(rng, 0.6, 0.9);
+        let cell = [uni(rng, 1.5, 2.5), uni(rng, 1.5, 2.5), uni(rng, 4.0, 6.0)];
+        let channels = Grain::new(rng, cell, 1.0);
+        let plexus = Plexus {
+            channels,
+            threshold: uni(rng, 0.2, 0.35),
+            shell_mm: uni(rng, 3.0, 5.0),
+            gain: uni(rng, 0.85, 1.1),
+        };
+        if let Some(r) = self.realism.as_mut() {
+            r.muscle_grain = Some(grain);
+            r.plexus = Some(plexus);
+        }
     }
 
     /// The point the anatomy is painted at: `p` itself in generation 1, deformed in generation 2.
@@ -849,7 +946,8 @@ impl Anatomy {
             v.over(fat * (1.0 - dark), cv, Tissue::FatVessel);
         }
 
-        let muscle = t.muscle * (1.0 + self.muscle_texture.at(p).max(-0.1));
+        let grain = real.and_then(|r| r.muscle_grain.as_ref()).map_or(0.0, |g| g.at(p));
+        let muscle = t.muscle * (1.0 + self.muscle_texture.at(p).max(-0.1) + grain);
         for m in self.gluteus.iter().chain(self.adductors.iter()) {
             let c = coverage(m.distance(p), w);
             if c > 0.0 {
@@ -875,7 +973,7 @@ impl Anatomy {
         }
         let c = coverage(self.levator.distance(p), w);
         if c > 0.0 {
-            v.over(t.muscle, c, Tissue::Muscle);
+            v.over(t.muscle * (1.0 + grain), c, Tissue::Muscle);
         }
 
         // Rectum: dark wall, gas (or the balloon) inside.
@@ -932,6 +1030,18 @@ impl Anatomy {
 
         // Gland: thin dark capsule, PZ, anterior fibromuscular stroma, TZ with nodules, tumour.
         let dg = self.gland_distance(p);
+        if let Some(px) = real.and_then(|r| r.plexus.as_ref()) {
+            let s = self.gland.semi;
+            // Lateral and anterior to the capsule, and the dorsal venous complex in front of it.
+            let around = dg > 0.0 && dg < px.shell_mm && p[1] < 0.4 * s[1];
+            let santorini = p[1] < -0.6 * s[1] && p[0].abs() < 0.45 * s[0] && dg < 3.0 * px.shell_mm;
+            if around || santorini {
+                let c = ((px.channels.at(p) - px.threshold) / 0.15).clamp(0.0, 1.0);
+                if c > 0.0 {
+                    v.over(t.seminal_fluid * px.gain, c, Tissue::VenousPlexus);
+                }
+            }
+        }
         let cg = coverage(dg, w);
         if cg > 0.0 {
             v.over(t.capsule, cg, Tissue::Capsule);
@@ -1017,10 +1127,12 @@ pub enum Tissue {
     NeurovascularBundle = 21,
     /// Rectal contents other than gas (generation 2).
     Stool = 22,
+    /// Periprostatic venous plexus and dorsal venous complex (generation 3).
+    VenousPlexus = 23,
 }
 
 impl Tissue {
-    pub const ALL: [Tissue; 23] = [
+    pub const ALL: [Tissue; 24] = [
         Tissue::Air,
         Tissue::Skin,
         Tissue::Fat,
@@ -1044,6 +1156,7 @@ impl Tissue {
         Tissue::Tumour,
         Tissue::NeurovascularBundle,
         Tissue::Stool,
+        Tissue::VenousPlexus,
     ];
 
     pub fn name(self) -> &'static str {
@@ -1071,6 +1184,7 @@ impl Tissue {
             Tissue::Tumour => "tumour",
             Tissue::NeurovascularBundle => "neurovascular_bundle",
             Tissue::Stool => "stool",
+            Tissue::VenousPlexus => "venous_plexus",
         }
     }
 }
@@ -1204,5 +1318,72 @@ mod tests {
             inside > 200 && agree as f64 > 0.95 * inside as f64,
             "{agree} of {inside} labelled points painted as gland"
         );
+    }
+
+    #[test]
+    fn grain_is_bounded_deterministic_and_fine() {
+        let g = Grain::new(&mut ChaCha20Rng::seed_from_u64(3), [0.8, 0.8, 2.5], 0.3);
+        let same = Grain::new(&mut ChaCha20Rng::seed_from_u64(3), [0.8, 0.8, 2.5], 0.3);
+        let (mut sum, mut n, mut big_steps) = (0.0, 0, 0);
+        for i in 0..4000 {
+            let p = [i as f64 * 0.1 - 200.0, 3.7, -1.2];
+            let v = g.at(p);
+            assert!(v.abs() <= 0.3 + 1e-12, "{v} at {p:?}");
+            assert_eq!(v, same.at(p));
+            sum += v;
+            n += 1;
+            // A grain, not a smooth wave: over 2 mm it changes by a good part of its range.
+            big_steps += usize::from((g.at([p[0] + 2.0, p[1], p[2]]) - v).abs() > 0.1);
+        }
+        assert!((sum / n as f64).abs() < 0.03, "mean {}", sum / n as f64);
+        assert!(big_steps > 1000, "{big_steps} of 4000 samples change by > 0.1 over 2 mm");
+    }
+
+    /// Generation 3 keeps generation 2's gland and zones, adds a grain to muscle, the venous plexus
+    /// around the gland, and takes the levator sling from behind the rectum above the apex.
+    #[test]
+    fn generation_three_adds_grain_plexus_and_a_lower_sling() {
+        let mut rng = ChaCha20Rng::seed_from_u64(21);
+        let mut v2 = Anatomy::draw(&mut rng, false);
+        let seq = Sequence { echo_time_ms: 100.0, repetition_time_ms: 4000.0, field_strength_t: 3.0 };
+        v2.make_realistic(&mut ChaCha20Rng::seed_from_u64(22), &seq);
+        let mut v3 = v2.clone();
+        v3.refine(&mut ChaCha20Rng::seed_from_u64(23));
+        // Fine structure: how much the muscle signal changes over 0.6 mm (generation 2's textures
+        // are waves of 2.5 mm and more, nearly flat at that distance).
+        let fine = |a: &Anatomy| {
+            let (mut n, mut step, mut level) = (0usize, 0.0, 0.0);
+            for i in 0..40000 {
+                let p = [(i % 200) as f64 * 0.9 - 90.0, (i / 200) as f64 * 0.6 - 40.0, 0.0];
+                let q = [p[0] + 0.6, p[1], p[2]];
+                if [p, q].iter().all(|&x| a.tissue(x, 0.3) == Tissue::Muscle && v2.tissue(x, 0.3) == Tissue::Muscle) {
+                    n += 1;
+                    step += (a.signal(q, 0.3) - a.signal(p, 0.3)).abs();
+                    level += a.signal(p, 0.3);
+                }
+            }
+            (n, step / level)
+        };
+        let ((n2, f2), (n3, f3)) = (fine(&v2), fine(&v3));
+        assert!(n2 > 200 && n3 > 200, "muscle samples {n2} / {n3}");
+        assert!(f3 > 2.0 * f2 && f3 > 0.04, "muscle change over 0.6 mm {f2:.3} -> {f3:.3} of its level");
+        let (mut plexus, mut same_zone, mut sling_behind) = (0, 0, [0, 0]);
+        for i in -60..=60 {
+            for j in -60..=60 {
+                let p = [i as f64 * 0.5, j as f64 * 0.5, 0.0];
+                plexus += usize::from(v3.tissue(p, 0.5) == Tissue::VenousPlexus);
+                assert_ne!(v2.tissue(p, 0.5), Tissue::VenousPlexus);
+                same_zone += usize::from(v2.zone(p) == v3.zone(p));
+            }
+        }
+        for (k, a) in [&v2, &v3].into_iter().enumerate() {
+            // Behind the rectum, on the midline, at mid-gland height.
+            for j in 0..200 {
+                sling_behind[k] += usize::from(a.tissue([0.0, j as f64 * 0.5, 0.0], 0.5) == Tissue::Muscle);
+            }
+        }
+        assert!(plexus > 20, "{plexus} plexus samples around the gland");
+        assert_eq!(same_zone, 121 * 121, "the gland and its zones stay generation 2's");
+        assert!(sling_behind[0] > 0 && sling_behind[1] == 0, "levator behind the rectum: {sling_behind:?}");
     }
 }

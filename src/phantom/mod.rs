@@ -28,7 +28,7 @@ pub enum PhantomError {
     UnknownSite(String),
     #[error("unknown size '{0}' (expected full or small)")]
     UnknownSize(String),
-    #[error("unknown phantom generation '{0}' (expected 1 or 2)")]
+    #[error("unknown phantom generation '{0}' (expected 1, 2 or 3)")]
     UnknownGeneration(String),
     #[error("case index {case} is out of range (0..={max})")]
     CaseOutOfRange { case: u32, max: u32 },
@@ -166,11 +166,14 @@ impl Default for GenerateOptions {
 /// 0.3.0 and every figure measured with it; generation 2 adds relaxation-time contrast, a smooth
 /// deformation of the whole pelvis, fat lobules, a layered rectum with stool and thinner lines. A case's protocol,
 /// placement and noise draws are the same in both, so a case can be compared across generations.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
 pub enum Generation {
     #[default]
     V1,
     V2,
+    /// Generation 2 plus a fine muscle grain, a puborectalis-only levator sling, the periprostatic
+    /// venous plexus and parallel-imaging noise at site A (docs/phantom.md, "Generation 3").
+    V3,
 }
 
 impl std::str::FromStr for Generation {
@@ -179,6 +182,7 @@ impl std::str::FromStr for Generation {
         match s.trim() {
             "1" => Ok(Generation::V1),
             "2" => Ok(Generation::V2),
+            "3" => Ok(Generation::V3),
             other => Err(PhantomError::UnknownGeneration(other.to_string())),
         }
     }
@@ -232,6 +236,17 @@ fn stream_seed(site: Site, case_index: u32, seed: u64, purpose: &str) -> [u8; 32
     h.finalize().into()
 }
 
+/// Generation 3: the noise amplification g·√R of parallel imaging (GRAPPA, R = 2, g 1.1–1.3) at
+/// site A, whose SNR range (22–36) was set as if it had none: its 3 T TSE at 0.6 mm in-plane then
+/// reads 12–23 (docs/phantom.md, "Generation 3"). 1 elsewhere and before generation 3.
+fn parallel_imaging_noise(site: Site, case_index: u32, seed: u64, generation: Generation) -> f64 {
+    if generation < Generation::V3 || site != Site::A {
+        return 1.0;
+    }
+    let mut rng = ChaCha20Rng::from_seed(stream_seed(site, case_index, seed, "parallel-imaging"));
+    rng.gen_range(1.1..1.3) * std::f64::consts::SQRT_2
+}
+
 /// The realistic full-size case `case_index` of `site` for `seed`. Same inputs, same voxels.
 pub fn generate_case(site: Site, case_index: u32, seed: u64) -> PhantomCase {
     generate_case_with(site, case_index, seed, &GenerateOptions::default())
@@ -250,7 +265,7 @@ pub fn generate_case_with(site: Site, case_index: u32, seed: u64, opts: &Generat
     // The stack covers the gland with room for the bladder base and seminal vesicles.
     let gland_si = 2.0 * anatomy.gland.semi[2] * 1.1;
     let protocol = sites::draw_protocol(site, opts.size, gland_si + 20.0, &mut proto_rng);
-    if opts.generation == Generation::V2 {
+    if opts.generation >= Generation::V2 {
         let mut rng = ChaCha20Rng::from_seed(stream_seed(site, case_index, seed, "realism"));
         let seq = anatomy::Sequence {
             echo_time_ms: protocol.echo_time_ms,
@@ -258,6 +273,9 @@ pub fn generate_case_with(site: Site, case_index: u32, seed: u64, opts: &Generat
             field_strength_t: protocol.magnetic_field_strength,
         };
         anatomy.make_realistic(&mut rng, &seq);
+        if opts.generation >= Generation::V3 {
+            anatomy.refine(&mut ChaCha20Rng::from_seed(stream_seed(site, case_index, seed, "realism-3")));
+        }
     }
     let geom = acquisition::place(&protocol, &mut place_rng);
     let (mut image, labels) = acquisition::rasterise(&anatomy, &geom, &protocol);
@@ -287,7 +305,7 @@ pub fn generate_case_with(site: Site, case_index: u32, seed: u64, opts: &Generat
         }
     }
     let pz_mean = if pz_n > 0 { pz_sum / pz_n as f64 } else { 1.0 };
-    let sigma = pz_mean / protocol.snr;
+    let sigma = pz_mean / protocol.snr * parallel_imaging_noise(site, case_index, seed, opts.generation);
     let clean_max = image.iter().cloned().fold(0f32, f32::max) as f64;
     if opts.noise {
         // Scanner interpolation correlates the noise over the interpolated pixels.

@@ -191,6 +191,7 @@ pub fn generations_montage(rows: &[(Generation, Vec<PhantomCase>)], panel: usize
         let number = match generation {
             Generation::V1 => "1",
             Generation::V2 => "2",
+            Generation::V3 => "3",
         };
         for (i, case) in cases.iter().enumerate() {
             let mid = mid_gland_slice(case);
