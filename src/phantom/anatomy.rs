@@ -306,10 +306,6 @@ impl Grain {
 }
 
 impl VesselField {
-    fn hash(&self, i: i64, j: i64, k: i64) -> u64 {
-        lattice_hash(self.seed, i, j, k)
-    }
-
     /// Distance (mm) to the nearest vessel wall around `p`, and its darkness in 0..1.
     fn distance(&self, p: V3) -> (f64, f64) {
         let c = self.cell_mm;
@@ -317,7 +313,7 @@ impl VesselField {
         let mut best = (f64::INFINITY, 0.0);
         for di in -1..=1 {
             for dj in -1..=1 {
-                let h = self.hash(ci + di, cj + dj, ck);
+                let h = lattice_hash(self.seed, ci + di, cj + dj, ck);
                 let f = |shift: u32| ((h >> shift) & 0xFFFF) as f64 / 65535.0;
                 // Only about half the cells hold a vessel.
                 if h >> 60 < 8 {
@@ -463,11 +459,17 @@ struct Realism {
     fat_lobules: Waves,
     /// Where the rectal lumen holds stool rather than gas (> 0: stool).
     stool: Waves,
-    /// Generation 3: the fine grain of muscle (fascicles and intramuscular fat), ~1 mm in-plane.
-    muscle_grain: Option<Grain>,
-    /// Generation 3: the periprostatic venous plexus, where this field passes `threshold` in a
-    /// shell around the gland (slow flow: bright on T2w).
-    plexus: Option<Plexus>,
+    /// Generation 3's additions ([`Anatomy::refine`]); None in generation 2.
+    refined: Option<Refined>,
+}
+
+/// What generation 3 paints beyond generation 2 (its levator change is in the sling itself).
+#[derive(Debug, Clone)]
+struct Refined {
+    /// The fine grain of muscle (fascicles and intramuscular fat), ~1 mm in-plane.
+    muscle_grain: Grain,
+    /// The periprostatic venous plexus (slow flow: bright on T2w).
+    plexus: Plexus,
 }
 
 /// The periprostatic venous plexus and the dorsal venous complex (Santorini) in front of the gland:
@@ -848,8 +850,7 @@ impl Anatomy {
             warp,
             fat_lobules: Waves::new(rng, 12, (2.5, 7.0), 0.05),
             stool: Waves::new(rng, 6, (4.0, 12.0), 1.0),
-            muscle_grain: None,
-            plexus: None,
+            refined: None,
         });
     }
 
@@ -860,7 +861,7 @@ impl Anatomy {
     pub fn refine(&mut self, rng: &mut ChaCha20Rng) {
         let cell = [uni(rng, 0.7, 1.0), uni(rng, 0.7, 1.0), uni(rng, 2.0, 3.0)];
         let amplitude = uni(rng, 0.25, 0.35);
-        let grain = Grain::new(rng, cell, amplitude);
+        let muscle_grain = Grain::new(rng, cell, amplitude);
         self.levator.thickness *= uni(rng, 0.6, 0.75);
         self.levator.back_top = -self.gland.semi[2] * uni(rng, 0.6, 0.9);
         let cell = [uni(rng, 1.5, 2.5), uni(rng, 1.5, 2.5), uni(rng, 4.0, 6.0)];
@@ -872,8 +873,7 @@ impl Anatomy {
             gain: uni(rng, 0.85, 1.1),
         };
         if let Some(r) = self.realism.as_mut() {
-            r.muscle_grain = Some(grain);
-            r.plexus = Some(plexus);
+            r.refined = Some(Refined { muscle_grain, plexus });
         }
     }
 
@@ -946,12 +946,14 @@ impl Anatomy {
             v.over(fat * (1.0 - dark), cv, Tissue::FatVessel);
         }
 
-        let grain = real.and_then(|r| r.muscle_grain.as_ref()).map_or(0.0, |g| g.at(p));
-        let muscle = t.muscle * (1.0 + self.muscle_texture.at(p).max(-0.1) + grain);
+        let refined = real.and_then(|r| r.refined.as_ref());
+        // Muscle textures are only evaluated where a muscle covers the voxel (most points are not).
+        let grain = || refined.map_or(0.0, |r| r.muscle_grain.at(p));
+        let muscle = || t.muscle * (1.0 + self.muscle_texture.at(p).max(-0.1) + grain());
         for m in self.gluteus.iter().chain(self.adductors.iter()) {
             let c = coverage(m.distance(p), w);
             if c > 0.0 {
-                v.over(muscle * 1.1, c, Tissue::Muscle);
+                v.over(muscle() * 1.1, c, Tissue::Muscle);
             }
         }
         for b in &self.bones {
@@ -968,12 +970,12 @@ impl Anatomy {
         for m in &self.obturator {
             let c = coverage(m.distance(p), w);
             if c > 0.0 {
-                v.over(muscle, c, Tissue::Muscle);
+                v.over(muscle(), c, Tissue::Muscle);
             }
         }
         let c = coverage(self.levator.distance(p), w);
         if c > 0.0 {
-            v.over(t.muscle * (1.0 + grain), c, Tissue::Muscle);
+            v.over(t.muscle * (1.0 + grain()), c, Tissue::Muscle);
         }
 
         // Rectum: dark wall, gas (or the balloon) inside.
@@ -1030,7 +1032,7 @@ impl Anatomy {
 
         // Gland: thin dark capsule, PZ, anterior fibromuscular stroma, TZ with nodules, tumour.
         let dg = self.gland_distance(p);
-        if let Some(px) = real.and_then(|r| r.plexus.as_ref()) {
+        if let Some(px) = refined.map(|r| &r.plexus) {
             let s = self.gland.semi;
             // Lateral and anterior to the capsule, and the dorsal venous complex in front of it.
             let around = dg > 0.0 && dg < px.shell_mm && p[1] < 0.4 * s[1];

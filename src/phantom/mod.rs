@@ -236,15 +236,17 @@ fn stream_seed(site: Site, case_index: u32, seed: u64, purpose: &str) -> [u8; 32
     h.finalize().into()
 }
 
-/// Generation 3: the noise amplification g·√R of parallel imaging (GRAPPA, R = 2, g 1.1–1.3) at
-/// site A, whose SNR range (22–36) was set as if it had none: its 3 T TSE at 0.6 mm in-plane then
-/// reads 12–23 (docs/phantom.md, "Generation 3"). 1 elsewhere and before generation 3.
+/// Generation 3: the noise amplification g·√R of parallel imaging (R = 2, g from the site's
+/// `parallel_imaging_g`; site A, whose SNR range 22–36 was set as if it had none, then reads 12–23;
+/// docs/phantom.md, "Generation 3"). 1 elsewhere and before generation 3.
 fn parallel_imaging_noise(site: Site, case_index: u32, seed: u64, generation: Generation) -> f64 {
-    if generation < Generation::V3 || site != Site::A {
-        return 1.0;
+    match site.spec().parallel_imaging_g {
+        Some((lo, hi)) if generation >= Generation::V3 => {
+            let mut rng = ChaCha20Rng::from_seed(stream_seed(site, case_index, seed, "parallel-imaging"));
+            rng.gen_range(lo..hi) * std::f64::consts::SQRT_2
+        }
+        _ => 1.0,
     }
-    let mut rng = ChaCha20Rng::from_seed(stream_seed(site, case_index, seed, "parallel-imaging"));
-    rng.gen_range(1.1..1.3) * std::f64::consts::SQRT_2
 }
 
 /// The realistic full-size case `case_index` of `site` for `seed`. Same inputs, same voxels.
